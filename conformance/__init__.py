@@ -1,0 +1,1 @@
+"""Conformance vectors and the runner that checks a decoder implementation against them."""

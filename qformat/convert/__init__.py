@@ -1,0 +1,1 @@
+"""The conversion pipeline: load a model, calibrate, quantize block by block, write the format."""

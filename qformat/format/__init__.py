@@ -1,0 +1,16 @@
+"""The reference implementation of the qformat format (spec/): numpy only, no torch.
+
+Public API: build records with :class:`RecordBuilder`, write files with :func:`write_file`, read them with
+:func:`open_file` (or whole model folders with :func:`open_folder`), decode with ``QFile.decode``.
+"""
+
+from .builder import RecordBuilder
+from .codecs import REGISTRY, Codec, CodecRegistry, Context, NodeInfo, TensorInfo, signature
+from .qfile import QFile, QuantizedTensor, open_file, write_file
+from .record import FORMAT_VERSION, bits_per_weight, decode_record, validate_record
+
+__all__ = [
+    "FORMAT_VERSION", "REGISTRY", "Codec", "CodecRegistry", "Context", "NodeInfo", "QFile", "QuantizedTensor",
+    "RecordBuilder", "TensorInfo", "bits_per_weight", "decode_record", "open_file", "signature", "validate_record",
+    "write_file",
+]

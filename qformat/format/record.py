@@ -1,0 +1,91 @@
+"""Records: the JSON description of one quantized weight, its validation, accounting and reference decoding."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from ..errors import FormatError
+from .codecs import REGISTRY, CodecRegistry, Context, NodeInfo, TensorInfo
+from .dtypes import WEIGHT_DTYPES
+
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = frozenset({1})
+RECORD_FIELDS = frozenset({"shape", "dtype", "storage_bytes", "weight", "info"})
+
+
+def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """A weight of shape [O, I1, I2, ...] is decoded as the matrix [O, I1*I2*...]."""
+    return shape[0], int(np.prod(shape[1:], dtype=np.int64))
+
+
+def _check_top_level(name: str, record: Any) -> tuple[int, ...]:
+    def fail(code: str, message: str, fld: str) -> FormatError:
+        return FormatError(code, message, tensor=name, field=fld)
+
+    if not isinstance(record, dict):
+        raise fail("bad_record", "a record must be a JSON object", "record")
+    unknown = sorted(set(record) - RECORD_FIELDS)
+    if unknown:
+        raise fail("bad_field", f"unknown record field {unknown[0]!r}", unknown[0])
+    for key in ("shape", "dtype", "storage_bytes", "weight"):
+        if key not in record:
+            raise fail("bad_record", f"record requires field {key!r}", key)
+    shape = record["shape"]
+    if (not isinstance(shape, list) or not 2 <= len(shape) <= 8
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)):
+        raise fail("bad_field", f"shape must be 2..8 positive integers, got {shape!r}", "shape")
+    if record["dtype"] not in WEIGHT_DTYPES:
+        raise fail("bad_field", f"dtype must be one of {sorted(WEIGHT_DTYPES)}, got {record['dtype']!r}", "dtype")
+    nbytes = record["storage_bytes"]
+    if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
+        raise fail("bad_field", f"storage_bytes must be a non-negative integer, got {nbytes!r}", "storage_bytes")
+    if "info" in record and not isinstance(record["info"], dict):
+        raise fail("bad_field", "info must be a JSON object", "info")
+    return tuple(shape)
+
+
+def validate_record(name: str, record: Any, tensor_info: Callable[[str], TensorInfo | None],
+                    registry: CodecRegistry = REGISTRY) -> dict[str, TensorInfo]:
+    """Check a record's structure against the tensors available; return the tensors it references.
+
+    Checks field types, every node's codec and version, shapes through the tree, that referenced tensors exist and
+    are named ``<record name>.<suffix>``, and that ``storage_bytes`` equals the bytes of those tensors.
+    """
+    shape = _check_top_level(name, record)
+    ctx = Context(registry, tensor_info)
+    try:
+        info: NodeInfo = ctx.infer(record["weight"], "weight")
+    except FormatError as exc:
+        raise exc.at(tensor=name) from None
+    if info.kind != "float" or info.shape != matrix_shape(shape):
+        raise FormatError("shape_mismatch", f"the weight decodes to {info.kind} {list(info.shape)} but the record "
+                          f"declares {list(shape)} (matrix {list(matrix_shape(shape))})", tensor=name, field="weight")
+    for ref in ctx.referenced:
+        if not ref.startswith(name + "."):
+            raise FormatError("bad_tensor_name", f"tensor {ref!r} must be named {name!r} + '.<part>'", tensor=name,
+                              field="weight")
+    actual = sum(t.nbytes for t in ctx.referenced.values())
+    if actual != record["storage_bytes"]:
+        raise FormatError("bad_accounting", f"storage_bytes says {record['storage_bytes']} but the referenced "
+                          f"tensors hold {actual} bytes", tensor=name, field="storage_bytes")
+    return ctx.referenced
+
+
+def decode_record(name: str, record: dict, tensor_info: Callable[[str], TensorInfo | None],
+                  load: Callable[[str], np.ndarray], registry: CodecRegistry = REGISTRY,
+                  options: Mapping[str, Any] | None = None) -> np.ndarray:
+    """Validate then decode a record to its fp32 weight, in the record's declared shape."""
+    validate_record(name, record, tensor_info, registry)
+    ctx = Context(registry, tensor_info, load, dict(options or {}))
+    try:
+        matrix = ctx.decode(record["weight"], "weight")
+    except FormatError as exc:
+        raise exc.at(tensor=name) from None
+    return np.asarray(matrix, dtype=np.float32).reshape(record["shape"])
+
+
+def bits_per_weight(record: dict) -> float:
+    return record["storage_bytes"] * 8 / int(np.prod(record["shape"], dtype=np.int64))
