@@ -9,7 +9,7 @@ import sys
 from ..errors import QformatError
 
 # Modules contributing subcommands; each defines add_parsers(subparsers) and sets `func` on its parsers.
-COMMAND_MODULES = ("format_cmds", "convert_cmds", "runtime_cmds", "hub_cmds")
+COMMAND_MODULES = ("format_cmds", "convert_cmds", "runtime_cmds", "kernel_cmds", "hub_cmds")
 
 
 def build_parser() -> argparse.ArgumentParser:
