@@ -1,0 +1,75 @@
+"""Quality measurements with the standard protocol (GPTQ's): non-overlapping windows, exp of mean token cross-entropy."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def tokenize_file(tokenizer: Any, path: str | Path) -> torch.Tensor:
+    """Tokenize a whole text file once (no special tokens), as the protocol prescribes."""
+    text = Path(path).read_text(encoding="utf-8")
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    return ids
+
+
+def windows(ids: torch.Tensor, seqlen: int, limit: int | None = None) -> Iterator[torch.Tensor]:
+    """Non-overlapping windows of ``seqlen`` tokens; the remainder is dropped."""
+    count = ids.numel() // seqlen
+    if limit is not None:
+        count = min(count, limit)
+    for i in range(count):
+        yield ids[i * seqlen: (i + 1) * seqlen]
+
+
+@dataclass
+class Perplexity:
+    ppl: float
+    mean_nll: float
+    windows: int
+    tokens: int
+
+
+@torch.inference_mode()
+def perplexity(model: Any, ids: torch.Tensor, seqlen: int = 2048, limit: int | None = None) -> Perplexity:
+    """exp of the mean per-window loss, each loss = CE(logits[:-1], ids[1:])."""
+    losses = []
+    device = next(model.parameters()).device
+    for window in windows(ids, seqlen, limit):
+        logits = model(window[None].to(device)).logits[0].float()
+        losses.append(F.cross_entropy(logits[:-1], window[1:].to(device)).item())
+    if not losses:
+        raise ValueError(f"text has fewer than {seqlen} tokens: no evaluation window")
+    mean = sum(losses) / len(losses)
+    return Perplexity(math.exp(mean), mean, len(losses), len(losses) * seqlen)
+
+
+@dataclass
+class Agreement:
+    kl_divergence: float  # mean over tokens of KL(source || quantized)
+    top1_agreement: float
+    tokens: int
+
+
+@torch.inference_mode()
+def compare_to_source(model: Any, source: Any, ids: torch.Tensor, seqlen: int = 2048,
+                      limit: int | None = None) -> Agreement:
+    """KL divergence of the quantized model's next-token distribution from the source's, and top-1 agreement."""
+    kl_sum, agree, tokens = 0.0, 0, 0
+    device = next(model.parameters()).device
+    for window in windows(ids, seqlen, limit):
+        batch = window[None].to(device)
+        log_q = F.log_softmax(model(batch).logits[0].float(), dim=-1)
+        log_p = F.log_softmax(source(batch).logits[0].float(), dim=-1)
+        kl_sum += F.kl_div(log_q, log_p, log_target=True, reduction="sum").item()
+        agree += (log_q.argmax(-1) == log_p.argmax(-1)).sum().item()
+        tokens += window.numel()
+    if not tokens:
+        raise ValueError(f"text has fewer than {seqlen} tokens: no evaluation window")
+    return Agreement(kl_sum / tokens, agree / tokens, tokens)
