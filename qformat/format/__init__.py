@@ -5,8 +5,8 @@ Public API: build records with :class:`RecordBuilder`, write files with :func:`w
 """
 
 from .builder import RecordBuilder
-from .container import FolderWriter, ModelFolder, bits_by_layer_type, open_folder, sha256_file, verify_folder
 from .codecs import REGISTRY, Codec, CodecRegistry, Context, NodeInfo, TensorInfo, signature
+from .container import FolderWriter, ModelFolder, bits_by_layer_type, open_folder, sha256_file, verify_folder
 from .qfile import QFile, QuantizedTensor, open_file, write_file
 from .record import FORMAT_VERSION, bits_per_weight, decode_record, validate_record
 

@@ -1,0 +1,3 @@
+"""qformat-rotate: an example qformat plugin (codec ``hadamard`` v1, method ``nf4``)."""
+
+__version__ = "0.1.0"

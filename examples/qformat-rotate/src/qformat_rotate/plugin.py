@@ -1,0 +1,16 @@
+"""Hook implementations: what this package registers with qformat."""
+
+from qformat.hookspecs import hookimpl
+
+from .codec import HadamardCodec
+from .method import NF4
+
+
+@hookimpl
+def qformat_register_codecs(register):
+    register(HadamardCodec())
+
+
+@hookimpl
+def qformat_register_methods(register):
+    register(NF4)
