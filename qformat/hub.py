@@ -45,6 +45,7 @@ MODEL_FILE_PATTERNS = [
 TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 BACKOFF_S = 2.0  # first retry delay; doubles per attempt (bounded by max_attempts)
 _COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+_QUERY = re.compile(r"\?[^\s']*")
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
@@ -165,7 +166,7 @@ def push_folder(
     branch = revision or "main"
 
     with _hub_errors(endpoint, repo_id, "push to"):
-        if revision is None:
+        if revision in (None, constants.DEFAULT_REVISION):
             repo_id = api.create_repo(repo_id, private=True if private else None, exist_ok=True).repo_id
         else:
             try:
@@ -195,6 +196,8 @@ def push_folder(
         # batch API and not sent again. Note: a retried create_pr whose first response was lost may open a second PR.
         ops = [CommitOperationAdd(p, card if p == "README.md" and card is not None else str(folder / p))
                for p in changed]
+        for op in ops:  # reuse our hashes so multi-GB shards are not read once more just to hash them
+            op.upload_info.sha256 = bytes.fromhex(local[op.path_in_repo][0])
         return api.create_commit(repo_id, ops, commit_message=message or _default_message(folder),
                                  revision=revision, create_pr=create_pr)
 
@@ -278,10 +281,12 @@ def download_model(
                            "local cache; unset HF_HUB_OFFLINE or pass a local folder") from e
         raise HubError(f"could not reach {endpoint} to download {repo_id}; pass a local folder or set "
                        "HF_HUB_OFFLINE=1 with a populated cache") from e
+    except RevisionNotFoundError as e:
+        raise HubError(f"revision {revision!r} not found in {repo_id} on {endpoint}") from e
     except RepositoryNotFoundError as e:
         raise HubError(f"model {repo_id} not found on {endpoint}; check the id, and for a private repo set HF_TOKEN "
                        "or log in with `hf auth login`") from e
-    except (HfHubHTTPError, OSError, ValueError, KeyError) as e:
+    except Exception as e:  # network errors surface under several library-specific types
         raise _translate(e, endpoint, repo_id, "download") from e
 
 
@@ -350,7 +355,9 @@ def _is_transient(e: BaseException) -> bool:
 
 def _describe(e: BaseException) -> str:
     root = next((c for c in _chain(e) if isinstance(c, HfHubHTTPError) or _is_network(c)), e)
-    return f"{type(root).__name__}: {str(root).strip().splitlines()[0] if str(root).strip() else ''}"
+    first_line = str(root).strip().splitlines()[0] if str(root).strip() else ""
+    first_line = _QUERY.sub("", first_line)  # signed upload URLs are long and carry credentials
+    return f"{type(root).__name__}: {first_line}"
 
 
 def _translate(e: BaseException, endpoint: str, repo_id: str, action: str) -> HubError:

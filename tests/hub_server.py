@@ -269,8 +269,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
+        for k, v in (headers or {}).items():  # header values must be one latin-1 line
+            self.send_header(k, " ".join(v.splitlines()).encode("latin-1", "replace").decode("latin-1"))
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
@@ -298,6 +298,8 @@ class _Handler(BaseHTTPRequestHandler):
             if e.code:
                 headers["X-Error-Code"] = e.code
             self._send(e.status, {"error": e.message}, headers)
+        except Exception as e:  # a server bug must surface as a 500, not as a dropped connection the client retries
+            self._send(500, {"error": f"server bug: {type(e).__name__}: {e}"})
 
     def _user(self) -> str | None:
         auth = self.headers.get("Authorization")
@@ -366,7 +368,7 @@ class _Handler(BaseHTTPRequestHandler):
         r = self._repo(repo)
         with self.hub.lock:
             commit = r.commits[r.resolve(rev)]
-        card = _front_matter(self.hub, r, commit)
+        card = _front_matter(r, commit)
         blobs = self.query.get("blobs") in ("1", "true", "True")
         siblings = [{"rfilename": p, **({"size": e.size, "blobId": e.git_oid} if blobs else {}),
                      **({"lfs": {"sha256": e.sha256, "size": e.size, "pointerSize": e.pointer_size}}
@@ -567,7 +569,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
 
 
-def _front_matter(hub: HubServer, repo: Repo, commit: Commit) -> dict[str, Any]:
+def _front_matter(repo: Repo, commit: Commit) -> dict[str, Any]:
     """The README.md metadata, which the Hub exposes as ``cardData``."""
     e = commit.tree.get("README.md")
     if e is None:
