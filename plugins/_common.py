@@ -1,0 +1,54 @@
+"""What the built-in methods share: common parameters, the result type, weight intake and GPTQ/RTN storage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from qformat.format import QuantizedTensor, RecordBuilder
+from qformat.methods import LayerInput, Param
+
+from ._quantizers import to_fp16, to_uint8
+
+BITS = Param("bits", int, 4, "bits per weight code", min=2, max=8)
+GROUP_SIZE = Param("group_size", int, 128, "input columns sharing one scale/zero; -1 or 0 = one group per row "
+                   "(need not divide the row: the last group may be shorter)", min=-1)
+SYM = Param("sym", bool, False, "symmetric range +-max|w| with the fixed zero (maxq+1)/2; otherwise [min, max] "
+            "widened to hold 0, with a bits-wide integer zero")
+
+
+@dataclass
+class MethodResult:
+    """A method's record plus what it computed internally: the file must decode to exactly ``dequantized``."""
+
+    qt: QuantizedTensor
+    dequantized: torch.Tensor  # fp32 [out, in], input column order
+    info: dict[str, Any]
+
+
+def weight_matrix(layer: LayerInput) -> torch.Tensor:
+    """The layer's weight as a private fp32 CPU matrix [out, in] (trailing dims flattened)."""
+    w = torch.as_tensor(layer.weight).detach().to(dtype=torch.float32, device="cpu")
+    return w.reshape(w.shape[0], -1).clone()
+
+
+def record_builder(layer: LayerInput) -> RecordBuilder:
+    return RecordBuilder(layer.name, tuple(torch.as_tensor(layer.weight).shape), layer.dtype)
+
+
+def effective_group(group_size: int, cols: int) -> int:
+    """-1/0 (or a group as wide as the row) means one group per row, stored as group_shape [1, in]."""
+    return cols if group_size <= 0 or group_size >= cols else group_size
+
+
+def affine_record(b: RecordBuilder, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                  group: int, sym: bool) -> dict:
+    """affine(packed codes, fp16 scale [R, G], zero) with group_shape [1, group]: the GPTQ/RTN storage.
+
+    The asymmetric zero is a packed bits-wide integer [R, G]; the symmetric one is the JSON number (maxq+1)/2.
+    """
+    zero_node: Any = float(1 << bits) / 2 if sym else b.packed("zero", to_uint8(zero), bits)
+    return b.affine(b.packed("codes", to_uint8(codes), bits), scale=b.tensor("scale", to_fp16(scale)), zero=zero_node,
+                    bits=bits, group_shape=(1, group))
