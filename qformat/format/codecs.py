@@ -8,6 +8,7 @@ Plugins add codecs by registering a :class:`Codec` subclass (see spec/extending.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -21,6 +22,7 @@ from .dtypes import FLOAT_NAMES, INT_NAMES, NUMPY_BY_NAME
 MAX_DEPTH = 16
 MAX_NODES = 256
 MAX_ELEMENTS = 1 << 34
+_PLUGIN_CODEC_NAME = re.compile(r"[a-z][a-z0-9_]*\.[a-z][a-z0-9_]*")
 
 
 @dataclass(frozen=True)
@@ -158,8 +160,12 @@ class CodecRegistry:
         self._owners: dict[str, str] = {}
 
     def register(self, codec: Codec, owner: str = "qformat") -> None:
+        from ..errors import PluginError
+
+        if owner != "qformat" and not _PLUGIN_CODEC_NAME.fullmatch(codec.name):
+            raise PluginError(f"{owner} registers codec {codec.name!r}: plugin codecs must be named "
+                              "'<namespace>.<name>' (dot-less names are reserved for the core)")
         if codec.name in self._codecs and self._owners[codec.name] != owner:
-            from ..errors import PluginError
             raise PluginError(f"codec {codec.name!r} is registered by both {self._owners[codec.name]!r} and {owner!r}")
         self._codecs[codec.name] = codec
         self._owners[codec.name] = owner
@@ -177,7 +183,7 @@ class CodecRegistry:
             raise UnknownCodecError("unknown_codec", f"codec {name!r} is not known{hint}",
                                     field="/".join(ctx.path + ["codec"]))
         version = node.get("version")
-        if version not in codec.versions:
+        if type(version) is not int or version not in codec.versions:
             raise UnknownCodecError("unsupported_codec_version",
                                     f"codec {name!r} version {version!r} is not supported "
                                     f"(this reader knows {sorted(codec.versions)})",
@@ -202,14 +208,18 @@ def _check_kind(ctx: Context, info: NodeInfo, kind: str, fld: str) -> None:
 
 
 def _value_or_number(ctx: Context, node: dict, key: str) -> NodeInfo | None:
-    """Scale/zero-like fields: a node, a JSON number (a constant), or absent."""
-    value = node.get(key)
-    if value is None:
+    """Scale/zero-like fields: a node, a JSON number (a constant, finite in fp32), or absent (never null)."""
+    if key not in node:
         return None
+    value = node[key]
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not np.isfinite(value):
-            raise ctx.error("bad_field", f"field {key!r} must be finite", key)
+        with np.errstate(over="ignore"):
+            finite = abs(value) < 1e39 and np.isfinite(np.float32(value))
+        if not finite:
+            raise ctx.error("bad_field", f"field {key!r} must be a number finite in fp32, got {value!r}", key)
         return NodeInfo((1, 1), "float")
+    if not isinstance(value, dict):
+        raise ctx.error("bad_field", f"field {key!r} must be a node or a number, got {value!r}", key)
     return ctx.infer(value, key)
 
 
@@ -435,6 +445,8 @@ class LutCodec(Codec):
         _codes_within(ctx, q, table.shape[-1], "codes", f"lut with {table.shape[-1]} entries")
         if table.ndim == 1:
             return table[q]
+        if table.shape[:2] == (1, 1):  # one table for the whole tensor, like a [1, 1] scale
+            return table[0, 0][q]
         gr, gc = node["group_shape"]
         rows = np.arange(q.shape[0])[:, None] // gr
         cols = np.arange(q.shape[1])[None, :] // gc

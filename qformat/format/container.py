@@ -50,6 +50,17 @@ def read_json(path: Path) -> Any:
         raise FormatError("unreadable", f"cannot read: {exc.strerror or exc}", file=str(path)) from None
 
 
+def _check_quantization_config(config: dict, path: Path) -> None:
+    qconfig = config.get("quantization_config")
+    if not isinstance(qconfig, dict) or qconfig.get("quant_method") != QUANT_METHOD:
+        raise FormatError("bad_config", "config.json needs quantization_config.quant_method == 'qformat' (is this a "
+                          "qformat model folder?)", file=str(path), field="quantization_config.quant_method")
+    version = qconfig.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise FormatError("unsupported_format_version", f"format_version {version!r} is not supported (this reader "
+                          f"knows {FORMAT_VERSION})", file=str(path), field="quantization_config.format_version")
+
+
 def shard_name(index: int, total: int) -> str:
     return f"model-{index:05d}-of-{total:05d}.safetensors"
 
@@ -72,6 +83,7 @@ class ModelFolder:
                 self.config = read_json(config_path)
                 if not isinstance(self.config, dict):
                     raise FormatError("bad_config", "config.json must be a JSON object", file=str(config_path))
+                _check_quantization_config(self.config, config_path)
             shard_files = self._shard_files()
         else:
             raise FormatError("unreadable", "no such file or folder", file=str(self.path))
@@ -171,19 +183,25 @@ def verify_folder(path: str | os.PathLike, *, deep: bool = True) -> dict[str, An
     folder = open_folder(path)
     root = folder.root
     qconfig = folder.quantization_config
+    files = qconfig.get("files") or {}
     if folder.path.is_dir():
-        if qconfig.get("quant_method") != QUANT_METHOD:
-            raise FormatError("bad_config", "config.json needs quantization_config.quant_method == 'qformat'",
-                              file=str(root / "config.json"), field="quantization_config.quant_method")
-        if qconfig.get("format_version") != FORMAT_VERSION:
-            raise FormatError("unsupported_format_version", f"format_version {qconfig.get('format_version')!r}",
-                              file=str(root / "config.json"), field="quantization_config.format_version")
+        if not isinstance(files, dict) or set(files) != set(folder.shards):
+            raise FormatError("checksum_mismatch", "quantization_config.files must list exactly the shards "
+                              f"{sorted(folder.shards)}", file=str(root / "config.json"), field="quantization_config.files")
     checked = 0
-    for shard, expected in (qconfig.get("files") or {}).items():
-        actual = sha256_file(root / shard) if (root / shard).exists() else None
+    for shard, expected in files.items():
+        if not isinstance(expected, dict):
+            raise FormatError("bad_config", "each files entry must be an object with sha256 and size",
+                              file=str(root / "config.json"), field=f"quantization_config.files.{shard}")
+        target = root / shard
+        size = target.stat().st_size if target.exists() else None
+        if size != expected.get("size"):
+            raise FormatError("checksum_mismatch", f"size is {size}, config.json records {expected.get('size')}",
+                              file=str(target))
+        actual = sha256_file(target)
         if actual != expected.get("sha256"):
             raise FormatError("checksum_mismatch", f"sha256 is {actual}, config.json records "
-                              f"{expected.get('sha256')}", file=str(root / shard))
+                              f"{expected.get('sha256')}", file=str(target))
         checked += 1
     if folder.weight_map is not None:
         stored = {n: s for s in folder.shards for n in folder.file(s).st.entries}
@@ -258,8 +276,9 @@ class FolderWriter:
         index = {"metadata": {"total_size": total_size, "format": "qformat"},
                  "weight_map": dict(sorted(weight_map.items()))}
         (staging / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        qconfig = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, **quantization_config,
-                   "bits_per_weight": _overall_bits(record_bits), "files": files}
+        qconfig = {**quantization_config, "quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
+                   "bits_per_weight": _overall_bits(record_bits),
+                   "bits_by_layer_type": bits_by_layer_type(dict(record_bits)), "files": files}
         full_config = {**config, "quantization_config": qconfig}
         (staging / "config.json").write_text(json.dumps(full_config, indent=2, sort_keys=True) + "\n")
         for path in copy_files:

@@ -56,14 +56,14 @@ class QFile:
         if raw is None:
             return
         where = str(self.path)
-        if len(raw) > MAX_METADATA_BYTES:
+        if len(raw.encode()) > MAX_METADATA_BYTES:
             raise FormatError("limit_exceeded", f"qformat metadata over {MAX_METADATA_BYTES} bytes", file=where)
         meta = parse_json(raw, "__metadata__['qformat']", where)
         if not isinstance(meta, dict) or set(meta) - {"format_version", "records"}:
             raise FormatError("bad_header", "qformat metadata must be an object with format_version and records",
                               file=where, field="qformat")
         version = meta.get("format_version")
-        if version not in SUPPORTED_FORMAT_VERSIONS:
+        if type(version) is not int or version not in SUPPORTED_FORMAT_VERSIONS:
             raise FormatError("unsupported_format_version", f"format_version {version!r} is not supported (this "
                               f"reader knows {sorted(SUPPORTED_FORMAT_VERSIONS)})", file=where,
                               field="format_version")

@@ -40,9 +40,13 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def parse_json(text: str | bytes, what: str, file: str) -> Any:
     try:
-        return json.loads(text, object_pairs_hook=_reject_duplicates)
+        return json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
     except FormatError as exc:
         raise exc.at(file=file) from None
     except (ValueError, UnicodeDecodeError) as exc:
@@ -85,7 +89,7 @@ class SafetensorsFile:
         if not isinstance(header, dict):
             raise FormatError("bad_header", "the header must be a JSON object", file=where)
         self.data_start = 8 + header_len
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self.metadata: dict[str, str] = header.pop("__metadata__", {})
         if not isinstance(self.metadata, dict) or not all(isinstance(v, str) for v in self.metadata.values()):
             raise FormatError("bad_header", "__metadata__ must map strings to strings", file=where,
                               field="__metadata__")

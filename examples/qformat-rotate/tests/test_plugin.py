@@ -18,7 +18,7 @@ def test_registered_through_entry_point():
     plugins = get_plugins()
     assert plugins.methods["nf4"] is NF4
     info = plugins.info["rotate"]
-    assert info.package == "qformat-rotate" and info.methods == ["nf4"] and info.codecs == ["hadamard"]
+    assert info.package == "qformat-rotate" and info.methods == ["nf4"] and info.codecs == ["rotate.hadamard"]
     assert isinstance(get_method("nf4"), NF4)
 
 
@@ -66,7 +66,7 @@ def test_rotation_helps_outlier_channels(tmp_path):
 def test_bad_hadamard_record_is_rejected():
     b = RecordBuilder("m.weight", (4, 6))
     inner = b.tensor("inner", np.zeros((4, 6), np.float32))
-    node = {"codec": "hadamard", "version": 1, "input": inner, "signs": b.store("signs", np.ones(6, np.int8)),
+    node = {"codec": "rotate.hadamard", "version": 1, "input": inner, "signs": b.store("signs", np.ones(6, np.int8)),
             "block": 4}
     with pytest.raises(Exception, match="multiple of 4"):
         b.finish(node)

@@ -39,7 +39,7 @@ def unrotate_columns(matrix: np.ndarray, signs: np.ndarray, block: int) -> np.nd
 
 
 class HadamardCodec(Codec):
-    name = "hadamard"
+    name = "rotate.hadamard"
     required = frozenset({"input", "signs", "block"})
 
     def infer(self, node: dict, ctx: Context) -> NodeInfo:

@@ -1,8 +1,8 @@
 """Method ``nf4``: QLoRA's 4-bit NormalFloat with absmax blocks, optional double quantization and optional rotation.
 
-Storage, in qformat's core component kinds (plus this package's ``hadamard`` codec when ``rotate`` is on):
+Storage, in qformat's core component kinds (plus this package's ``rotate.hadamard`` codec when ``rotate`` is on):
 
-    [hadamard(]  scale( lut(packed 4-bit codes, NF4 table [16]), factor=absmax, group_shape=[1, block_size] )  [)]
+    [rotate.hadamard(]  scale( lut(packed 4-bit codes, NF4 table [16]), factor=absmax, group_shape=[1, block_size] )  [)]
 
 absmax is fp32 [R, C/block_size], or with ``double_quant`` itself an ``affine`` node: 8-bit codes with one fp32
 scale and zero per 2-D tile of whole rows covering about ``dq_block`` absmax values (as LQ-LoRA's QuantConfig;
@@ -85,7 +85,7 @@ class NF4(Method):
         node = b.scale(b.lut(b.packed("codes", codes, 4), b.tensor("nf4_table", NF4_TABLE)), absmax_node,
                        group_shape=(1, block))
         if signs is not None:
-            node = {"codec": "hadamard", "version": 1, "input": node, "signs": b.store("signs", signs),
+            node = {"codec": "rotate.hadamard", "version": 1, "input": node, "signs": b.store("signs", signs),
                     "block": params["rotate_block"]}
         return b.finish(node, info={"method": self.name, "params": params})
 
