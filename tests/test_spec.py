@@ -759,11 +759,12 @@ def test_extending_example_plugin_codec():
 
 
 def test_limits_in_record_md_match_the_reference():
-    from qformat.format import codecs, container, qfile, safetensors_io
+    from qformat.format import codecs, container, qfile, record, safetensors_io
 
     text = (SPEC / "record.md").read_text()
     assert f"| {codecs.MAX_DEPTH} |" in text and f"| {codecs.MAX_NODES} |" in text
     assert codecs.MAX_ELEMENTS == 1 << 34 and "2^34" in text
+    assert f"| {record.MAX_EXPANSION} |" in text
     assert safetensors_io.MAX_HEADER_BYTES == 100 * 1024 * 1024 and "100 MiB" in text
     assert qfile.MAX_METADATA_BYTES == 64 * 1024 * 1024 and container.MAX_JSON_BYTES == 64 * 1024 * 1024
     assert f"{safetensors_io.MAX_TENSORS:,}" in text

@@ -118,18 +118,22 @@ class RecordBuilder:
     # -- finishing ----------------------------------------------------------------------------------------------
     def finish(self, weight: Node, info: dict[str, Any] | None = None) -> QuantizedTensor:
         """Close the record: compute storage_bytes from the real tensors and validate the whole tree."""
-        record: dict[str, Any] = {"shape": list(self.shape), "dtype": self.dtype,
-                                  "storage_bytes": sum(a.nbytes for a in self.tensors.values()), "weight": weight}
-        if info:
-            record["info"] = info
-
         def lookup(key: str) -> TensorInfo | None:
             array = self.tensors.get(key)
             return None if array is None else TensorInfo(dtype_name(array), tuple(array.shape), array.nbytes)
 
-        referenced = validate_record(self.name, record, lookup, REGISTRY)
-        unused = sorted(set(self.tensors) - set(referenced))
+        record: dict[str, Any] = {"shape": list(self.shape), "dtype": self.dtype, "storage_bytes": 0,
+                                  "weight": weight}
+        if info:
+            record["info"] = info
+        from .codecs import Context  # noqa: PLC0415 - only the walk, to list what the tree references
+
+        walk = Context(REGISTRY, lookup)
+        walk.infer(weight, "weight")
+        unused = sorted(set(self.tensors) - set(walk.referenced))
         if unused:
             raise FormatError("bad_record", f"tensor {unused[0]!r} was stored but no node references it",
                               tensor=self.name)
+        record["storage_bytes"] = sum(a.nbytes for a in self.tensors.values())
+        validate_record(self.name, record, lookup, REGISTRY)
         return QuantizedTensor(self.name, record, dict(self.tensors))

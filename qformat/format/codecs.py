@@ -490,6 +490,8 @@ class VqCodec(Codec):
             raise ctx.error("shape_mismatch", f"codebooks must be float [M, K, d], got {list(books.shape)}",
                             "codebooks")
         m, k, d = books.shape
+        if min(m, k, d) < 1:
+            raise ctx.error("shape_mismatch", f"codebooks {list(books.shape)} must have M, K, d >= 1", "codebooks")
         if cols % d:
             raise ctx.error("shape_mismatch", f"{cols} columns are not a multiple of the vector length {d}",
                             "codebooks")

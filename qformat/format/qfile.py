@@ -58,7 +58,7 @@ class QFile:
         where = str(self.path)
         if len(raw.encode()) > MAX_METADATA_BYTES:
             raise FormatError("limit_exceeded", f"qformat metadata over {MAX_METADATA_BYTES} bytes", file=where)
-        meta = parse_json(raw, "__metadata__['qformat']", where)
+        meta = parse_json(raw, "__metadata__['qformat']", where, tensor_level=1)
         if not isinstance(meta, dict) or set(meta) - {"format_version", "records"}:
             raise FormatError("bad_header", "qformat metadata must be an object with format_version and records",
                               file=where, field="qformat")

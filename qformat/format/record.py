@@ -13,12 +13,18 @@ from .dtypes import WEIGHT_DTYPES
 
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = frozenset({1})
+# A record may expand its stored bytes (a rank-1 sidecar, an empty sparse part) but not without bound: a hostile
+# 1 MB file must not make a reader allocate tens of GiB.
+MAX_EXPANSION = 65536
 RECORD_FIELDS = frozenset({"shape", "dtype", "storage_bytes", "weight", "info"})
 
 
 def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     """A weight of shape [O, I1, I2, ...] is decoded as the matrix [O, I1*I2*...]."""
-    return shape[0], int(np.prod(shape[1:], dtype=np.int64))
+    cols = 1
+    for dim in shape[1:]:
+        cols *= int(dim)  # Python ints: a hostile shape cannot overflow
+    return int(shape[0]), cols
 
 
 def _check_top_level(name: str, record: Any) -> tuple[int, ...]:
@@ -35,9 +41,9 @@ def _check_top_level(name: str, record: Any) -> tuple[int, ...]:
             raise fail("bad_record", f"record requires field {key!r}", key)
     shape = record["shape"]
     if (not isinstance(shape, list) or not 2 <= len(shape) <= 8
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)):
-        raise fail("bad_field", f"shape must be 2..8 positive integers, got {shape!r}", "shape")
-    if record["dtype"] not in WEIGHT_DTYPES:
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d < 1 << 40 for d in shape)):
+        raise fail("bad_field", f"shape must be 2..8 positive integers below 2**40, got {shape!r}", "shape")
+    if not isinstance(record["dtype"], str) or record["dtype"] not in WEIGHT_DTYPES:
         raise fail("bad_field", f"dtype must be one of {sorted(WEIGHT_DTYPES)}, got {record['dtype']!r}", "dtype")
     nbytes = record["storage_bytes"]
     if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
@@ -68,6 +74,10 @@ def validate_record(name: str, record: Any, tensor_info: Callable[[str], TensorI
             raise FormatError("bad_tensor_name", f"tensor {ref!r} must be named {name!r} + '.<part>'", tensor=name,
                               field="weight")
     actual = sum(t.nbytes for t in ctx.referenced.values())
+    rows, cols = matrix_shape(shape)
+    if rows * cols > 1 << 24 and rows * cols > MAX_EXPANSION * max(actual, 1):
+        raise FormatError("limit_exceeded", f"{rows * cols} weights from {actual} stored bytes exceeds the "
+                          f"{MAX_EXPANSION} weights-per-byte limit", tensor=name, field="shape")
     if actual != record["storage_bytes"]:
         raise FormatError("bad_accounting", f"storage_bytes says {record['storage_bytes']} but the referenced "
                           f"tensors hold {actual} bytes", tensor=name, field="storage_bytes")
@@ -88,4 +98,5 @@ def decode_record(name: str, record: dict, tensor_info: Callable[[str], TensorIn
 
 
 def bits_per_weight(record: dict) -> float:
-    return record["storage_bytes"] * 8 / int(np.prod(record["shape"], dtype=np.int64))
+    rows, cols = matrix_shape(tuple(record["shape"]))
+    return record["storage_bytes"] * 8 / (rows * cols)

@@ -27,30 +27,62 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors package's own limit
 MAX_TENSORS = 1_000_000
 QFORMAT_METADATA_KEY = "qformat"
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 if sys.byteorder != "little":  # safetensors is little-endian; we map and write host order directly
     raise ImportError("qformat.format supports little-endian hosts only")
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+class _DuplicateKeys(dict):
+    """A parsed JSON object that named a key twice; reported after parsing, when its position is known."""
+
+    duplicate: str
+
+
+def _keep_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise FormatError("duplicate_name", f"the header names {key!r} twice", tensor=key)
+            marked = _DuplicateKeys(out)
+            marked.duplicate = key
+            return marked
         out[key] = value
     return out
+
+
+def _find_duplicate(value: Any, path: list[str]) -> list[str] | None:
+    if isinstance(value, _DuplicateKeys):
+        return [*path, value.duplicate]
+    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in children:
+        if isinstance(child, (dict, list)) and (found := _find_duplicate(child, [*path, str(key)])):
+            return found
+    return None
 
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def parse_json(text: str | bytes, what: str, file: str) -> Any:
+def parse_json(text: str | bytes, what: str, file: str, tensor_level: int | None = None) -> Any:
+    """Strict JSON: no NaN/Infinity, no key named twice in one object, bounded nesting.
+
+    ``tensor_level``: the depth at which keys are tensor (or record) names, so a duplicate can be reported as
+    belonging to one.
+    """
     try:
-        return json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
-    except FormatError as exc:
-        raise exc.at(file=file) from None
+        value = json.loads(text, object_pairs_hook=_keep_duplicates, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise FormatError("bad_header", f"{what} is not valid JSON: {exc}", file=file) from None
+    except RecursionError:
+        raise FormatError("bad_header", f"{what} nests too deeply", file=file) from None
+    path = _find_duplicate(value, [])
+    if path is not None:
+        tensor = path[tensor_level] if tensor_level is not None and len(path) > tensor_level else None
+        raise FormatError("duplicate_name", f"{what} names {path[-1]!r} twice in one object", file=file,
+                          tensor=tensor, field="/".join(path))
+    return value
 
 
 @dataclass(frozen=True)
@@ -85,7 +117,7 @@ class SafetensorsFile:
                 header_bytes = handle.read(header_len)
         except OSError as exc:
             raise FormatError("unreadable", f"cannot read file: {exc.strerror or exc}", file=where) from None
-        header = parse_json(header_bytes, "the safetensors header", where)
+        header = parse_json(header_bytes, "the safetensors header", where, tensor_level=0)
         if not isinstance(header, dict):
             raise FormatError("bad_header", "the header must be a JSON object", file=where)
         self.data_start = 8 + header_len
@@ -109,7 +141,7 @@ class SafetensorsFile:
         if not isinstance(raw, dict) or set(raw) != {"dtype", "shape", "data_offsets"}:
             raise fail("bad_header", "a tensor entry needs exactly dtype, shape and data_offsets", "entry")
         dtype, shape, offsets = raw["dtype"], raw["shape"], raw["data_offsets"]
-        if dtype not in NUMPY_BY_NAME:
+        if not isinstance(dtype, str) or dtype not in NUMPY_BY_NAME:
             raise fail("bad_dtype", f"unsupported dtype {dtype!r}", "dtype")
         if (not isinstance(shape, list) or len(shape) > 8
                 or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape)):
@@ -197,6 +229,7 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
                 handle.write(np.ascontiguousarray(array).tobytes())
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; written models should follow the umask
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

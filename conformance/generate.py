@@ -1,0 +1,1262 @@
+"""Generate the frozen conformance vectors (run from the repository root).
+
+    python conformance/generate.py            # (re)write conformance/vectors/
+    python conformance/generate.py --check    # regenerate into a temp dir; fail unless byte-identical to the checked-in
+
+Valid vectors are written with the reference writer (``RecordBuilder`` + ``write_file``); their expected fp32 decode
+is computed here with plain numpy from the generating arrays, independently of the reference decoder, and stored as a
+plain safetensors file. Invalid vectors are assembled from raw bytes by the small writer below, so they can hold what
+no correct writer produces: malformed headers, overlapping offsets, duplicate JSON keys, records that lie.
+
+Each vector draws from its own generator seeded with (SEED, crc32(id)), so adding a vector never changes the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import filecmp
+import hashlib
+import json
+import struct
+import sys
+import tempfile
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from qformat.format import QuantizedTensor, RecordBuilder, signature, write_file
+
+SEED = 20250611
+MANIFEST_VERSION = 1
+VECTORS_DIR = Path(__file__).resolve().parent / "vectors"
+F16, F32, BF16 = np.float16, np.float32, ml_dtypes.bfloat16
+
+# NF4 (QLoRA, bitsandbytes): the 16 quantiles of N(0, 1) normalised to [-1, 1], as fp32.
+NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                0.7229568362236023, 1.0], dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# vector bookkeeping
+
+@dataclass
+class Valid:
+    id: str
+    description: str
+    records: list[QuantizedTensor]
+    expected: dict[str, np.ndarray]  # record name -> fp32 decode in the record's shape
+    plain: dict[str, np.ndarray] = field(default_factory=dict)
+    # records with matrix products: the summed product bounds 2 * gamma_k * (|a| @ |b|) per element (float64);
+    # tolerance() adds 4 ulp of the expected value, as spec/composition.md#arithmetic prescribes
+    product_bounds: dict[str, np.ndarray] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    # more vectors on the same file: (id, description, decode options, expected)
+    extra: list[tuple[str, str, dict[str, Any], dict[str, np.ndarray]]] = field(default_factory=list)
+
+
+@dataclass
+class Invalid:
+    id: str
+    description: str
+    data: bytes
+    code: str
+    stage: str  # "open" (structure) or "decode" (needs tensor data)
+    tensor: str | None = None
+    field: str | None = None
+
+
+def rng_for(vector_id: str) -> np.random.Generator:
+    return np.random.default_rng([SEED, zlib.crc32(vector_id.encode())])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# independent numpy reference for expected values (never calls qformat's decoder)
+
+def tiles(params: np.ndarray, group: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
+    """out[r, c] = params[r // gr, c // gc] (a [1, 1] parameter covers everything)."""
+    params = np.asarray(params, dtype=np.float32)
+    if params.shape == (1, 1):
+        return np.broadcast_to(params, shape)
+    rows = np.arange(shape[0]) // group[0]
+    cols = np.arange(shape[1]) // group[1]
+    return params[rows[:, None], cols[None, :]]
+
+
+def as_2d(value: Any) -> np.ndarray:
+    array = np.asarray(value, dtype=np.float32)
+    return array.reshape(1, 1) if array.ndim == 0 else array
+
+
+def affine_ref(q: np.ndarray, scale: Any, zero: Any, group: tuple[int, int]) -> np.ndarray:
+    """(q - zero) * scale in fp32, the order the spec fixes; scale and zero are numbers or per-tile arrays."""
+    values = q.astype(np.float32)
+    if zero is not None:
+        values = values - tiles(as_2d(zero), group, q.shape)
+    return values * tiles(as_2d(scale), group, q.shape)
+
+
+def csr(dense: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rows, cols = np.nonzero(dense)
+    ptr = np.zeros(dense.shape[0] + 1, dtype=np.int64)
+    ptr[1:] = np.cumsum(np.bincount(rows, minlength=dense.shape[0]))
+    return ptr, cols, dense[rows, cols]
+
+
+def dyadic(rng: np.random.Generator, shape: tuple[int, ...], step: float = 1 / 64, limit: float = 4.0) -> np.ndarray:
+    """fp16 values on a 2**-6 grid: products and short sums are exact in fp32, so matmuls give unique answers."""
+    values = np.round(np.clip(rng.standard_normal(shape), -limit, limit) / step) * step
+    return values.astype(np.float16)
+
+
+def fp16(rng: np.random.Generator, shape: tuple[int, ...], scale: float = 1.0, positive: bool = False) -> np.ndarray:
+    values = rng.standard_normal(shape) * scale
+    return (np.abs(values) + scale / 8 if positive else values).astype(np.float16)
+
+
+def codes(rng: np.random.Generator, shape: tuple[int, int], bits: int) -> np.ndarray:
+    """Random codes that include both 0 and the largest code, so every width is exercised at its edges."""
+    q = rng.integers(0, 1 << bits, size=shape, dtype=np.int64)
+    q.flat[0] = 0
+    q.flat[-1] = (1 << bits) - 1
+    return q
+
+
+def f32(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, dtype=np.float32)
+
+
+def product(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """a @ b of fp16 factors rounded once to fp32, and its spec bound 2 * gamma_k * (|a| @ |b|) (float64)."""
+    a64, b64 = f32(a).astype(np.float64), f32(b).astype(np.float64)
+    k = a64.shape[1]
+    unit = 2.0 ** -24
+    gamma = k * unit / (1 - k * unit)
+    return f32(a64 @ b64), 2 * gamma * (np.abs(a64) @ np.abs(b64))
+
+
+def tolerance(expected: np.ndarray, bound: np.ndarray) -> np.ndarray:
+    """Per-element tolerance: the product bound plus 4 ulp of the expected value, rounded up to fp32."""
+    tau = bound + 4 * np.spacing(np.abs(expected)).astype(np.float64)
+    tau32 = tau.astype(np.float32)
+    return np.where(tau32.astype(np.float64) < tau, np.nextafter(tau32, np.float32(np.inf)), tau32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# valid vectors
+
+def v_tensor(dtype: Any, label: str) -> Valid:
+    vid = f"tensor_{label}"
+    rng = rng_for(vid)
+    name = "model.embed.weight"
+    w = (rng.standard_normal((6, 10)) * 0.1).astype(dtype)
+    b = RecordBuilder(name, (6, 10), "F32" if label == "f32" else label.upper())
+    qt = b.finish(b.tensor("weight", w))
+    return Valid(vid, f"a stored {label.upper()} tensor used as the weight (widened to fp32)", [qt], {name: f32(w)})
+
+
+def v_packed(bits: int) -> Valid:
+    vid = f"packed_w{bits}"
+    rng = rng_for(vid)
+    name = "layer.weight"
+    q = codes(rng, (5, 37), bits)  # 37 columns: most widths leave padding bits in each row
+    b = RecordBuilder(name, q.shape)
+    qt = b.finish(b.affine(b.packed("codes", q, bits), scale=1.0, bits=bits, group_shape=(1, 37)))
+    return Valid(vid, f"{bits}-bit packed codes (5x37, LSB-first rows padded to a byte) under affine scale=1: "
+                      "decodes to the codes themselves", [qt], {name: f32(q)})
+
+
+def v_bitplanes() -> Valid:
+    vid = "bitplanes_w4"
+    rng = rng_for(vid)
+    name = "layer.weight"
+    q = codes(rng, (6, 21), 4)
+    b = RecordBuilder(name, q.shape)
+    qt = b.finish(b.affine(b.bitplanes("planes", q, 4), scale=0.5, bits=4, group_shape=(1, 21)))
+    truncated = ((q >> 2) << 2) | 0b10  # two planes kept: dropped bits decode to the middle of their interval
+    v = Valid(vid, "4 bit-planes (MSB first, 21 columns) under affine scale=0.5, all planes used", [qt],
+              {name: f32(q) * np.float32(0.5)})
+    v.extra.append(("bitplanes_w4_use2", "same file decoded with use_planes=2: low bits become 0b10", {"use_planes": 2},
+                    {name: f32(truncated) * np.float32(0.5)}))
+    return v
+
+
+def v_bitplanes_lut() -> Valid:
+    vid = "bitplanes_lut_w3"
+    rng = rng_for(vid)
+    name = "layer.weight"
+    q = codes(rng, (4, 16), 3)
+    table = np.sort(fp16(rng, (8,))).astype(np.float32)
+    b = RecordBuilder(name, q.shape)
+    qt = b.finish(b.lut(b.bitplanes("planes", q, 3), b.tensor("table", table)))
+    v = Valid(vid, "3-bit codes as bit-planes looked up in an 8-entry fp32 table", [qt], {name: table[q]})
+    v.extra.append(("bitplanes_lut_w3_use1", "same file with use_planes=1: the two dropped bits decode as 0b10",
+                    {"use_planes": 1}, {name: table[((q >> 2) << 2) | 0b010]}))
+    return v
+
+
+def v_ternary() -> Valid:
+    vid = "ternary_per_row"
+    rng = rng_for(vid)
+    name = "layer.weight"
+    t = rng.integers(-1, 2, size=(7, 23))
+    s = fp16(rng, (7, 1), 0.05, positive=True)
+    b = RecordBuilder(name, t.shape)
+    qt = b.finish(b.scale(b.ternary("trits", t), b.tensor("scale", s), group_shape=(1, 23)))
+    return Valid(vid, "ternary weights (5 trits per byte, 23 columns) times a per-row fp16 scale (BitNet)", [qt],
+                 {name: f32(t) * tiles(s, (1, 23), t.shape)})
+
+
+def v_ternary_tensor_scale() -> Valid:
+    vid = "ternary_per_tensor"
+    rng = rng_for(vid)
+    name = "layer.weight"
+    t = rng.integers(-1, 2, size=(3, 5))
+    b = RecordBuilder(name, t.shape)
+    qt = b.finish(b.scale(b.ternary("trits", t), b.tensor("scale", np.array([[0.75]], np.float32)),
+                          group_shape=(3, 5)))
+    return Valid(vid, "ternary 3x5 (exactly one byte per row) with one [1, 1] scale", [qt],
+                 {name: f32(t) * np.float32(0.75)})
+
+
+def v_affine_asym() -> Valid:
+    vid = "affine_asym_g32"
+    rng = rng_for(vid)
+    name = "layer.weight"
+    q = codes(rng, (8, 80), 4)
+    s = fp16(rng, (8, 3), 0.02, positive=True)
+    z = fp16(rng, (8, 3), 3.0)
+    b = RecordBuilder(name, q.shape, "F16")
+    qt = b.finish(b.affine(b.packed("codes", q, 4), scale=b.tensor("scale", s), zero=b.tensor("zero", z), bits=4,
+                           group_shape=(1, 32)))
+    return Valid(vid, "4-bit asymmetric, groups of 32 along the input (80 columns: last group has 16), fp16 scale "
+                      "and non-integer fp16 zero", [qt], {name: affine_ref(q, s, z, (1, 32))})
+
+
+def v_affine_packed_zero() -> Valid:
+    vid = "affine_packed_zero"
+    rng = rng_for(vid)
+    name = "layer.weight"
+    q = codes(rng, (6, 64), 4)
+    s = fp16(rng, (6, 4), 0.02, positive=True)
+    z = codes(rng, (6, 4), 4)
+    b = RecordBuilder(name, q.shape)
+    qt = b.finish(b.affine(b.packed("codes", q, 4), scale=b.tensor("scale", s), zero=b.packed("zero", z, 4), bits=4,
+                           group_shape=(1, 16)))
+    return Valid(vid, "4-bit with integer zero points packed as 4-bit codes (GPTQ-style qzeros)", [qt],
+                 {name: affine_ref(q, s, z, (1, 16))})
+
+
+def v_affine_per_channel() -> Valid:
+    vid = "affine_per_channel_w8"
+    rng = rng_for(vid)
+    name = "layer.weight"
+    q = codes(rng, (9, 24), 8)
+    s = (np.abs(rng.standard_normal((9, 1))) * 0.01 + 0.001).astype(np.float32)
+    b = RecordBuilder(name, q.shape, "BF16")
+    qt = b.finish(b.affine(b.packed("codes", q, 8), scale=b.tensor("scale", s), zero=128, bits=8,
+                           group_shape=(1, 24)))
+    return Valid(vid, "8-bit symmetric per output channel: fp32 scale [R, 1], constant zero 128", [qt],
+                 {name: affine_ref(q, s, 128.0, (1, 24))})
+
+
+def v_affine_tiles() -> Valid:
+    vid = "affine_2d_tiles"
+    rng = rng_for(vid)
+    name = "layer.weight"
+    q = codes(rng, (10, 40), 3)
+    s = fp16(rng, (3, 3), 0.1, positive=True)
+    z = fp16(rng, (3, 3), 2.0)
+    b = RecordBuilder(name, q.shape)
+    qt = b.finish(b.affine(b.packed("codes", q, 3), scale=b.tensor("scale", s), zero=b.tensor("zero", z), bits=3,
+                           group_shape=(4, 16)))
+    return Valid(vid, "3-bit with 4x16 tiles over 10x40 (partial tiles on both edges)", [qt],
+                 {name: affine_ref(q, s, z, (4, 16))})
+
+
+def v_affine_constants() -> Valid:
+    vid = "affine_constants"
+    rng = rng_for(vid)
+    name = "layer.weight"
+    q = codes(rng, (4, 12), 5)
+    b = RecordBuilder(name, q.shape)
+    qt = b.finish(b.affine(b.packed("codes", q, 5), scale=0.0125, zero=15.5, bits=5, group_shape=(1, 1)))
+    return Valid(vid, "5-bit with per-tensor constants in the JSON: scale 0.0125, zero 15.5", [qt],
+                 {name: affine_ref(q, 0.0125, 15.5, (1, 1))})
+
+
+def v_affine_w16() -> Valid:
+    vid = "affine_w16"
+    rng = rng_for(vid)
+    name = "layer.weight"
+    q = codes(rng, (3, 33), 16)
+    s = fp16(rng, (3, 3), 1e-4, positive=True)
+    b = RecordBuilder(name, q.shape)
+    qt = b.finish(b.affine(b.packed("codes", q, 16), scale=b.tensor("scale", s), zero=32768, bits=16,
+                           group_shape=(1, 16)))
+    return Valid(vid, "16-bit codes (the widest), groups of 16 over 33 columns", [qt],
+                 {name: affine_ref(q, s, 32768.0, (1, 16))})
+
+
+def v_lut_nf4() -> Valid:
+    vid = "lut_nf4_absmax"
+    rng = rng_for(vid)
+    name = "layer.weight"
+    q = codes(rng, (4, 128), 4)
+    absmax = (np.abs(rng.standard_normal((4, 2))) * 0.05 + 0.01).astype(np.float32)
+    b = RecordBuilder(name, q.shape, "BF16")
+    qt = b.finish(b.scale(b.lut(b.packed("codes", q, 4), b.tensor("table", NF4)), b.tensor("absmax", absmax),
+                          group_shape=(1, 64)))
+    return Valid(vid, "NF4: 4-bit codes into the NF4 table, times an fp32 absmax per block of 64 (bitsandbytes)",
+                 [qt], {name: NF4[q] * tiles(absmax, (1, 64), q.shape)})
+
+
+def v_lut_tile_table_1x1() -> Valid:
+    vid = "lut_tile_table_1x1"
+    rng = rng_for(vid)
+    name = "layer.weight"
+    q = codes(rng, (4, 8), 4)
+    table = np.sort(fp16(rng, (1, 1, 16)), axis=-1)
+    b = RecordBuilder(name, q.shape)
+    qt = b.finish(b.lut(b.packed("codes", q, 4), b.tensor("table", table), group_shape=(1, 4)))
+    return Valid(vid, "a [1, 1, 16] per-tile table with group_shape [1, 4]: used for every element", [qt],
+                 {name: f32(table)[0, 0][q]})
+
+
+def v_lut_per_tile() -> Valid:
+    vid = "lut_per_tile"
+    rng = rng_for(vid)
+    name = "layer.weight"
+    q = codes(rng, (16, 64), 3)
+    table = np.sort(fp16(rng, (2, 2, 8), 0.1), axis=-1)
+    b = RecordBuilder(name, q.shape)
+    qt = b.finish(b.lut(b.packed("codes", q, 3), b.tensor("table", table), group_shape=(8, 32)))
+    rows = np.arange(16)[:, None] // 8
+    cols = np.arange(64)[None, :] // 32
+    return Valid(vid, "3-bit codes into a learned fp16 table per 8x32 tile ([2, 2, 8] tables)", [qt],
+                 {name: f32(table)[rows, cols, q]})
+
+
+def v_lut_fp8() -> Valid:
+    vid = "lut_fp8_e4m3"
+    rng = rng_for(vid)
+    name = "layer.weight"
+    table = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    table[np.isnan(table)] = 0.0  # e4m3fn's two NaN codes are never produced by a quantizer
+    q = codes(rng, (5, 20), 8)
+    s = (np.abs(rng.standard_normal((5, 1))) * 0.01 + 0.001).astype(np.float32)
+    b = RecordBuilder(name, q.shape)
+    qt = b.finish(b.scale(b.lut(b.packed("codes", q, 8), b.tensor("table", table)), b.tensor("scale", s),
+                          group_shape=(1, 20)))
+    return Valid(vid, "FP8 e4m3 as a 256-entry table, per-row fp32 scale", [qt],
+                 {name: table[q] * tiles(s, (1, 20), q.shape)})
+
+
+def v_scale_input_channel() -> Valid:
+    vid = "scale_input_channel"
+    rng = rng_for(vid)
+    name = "layer.weight"
+    q = codes(rng, (8, 32), 4)
+    s = fp16(rng, (8, 2), 0.02, positive=True)
+    z = codes(rng, (8, 2), 4).astype(np.float16)
+    col = fp16(rng, (1, 32), 0.5, positive=True)
+    b = RecordBuilder(name, q.shape)
+    inner = b.affine(b.packed("codes", q, 4), scale=b.tensor("scale", s), zero=b.tensor("zero", z), bits=4,
+                     group_shape=(1, 16))
+    qt = b.finish(b.scale(inner, b.tensor("input_scale", col), group_shape=(8, 1)))
+    return Valid(vid, "AWQ-like: 4-bit g16 weights times a per-input-channel fp16 factor [1, C]", [qt],
+                 {name: affine_ref(q, s, z, (1, 16)) * tiles(col, (8, 1), q.shape)})
+
+
+def vq_ref(q: np.ndarray, books: np.ndarray) -> np.ndarray:
+    m, _, _ = books.shape
+    books = f32(books)
+    rows = q.shape[0]
+    q = q.reshape(rows, -1, m)
+    out = books[0][q[:, :, 0]]
+    for i in range(1, m):
+        out = out + books[i][q[:, :, i]]
+    return out.reshape(rows, -1)
+
+
+def v_vq_single() -> Valid:
+    vid = "vq_single_codebook"
+    rng = rng_for(vid)
+    name = "layer.weight"
+    books = fp16(rng, (1, 256, 8), 0.1)
+    q = codes(rng, (6, 4), 8)
+    b = RecordBuilder(name, (6, 32))
+    qt = b.finish(b.vq(b.packed("codes", q, 8), b.tensor("codebooks", books)))
+    return Valid(vid, "vector quantization: one 256x8 fp16 codebook, 8-bit codes per 8-wide slice", [qt],
+                 {name: vq_ref(q, books)})
+
+
+def v_vq_aqlm() -> Valid:
+    vid = "vq_additive_aqlm"
+    rng = rng_for(vid)
+    name = "layer.weight"
+    books = fp16(rng, (2, 256, 8), 0.05)
+    q = codes(rng, (8, 8 * 2), 8)  # 64 columns = 8 slices, two codes per slice (slice-major, codebook-minor)
+    s = fp16(rng, (8, 1), 1.0, positive=True)
+    b = RecordBuilder(name, (8, 64))
+    qt = b.finish(b.scale(b.vq(b.packed("codes", q, 8), b.tensor("codebooks", books)), b.tensor("scale", s),
+                          group_shape=(1, 64)))
+    return Valid(vid, "AQLM-like additive codebooks: 2 x 256 x 8 fp16, summed in codebook order, per-row scale",
+                 [qt], {name: vq_ref(q, books) * tiles(s, (1, 64), (8, 64))})
+
+
+def v_vq_tensor_codes() -> Valid:
+    vid = "vq_u16_codes"
+    rng = rng_for(vid)
+    name = "layer.weight"
+    books = fp16(rng, (3, 300, 4), 0.1)
+    q = rng.integers(0, 300, size=(5, 3 * 3)).astype(np.uint16)
+    q.flat[-1] = 299
+    b = RecordBuilder(name, (5, 12))
+    qt = b.finish(b.vq(b.tensor("codes", q), b.tensor("codebooks", books)))
+    return Valid(vid, "3 additive codebooks of 300 entries (not a power of two): codes stored as a U16 tensor",
+                 [qt], {name: vq_ref(q.astype(np.int64), books)})
+
+
+def sparse_dense(rng: np.random.Generator, shape: tuple[int, int], density: float) -> np.ndarray:
+    mask = rng.random(shape) < density
+    mask[1] = False  # an empty row
+    return np.where(mask, fp16(rng, shape, 2.0), 0).astype(np.float16)
+
+
+def v_sparse_only() -> Valid:
+    vid = "sparse_csr_only"
+    rng = rng_for(vid)
+    name = "layer.weight"
+    dense = sparse_dense(rng, (6, 30), 0.1)
+    b = RecordBuilder(name, dense.shape)
+    qt = b.finish(b.sparse_from_dense("outliers", dense))
+    return Valid(vid, "only outliers: CSR with I32 row_ptr, U16 col_idx, fp16 values, one empty row", [qt],
+                 {name: f32(dense)})
+
+
+def v_sparse_wide_indices() -> Valid:
+    vid = "sparse_csr_i64_i32"
+    rng = rng_for(vid)
+    name = "layer.weight"
+    dense = sparse_dense(rng, (5, 12), 0.25)
+    ptr, cols, vals = csr(dense)
+    b = RecordBuilder(name, dense.shape)
+    node = {"codec": "sparse_csr", "version": 1, "row_ptr": b.store("outliers.row_ptr", ptr.astype(np.int64)),
+            "col_idx": b.store("outliers.col_idx", cols.astype(np.int32)),
+            "values": b.tensor("outliers.values", vals.astype(np.float32)), "shape": [5, 12]}
+    qt = b.finish(node)
+    return Valid(vid, "CSR with I64 row_ptr, I32 col_idx and fp32 values", [qt], {name: f32(dense)})
+
+
+def v_sparse_empty() -> Valid:
+    vid = "sparse_csr_empty"
+    rng = rng_for(vid)
+    name = "layer.weight"
+    q = codes(rng, (4, 16), 2)
+    b = RecordBuilder(name, q.shape)
+    base = b.affine(b.packed("codes", q, 2), scale=0.25, zero=1.5, bits=2, group_shape=(1, 16))
+    outliers = b.sparse_csr("outliers", np.zeros(5, np.int32), np.zeros(0, np.uint16), np.zeros(0, np.float16))
+    qt = b.finish(b.sum([base, outliers]))
+    return Valid(vid, "2-bit base plus a CSR term with no outliers (zero-length tensors)", [qt],
+                 {name: affine_ref(q, 0.25, 1.5, (1, 16)) + np.float32(0)})
+
+
+def v_lowrank_only() -> Valid:
+    vid = "lowrank_only"
+    rng = rng_for(vid)
+    name = "layer.weight"
+    a, bb = dyadic(rng, (12, 4)), dyadic(rng, (4, 20))
+    b = RecordBuilder(name, (12, 20))
+    qt = b.finish(b.lowrank(b.tensor("a", a), b.tensor("b", bb)))
+    w, bound = product(a, bb)
+    return Valid(vid, "a rank-4 product a @ b of fp16 factors", [qt], {name: w}, product_bounds={name: bound})
+
+
+def v_lowrank_sidecar() -> Valid:
+    vid = "lowrank_sidecar"
+    rng = rng_for(vid)
+    name = "layer.weight"
+    q = codes(rng, (16, 128), 4)
+    s = fp16(rng, (16, 2), 0.01, positive=True)
+    z = fp16(rng, (16, 2), 8.0)
+    a, bb = dyadic(rng, (16, 8)), dyadic(rng, (8, 128))
+    b = RecordBuilder(name, q.shape)
+    base = b.affine(b.packed("codes", q, 4), scale=b.tensor("scale", s), zero=b.tensor("zero", z), bits=4,
+                    group_shape=(1, 64))
+    qt = b.finish(b.sum([base, b.lowrank(b.tensor("lora_a", a), b.tensor("lora_b", bb))]))
+    low, bound = product(a, bb)
+    return Valid(vid, "LQ-LoRA / SVDQuant: 4-bit g64 base plus a rank-8 fp16 low-rank sidecar", [qt],
+                 {name: affine_ref(q, s, z, (1, 64)) + low}, product_bounds={name: bound})
+
+
+def sign_block(b: RecordBuilder, rng: np.random.Generator, i: int, shape: tuple[int, int], rank: int,
+               planes: bool = False) -> tuple[dict, np.ndarray, np.ndarray]:
+    sign = rng.integers(0, 2, size=shape)
+    u, v = dyadic(rng, (shape[0], rank)), dyadic(rng, (rank, shape[1]))
+    sign_node = b.bitplanes(f"blocks.{i}.sign", sign, 1) if planes else b.packed(f"blocks.{i}.sign", sign, 1)
+    node = b.sign_lowrank(sign_node, b.tensor(f"blocks.{i}.u", u), b.tensor(f"blocks.{i}.v", v))
+    magnitude, bound = product(u, v)
+    return node, np.where(sign == 1, magnitude, -magnitude).astype(np.float32), bound
+
+
+def v_sign_lowrank() -> Valid:
+    vid = "sign_lowrank_single"
+    rng = rng_for(vid)
+    name = "layer.weight"
+    b = RecordBuilder(name, (9, 19))
+    node, expected, bound = sign_block(b, rng, 0, (9, 19), 1)
+    return Valid(vid, "one BitStack block: 1-bit packed signs times a rank-1 |u v| (9x19)", [b.finish(node)],
+                 {name: expected}, product_bounds={name: bound})
+
+
+def v_bitstack() -> Valid:
+    vid = "bitstack_three_blocks"
+    rng = rng_for(vid)
+    name = "layer.weight"
+    b = RecordBuilder(name, (16, 24))
+    nodes, parts, bounds = zip(*(sign_block(b, rng, i, (16, 24), 2, planes=(i == 1)) for i in range(3)),
+                               strict=True)
+    expected = parts[0] + parts[1] + parts[2]
+    return Valid(vid, "BitStack: a sum of three sign x rank-2 blocks (block 1's signs stored as a bit-plane)",
+                 [b.finish(b.sum(list(nodes)))], {name: expected}, product_bounds={name: sum(bounds)})
+
+
+def v_permute() -> Valid:
+    vid = "permute_only"
+    rng = rng_for(vid)
+    name = "layer.weight"
+    stored = fp16(rng, (4, 11))
+    perm = rng.permutation(11)
+    b = RecordBuilder(name, stored.shape)
+    qt = b.finish(b.permute(b.tensor("stored", stored), perm))
+    w = np.empty((4, 11), np.float32)
+    w[:, perm] = f32(stored)  # stored column j is input channel perm[j]
+    return Valid(vid, "an input-channel permutation of a stored fp16 matrix: w[:, perm[j]] = stored[:, j]", [qt],
+                 {name: w})
+
+
+def v_gptq_act_order() -> Valid:
+    vid = "gptq_act_order"
+    rng = rng_for(vid)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    q = codes(rng, (8, 96), 4)
+    s = fp16(rng, (8, 3), 0.02, positive=True)
+    z = codes(rng, (8, 3), 4)
+    perm = rng.permutation(96)
+    b = RecordBuilder(name, q.shape, "F16")
+    inner = b.affine(b.packed("qweight", q, 4), scale=b.tensor("scales", s), zero=b.packed("qzeros", z, 4), bits=4,
+                     group_shape=(1, 32))
+    qt = b.finish(b.permute(inner, perm, role="g_idx_perm"), info={"method": "gptq", "act_order": True})
+    stored = affine_ref(q, s, z, (1, 32))
+    w = np.empty_like(stored)
+    w[:, perm] = stored
+    return Valid(vid, "GPTQ with act-order: 4-bit g32 in permuted column order, packed zeros, then permute", [qt],
+                 {name: w})
+
+
+def quantized_stats(b: RecordBuilder, rng: np.random.Generator, role: str, values: np.ndarray, bits: int,
+                    group: tuple[int, int]) -> tuple[dict, np.ndarray]:
+    """A statistic [R, G] stored as `bits`-bit codes with fp16 second-level scale/zero per `group` tile."""
+    grid = (-(-values.shape[0] // group[0]), -(-values.shape[1] // group[1]))
+    q = codes(rng, values.shape, bits)
+    s2 = fp16(rng, grid, float(np.abs(values).mean()) / 4, positive=True)
+    z2 = fp16(rng, grid, 1.0)
+    node = b.affine(b.packed(f"{role}.codes", q, bits), scale=b.tensor(f"{role}.scale", s2),
+                    zero=b.tensor(f"{role}.zero", z2), bits=bits, group_shape=group)
+    return node, affine_ref(q, s2, z2, group)
+
+
+def v_spqr() -> Valid:
+    vid = "spqr_like"
+    rng = rng_for(vid)
+    name = "model.layers.3.mlp.down_proj.weight"
+    rows, cols, g = 32, 64, 16
+    q = codes(rng, (rows, cols), 3)
+    b = RecordBuilder(name, (rows, cols), "F16")
+    scale_node, scale = quantized_stats(b, rng, "scale", np.full((rows, cols // g), 0.05), 3, (16, 1))
+    zero_node, zero = quantized_stats(b, rng, "zero", np.full((rows, cols // g), 3.0), 3, (16, 1))
+    base = b.affine(b.packed("codes", q, 3), scale=scale_node, zero=zero_node, bits=3, group_shape=(1, g))
+    dense = sparse_dense(rng, (rows, cols), 0.01)
+    qt = b.finish(b.permute(b.sum([base, b.sparse_from_dense("outliers", dense)]), rng.permutation(cols)),
+                  info={"method": "spqr", "groupsize": g})
+    stored = affine_ref(q, scale, zero, (1, g)) + f32(dense)
+    perm = np.asarray(qt.tensors[f"{name}.perm"], dtype=np.int64)
+    w = np.empty_like(stored)
+    w[:, perm] = stored
+    return Valid(vid, "SpQR-like: 3-bit weights in groups of 16, their scale and zero themselves 3-bit quantized "
+                      "(fp16 second-level stats per 16 rows), fp16 CSR outliers, input permutation", [qt], {name: w})
+
+
+def v_nf4_double_quant() -> Valid:
+    vid = "nf4_double_quant"
+    rng = rng_for(vid)
+    name = "model.layers.1.mlp.gate_proj.weight"
+    q = codes(rng, (8, 512), 4)
+    blocks = (8, 512 // 64)
+    absmax_codes = codes(rng, blocks, 8)
+    s2 = (np.abs(rng.standard_normal((8, 2))) * 1e-4 + 1e-5).astype(np.float32)
+    z2 = (127.0 - rng.random((8, 2)) * 10).astype(np.float32)  # the mean offset, folded into the zero
+    b = RecordBuilder(name, q.shape, "BF16")
+    absmax = b.affine(b.packed("absmax.codes", absmax_codes, 8), scale=b.tensor("absmax.scale", s2),
+                      zero=b.tensor("absmax.offset", z2), bits=8, group_shape=(1, 4))
+    qt = b.finish(b.scale(b.lut(b.packed("codes", q, 4), b.tensor("table", NF4)), absmax, group_shape=(1, 64)))
+    factor = affine_ref(absmax_codes, s2, z2, (1, 4))
+    return Valid(vid, "QLoRA NF4 with double quantization: absmax per 64 weights stored as 8-bit codes with fp32 "
+                      "scale and offset per 4 blocks", [qt], {name: NF4[q] * tiles(factor, (1, 64), q.shape)})
+
+
+def v_residual() -> Valid:
+    vid = "residual_two_stage"
+    rng = rng_for(vid)
+    name = "layer.weight"
+    q1, q2 = codes(rng, (6, 48), 2), codes(rng, (6, 48), 2)
+    s1, s2 = fp16(rng, (6, 2), 0.1, positive=True), fp16(rng, (6, 2), 0.02, positive=True)
+    b = RecordBuilder(name, q1.shape)
+    t1 = b.affine(b.packed("stage0.codes", q1, 2), scale=b.tensor("stage0.scale", s1), zero=1.5, bits=2,
+                  group_shape=(1, 32))
+    t2 = b.affine(b.packed("stage1.codes", q2, 2), scale=b.tensor("stage1.scale", s2), zero=1.5, bits=2,
+                  group_shape=(1, 32))
+    dense = sparse_dense(rng, (6, 48), 0.05)
+    qt = b.finish(b.sum([t1, t2, b.sparse_from_dense("outliers", dense)]))
+    expected = affine_ref(q1, s1, 1.5, (1, 32)) + affine_ref(q2, s2, 1.5, (1, 32)) + f32(dense)
+    return Valid(vid, "two 2-bit residual stages plus outliers, summed left to right in fp32", [qt],
+                 {name: expected})
+
+
+def v_conv() -> Valid:
+    vid = "conv_4d_shape"
+    rng = rng_for(vid)
+    name = "encoder.conv.weight"
+    q = codes(rng, (8, 36), 4)
+    s = fp16(rng, (8, 1), 0.05, positive=True)
+    b = RecordBuilder(name, (8, 4, 3, 3))
+    qt = b.finish(b.affine(b.packed("codes", q, 4), scale=b.tensor("scale", s), zero=8, bits=4, group_shape=(1, 36)))
+    return Valid(vid, "a 4-D conv weight [8, 4, 3, 3] decoded as the matrix [8, 36], reshaped back", [qt],
+                 {name: affine_ref(q, s, 8.0, (1, 36)).reshape(8, 4, 3, 3)})
+
+
+def v_one_by_one() -> Valid:
+    vid = "one_by_one"
+    name = "head.weight"
+    b = RecordBuilder(name, (1, 1))
+    qt = b.finish(b.affine(b.packed("codes", np.array([[5]]), 3), scale=0.5, zero=2, bits=3, group_shape=(1, 1)))
+    return Valid(vid, "the smallest record: 1x1, one 3-bit code in one byte", [qt], {name: np.array([[1.5]], F32)})
+
+
+def v_multi_record() -> Valid:
+    vid = "multi_record_with_plain"
+    rng = rng_for(vid)
+    records, expected = [], {}
+    for i, bits in enumerate((2, 4)):
+        name = f"model.layers.{i}.mlp.up_proj.weight"
+        q = codes(rng, (6, 32), bits)
+        s = fp16(rng, (6, 1), 0.05, positive=True)
+        b = RecordBuilder(name, q.shape, "BF16")
+        records.append(b.finish(b.affine(b.packed("codes", q, bits), scale=b.tensor("scale", s),
+                                         zero=(1 << bits) / 2, bits=bits, group_shape=(1, 32))))
+        expected[name] = affine_ref(q, s, (1 << bits) / 2, (1, 32))
+    plain = {"model.embed_tokens.weight": fp16(rng, (10, 32), 0.1),
+             "model.norm.weight": np.ones(32, np.float32) + np.float32(0.5),
+             "model.layers.0.mlp.up_proj.bias": rng.standard_normal(6).astype(BF16)}
+    return Valid(vid, "two records (2- and 4-bit) plus plain F16, F32 and BF16 tensors in one file", records, expected,
+                 plain=plain)
+
+
+def v_depth_limit() -> Valid:
+    vid = "depth_16_limit"
+    rng = rng_for(vid)
+    name = "layer.weight"
+    x = fp16(rng, (3, 4))
+    factors = [np.array([[f]], np.float16) for f in rng.choice([0.5, 2.0, -1.0, 1.0], size=15)]
+    b = RecordBuilder(name, (3, 4))
+    node = b.tensor("x", x)
+    expected = f32(x)
+    for i, f in enumerate(factors):
+        node = b.scale(node, b.tensor(f"f{i}", f), group_shape=(3, 4))
+        expected = expected * f32(f)
+    return Valid(vid, "15 nested scale nodes over a tensor: exactly the maximum tree depth of 16", [b.finish(node)],
+                 {name: expected})
+
+
+def valid_vectors() -> list[Valid]:
+    vectors = [v_tensor(F32, "f32"), v_tensor(F16, "f16"), v_tensor(BF16, "bf16")]
+    vectors += [v_packed(bits) for bits in (1, 2, 3, 4, 5, 6, 7, 8, 12, 16)]
+    vectors += [v_bitplanes(), v_bitplanes_lut(), v_ternary(), v_ternary_tensor_scale(), v_affine_asym(),
+                v_affine_packed_zero(), v_affine_per_channel(), v_affine_tiles(), v_affine_constants(),
+                v_affine_w16(), v_lut_nf4(), v_lut_per_tile(), v_lut_tile_table_1x1(), v_lut_fp8(),
+                v_scale_input_channel(), v_vq_single(),
+                v_vq_aqlm(), v_vq_tensor_codes(), v_sparse_only(), v_sparse_wide_indices(), v_sparse_empty(),
+                v_lowrank_only(), v_lowrank_sidecar(), v_sign_lowrank(), v_bitstack(), v_permute(),
+                v_gptq_act_order(), v_spqr(), v_nf4_double_quant(), v_residual(), v_conv(), v_one_by_one(),
+                v_multi_record(), v_depth_limit()]
+    return vectors
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# raw safetensors writer for invalid vectors (no validation at all)
+
+DTYPE_NAMES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(BF16): "BF16",
+               np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.int16): "I16",
+               np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.uint16): "U16",
+               np.dtype(np.float64): "F64", np.dtype(np.uint32): "U32", np.dtype(np.uint64): "U64",
+               np.dtype(np.bool_): "BOOL"}
+
+
+def raw_header(entries: list[tuple[str, Any]]) -> bytes:
+    """JSON object text from (key, value) pairs, keeping order and repeats; padded to a multiple of 8 bytes."""
+    text = "{" + ",".join(f"{json.dumps(k)}:{json.dumps(v, separators=(',', ':'))}" for k, v in entries) + "}"
+    data = text.encode()
+    return data + b" " * (-len(data) % 8)
+
+
+def raw_file(header: bytes, data: bytes, header_len: int | None = None) -> bytes:
+    return struct.pack("<Q", len(header) if header_len is None else header_len) + header + data
+
+
+@dataclass
+class Parts:
+    """The pieces of a safetensors file before serialization, for invalid vectors to edit."""
+
+    entries: list[tuple[str, Any]]  # ("__metadata__", {...}) first, then (name, {"dtype", "shape", "data_offsets"})
+    data: bytes
+
+    def to_bytes(self) -> bytes:
+        return raw_file(raw_header(self.entries), self.data)
+
+    def entry(self, name: str) -> dict:
+        return next(v for k, v in self.entries if k == name)
+
+
+def parts_of(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None) -> Parts:
+    entries: list[tuple[str, Any]] = []
+    if metadata is not None:
+        entries.append(("__metadata__", metadata))
+    data = bytearray()
+    for name in sorted(tensors, key=lambda n: (-tensors[n].dtype.itemsize, n)):
+        array = np.ascontiguousarray(tensors[name])
+        entries.append((name, {"dtype": DTYPE_NAMES[array.dtype], "shape": list(array.shape),
+                               "data_offsets": [len(data), len(data) + array.nbytes]}))
+        data += array.tobytes()
+    return Parts(entries, bytes(data))
+
+
+def qformat_meta(records: dict[str, Any], version: Any = 1) -> dict[str, str]:
+    return {"format": "pt", "qformat": json.dumps({"format_version": version, "records": records}, sort_keys=True,
+                                                  separators=(",", ":"))}
+
+
+def file_of(qts: list[QuantizedTensor], plain: dict[str, np.ndarray] | None = None,
+            edit: Callable[[dict[str, Any], dict[str, np.ndarray]], None] | None = None) -> Parts:
+    """Parts for records (deep-copied so `edit(records, tensors)` may change anything) plus plain tensors."""
+    records = {qt.name: copy.deepcopy(qt.record) for qt in qts}
+    tensors = {k: np.array(v) for qt in qts for k, v in qt.tensors.items()}
+    tensors.update(plain or {})
+    if edit is not None:
+        edit(records, tensors)
+    return parts_of(tensors, qformat_meta(records))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# invalid vectors
+
+BASE = "model.layers.0.mlp.up_proj.weight"
+
+
+def base_record(name: str = BASE, bits: int = 4, cols: int = 40) -> QuantizedTensor:
+    """A small valid 4-bit affine record (4 x 40, groups of 16) that invalid vectors corrupt."""
+    rng = rng_for("invalid-base:" + name)
+    q = codes(rng, (4, cols), bits)
+    groups = -(-cols // 16)
+    b = RecordBuilder(name, (4, cols), "F16")
+    return b.finish(b.affine(b.packed("codes", q, bits), scale=b.tensor("scale", fp16(rng, (4, groups), 0.02, True)),
+                             zero=b.tensor("zero", fp16(rng, (4, groups), 8.0)), bits=bits, group_shape=(1, 16)))
+
+
+def sparse_record(name: str = BASE) -> QuantizedTensor:
+    rng = rng_for("invalid-sparse")
+    q = codes(rng, (4, 24), 2)
+    dense = np.zeros((4, 24), np.float16)
+    dense[0, 3], dense[0, 9], dense[2, 20], dense[3, 0] = 1.5, -2.0, 3.0, 0.5
+    b = RecordBuilder(name, (4, 24))
+    base = b.affine(b.packed("codes", q, 2), scale=0.5, zero=1.5, bits=2, group_shape=(1, 24))
+    return b.finish(b.sum([base, b.sparse_from_dense("outliers", dense)]))
+
+
+def small_plain() -> dict[str, np.ndarray]:
+    return {"a": np.arange(4, dtype=np.float32), "b": np.arange(3, dtype=np.int16)}
+
+
+def plain_parts() -> Parts:
+    return parts_of(small_plain(), {"format": "pt"})
+
+
+def edited(edit: Callable[[dict[str, Any], dict[str, np.ndarray]], None], qt: QuantizedTensor | None = None) -> bytes:
+    return file_of([qt or base_record()], edit=edit).to_bytes()
+
+
+def node_at(record: dict, *path: str | int) -> dict:
+    node = record["weight"]
+    for key in path:
+        node = node[key]
+    return node
+
+
+def bitflip(tensors: dict[str, np.ndarray], name: str, index: tuple[int, ...], value: int) -> None:
+    array = tensors[name].copy()
+    array[index] = value
+    tensors[name] = array
+
+
+def invalid_file_level() -> list[Invalid]:
+    good = file_of([base_record()]).to_bytes()
+    out = [
+        Invalid("truncated_data", "a valid file missing its last 5 bytes", good[:-5], "truncated", "open"),
+        Invalid("truncated_prefix", "a 5-byte file: shorter than the 8-byte header length", good[:5], "truncated",
+                "open"),
+        Invalid("header_length_beyond_file", "the header length points past the end of the file",
+                struct.pack("<Q", len(good)) + good[8:], "bad_header", "open"),
+        Invalid("header_length_huge", "header length 2**63: must be refused before any allocation",
+                struct.pack("<Q", 1 << 63) + good[8:], "bad_header", "open"),
+        Invalid("header_not_json", "the header is not JSON", raw_file(b"{not json at all}      ", b""),
+                "bad_header", "open"),
+        Invalid("header_not_utf8", "the header is not UTF-8", raw_file(b"{\"\xff\xfe\":1}  ", b""), "bad_header",
+                "open"),
+        Invalid("header_json_array", "the header is a JSON array, not an object", raw_file(b"[]      ", b""),
+                "bad_header", "open"),
+        Invalid("header_deep_nesting", "the header nests 20000 JSON arrays: parsers must refuse, not crash",
+                raw_file(b"[" * 20000 + b"]" * 20000, b""), "bad_header", "open"),
+    ]
+    parts = plain_parts()
+    dup = Parts(parts.entries + [("a", parts.entry("a"))], parts.data)
+    out.append(Invalid("duplicate_tensor_key", "the header names tensor 'a' twice (JSON parsers would merge them)",
+                       dup.to_bytes(), "duplicate_name", "open", tensor="a"))
+
+    def with_entry(name: str, **changes: Any) -> bytes:
+        p = plain_parts()
+        entries = [(k, {**v, **changes} if k == name else v) for k, v in p.entries]
+        return Parts(entries, p.data).to_bytes()
+
+    out += [
+        Invalid("unknown_dtype", "a tensor of dtype 'Q4_K' (not a safetensors dtype this format allows)",
+                with_entry("b", dtype="Q4_K"), "bad_dtype", "open", tensor="b", field="dtype"),
+        Invalid("dtype_not_string", "a tensor whose dtype is a JSON list", with_entry("b", dtype=["I16"]),
+                "bad_dtype", "open", tensor="b", field="dtype"),
+        Invalid("entry_size_mismatch", "F32 [4] needs 16 bytes but data_offsets cover 12",
+                with_entry("a", shape=[3, 1], dtype="F32"), "shape_mismatch", "open", tensor="a",
+                field="data_offsets"),
+        Invalid("negative_shape", "a shape with a negative dimension", with_entry("b", shape=[-3]), "bad_header",
+                "open", tensor="b", field="shape"),
+        Invalid("rank_9_tensor", "a tensor of rank 9 (at most 8)", with_entry("b", shape=[1] * 8 + [3]),
+                "bad_header", "open", tensor="b", field="shape"),
+        Invalid("entry_extra_key", "a tensor entry with a key besides dtype, shape and data_offsets",
+                with_entry("b", crc=0), "bad_header", "open", tensor="b", field="entry"),
+    ]
+    p = plain_parts()
+    a, b = p.entry("a"), p.entry("b")
+    overlap = [(k, {**v, "data_offsets": [10, 16]} if k == "b" else v) for k, v in p.entries]
+    out.append(Invalid("offsets_overlap", "tensor b's bytes overlap tensor a's", Parts(overlap, p.data[:16]).to_bytes(),
+                       "bad_offsets", "open", tensor="b", field="data_offsets"))
+    hole = [(k, {**v, "data_offsets": [b["data_offsets"][0] + 2, b["data_offsets"][1] + 2]} if k == "b" else v)
+            for k, v in p.entries]
+    out.append(Invalid("offsets_hole", "two unused bytes between tensors a and b",
+                       Parts(hole, p.data[:16] + b"\0\0" + p.data[16:]).to_bytes(), "bad_offsets", "open",
+                       tensor="b", field="data_offsets"))
+    out.append(Invalid("trailing_bytes", "8 bytes after the last tensor",
+                       Parts(p.entries, p.data + bytes(8)).to_bytes(), "bad_offsets", "open"))
+    assert a["data_offsets"] == [0, 16]
+    meta_obj = [(k, {"format": "pt", "qformat": {"format_version": 1}} if k == "__metadata__" else v)
+                for k, v in p.entries]
+    out.append(Invalid("metadata_not_strings", "__metadata__ maps 'qformat' to an object instead of a string",
+                       Parts(meta_obj, p.data).to_bytes(), "bad_header", "open", field="__metadata__"))
+    return out
+
+
+def invalid_qformat_metadata() -> list[Invalid]:
+    qt = base_record()
+    tensors = {k: np.array(v) for k, v in qt.tensors.items()}
+
+    def with_meta(text: str) -> bytes:
+        return parts_of(tensors, {"format": "pt", "qformat": text}).to_bytes()
+
+    record_text = json.dumps(qt.record, sort_keys=True, separators=(",", ":"))
+    dup_records = '{"format_version":1,"records":{' + f'"{BASE}":{record_text},"{BASE}":{record_text}' + "}}"
+    return [
+        Invalid("qformat_metadata_not_json", "__metadata__['qformat'] is not JSON", with_meta("{records: }"),
+                "bad_header", "open"),
+        Invalid("unsupported_format_version", "format_version 2 (a future format)",
+                with_meta(json.dumps({"format_version": 2, "records": {BASE: qt.record}})),
+                "unsupported_format_version", "open", field="format_version"),
+        Invalid("duplicate_record_key", "the records object names the same record twice", with_meta(dup_records),
+                "duplicate_name", "open", tensor=BASE),
+        Invalid("record_is_also_tensor", "a record has the same name as a stored tensor",
+                file_of([qt], plain={BASE: np.zeros(2, np.float32)}).to_bytes(), "duplicate_name", "open",
+                tensor=BASE),
+    ]
+
+
+def set_field(path: tuple[str | int, ...], key: str, value: Any) -> Callable[[dict, dict], None]:
+    def edit(records: dict, tensors: dict) -> None:
+        node_at(records[BASE], *path)[key] = value
+    return edit
+
+
+def invalid_records() -> list[Invalid]:
+    out: list[Invalid] = []
+
+    def add(vid: str, description: str, data: bytes, code: str, fld: str | None, stage: str = "open",
+            tensor: str | None = BASE) -> None:
+        out.append(Invalid(vid, description, data, code, stage, tensor=tensor, field=fld))
+
+    add("unknown_codec", "a node names codec 'hqq_magic' that no reader knows",
+        edited(set_field((), "codec", "hqq_magic")), "unknown_codec", "weight/codec")
+    add("unsupported_codec_version", "an affine node of version 2",
+        edited(set_field((), "version", 2)), "unsupported_codec_version", "weight/version")
+    add("codec_version_not_integer", "a node whose version is the list [1]",
+        edited(set_field(("codes",), "version", [1])), "unsupported_codec_version", "weight/codes/version")
+
+    def drop_scale_tensor(records: dict, tensors: dict) -> None:
+        del tensors[BASE + ".scale"]
+    add("missing_tensor", "the scale tensor the record references is not in the file", edited(drop_scale_tensor),
+        "missing_tensor", "weight/scale/tensor")
+
+    def codes_as_i8(records: dict, tensors: dict) -> None:
+        tensors[BASE + ".codes"] = tensors[BASE + ".codes"].view(np.int8)
+    add("wrong_dtype_packed", "packed codes stored as I8 instead of U8", edited(codes_as_i8), "bad_dtype",
+        "weight/codes/tensor")
+
+    def codes_short_rows(records: dict, tensors: dict) -> None:
+        tensors[BASE + ".codes"] = np.ascontiguousarray(tensors[BASE + ".codes"][:, :-1])
+        records[BASE]["storage_bytes"] -= 4
+    add("packed_shape_mismatch", "4x40 4-bit codes need U8 [4, 20]; the tensor is [4, 19]", edited(codes_short_rows),
+        "shape_mismatch", "weight/codes/tensor")
+
+    def scale_two_groups(records: dict, tensors: dict) -> None:
+        tensors[BASE + ".scale"] = np.ascontiguousarray(tensors[BASE + ".scale"][:, :2])
+        records[BASE]["storage_bytes"] -= 8
+    add("scale_grid_mismatch", "groups of 16 over 40 columns need 3 scales per row; the file has 2",
+        edited(scale_two_groups), "shape_mismatch", "weight/scale")
+
+    def record_shape(records: dict, tensors: dict) -> None:
+        records[BASE]["shape"] = [4, 41]
+    add("record_shape_mismatch", "the record declares [4, 41] but its weight decodes to [4, 40]",
+        edited(record_shape), "shape_mismatch", "weight")
+    add("code_wider_than_declared", "affine declares bits=3 over 4-bit packed codes",
+        edited(set_field((), "bits", 3)), "code_out_of_range", "weight/codes")
+
+    def lie_bytes(records: dict, tensors: dict) -> None:
+        records[BASE]["storage_bytes"] += 1
+    add("bad_accounting", "storage_bytes is one more than the referenced tensors hold", edited(lie_bytes),
+        "bad_accounting", "storage_bytes")
+    add("unknown_field", "an affine node carries an unknown field 'rounding'",
+        edited(set_field((), "rounding", "nearest")), "bad_field", "weight/rounding")
+
+    def drop_scale(records: dict, tensors: dict) -> None:
+        del node_at(records[BASE])["scale"]
+        del tensors[BASE + ".scale"]
+        records[BASE]["storage_bytes"] -= 24
+    add("missing_field", "an affine node without its required 'scale'", edited(drop_scale), "bad_record",
+        "weight/scale")
+
+    def float_codes(records: dict, tensors: dict) -> None:
+        node = node_at(records[BASE])
+        node["codes"] = {"codec": "tensor", "version": 1, "tensor": BASE + ".codes"}
+        tensors[BASE + ".codes"] = np.zeros((4, 40), np.float16)
+        records[BASE]["storage_bytes"] += 240
+    add("bad_kind_float_codes", "affine codes that are an F16 tensor instead of integer codes", edited(float_codes),
+        "bad_kind", "weight/codes")
+
+    def foreign_name(records: dict, tensors: dict) -> None:
+        node_at(records[BASE], "scale")["tensor"] = "shared.scale"
+        tensors["shared.scale"] = tensors.pop(BASE + ".scale")
+    add("bad_tensor_name", "the record references 'shared.scale', not a '<record>.<part>' tensor",
+        edited(foreign_name), "bad_tensor_name", "weight")
+
+    def bad_dtype(records: dict, tensors: dict) -> None:
+        records[BASE]["dtype"] = "I8"
+    add("record_bad_dtype", "a record whose original dtype is I8 (only F32, F16, BF16)", edited(bad_dtype),
+        "bad_field", "dtype")
+
+    def huge_scale(records: dict, tensors: dict) -> None:
+        node_at(records[BASE])["scale"] = 1e39
+        del tensors[BASE + ".scale"]
+        records[BASE]["storage_bytes"] -= 24
+    add("non_finite_constant", "a constant scale of 1e39: finite JSON, but infinite once rounded to fp32",
+        edited(huge_scale), "bad_field", "weight/scale")
+    add("bits_not_integer", "bits written as 4.0 (integers have no fraction)", edited(set_field((), "bits", 4.0)),
+        "bad_field", "weight/bits")
+    add("bits_too_wide", "a packed node of 17 bits (1..16 allowed)", edited(set_field(("codes",), "bits", 17)),
+        "bad_field", "weight/codes/bits")
+    add("group_shape_zero", "group_shape [0, 16]", edited(set_field((), "group_shape", [0, 16])), "bad_field",
+        "weight/group_shape")
+
+    def no_terms(records: dict, tensors: dict) -> None:
+        records[BASE]["weight"] = {"codec": "sum", "version": 1, "terms": []}
+    add("sum_no_terms", "a sum node with an empty terms list", edited(no_terms), "bad_field", "weight/terms")
+
+    def many_nodes(records: dict, tensors: dict) -> None:
+        scale = {"codec": "tensor", "version": 1, "tensor": BASE + ".scale"}
+        term = node_at(records[BASE])
+        for _ in range(2):  # affine, packed, 2 tensors, then 2 x (scale + tensor): 8 nodes per term
+            term = {"codec": "scale", "version": 1, "input": term, "factor": scale, "group_shape": [1, 16]}
+        records[BASE]["weight"] = {"codec": "sum", "version": 1, "terms": [term] * 64}
+    add("too_many_nodes", "a sum of 64 identical 8-node terms: 513 nodes, over the limit of 256", edited(many_nodes),
+        "limit_exceeded", None)
+
+    # two records sharing one tensor: "x" and "x.y" both reference "x.y.codes"
+    qx = base_record("x")
+    qy = base_record("x.y")
+
+    def share(records: dict, tensors: dict) -> None:
+        node_at(records["x"], "codes")["tensor"] = "x.y.codes"
+        del tensors["x.codes"]
+    add("shared_tensor", "records 'x' and 'x.y' both reference tensor 'x.y.codes'",
+        file_of([qx, qy], edit=share).to_bytes(), "shared_tensor", None, tensor="x.y")
+
+    # tree depth 17
+    b = RecordBuilder(BASE, (2, 2))
+    node = b.tensor("x", np.ones((2, 2), np.float16))
+    for i in range(16):
+        node = {"codec": "scale", "version": 1, "input": node, "factor": b.tensor(f"f{i}", np.ones((1, 1), F16)),
+                "group_shape": [2, 2]}
+    record = {"shape": [2, 2], "dtype": "F32", "storage_bytes": sum(a.nbytes for a in b.tensors.values()),
+              "weight": node}
+    deep = parts_of(dict(b.tensors), qformat_meta({BASE: record})).to_bytes()
+    add("tree_too_deep", "16 nested scale nodes over a tensor: depth 17 exceeds the limit of 16", deep,
+        "limit_exceeded", "/".join(["weight"] + ["input"] * 16))
+
+    # a node whose output exceeds 2**34 elements: lowrank of U8 [131073, 1] @ [1, 131072]
+    b = RecordBuilder(BASE, (131073, 131072))
+    node = b.lowrank(b.tensor("a", np.ones((131073, 1), np.uint8)), b.tensor("b", np.ones((1, 131072), np.uint8)))
+    record = {"shape": [131073, 131072], "dtype": "F32", "storage_bytes": 262145, "weight": node}
+    add("output_too_large", "a low-rank node whose output has 131073 x 131072 > 2**34 elements",
+        parts_of(dict(b.tensors), qformat_meta({BASE: record})).to_bytes(), "limit_exceeded", "weight")
+
+    # codec-specific structure
+    rng = rng_for("invalid-vq")
+    b = RecordBuilder(BASE, (2, 32))
+    vq = b.finish(b.vq(b.packed("codes", rng.integers(0, 16, (2, 8)), 4), b.tensor("codebooks", fp16(rng, (1, 16, 4)))))
+
+    def vq_cols(records: dict, tensors: dict) -> None:
+        node_at(records[BASE])["shape"] = [2, 30]
+        records[BASE]["shape"] = [2, 30]
+    add("vq_cols_not_multiple", "30 columns are not a multiple of the vector length 4",
+        edited(vq_cols, vq), "shape_mismatch", "weight/codebooks")
+
+    out.append(_sign_not_one_bit())
+    out.append(_lut_table_too_small())
+    return out
+
+
+def _sign_not_one_bit() -> Invalid:
+    b = RecordBuilder(BASE, (4, 8))
+    sign = b.packed("sign", np.ones((4, 8), int), 1)
+    qt = b.finish(b.sign_lowrank(sign, b.tensor("u", np.ones((4, 1), F16)), b.tensor("v", np.ones((1, 8), F16))))
+
+    def two_bits(records: dict, tensors: dict) -> None:
+        node = node_at(records[BASE], "sign")
+        node["bits"] = 2
+        tensors[BASE + ".sign"] = np.zeros((4, 2), np.uint8)
+        records[BASE]["storage_bytes"] += 4
+    return Invalid("sign_not_one_bit", "sign_lowrank whose sign is a 2-bit packed node", edited(two_bits, qt),
+                   "bad_kind", "open", tensor=BASE, field="weight/sign")
+
+
+def _lut_table_too_small() -> Invalid:
+    b = RecordBuilder(BASE, (2, 8))
+    qt = b.finish(b.lut(b.packed("codes", np.arange(16).reshape(2, 8), 4),
+                        b.tensor("table", np.linspace(-1, 1, 16).astype(np.float32))))
+
+    def short_table(records: dict, tensors: dict) -> None:
+        tensors[BASE + ".table"] = tensors[BASE + ".table"][:10].copy()
+        records[BASE]["storage_bytes"] -= 24
+    return Invalid("lut_table_too_small", "4-bit codes (up to 15) into a table of 10 entries", edited(short_table, qt),
+                   "code_out_of_range", "open", tensor=BASE, field="weight/codes")
+
+
+def invalid_data() -> list[Invalid]:
+    """Errors only tensor data reveals: readers may find them at open or at decode."""
+    out: list[Invalid] = []
+
+    def add(vid: str, description: str, data: bytes, code: str, fld: str) -> None:
+        out.append(Invalid(vid, description, data, code, "decode", tensor=BASE, field=fld))
+
+    sp = sparse_record()
+    col, ptr = BASE + ".outliers.col_idx", BASE + ".outliers.row_ptr"
+    add("outlier_index_out_of_range", "an outlier column index equals the column count (24)",
+        edited(lambda r, t: bitflip(t, col, (3,), 24), sp), "index_out_of_range", "weight/terms[1]/col_idx")
+    add("outlier_columns_not_increasing", "row 0's outlier columns are 9 then 3",
+        edited(lambda r, t: bitflip(t, col, (0,), 9) or bitflip(t, col, (1,), 3), sp), "bad_index",
+        "weight/terms[1]/col_idx")
+    add("row_ptr_inconsistent", "row_ptr ends at 3 but there are 4 outliers",
+        edited(lambda r, t: bitflip(t, ptr, (4,), 3), sp), "bad_index", "weight/terms[1]/row_ptr")
+
+    add("nonzero_padding", "a packed row's padding bits are not zero",
+        _padding_vector(), "nonzero_padding",
+        "weight/codes/tensor")
+
+    b = RecordBuilder(BASE, (2, 5))
+    planes = b.finish(b.affine(b.bitplanes("planes", np.arange(10).reshape(2, 5) % 4, 2), scale=1.0, bits=2,
+                               group_shape=(1, 5)))
+    add("bitplanes_nonzero_padding", "plane 1 of a 2x5 bit-plane node has a padding bit set",
+        edited(lambda r, t: bitflip(t, BASE + ".planes", (1, 0, 0), int(t[BASE + ".planes"][1, 0, 0]) | 0x80),
+               planes), "nonzero_padding", "weight/codes/tensor")
+
+    b = RecordBuilder(BASE, (2, 6))
+    perm = b.finish(b.permute(b.tensor("stored", np.ones((2, 6), F16)), np.arange(6)))
+    add("bad_permutation", "perm holds 2 twice and never 5",
+        edited(lambda r, t: bitflip(t, BASE + ".perm", (5,), 2), perm), "bad_permutation", "weight/perm")
+
+    b = RecordBuilder(BASE, (2, 4))
+    raw_codes = b.finish(b.affine(b.tensor("codes", np.array([[0, 1, 2, 3], [3, 2, 1, 0]], np.uint8)), scale=1.0,
+                                  bits=2, group_shape=(1, 4)))
+    add("code_out_of_range", "2-bit affine over a U8 code tensor holding the value 5",
+        edited(lambda r, t: bitflip(t, BASE + ".codes", (1, 1), 5), raw_codes), "code_out_of_range", "weight/codes")
+
+    b = RecordBuilder(BASE, (2, 4))
+    lut = b.finish(b.lut(b.tensor("codes", np.zeros((2, 4), np.uint8)), b.tensor("table", np.ones(6, np.float32))))
+    add("lut_code_out_of_range", "a U8 code 6 into a table of 6 entries",
+        edited(lambda r, t: bitflip(t, BASE + ".codes", (0, 3), 6), lut), "code_out_of_range", "weight/codes")
+
+    b = RecordBuilder(BASE, (2, 7))
+    tern = b.finish(b.scale(b.ternary("trits", np.zeros((2, 7), int)), b.tensor("scale", np.ones((1, 1), F16)),
+                            group_shape=(2, 7)))
+    add("ternary_invalid_byte", "a ternary byte of 250 (at most 242 is valid)",
+        edited(lambda r, t: bitflip(t, BASE + ".trits", (0, 0), 250), tern), "code_out_of_range",
+        "weight/input/tensor")
+    add("ternary_nonzero_pad_digit", "the pad digits of a row's last byte (7 trits in 2 bytes) are not 0",
+        edited(lambda r, t: bitflip(t, BASE + ".trits", (1, 1), int(t[BASE + ".trits"][1, 1]) + 81), tern),
+        "code_out_of_range", "weight/input/tensor")
+
+    b = RecordBuilder(BASE, (2, 8))
+    vq = b.finish(b.vq(b.tensor("codes", np.zeros((2, 2), np.uint16)), b.tensor("codebooks", np.ones((1, 5, 4), F16))))
+    add("vq_code_out_of_range", "a U16 code 5 into codebooks of 5 entries",
+        edited(lambda r, t: bitflip(t, BASE + ".codes", (1, 0), 5), vq), "code_out_of_range", "weight/codes")
+    return out
+
+
+def _padding_vector() -> bytes:
+    b = RecordBuilder(BASE, (2, 5))  # 5 codes of 3 bits = 15 bits: one padding bit per row
+    qt = b.finish(b.affine(b.packed("codes", np.arange(10).reshape(2, 5) % 8, 3), scale=1.0, bits=3,
+                           group_shape=(1, 5)))
+    return edited(lambda r, t: bitflip(t, BASE + ".codes", (1, 1), int(t[BASE + ".codes"][1, 1]) | 0x80), qt)
+
+
+def invalid_vectors() -> list[Invalid]:
+    return invalid_file_level() + invalid_qformat_metadata() + invalid_records() + invalid_data()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# writing
+
+def write_expected(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    tensors = {name: np.ascontiguousarray(arrays[name], dtype=np.float32) for name in sorted(arrays)}
+    path.write_bytes(parts_of(tensors, None).to_bytes())
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def codecs_used(node: Any) -> set[str]:
+    found: set[str] = set()
+    if isinstance(node, dict):
+        if isinstance(node.get("codec"), str):
+            found.add(node["codec"])
+        for value in node.values():
+            found |= codecs_used(value)
+    elif isinstance(node, list):
+        for value in node:
+            found |= codecs_used(value)
+    return found
+
+
+def generate(out_dir: Path) -> dict[str, Any]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("*.safetensors"):
+        old.unlink()
+    entries: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for v in valid_vectors():
+        path = out_dir / f"{v.id}.safetensors"
+        write_file(path, v.plain, v.records)
+        expected = {**v.expected, **{n: f32(a) for n, a in v.plain.items()}}
+        write_expected(out_dir / f"{v.id}.expected.safetensors", expected)
+        tolerance_name = None
+        if v.product_bounds:
+            tolerance_name = f"{v.id}.tolerance.safetensors"
+            write_expected(out_dir / tolerance_name, {n: tolerance(expected[n], v.product_bounds.get(n, 0.0))
+                                                      for n in expected})
+        variants = [(v.id, v.description, v.options, f"{v.id}.expected.safetensors")]
+        for extra_id, extra_description, options, extra_expected in v.extra:
+            write_expected(out_dir / f"{extra_id}.expected.safetensors", extra_expected)
+            variants.append((extra_id, extra_description, options, f"{extra_id}.expected.safetensors"))
+        for vid, description, options, expected_name in variants:
+            assert vid not in seen, vid
+            seen.add(vid)
+            entries.append({
+                "id": vid, "kind": "valid", "description": description, "file": path.name, "sha256": sha256(path),
+                "expected": expected_name, "expected_sha256": sha256(out_dir / expected_name),
+                "records": sorted(qt.name for qt in v.records), "plain": sorted(v.plain),
+                "signatures": {qt.name: signature(qt.record["weight"]) for qt in v.records},
+                "codecs": sorted(set().union(*(codecs_used(qt.record["weight"]) for qt in v.records))),
+                "exact": tolerance_name is None, "options": options,
+            })
+            if tolerance_name:
+                entries[-1].update(tolerance=tolerance_name, tolerance_sha256=sha256(out_dir / tolerance_name))
+    for inv in invalid_vectors():
+        assert inv.id not in seen, inv.id
+        seen.add(inv.id)
+        path = out_dir / f"{inv.id}.safetensors"
+        path.write_bytes(inv.data)
+        error = {"code": inv.code, "stage": inv.stage}
+        if inv.tensor:
+            error["tensor"] = inv.tensor
+        if inv.field:
+            error["field"] = inv.field
+        entries.append({"id": inv.id, "kind": "invalid", "description": inv.description, "file": path.name,
+                        "sha256": sha256(path), "error": error})
+    manifest = {"manifest_version": MANIFEST_VERSION, "format_version": 1, "generator": "conformance/generate.py",
+                "seed": SEED, "vectors": entries}
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return manifest
+
+
+def check(reference: Path = VECTORS_DIR) -> list[str]:
+    """Regenerate into a temp dir; return the files that differ from (or are missing in) ``reference``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = Path(tmp)
+        generate(fresh)
+        names = sorted({p.name for p in fresh.iterdir()} | {p.name for p in reference.iterdir()
+                                                            if p.suffix in (".safetensors", ".json")})
+        return [n for n in names if not (fresh / n).is_file() or not (reference / n).is_file()
+                or not filecmp.cmp(fresh / n, reference / n, shallow=False)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=VECTORS_DIR, help="output folder (default: conformance/vectors)")
+    parser.add_argument("--check", action="store_true", help="verify the checked-in vectors are reproduced exactly")
+    args = parser.parse_args(argv)
+    if args.check:
+        differing = check(args.out)
+        if differing:
+            print("vectors differ from a fresh generation: " + ", ".join(differing), file=sys.stderr)
+            return 1
+        print(f"ok: {args.out} matches a fresh generation byte for byte")
+        return 0
+    manifest = generate(args.out)
+    kinds = [v["kind"] for v in manifest["vectors"]]
+    print(f"wrote {kinds.count('valid')} valid and {kinds.count('invalid')} invalid vectors to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

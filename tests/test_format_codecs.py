@@ -1,0 +1,416 @@
+"""Every codec's validation: each error code is raised where the spec says, and the message names file, tensor, field.
+
+Files are assembled with the conformance generator's raw writer (which never validates), then opened and decoded
+through the public reader, so these tests see exactly what a user of a malformed file would see.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_affine_record
+from qformat_conformance.generate import file_of
+
+from qformat.errors import FormatError, UnknownCodecError
+from qformat.format import QuantizedTensor, RecordBuilder, open_file, signature, write_file
+from qformat.format.codecs import REGISTRY, Codec, NodeInfo
+
+NAME = "model.layers.0.mlp.up_proj.weight"
+F16 = np.float16
+
+
+def write(tmp_path: Path, qts: list[QuantizedTensor], edit: Callable[[dict, dict], None] | None = None,
+          plain: dict | None = None) -> Path:
+    path = tmp_path / "case.safetensors"
+    path.write_bytes(file_of(qts, plain, edit).to_bytes())
+    return path
+
+
+def open_and_decode(path: Path) -> None:
+    qfile = open_file(path)
+    for name in qfile.records:
+        qfile.decode(name)
+
+
+def assert_error(path: Path, code: str, tensor: str | None, fld: str | None, stage: str) -> FormatError:
+    if stage == "open":
+        with pytest.raises(FormatError) as info:
+            open_file(path)
+    else:
+        qfile = open_file(path)  # structure is fine: only the data is wrong
+        with pytest.raises(FormatError) as info:
+            for name in qfile.records:
+                qfile.decode(name)
+    exc = info.value
+    assert exc.code == code, str(exc)
+    assert exc.file == str(path) and str(path) in str(exc)
+    if tensor:
+        assert exc.tensor == tensor and repr(tensor) in str(exc)
+    if fld:
+        assert exc.field == fld and repr(fld) in str(exc)
+    return exc
+
+
+def node(record: dict, *path) -> dict:
+    value = record["weight"]
+    for key in path:
+        value = value[key]
+    return value
+
+
+def setter(path: tuple, key: str, value) -> Callable[[dict, dict], None]:
+    def edit(records: dict, tensors: dict) -> None:
+        node(records[NAME], *path)[key] = value
+    return edit
+
+
+def retensor(role: str, array: np.ndarray) -> Callable[[dict, dict], None]:
+    """Replace a tensor and fix storage_bytes so only the intended problem remains."""
+    def edit(records: dict, tensors: dict) -> None:
+        key = f"{NAME}.{role}"
+        records[NAME]["storage_bytes"] += array.nbytes - tensors[key].nbytes
+        tensors[key] = array
+    return edit
+
+
+def both(*edits: Callable[[dict, dict], None]) -> Callable[[dict, dict], None]:
+    def edit(records: dict, tensors: dict) -> None:
+        for e in edits:
+            e(records, tensors)
+    return edit
+
+
+# -- record builders for the cases --------------------------------------------------------------------------------
+
+def affine() -> QuantizedTensor:
+    return make_affine_record(NAME)
+
+
+def lut(table_shape=(16,), group=None) -> QuantizedTensor:
+    b = RecordBuilder(NAME, (4, 8))
+    table = b.tensor("table", np.linspace(-1, 1, int(np.prod(table_shape))).astype(np.float32).reshape(table_shape))
+    return b.finish(b.lut(b.packed("codes", np.arange(32).reshape(4, 8) % 16, 4), table, group_shape=group))
+
+
+def scale() -> QuantizedTensor:
+    b = RecordBuilder(NAME, (4, 8))
+    return b.finish(b.scale(b.tensor("x", np.ones((4, 8), F16)), b.tensor("f", np.ones((4, 1), F16)), (1, 8)))
+
+
+def vq() -> QuantizedTensor:
+    b = RecordBuilder(NAME, (2, 16))
+    return b.finish(b.vq(b.packed("codes", np.arange(8).reshape(2, 4), 4), b.tensor("books", np.ones((1, 16, 4), F16))))
+
+
+def sparse() -> QuantizedTensor:
+    b = RecordBuilder(NAME, (3, 6))
+    dense = np.zeros((3, 6), F16)
+    dense[0, 1], dense[0, 4], dense[2, 5] = 1, 2, 3
+    return b.finish(b.sparse_from_dense("o", dense))
+
+
+def lowrank() -> QuantizedTensor:
+    b = RecordBuilder(NAME, (4, 6))
+    return b.finish(b.lowrank(b.tensor("a", np.ones((4, 2), F16)), b.tensor("b", np.ones((2, 6), F16))))
+
+
+def sign_lowrank() -> QuantizedTensor:
+    b = RecordBuilder(NAME, (4, 6))
+    return b.finish(b.sign_lowrank(b.packed("sign", np.ones((4, 6), int), 1), b.tensor("u", np.ones((4, 1), F16)),
+                                   b.tensor("v", np.ones((1, 6), F16))))
+
+
+def summed() -> QuantizedTensor:
+    b = RecordBuilder(NAME, (2, 3))
+    return b.finish(b.sum([b.tensor("a", np.ones((2, 3), F16)), b.tensor("b", np.ones((2, 3), F16))]))
+
+
+def permuted() -> QuantizedTensor:
+    b = RecordBuilder(NAME, (2, 5))
+    return b.finish(b.permute(b.tensor("x", np.ones((2, 5), F16)), np.array([4, 0, 3, 1, 2])))
+
+
+def bitplanes() -> QuantizedTensor:
+    b = RecordBuilder(NAME, (2, 5))
+    return b.finish(b.affine(b.bitplanes("planes", np.arange(10).reshape(2, 5) % 8, 3), scale=1.0, bits=3,
+                             group_shape=(1, 5)))
+
+
+def ternary() -> QuantizedTensor:
+    b = RecordBuilder(NAME, (2, 7))
+    return b.finish(b.scale(b.ternary("t", np.zeros((2, 7), int)), b.tensor("s", np.ones((1, 1), F16)), (2, 7)))
+
+
+def plain_tensor() -> QuantizedTensor:
+    b = RecordBuilder(NAME, (2, 3))
+    return b.finish(b.tensor("w", np.ones((2, 3), F16)))
+
+
+# (id, record, edit, code, field, stage)
+CASES = [
+    # envelope and record level
+    ("node_not_object", affine, setter((), "codes", [1, 2]), "bad_record", "weight/codes", "open"),
+    ("codec_not_string", affine, setter(("codes",), "codec", 7), "bad_record", "weight/codes/codec", "open"),
+    ("empty_tensor_name", affine, setter(("scale",), "tensor", ""), "bad_record", "weight/scale/tensor", "open"),
+    ("unknown_codec", affine, setter(("zero",), "codec", "nf5"), "unknown_codec", "weight/zero/codec", "open"),
+    ("codec_version_2", affine, setter(("codes",), "version", 2), "unsupported_codec_version",
+     "weight/codes/version", "open"),
+    ("record_missing_weight", affine, lambda r, t: r[NAME].pop("weight"), "bad_record", "weight", "open"),
+    ("record_unknown_field", affine, lambda r, t: r[NAME].update(comment="x"), "bad_field", "comment", "open"),
+    ("record_rank_1", affine, lambda r, t: r[NAME].update(shape=[160]), "bad_field", "shape", "open"),
+    ("record_rank_9", affine, lambda r, t: r[NAME].update(shape=[4, 40] + [1] * 7), "bad_field", "shape", "open"),
+    ("storage_bytes_negative", affine, lambda r, t: r[NAME].update(storage_bytes=-1), "bad_field", "storage_bytes",
+     "open"),
+    ("storage_bytes_bool", affine, lambda r, t: r[NAME].update(storage_bytes=True), "bad_field", "storage_bytes",
+     "open"),
+    ("info_not_object", affine, lambda r, t: r[NAME].update(info=[1]), "bad_field", "info", "open"),
+    ("weight_is_int", plain_tensor, retensor("w", np.ones((2, 3), np.int8)), "shape_mismatch", "weight", "open"),
+    # tensor
+    ("tensor_bool", plain_tensor, retensor("w", np.ones((2, 3), bool)), "bad_dtype", "weight/tensor", "open"),
+    # packed
+    ("packed_bits_0", affine, setter(("codes",), "bits", 0), "bad_field", "weight/codes/bits", "open"),
+    ("packed_bits_bool", affine, setter(("codes",), "bits", True), "bad_field", "weight/codes/bits", "open"),
+    ("packed_shape_rank", affine, setter(("codes",), "shape", [4, 40, 1]), "bad_field", "weight/codes/shape", "open"),
+    ("packed_u16", affine, retensor("codes", np.zeros((4, 10), np.uint16)), "bad_dtype", "weight/codes/tensor",
+     "open"),
+    ("packed_wrong_shape", affine, retensor("codes", np.zeros((4, 21), np.uint8)), "shape_mismatch",
+     "weight/codes/tensor", "open"),
+    # bitplanes
+    ("bitplanes_i8", bitplanes, retensor("planes", np.zeros((3, 2, 1), np.int8)), "bad_dtype",
+     "weight/codes/tensor", "open"),
+    ("bitplanes_wrong_planes", bitplanes, retensor("planes", np.zeros((2, 2, 1), np.uint8)), "shape_mismatch",
+     "weight/codes/tensor", "open"),
+    # ternary
+    ("ternary_shape", ternary, retensor("t", np.zeros((2, 1), np.uint8)), "shape_mismatch", "weight/input/tensor",
+     "open"),
+    ("ternary_dtype", ternary, retensor("t", np.zeros((2, 2), np.int8)), "bad_dtype", "weight/input/tensor", "open"),
+    # affine
+    ("affine_scale_1d", affine, retensor("scale", np.ones(3, F16)), "shape_mismatch", "weight/scale", "open"),
+    ("affine_zero_grid", affine, retensor("zero", np.ones((4, 4), F16)), "shape_mismatch", "weight/zero", "open"),
+    ("affine_codes_1d", affine, both(setter((), "codes", {"codec": "tensor", "version": 1, "tensor": f"{NAME}.codes"}),
+                                     retensor("codes", np.zeros(160, np.uint8))), "shape_mismatch", "weight/codes",
+     "open"),
+    ("affine_group_rank", affine, setter((), "group_shape", [16]), "bad_field", "weight/group_shape", "open"),
+    ("affine_bits_17", affine, setter((), "bits", 17), "bad_field", "weight/bits", "open"),
+    ("affine_zero_string", affine, both(setter((), "zero", "8"), retensor("zero", np.zeros(0, np.uint8))),
+     "bad_field", "weight/zero", "open"),
+    ("affine_zero_null", affine, both(setter((), "zero", None), retensor("zero", np.zeros(0, np.uint8))),
+     "bad_field", "weight/zero", "open"),
+    ("affine_scale_overflows_fp32", affine, both(setter((), "scale", 1e39), retensor("scale", np.zeros(0, np.uint8))),
+     "bad_field", "weight/scale", "open"),
+    ("affine_scale_big_int", affine, both(setter((), "scale", 10**400), retensor("scale", np.zeros(0, np.uint8))),
+     "bad_field", "weight/scale", "open"),
+    ("codec_version_list", affine, setter(("codes",), "version", [1]), "unsupported_codec_version",
+     "weight/codes/version", "open"),
+    ("codec_version_float", affine, setter(("codes",), "version", 1.0), "unsupported_codec_version",
+     "weight/codes/version", "open"),
+    # lut
+    ("lut_1d_with_group", lut, setter((), "group_shape", [1, 8]), "bad_field", "weight/group_shape", "open"),
+    ("lut_3d_without_group", lambda: lut((4, 1, 16), (1, 8)), lambda r, t: node(r[NAME]).pop("group_shape"),
+     "bad_record", "weight/group_shape", "open"),
+    ("lut_2d_table", lut, retensor("table", np.ones((2, 16), np.float32)), "shape_mismatch", "weight/table", "open"),
+    ("lut_table_grid", lambda: lut((4, 1, 16), (1, 8)), retensor("table", np.ones((2, 1, 16), np.float32)),
+     "shape_mismatch", "weight/table", "open"),
+    ("lut_float_codes", lut, both(setter((), "codes", {"codec": "tensor", "version": 1, "tensor": f"{NAME}.codes"}),
+                                  retensor("codes", np.zeros((4, 8), np.float32))), "bad_kind", "weight/codes",
+     "open"),
+    ("lut_short_table", lut, retensor("table", np.ones(15, np.float32)), "code_out_of_range", "weight/codes", "open"),
+    # scale
+    ("scale_grid", scale, retensor("f", np.ones((3, 1), F16)), "shape_mismatch", "weight/factor", "open"),
+    ("scale_factor_1d", scale, retensor("f", np.ones(4, F16)), "shape_mismatch", "weight/factor", "open"),
+    ("scale_input_3d", scale, retensor("x", np.ones((4, 8, 1), F16)), "shape_mismatch", "weight/input", "open"),
+    # vq
+    ("vq_books_2d", vq, retensor("books", np.ones((16, 4), F16)), "shape_mismatch", "weight/codebooks", "open"),
+    ("vq_codes_shape", vq, both(setter(("codes",), "shape", [2, 8]), retensor("codes", np.zeros((2, 4), np.uint8))),
+     "shape_mismatch", "weight/codes", "open"),
+    ("vq_small_books", vq, retensor("books", np.ones((1, 8, 4), F16)), "code_out_of_range", "weight/codes", "open"),
+    ("vq_int_books", vq, retensor("books", np.ones((1, 16, 4), np.int16)), "shape_mismatch", "weight/codebooks",
+     "open"),
+    # sparse_csr
+    ("csr_row_ptr_length", sparse, retensor("o.row_ptr", np.zeros(3, np.int32)), "shape_mismatch",
+     "weight/row_ptr", "open"),
+    ("csr_row_ptr_dtype", sparse, retensor("o.row_ptr", np.zeros(4, np.uint32)), "shape_mismatch",
+     "weight/row_ptr", "open"),
+    ("csr_col_idx_float", sparse, retensor("o.col_idx", np.zeros(3, np.float32)), "bad_dtype", "weight/col_idx",
+     "open"),
+    ("csr_values_length", sparse, retensor("o.values", np.zeros(2, F16)), "shape_mismatch", "weight/values", "open"),
+    ("csr_row_ptr_start", sparse, retensor("o.row_ptr", np.array([1, 2, 2, 3], np.int32)), "bad_index",
+     "weight/row_ptr", "decode"),
+    ("csr_row_ptr_decreasing", sparse, retensor("o.row_ptr", np.array([0, 3, 2, 3], np.int32)), "bad_index",
+     "weight/row_ptr", "decode"),
+    ("csr_negative_index", sparse, retensor("o.col_idx", np.array([1, -4, 5], np.int16)), "index_out_of_range",
+     "weight/col_idx", "decode"),
+    ("csr_duplicate_column", sparse, retensor("o.col_idx", np.array([4, 4, 5], np.uint16)), "bad_index",
+     "weight/col_idx", "decode"),
+    # lowrank / sign_lowrank
+    ("lowrank_inner", lowrank, retensor("b", np.ones((3, 6), F16)), "shape_mismatch", "weight/b", "open"),
+    ("sign_shape", sign_lowrank, retensor("v", np.ones((1, 5), F16)), "shape_mismatch", "weight/sign", "open"),
+    ("sign_uv_inner", sign_lowrank, retensor("u", np.ones((4, 2), F16)), "shape_mismatch", "weight/v", "open"),
+    ("sign_from_tensor", sign_lowrank,
+     both(setter((), "sign", {"codec": "tensor", "version": 1, "tensor": f"{NAME}.sign"}),
+          retensor("sign", np.ones((4, 6), np.uint8))), "bad_kind", "weight/sign", "open"),
+    # sum
+    ("sum_shapes", summed, retensor("b", np.ones((2, 4), F16)), "shape_mismatch", "weight/terms[1]", "open"),
+    ("sum_terms_object", summed, setter((), "terms", {"a": 1}), "bad_field", "weight/terms", "open"),
+    ("sum_65_terms", summed, lambda r, t: node(r[NAME])["terms"].extend([node(r[NAME], "terms", 0)] * 63),
+     "bad_field", "weight/terms", "open"),
+    ("sum_1d_terms", summed, both(retensor("a", np.ones(6, F16)), retensor("b", np.ones(6, F16)),
+                                  lambda r, t: r[NAME].update(shape=[6, 1])), "shape_mismatch", "weight/terms[0]",
+     "open"),
+    # permute
+    ("perm_length", permuted, retensor("perm", np.arange(4, dtype=np.int32)), "shape_mismatch", "weight/perm",
+     "open"),
+    ("perm_float", permuted, retensor("perm", np.arange(5, dtype=np.float32)), "shape_mismatch", "weight/perm",
+     "open"),
+    ("perm_negative", permuted, retensor("perm", np.array([0, 1, 2, 3, -1], np.int16)), "bad_permutation",
+     "weight/perm", "decode"),
+    ("perm_too_large", permuted, retensor("perm", np.array([0, 1, 2, 3, 5], np.int64)), "bad_permutation",
+     "weight/perm", "decode"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_validation_error(tmp_path, case):
+    _, build, edit, code, fld, stage = case
+    assert_error(write(tmp_path, [build()], edit), code, NAME, fld, stage)
+
+
+def test_every_case_is_valid_before_the_edit(tmp_path):
+    """Guards against cases that fail for a reason other than their edit."""
+    for builder in {c[1] for c in CASES}:
+        open_and_decode(write(tmp_path, [builder()]))
+
+
+def test_data_errors_name_the_file(tmp_path):
+    def dirty(records: dict, tensors: dict) -> None:
+        array = tensors[f"{NAME}.planes"].copy()
+        array[2, 1, 0] |= 0x80
+        tensors[f"{NAME}.planes"] = array
+    assert_error(write(tmp_path, [bitplanes()], dirty), "nonzero_padding", NAME, "weight/codes/tensor", "decode")
+
+
+def test_unknown_codec_is_its_own_class(tmp_path):
+    exc = assert_error(write(tmp_path, [affine()], setter((), "codec", "hqq")), "unknown_codec", NAME,
+                       "weight/codec", "open")
+    assert isinstance(exc, UnknownCodecError) and "plugin" in exc.message
+
+
+def test_limits(tmp_path):
+    def deep(records: dict, tensors: dict) -> None:
+        weight = records[NAME]["weight"]
+        for _ in range(16):
+            weight = {"codec": "scale", "version": 1, "input": weight, "group_shape": [1, 1],
+                      "factor": {"codec": "tensor", "version": 1, "tensor": f"{NAME}.scale"}}
+        records[NAME]["weight"] = weight
+    exc = assert_error(write(tmp_path, [affine()], deep), "limit_exceeded", NAME, None, "open")
+    assert "deeper than 16" in exc.message
+
+
+def test_decode_in_memory_equals_decode_from_file(tmp_path):
+    qt = make_affine_record(NAME, (5, 33), bits=3, group=8)
+    path = write_file(tmp_path / "m.safetensors", quantized=[qt])
+    np.testing.assert_array_equal(qt.decode(), open_file(path).decode(NAME))
+
+
+def test_signature_lists_the_tree():
+    assert signature(affine().record["weight"]) == "affine[4](packed[4],tensor,tensor)"
+    assert signature(summed().record["weight"]) == "sum(tensor,tensor)"
+    assert signature(permuted().record["weight"]) == "permute(tensor)"
+
+
+def test_builder_rejects_duplicate_roles_and_bad_dtypes():
+    b = RecordBuilder(NAME, (2, 3))
+    b.tensor("a", np.ones((2, 3), F16))
+    with pytest.raises(ValueError):
+        b.store("a", np.ones(2, F16))
+    with pytest.raises(ValueError):
+        RecordBuilder(NAME, (2, 3), "I8")
+
+
+def test_builder_names_an_unreferenced_tensor():
+    b = RecordBuilder(NAME, (2, 3))
+    node_ = b.tensor("a", np.ones((2, 3), F16))
+    b.store("orphan", np.ones(2, F16))
+    with pytest.raises(FormatError) as info:
+        b.finish(node_)
+    assert info.value.code == "bad_record" and "orphan" in info.value.message
+
+
+def test_builder_validates_on_finish():
+    b = RecordBuilder(NAME, (2, 3))
+    with pytest.raises(FormatError) as info:
+        b.finish(b.tensor("a", np.ones((3, 2), F16)))
+    assert info.value.code == "shape_mismatch" and info.value.tensor == NAME
+
+
+def test_a_plugin_codec_is_decoded_through_the_registry(tmp_path):
+    class Negate(Codec):
+        name = "tests.negate"
+        required = frozenset({"input"})
+
+        def infer(self, node_: dict, ctx) -> NodeInfo:
+            inner = ctx.infer(node_["input"], "input")
+            return NodeInfo(inner.shape, "float")
+
+        def decode(self, node_: dict, ctx) -> np.ndarray:
+            return -np.asarray(ctx.decode(node_["input"], "input"), dtype=np.float32)
+
+    REGISTRY.register(Negate(), owner="tests")
+    b = RecordBuilder(NAME, (2, 3))
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    qt = b.finish({"codec": "tests.negate", "version": 1, "input": b.tensor("x", x)})
+    path = write_file(tmp_path / "p.safetensors", quantized=[qt])
+    np.testing.assert_array_equal(open_file(path).decode(NAME), -x)
+
+
+def test_mutating_a_decoded_record_copy_does_not_touch_the_file(tmp_path):
+    path = write_file(tmp_path / "m.safetensors", quantized=[affine()])
+    qfile = open_file(path)
+    record = copy.deepcopy(qfile.records[NAME])
+    record["weight"]["bits"] = 2
+    assert qfile.records[NAME]["weight"]["bits"] == 4
+    with pytest.raises(ValueError):
+        qfile.tensor(f"{NAME}.codes")[0, 0] = 1  # mapped read-only
+
+
+def test_lut_1x1_tile_table_applies_everywhere(tmp_path):
+    b = RecordBuilder(NAME, (4, 8))
+    table = np.linspace(-1, 1, 16).astype(np.float32)
+    codes = np.arange(32).reshape(4, 8) % 16
+    qt = b.finish(b.lut(b.packed("codes", codes, 4), b.tensor("table", table.reshape(1, 1, 16)), group_shape=(1, 4)))
+    path = write_file(tmp_path / "t.safetensors", quantized=[qt])
+    np.testing.assert_array_equal(open_file(path).decode(NAME), table[codes])
+
+
+# -- bugs found in qformat/format (strict xfail: they start passing when fixed) -----------------------------------
+
+def raises_format_error(path: Path) -> FormatError:
+    """Open and decode; the reader must raise FormatError (a crash with another exception is the bug)."""
+    with pytest.raises(FormatError) as info:
+        open_and_decode(path)
+    return info.value
+
+
+def test_vq_zero_vector_length_is_rejected(tmp_path):
+    edit = retensor("books", np.ones((1, 16, 0), F16))
+    assert raises_format_error(write(tmp_path, [vq()], edit)).code == "shape_mismatch"
+
+
+def test_vq_zero_codebooks_is_rejected(tmp_path):
+    edit = both(retensor("books", np.ones((0, 16, 4), F16)),
+                setter((), "codes", {"codec": "tensor", "version": 1, "tensor": f"{NAME}.codes"}),
+                retensor("codes", np.zeros((2, 0), np.uint8)))
+    raises_format_error(write(tmp_path, [vq()], edit))
+
+
+def test_record_dtype_of_wrong_type(tmp_path):
+    exc = raises_format_error(write(tmp_path, [affine()], lambda r, t: r[NAME].update(dtype=["F16"])))
+    assert exc.code == "bad_field" and exc.field == "dtype"
+
+
+def test_record_with_huge_dimension(tmp_path):
+    raises_format_error(write(tmp_path, [affine()], lambda r, t: r[NAME].update(shape=[4, 10**30])))
