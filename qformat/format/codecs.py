@@ -289,6 +289,15 @@ class TensorCodec(Codec):
         return np.asarray(data, dtype=np.int64)
 
 
+def _check_u8(ctx: Context, node: dict, expected: tuple[int, ...], what: str) -> None:
+    """Bit-level layouts are stored as U8 tensors of exactly the size their codes need."""
+    info = ctx.tensor(node, "tensor")
+    if info.dtype != "U8":
+        raise ctx.error("bad_dtype", f"{what} must be stored as U8, got {info.dtype}", "tensor")
+    if info.shape != expected:
+        raise ctx.error("shape_mismatch", f"{what} need U8 {list(expected)}, tensor is {list(info.shape)}", "tensor")
+
+
 @register
 class PackedCodec(Codec):
     """Unsigned codes of 1..16 bits, each row an LSB-first bit stream padded to a whole byte."""
@@ -299,13 +308,7 @@ class PackedCodec(Codec):
     def infer(self, node: dict, ctx: Context) -> NodeInfo:
         bits = ctx.int_field(node, "bits", 1, 16)
         rows, cols = ctx.shape_field(node, "shape", 2)
-        info = ctx.tensor(node, "tensor")
-        if info.dtype != "U8":
-            raise ctx.error("bad_dtype", f"packed codes must be stored as U8, got {info.dtype}", "tensor")
-        expected = (rows, bitpack.packed_row_bytes(cols, bits))
-        if info.shape != expected:
-            raise ctx.error("shape_mismatch", f"{rows}x{cols} codes of {bits} bits need U8 {list(expected)}, "
-                            f"tensor is {list(info.shape)}", "tensor")
+        _check_u8(ctx, node, (rows, bitpack.packed_row_bytes(cols, bits)), f"{rows}x{cols} codes of {bits} bits")
         return NodeInfo((rows, cols), "int", 1 << bits)
 
     def decode(self, node: dict, ctx: Context) -> np.ndarray:
@@ -326,13 +329,7 @@ class BitplanesCodec(Codec):
     def infer(self, node: dict, ctx: Context) -> NodeInfo:
         bits = ctx.int_field(node, "bits", 1, 16)
         rows, cols = ctx.shape_field(node, "shape", 2)
-        info = ctx.tensor(node, "tensor")
-        if info.dtype != "U8":
-            raise ctx.error("bad_dtype", f"bit-planes must be stored as U8, got {info.dtype}", "tensor")
-        expected = (bits, rows, bitpack.packed_row_bytes(cols, 1))
-        if info.shape != expected:
-            raise ctx.error("shape_mismatch", f"{bits} planes of {rows}x{cols} need U8 {list(expected)}, "
-                            f"tensor is {list(info.shape)}", "tensor")
+        _check_u8(ctx, node, (bits, rows, bitpack.packed_row_bytes(cols, 1)), f"{bits} planes of {rows}x{cols}")
         return NodeInfo((rows, cols), "int", 1 << bits)
 
     def decode(self, node: dict, ctx: Context) -> np.ndarray:
@@ -354,13 +351,7 @@ class TernaryCodec(Codec):
 
     def infer(self, node: dict, ctx: Context) -> NodeInfo:
         rows, cols = ctx.shape_field(node, "shape", 2)
-        info = ctx.tensor(node, "tensor")
-        if info.dtype != "U8":
-            raise ctx.error("bad_dtype", f"ternary bytes must be U8, got {info.dtype}", "tensor")
-        expected = (rows, -(-cols // bitpack.TRITS_PER_BYTE))
-        if info.shape != expected:
-            raise ctx.error("shape_mismatch", f"{rows}x{cols} trits need U8 {list(expected)}, tensor is "
-                            f"{list(info.shape)}", "tensor")
+        _check_u8(ctx, node, (rows, -(-cols // bitpack.TRITS_PER_BYTE)), f"{rows}x{cols} trits")
         return NodeInfo((rows, cols), "int")
 
     def decode(self, node: dict, ctx: Context) -> np.ndarray:

