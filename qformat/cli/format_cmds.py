@@ -183,7 +183,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(json.dumps({"ok": False, "code": exc.code, "message": exc.message, "file": exc.file,
                               "tensor": exc.tensor, "field": exc.field}, indent=1))
         else:
-            _console().print(f"[bold red]FAILED[/] {_esc(args.path)}: {_esc(exc)}", highlight=False)
+            _console().print(f"[bold red]FAILED[/] {_esc(args.path)}: {_esc(exc)}", highlight=False, soft_wrap=True)
         return 1
     if args.json:
         print(json.dumps({"ok": True, **summary}, indent=1))
@@ -193,7 +193,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     _console().print(
         f"[bold green]OK[/] {_esc(args.path)}: {summary['shards']} shard(s), {summary['records']} quantized record(s), "
         f"{summary['plain']} plain tensor(s), {summary['checksums_verified']} checksum(s) verified, "
-        f"bits/weight {'-' if bits is None else f'{bits:.4f}'} ({checks})", highlight=False)
+        f"bits/weight {'-' if bits is None else f'{bits:.4f}'} ({checks})", highlight=False, soft_wrap=True)
     return 0
 
 
