@@ -1,0 +1,457 @@
+"""Numba CPU kernels: fused dequantize-and-multiply over the "sliced words" layout, plus the cheap correction terms.
+
+Layout (built by ``numba_repack``): a b-bit code matrix [R, C] becomes uint32 words [R, T, 16]. Columns are cut into
+slices of 16 (slice s = columns 16s..16s+15); slice s lives in tile t = s // cpw at bit offset (s % cpw) * b of the 16
+words of that tile, lane p holding column 16s + p (cpw = 32 // b codes per word). A kernel loads 16 consecutive words
+and, for each of the cpw slots, shifts, masks and converts 16 codes at once against 16 consecutive x values: the loops
+below are written so LLVM vectorizes the lane loop into one 512-bit (or two 256-bit) operations per slot.
+
+The affine identity keeps the hot loop to one multiply-add per weight:
+    y_r = sum_g S[r, g] * sum_{c in g} v(q_rc) x_c  -  sum_g ZS[r, g] * sum_{c in g} x_c
+with v(q) = q (affine) or table[q] (lut; per-tile tables are rows of a 2-D table picked by the row's block
+``row_tab[r]`` plus the column group's ``grp_tab[g]``), S the product of every scale on the row/column-group grid
+and ZS = Z * S.
+A tile whose slots all fall in one group (tile_group >= 0) multiplies by S once per tile; otherwise each slot
+multiplies by its own group's scale (slice_group, unsigned so numba emits no negative-index fix-up). Group sums of
+x are computed once per call. Rows are handed out in blocks of 16 and swept in column chunks so the chunk of x
+stays in L1 while the block's rows stream past.
+
+Affine codes skip the shift: slot k is read as (w & mask << k*b), which is q * 2**(k*b) exactly, against x
+pre-scaled by 2**-(k*b) when it is padded (the top slot, which reaches the sign bit, is shifted instead).
+
+Batches of up to 4 rows of x share each unpacked code (nb = 1, 2 or 4 accumulators). Indices are written as
+multi-dimensional array subscripts of loop variables so LLVM can prove them non-negative (a flattened index makes
+numba's negative-index wraparound turn every x load into a gather). Tables of up to 16 entries use an explicit
+AVX-512 permute (``_lut16_tile``) where the CPU has it; LLVM would otherwise emit a gather per 16 codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from llvmlite import binding as llvm_binding
+from llvmlite import ir
+from numba import config, njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+LANES = 16
+BATCH_WIDTHS = (4, 2, 1)  # accumulator counts the fused kernels are compiled for; larger batches are split
+# Tables of up to 16 entries are looked up with one AVX-512 permute per 16 codes (vpermps) instead of a gather.
+PERMUTE_LUT = config.CPU_NAME is None and bool(llvm_binding.get_host_cpu_features().get("avx512f", False))
+LUT_NONE, LUT_GATHER, LUT_PERMUTE = 0, 1, 2
+ROW_BLOCK = 16  # rows per parallel work item
+X_CHUNK_FLOATS = 4096  # columns x batch rows of x per pass over a row block (16 KB: L1-resident)
+
+
+def codes_per_word(bits: int) -> int:
+    return 32 // bits
+
+
+def padded_cols(cols: int, bits: int) -> int:
+    """Columns after padding to whole tiles of 16 * cpw."""
+    tile = LANES * codes_per_word(bits)
+    return -(-cols // tile) * tile
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a 16-entry table lookup as an AVX-512 permute (LLVM vectorizes table[q] into gathers, ~10x slower)
+
+@intrinsic
+def _lut16_tile(typingctx, table_t, trow_t, words_t, r_t, t_t, x_t, scale_t, groups_t, nb_t, bits_t, per_slot_t):
+    """(sum_{k, p} v_k[p] * x[b, t, k, p] for b < nb) with v_k = table[trow, (words[r, t, p] >> k*bits) & mask],
+    times scale[r, groups[t, k]] per slot k when per_slot. The table row must hold 16 floats."""
+    literals = (nb_t, bits_t, per_slot_t)
+    if not all(isinstance(lit, (types.IntegerLiteral, types.BooleanLiteral)) for lit in literals):
+        return None
+    nb, bits, per_slot = (lit.literal_value for lit in literals)
+    cpw, mask = 32 // bits, (1 << bits) - 1
+    sig = types.UniTuple(types.float32, nb)(table_t, trow_t, words_t, r_t, t_t, x_t, scale_t, groups_t, nb_t, bits_t,
+                                            per_slot_t)
+
+    def codegen(context, builder, signature, args):  # pragma: no cover - runs inside numba's compiler
+        trow, r, t = (context.cast(builder, args[i], signature.args[i], types.intp) for i in (1, 3, 4))
+        arrays = [context.make_array(ty)(context, builder, val)
+                  for ty, val in zip(signature.args[:8], args[:8], strict=False) if isinstance(ty, types.Array)]
+        table_a, words_a, x_a, scale_a, groups_a = arrays
+        table_ty, _, words_ty, _, _, x_ty, scale_ty, groups_ty = signature.args[:8]
+        f32, i32, intp = ir.FloatType(), ir.IntType(32), context.get_value_type(types.intp)
+        v16f, v16i = ir.VectorType(f32, LANES), ir.VectorType(i32, LANES)
+        module = builder.module
+        permute = cgutils.get_or_insert_function(module, ir.FunctionType(v16f, [v16f, v16i]),
+                                                 "llvm.x86.avx512.permvar.sf.512")
+        fma = cgutils.get_or_insert_function(module, ir.FunctionType(v16f, [v16f, v16f, v16f]), "llvm.fma.v16f32")
+        reduce_add = cgutils.get_or_insert_function(module, ir.FunctionType(f32, [f32, v16f]),
+                                                    "llvm.vector.reduce.fadd.v16f32")
+
+        def vector_at(ary_ty, ary, index, vec_ty):
+            ptr = cgutils.get_item_pointer(context, builder, ary_ty, ary, index)
+            return builder.load(builder.bitcast(ptr, vec_ty.as_pointer()), align=4)
+
+        def const(value):
+            return ir.Constant(intp, value)
+
+        table_v = vector_at(table_ty, table_a, [trow, const(0)], v16f)
+        word_v = vector_at(words_ty, words_a, [r, t, const(0)], v16i)
+        accs = [ir.Constant(v16f, [0.0] * LANES) for _ in range(nb)]
+        for k in range(cpw):
+            shifted = builder.lshr(word_v, ir.Constant(v16i, [k * bits] * LANES)) if k else word_v
+            value = builder.call(permute, [table_v, builder.and_(shifted, ir.Constant(v16i, [mask] * LANES))])
+            if per_slot:
+                group = builder.load(cgutils.get_item_pointer(context, builder, groups_ty, groups_a, [t, const(k)]))
+                group = builder.sext(group, intp)
+                factor = builder.load(cgutils.get_item_pointer(context, builder, scale_ty, scale_a, [r, group]))
+                splat = builder.insert_element(ir.Constant(v16f, ir.Undefined), factor, ir.Constant(i32, 0))
+                splat = builder.shuffle_vector(splat, ir.Constant(v16f, ir.Undefined),
+                                               ir.Constant(v16i, [0] * LANES))
+                value = builder.fmul(value, splat)
+            for b in range(nb):
+                accs[b] = builder.call(fma, [value, vector_at(x_ty, x_a, [const(b), t, const(k), const(0)], v16f),
+                                             accs[b]])
+        sums = []
+        for acc in accs:
+            total = builder.call(reduce_add, [ir.Constant(f32, 0.0), acc])
+            total.fastmath.add("reassoc")
+            sums.append(total)
+        return context.make_tuple(builder, signature.return_type, sums)
+
+    return sig, codegen
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the fused grouped dot: y[b, r] += sum_c S[r, g(c)] * v(q_rc) * x[b, c] - sum_g ZS[r, g] * xsum[b, g]
+
+def _make_dot(bits: int, nb: int, lut_mode: int) -> Callable:
+    cpw = codes_per_word(bits)
+    mask = (1 << bits) - 1
+    lut = lut_mode == LUT_GATHER
+    permute = lut_mode == LUT_PERMUTE
+    masked = lut_mode == LUT_NONE  # affine codes are read without a shift (module docstring)
+
+    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    def dot(words, table, row_tab, grp_tab, scale, tile_group, slice_group, zs, group_starts, xin,
+            y):  # pragma: no cover - compiled
+        rows = words.shape[0]
+        tiles = words.shape[1]
+        nzg = zs.shape[1]
+        chunk = max(1, X_CHUNK_FLOATS // (nb * cpw * LANES))  # tiles per column chunk
+        # x [nb, C] -> padded tiles x[nb, T, cpw, 16] (pre-scaled per slot for masked codes), and group sums.
+        # np.empty and explicit loops: in a parallel function np.zeros/np.ones become parallel regions of their own.
+        x = np.empty((nb, tiles, cpw, LANES), dtype=np.float32)
+        xsum = np.empty((nb, nzg), dtype=np.float32)
+        pre = np.empty(cpw, dtype=np.float32)
+        for k in range(cpw):
+            pre[k] = np.float32(1.0) / np.float32(1 << (k * bits)) if masked and k * bits + bits <= 31 else 1.0
+        cols = xin.shape[1]
+        for b in range(nb):
+            for t in range(tiles):
+                for k in range(cpw):
+                    base = (t * cpw + k) * LANES
+                    for p in range(LANES):
+                        x[b, t, k, p] = xin[b, base + p] * pre[k] if base + p < cols else np.float32(0.0)
+            for g in range(nzg):
+                end = group_starts[g + 1] if g + 1 < nzg else xin.shape[1]
+                acc = np.float32(0.0)
+                for c in range(group_starts[g], end):
+                    acc += xin[b, c]
+                xsum[b, g] = acc
+        # one 3-D view per batch row, so every row of x is addressed like the first
+        x0 = x[0]
+        x1 = x[min(1, nb - 1)]
+        x2 = x[min(2, nb - 1)]
+        x3 = x[min(3, nb - 1)]
+        row_blocks = (rows + ROW_BLOCK - 1) // ROW_BLOCK
+        for rb in prange(row_blocks):
+            r_end = min(rows, (rb + 1) * ROW_BLOCK)
+            for t_start in range(0, tiles, chunk):  # a slice of x that stays in L1 across the block's rows
+                t_end = min(tiles, t_start + chunk)
+                for r in range(rb * ROW_BLOCK, r_end):
+                    tb = row_tab[r]
+                    o0 = np.float32(0.0)
+                    o1 = np.float32(0.0)
+                    o2 = np.float32(0.0)
+                    o3 = np.float32(0.0)
+                    for t in range(t_start, t_end):
+                        a0 = np.float32(0.0)
+                        a1 = np.float32(0.0)
+                        a2 = np.float32(0.0)
+                        a3 = np.float32(0.0)
+                        g = tile_group[t]
+                        if permute:  # one table per row (grp_tab is all zeros in this mode)
+                            if g >= 0:
+                                sums = _lut16_tile(table, tb, words, r, t, x, scale, slice_group, nb, bits, False)
+                                s = scale[r, g]
+                            else:
+                                sums = _lut16_tile(table, tb, words, r, t, x, scale, slice_group, nb, bits, True)
+                                s = np.float32(1.0)
+                            o0 += s * sums[0]
+                            if nb > 1:
+                                o1 += s * sums[1]
+                            if nb > 2:
+                                o2 += s * sums[2]
+                                o3 += s * sums[3]
+                        elif g >= 0:
+                            trow = tb + grp_tab[g]
+                            for p in range(LANES):
+                                w = words[r, t, p]
+                                for k in range(cpw):
+                                    if lut:
+                                        v = table[trow, np.int32((w >> np.uint32(k * bits)) & np.uint32(mask))]
+                                    elif k * bits + bits <= 31:  # q * 2**(k*bits) from the word; x is pre-scaled
+                                        v = np.float32(np.int32(w & np.uint32(mask << (k * bits))))
+                                    else:  # the top slot reaches the sign bit: shift instead (nothing above to mask)
+                                        v = np.float32(np.int32(w >> np.uint32(k * bits)))
+                                    a0 += v * x0[t, k, p]
+                                    if nb > 1:
+                                        a1 += v * x1[t, k, p]
+                                    if nb > 2:
+                                        a2 += v * x2[t, k, p]
+                                        a3 += v * x3[t, k, p]
+                            s = scale[r, g]
+                            o0 += s * a0
+                            if nb > 1:
+                                o1 += s * a1
+                            if nb > 2:
+                                o2 += s * a2
+                                o3 += s * a3
+                        else:
+                            for p in range(LANES):
+                                w = words[r, t, p]
+                                for k in range(cpw):
+                                    sg = slice_group[t, k]
+                                    if lut:
+                                        q = np.int32((w >> np.uint32(k * bits)) & np.uint32(mask))
+                                        v = table[tb + grp_tab[sg], q]
+                                    elif k * bits + bits <= 31:
+                                        v = np.float32(np.int32(w & np.uint32(mask << (k * bits))))
+                                    else:
+                                        v = np.float32(np.int32(w >> np.uint32(k * bits)))
+                                    v *= scale[r, sg]
+                                    a0 += v * x0[t, k, p]
+                                    if nb > 1:
+                                        a1 += v * x1[t, k, p]
+                                    if nb > 2:
+                                        a2 += v * x2[t, k, p]
+                                        a3 += v * x3[t, k, p]
+                            o0 += a0
+                            if nb > 1:
+                                o1 += a1
+                            if nb > 2:
+                                o2 += a2
+                                o3 += a3
+                    if t_start == 0:
+                        for g in range(nzg):
+                            z = zs[r, g]
+                            o0 -= z * xsum[0, g]
+                            if nb > 1:
+                                o1 -= z * xsum[1, g]
+                            if nb > 2:
+                                o2 -= z * xsum[2, g]
+                                o3 -= z * xsum[3, g]
+                    y[0, r] += o0
+                    if nb > 1:
+                        y[1, r] += o1
+                    if nb > 2:
+                        y[2, r] += o2
+                        y[3, r] += o3
+
+    return dot
+
+
+_DOTS: dict[tuple[int, int, int], Callable] = {}
+
+
+def dot_kernel(bits: int, nb: int, lut_mode: int) -> Callable:
+    """The fused kernel for b-bit codes and nb rows of x (compiled on first use, cached on disk)."""
+    key = (bits, nb, lut_mode)
+    kernel = _DOTS.get(key)
+    if kernel is None:
+        kernel = _DOTS[key] = _make_dot(bits, nb, lut_mode)
+    return kernel
+
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def dot_any_group(words, bits, table, lut, row_tab, grp_tab, scale, col_group, zs, xsum, x, y):  # pragma: no cover
+    """The same sum for column groups that are not multiples of 16 (any width): scalar, slower, still fused.
+
+    x: [nb, Cpad] (flat padded columns), col_group: [C] group of each column.
+    """
+    rows = words.shape[0]
+    cols = col_group.shape[0]
+    nb = x.shape[0]
+    cpw = 32 // bits
+    mask = np.uint32((1 << bits) - 1)
+    for r in prange(rows):
+        for b in range(nb):
+            acc = np.float32(0.0)
+            for c in range(cols):
+                s = c >> 4
+                t = s // cpw
+                q = np.int32((words[r, t, c & 15] >> np.uint32((s - t * cpw) * bits)) & mask)
+                g = col_group[c]
+                v = table[row_tab[r] + grp_tab[g], q] if lut else np.float32(q)
+                acc += v * scale[r, g] * x[b, c]
+            for g in range(zs.shape[1]):
+                acc -= zs[r, g] * xsum[b, g]
+            y[b, r] += acc
+
+
+@njit(cache=True, nogil=True)
+def pad_and_group_sums(x, xp, group_starts, xsum):  # pragma: no cover - compiled
+    """Copy x [B, C] into the zeroed padded buffer xp [B, Cpad] and sum each column group into xsum [B, G]."""
+    batch, cols = x.shape
+    groups = xsum.shape[1]
+    for b in range(batch):
+        for c in range(cols):
+            xp[b, c] = x[b, c]
+        for g in range(groups):
+            end = group_starts[g + 1] if g + 1 < groups else cols
+            acc = np.float32(0.0)
+            for c in range(group_starts[g], end):
+                acc += x[b, c]
+            xsum[b, g] = acc
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# additive vector codebooks
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def vq_dot(codes, books, scale, vec_group, col_group, x, y):  # pragma: no cover - compiled
+    """y[b, r] += sum_v S[r, g(v)] sum_m books[m, codes[r, v, m]] . x[b, v].
+
+    codes [R, V, M]; books [M, K, d]; x [nb, V, d]. When a vector straddles scale groups (vec_group[v] < 0) each
+    element takes its own column's scale (col_group).
+    """
+    rows, vectors, books_n = codes.shape
+    d = books.shape[2]
+    nb = x.shape[0]
+    for r in prange(rows):
+        for b in range(nb):
+            acc = np.float32(0.0)
+            for v in range(vectors):
+                g = vec_group[v]
+                part = np.float32(0.0)
+                for m in range(books_n):
+                    code = codes[r, v, m]
+                    if g >= 0:
+                        for e in range(d):
+                            part += books[m, code, e] * x[b, v, e]
+                    else:
+                        for e in range(d):
+                            part += books[m, code, e] * x[b, v, e] * scale[r, col_group[v * d + e]]
+                acc += part * scale[r, g] if g >= 0 else part
+            y[b, r] += acc
+
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def vq_lookup_dot(codes, partial, scale, vec_group, y):  # pragma: no cover - compiled
+    """y[b, r] += sum_v S[r, g(v)] sum_m partial[b, m, v, codes[r, v, m]], partial = books . x precomputed per call."""
+    rows, vectors, books_n = codes.shape
+    nb = partial.shape[0]
+    for r in prange(rows):
+        for b in range(nb):
+            acc = np.float32(0.0)
+            for v in range(vectors):
+                part = np.float32(0.0)
+                for m in range(books_n):
+                    part += partial[b, m, v, codes[r, v, m]]
+                acc += part * scale[r, vec_group[v]]
+            y[b, r] += acc
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sparse outliers
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def csr_dot(row_ptr, col_idx, values, x, y):  # pragma: no cover - compiled
+    """y[b, r] += sum_i values[i] * x[b, col_idx[i]] over the nonzeros of row r."""
+    rows = row_ptr.shape[0] - 1
+    nb = x.shape[0]
+    for r in prange(rows):
+        start = row_ptr[r]
+        end = row_ptr[r + 1]
+        for b in range(nb):
+            acc = np.float32(0.0)
+            for i in range(start, end):
+                acc += values[i] * x[b, col_idx[i]]
+            y[b, r] += acc
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dequantization (large batches, conformance): the same layouts written out to a dense fp32 matrix (W += term)
+
+@njit(parallel=True, cache=True, nogil=True)
+def dequant_codes(words, bits, table, lut, row_tab, grp_tab, scale, col_group, zs, out, overwrite):  # pragma: no cover
+    rows, cols = out.shape
+    tiles = words.shape[1]
+    cpw = 32 // bits
+    mask = np.uint32((1 << bits) - 1)
+    has_zero = zs.shape[1] > 0
+    for r in prange(rows):
+        tb = row_tab[r]
+        for t in range(tiles):
+            for k in range(cpw):  # 16 consecutive columns share a slot: the lane loop vectorizes
+                base = (t * cpw + k) * 16
+                if base >= cols:
+                    break
+                shift = np.uint32(k * bits)
+                width = min(16, cols - base)
+                g = col_group[base]
+                if not lut and col_group[base + width - 1] == g:  # one group: scalar scale, vector lanes
+                    s = scale[r, g]
+                    z = zs[r, g] if has_zero else np.float32(0.0)
+                    for p in range(width):
+                        w = np.float32(np.int32((words[r, t, p] >> shift) & mask)) * s - z
+                        if overwrite:  # the first term of an uninitialised output: no read, no zeroing pass
+                            out[r, base + p] = w
+                        else:
+                            out[r, base + p] += w
+                    continue
+                for p in range(width):
+                    c = base + p
+                    q = np.int32((words[r, t, p] >> shift) & mask)
+                    g = col_group[c]
+                    w = (table[tb + grp_tab[g], q] if lut else np.float32(q)) * scale[r, g]
+                    if has_zero:
+                        w -= zs[r, g]
+                    if overwrite:
+                        out[r, c] = w
+                    else:
+                        out[r, c] += w
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def dequant_vq(codes, books, scale, col_group, out):  # pragma: no cover - compiled
+    rows, vectors, books_n = codes.shape
+    d = books.shape[2]
+    for r in prange(rows):
+        for v in range(vectors):
+            for e in range(d):
+                acc = np.float32(0.0)
+                for m in range(books_n):
+                    acc += books[m, codes[r, v, m], e]
+                c = v * d + e
+                out[r, c] += acc * scale[r, col_group[c]]
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def dequant_csr(row_ptr, col_idx, values, out):  # pragma: no cover - compiled
+    for r in prange(row_ptr.shape[0] - 1):
+        for i in range(row_ptr[r], row_ptr[r + 1]):
+            out[r, col_idx[i]] += values[i]
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def dequant_signs(words, u, v, out):  # pragma: no cover - compiled
+    """out += sign * (u @ v) with sign = +1 where the 1-bit code is 1, -1 where it is 0."""
+    rows, cols = out.shape
+    rank = u.shape[1]
+    for r in prange(rows):
+        for c in range(cols):
+            s = c >> 4
+            bit = (words[r, s >> 5, c & 15] >> np.uint32(s & 31)) & np.uint32(1)
+            acc = np.float32(0.0)
+            for k in range(rank):
+                acc += u[r, k] * v[k, c]
+            out[r, c] += acc if bit else -acc

@@ -1,0 +1,57 @@
+"""The Numba CPU kernel family, registered through the ``qformat`` entry point ``numba_kernels``.
+
+Fused dequantize-and-multiply for batches up to ``max_batch`` rows; above that, callers dequantize and run a dense
+matmul (``qformat_kernels.dispatch.linear``). What it supports is decided from the record alone: see
+``numba_plan`` for the grammar.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from qformat.format import QuantizedTensor
+from qformat.hookspecs import hookimpl
+from qformat.kernel_api import Kernel
+
+from .numba_plan import why_unsupported
+
+
+class NumbaKernel(Kernel):
+    name = "numba"
+    device = "cpu"
+    priority = 10
+    # Above this many rows of x, dequantize + dense matmul is as fast or faster (measured on the 2-core CPU: the fused
+    # kernel still wins at 16 rows for 4096^2 and ties for the 576-wide SmolLM2 layers; at 32 the dense path wins
+    # for small layers).
+    max_batch = 16
+    supported: ClassVar[tuple[str, ...]] = (
+        "affine over packed | bit-plane | integer codes of 1-16 bits, scale/zero numbers or any tree (quantized "
+        "stats), groups [gr, gc] (fast path when gc is a multiple of 16 or covers the row)",
+        "lut over packed | bit-plane | integer codes: global tables (NF4, FP4, FP8) and per-tile tables [Gr, Gc, T]",
+        "ternary and raw packed codes under scale",
+        "vq: additive codebooks [M, K, d], packed or integer codes",
+        "scale(...): per-row, per-group (absmax, double quant) and per-input-column factors",
+        "sum(...) of any of these with sparse_csr outliers, lowrank sidecars and sign_lowrank (BitStack) terms",
+        "permute(...) around any of these",
+    )
+
+    def supports(self, record: dict) -> bool:
+        return why_unsupported(record) is None
+
+    def why_unsupported(self, record: dict) -> str | None:
+        return why_unsupported(record)
+
+    def prepare(self, qt: QuantizedTensor, device: str = "cpu"):  # -> NumbaPreparedWeight
+        if str(device).split(":")[0] != "cpu":
+            raise ValueError(f"the numba kernel runs on the CPU, not {device!r}")
+        from .numba_prepared import prepare  # numba compiles lazily; keep plugin discovery light
+
+        prepared = prepare(qt)
+        prepared.kernel = self
+        prepared.max_batch = self.max_batch
+        return prepared
+
+
+@hookimpl
+def qformat_register_kernels(register) -> None:
+    register(NumbaKernel())

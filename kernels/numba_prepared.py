@@ -1,0 +1,553 @@
+"""Prepared weights for the Numba kernels: a record's terms repacked in memory, and y = x @ W.T computed from them.
+
+Built from the plan in ``numba_plan``. Statistics are decoded once with the reference decoder and folded into fp32
+arrays on a [rows, column groups] grid (a few percent of the packed size); codes become sliced words; sparse
+outliers become int64/int32/fp32 CSR arrays. Nothing full-size is kept.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from qformat.errors import FormatError
+from qformat.format import REGISTRY, QuantizedTensor, TensorInfo, bitpack, signature, validate_record
+from qformat.format.codecs import Context, check_permutation
+from qformat.format.dtypes import dtype_name
+from qformat.format.record import matrix_shape
+from qformat.kernel_api import PreparedWeight
+
+from . import numba_gemv as K
+from . import numba_repack as repack
+from .numba_plan import Factor, TermSpec, Unsupported, plan_terms
+from .numba_threads import GOVERNOR, stall_budget
+
+_EMPTY_TABLE = np.zeros((1, 1), dtype=np.float32)
+LOOKUP_TABLE_LIMIT = 1 << 20  # vq: precompute codebook . x tables when M*V*K stays under this many floats per row of x
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading statistics and codes from a QuantizedTensor
+
+class _Reader:
+    def __init__(self, qt: QuantizedTensor) -> None:
+        def info(key: str) -> TensorInfo | None:
+            array = qt.tensors.get(key)
+            return None if array is None else TensorInfo(dtype_name(array), tuple(array.shape), array.nbytes)
+
+        self.ctx = Context(REGISTRY, info, qt.tensors.__getitem__)
+
+    def value(self, value: Any, path: str) -> np.ndarray:
+        """A statistic (number or node, any tree) as fp32."""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return np.full((1, 1), value, dtype=np.float32)
+        return np.asarray(self.ctx.decode(value, path), dtype=np.float32)
+
+    def ints(self, node: dict, path: str) -> np.ndarray:
+        return np.asarray(self.ctx.decode(node, path))
+
+    def tensor(self, node: dict, key: str) -> np.ndarray:
+        return np.asarray(self.ctx.load(node, key))
+
+    def error(self, code: str, message: str, path: str) -> FormatError:
+        return FormatError(code, message, field=path)
+
+
+def _regrid(param: np.ndarray, group: tuple[int, int], rows: int, cols: int, gc: int, ngroups: int) -> np.ndarray:
+    """A [ceil(R/gr), ceil(C/gc')] (or [1, 1]) parameter on the grid [R, ngroups] of column groups of width gc."""
+    if param.shape == (1, 1):
+        return np.full((rows, ngroups), param[0, 0], dtype=np.float32)
+    gr, pgc = group
+    row_idx = np.minimum(np.arange(rows) // gr, param.shape[0] - 1)
+    col_idx = np.zeros(ngroups, dtype=np.int64) if pgc >= cols else np.minimum(np.arange(ngroups) * gc // pgc,
+                                                                                  param.shape[1] - 1)
+    return np.ascontiguousarray(param[row_idx][:, col_idx], dtype=np.float32)
+
+
+@dataclass
+class _Grid:
+    """Column groups of width ``width`` (the last may be short); every parameter is constant within one."""
+
+    width: int
+    count: int
+    cols: int
+
+    @classmethod
+    def common(cls, params: list[tuple[np.ndarray, tuple[int, int]]], cols: int, extra: tuple[int, ...] = ()
+               ) -> _Grid:
+        widths = [g[1] for p, g in params if p.shape != (1, 1) and g[1] < cols] + [w for w in extra if w < cols]
+        width = math.gcd(*widths) if widths else cols
+        return cls(width, -(-cols // width), cols)
+
+    def product(self, params: list[tuple[np.ndarray, tuple[int, int]]], rows: int) -> np.ndarray:
+        out = np.ones((rows, self.count), dtype=np.float32)
+        for param, group in params:
+            out *= _regrid(param, group, rows, self.cols, self.width, self.count)
+        return out
+
+    def col_group(self) -> np.ndarray:
+        return np.minimum(np.arange(self.cols) // self.width, self.count - 1).astype(np.int32)
+
+
+def _row_factor(reader: _Reader, factors: list[Factor], rows: int, cols: int) -> np.ndarray | None:
+    if not factors:
+        return None
+    params = [(reader.value(f.value, f.path), f.group) for f in factors]
+    return _Grid(cols, 1, cols).product(params, rows)[:, 0]
+
+
+def _batch_split(batch: int) -> list[int]:
+    """Rows of x per kernel call: widest accumulator sets first (7 -> 4, 2, 1)."""
+    out = []
+    for width in K.BATCH_WIDTHS:
+        while batch >= width:
+            out.append(width)
+            batch -= width
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# terms
+
+class CodeTerm:
+    """sum_g S[r, g] sum_c v(q_rc) x_c - sum_g ZS[r, g] xsum_g over sliced b-bit words (affine, lut, raw codes)."""
+
+    def __init__(self, words: np.ndarray, bits: int, scale: np.ndarray, zero_scale: np.ndarray | None, grid: _Grid,
+                 table: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> None:
+        """``table``: (values [tables, 2**bits], first table of each row [R], offset per column group [G])."""
+        self.words, self.bits, self.cols = words, bits, grid.cols
+        rows = words.shape[0]
+        self.lut = table is not None
+        if table is None:
+            table = (_EMPTY_TABLE, np.zeros(rows, dtype=np.int32), np.zeros(grid.count, dtype=np.int32))
+        self.table, self.row_tab, self.grp_tab = (np.ascontiguousarray(a) for a in table)
+        self.lut_mode = K.LUT_NONE
+        if self.lut:
+            one_table_per_row = not self.grp_tab.any()
+            self.lut_mode = K.LUT_PERMUTE if K.PERMUTE_LUT and bits <= 4 and one_table_per_row else K.LUT_GATHER
+            if self.lut_mode == K.LUT_PERMUTE and self.table.shape[1] < K.LANES:
+                self.table = np.pad(self.table, ((0, 0), (0, K.LANES - self.table.shape[1])))
+        self.scale = np.ascontiguousarray(scale, dtype=np.float32)
+        self.zs = (np.ascontiguousarray(zero_scale, dtype=np.float32) if zero_scale is not None
+                   else np.zeros((rows, 0), dtype=np.float32))
+        self.padded = words.shape[1] * K.LANES * K.codes_per_word(bits)
+        self._kernels: dict[int, Any] = {}
+        self._best = {nb: [math.inf, 0] for nb in K.BATCH_WIDTHS}  # per width: fastest parallel call, calls
+        self._budget = stall_budget(words.nbytes)
+        self.col_group = grid.col_group()
+        self.group_starts = (np.arange(grid.count, dtype=np.int64) * grid.width if zero_scale is not None
+                             else np.zeros(0, dtype=np.int64))
+        self.aligned = grid.count == 1 or grid.width % K.LANES == 0
+        cpw = K.codes_per_word(bits)
+        tiles = words.shape[1]
+        real_slices = -(-self.cols // K.LANES)
+        slices = np.arange(tiles * cpw)
+        slice_group = np.minimum(slices * K.LANES // grid.width, grid.count - 1).astype(np.int32)
+        # unsigned: numba then skips negative-index wraparound, a handful of scalar ops per slot in the hot loop
+        self.slice_group = np.ascontiguousarray(slice_group.reshape(tiles, cpw).astype(np.uint32))
+        self.tile_group = np.full(tiles, -1, dtype=np.int32)
+        for t in range(tiles):
+            real = slice_group[t * cpw: min((t + 1) * cpw, real_slices)]
+            if real.size == 0 or (real == real[0]).all():
+                self.tile_group[t] = real[0] if real.size else 0
+        self._args = (self.words, self.table, self.row_tab, self.grp_tab, self.scale, self.tile_group,
+                      self.slice_group, self.zs, self.group_starts)
+
+    def matmul_into(self, x: np.ndarray, y: np.ndarray) -> None:
+        batch = x.shape[0]
+        if not self.aligned:
+            padded = np.zeros((batch, self.padded), dtype=np.float32)
+            xsum = np.empty((batch, self.group_starts.shape[0]), dtype=np.float32)
+            K.pad_and_group_sums(x, padded, self.group_starts, xsum)
+            K.dot_any_group(self.words, self.bits, self.table, self.lut, self.row_tab, self.grp_tab, self.scale,
+                            self.col_group, self.zs, xsum, padded, y)
+            return
+        args = self._args
+        if batch == 1:  # decoding: one token
+            GOVERNOR.run(self._best[1], self._budget, self._kernel(1), *args, x, y)
+            return
+        start = 0
+        for nb in _batch_split(batch):
+            GOVERNOR.run(self._best[nb], self._budget * nb, self._kernel(nb), *args, x[start:start + nb],
+                         y[start:start + nb])
+            start += nb
+
+    def _kernel(self, nb: int) -> Any:
+        kernel = self._kernels.get(nb)
+        if kernel is None:
+            kernel = self._kernels[nb] = K.dot_kernel(self.bits, nb, self.lut_mode)
+        return kernel
+
+    def dequant_into(self, out: np.ndarray, overwrite: bool = False) -> None:
+        K.dequant_codes(self.words, self.bits, self.table, self.lut, self.row_tab, self.grp_tab, self.scale,
+                        self.col_group, self.zs, out, overwrite)
+
+    def arrays(self) -> list[np.ndarray]:
+        return [self.words, self.table, self.row_tab, self.grp_tab, self.scale, self.zs, self.col_group,
+                self.slice_group, self.tile_group]
+
+
+class VqTerm:
+    """sum_v S[r, g(v)] sum_m books[m, code] . x_v; per-call books . x tables when they are cheaper than rows."""
+
+    def __init__(self, codes: np.ndarray, books: np.ndarray, scale: np.ndarray, grid: _Grid) -> None:
+        self.codes, self.books, self.scale = codes, books, scale
+        books_n, entries, dim = books.shape
+        vectors = codes.shape[1]
+        self.col_group = grid.col_group()
+        first = self.col_group[::dim][:vectors]
+        last = self.col_group[dim - 1::dim][:vectors]
+        self.vec_group = np.where(first == last, first, -1).astype(np.int32)
+        self.lookup = (bool((self.vec_group >= 0).all()) and entries <= codes.shape[0]
+                       and books_n * vectors * entries <= LOOKUP_TABLE_LIMIT)
+
+    def matmul_into(self, x: np.ndarray, y: np.ndarray) -> None:
+        batch = x.shape[0]
+        books_n, entries, dim = self.books.shape
+        xv = x.reshape(batch, -1, dim)
+        if self.lookup:
+            # partial[b, m, v, k] = books[m, k] . x[b, v]
+            partial = np.ascontiguousarray(np.einsum("bvd,mkd->bmvk", xv, self.books, optimize=True),
+                                           dtype=np.float32)
+            K.vq_lookup_dot(self.codes, partial, self.scale, self.vec_group, y)
+        else:
+            K.vq_dot(self.codes, self.books, self.scale, self.vec_group, self.col_group, np.ascontiguousarray(xv), y)
+
+    def dequant_into(self, out: np.ndarray) -> None:
+        K.dequant_vq(self.codes, self.books, self.scale, self.col_group, out)
+
+    def arrays(self) -> list[np.ndarray]:
+        return [self.codes, self.books, self.scale, self.col_group, self.vec_group]
+
+
+class SparseTerm:
+    def __init__(self, row_ptr: np.ndarray, col_idx: np.ndarray, values: np.ndarray) -> None:
+        self.row_ptr, self.col_idx, self.values = row_ptr, col_idx, values
+
+    def matmul_into(self, x: np.ndarray, y: np.ndarray) -> None:
+        K.csr_dot(self.row_ptr, self.col_idx, self.values, x, y)
+
+    def dequant_into(self, out: np.ndarray) -> None:
+        K.dequant_csr(self.row_ptr, self.col_idx, self.values, out)
+
+    def arrays(self) -> list[np.ndarray]:
+        return [self.row_ptr, self.col_idx, self.values]
+
+
+class LowRankTerm:
+    def __init__(self, a: np.ndarray, b: np.ndarray) -> None:
+        self.a, self.b = a, b
+
+    def matmul_into(self, x: np.ndarray, y: np.ndarray) -> None:
+        y += (x @ self.b.T) @ self.a.T
+
+    def dequant_into(self, out: np.ndarray) -> None:
+        out += self.a @ self.b
+
+    def arrays(self) -> list[np.ndarray]:
+        return [self.a, self.b]
+
+
+class SignTerm:
+    """sign_lowrank: y_r = sum_k u[r, k] sum_c s_rc v[k, c] x_c with s = 2q - 1, so each rank is a 1-bit code dot
+    against v[k] * x: the rank rows ride through the fused kernel as extra rows of x."""
+
+    def __init__(self, words: np.ndarray, u: np.ndarray, v: np.ndarray, cols: int) -> None:
+        self.words, self.u, self.v = words, u, v
+        rows = words.shape[0]
+        self.codes = CodeTerm(words, 1, np.ones((rows, 1), dtype=np.float32), None, _Grid(cols, 1, cols))
+
+    def matmul_into(self, x: np.ndarray, y: np.ndarray) -> None:
+        batch, rank = x.shape[0], self.v.shape[0]
+        vx = np.ascontiguousarray((x[:, None, :] * self.v[None, :, :]).reshape(batch * rank, -1))
+        dots = np.zeros((batch * rank, self.words.shape[0]), dtype=np.float32)
+        self.codes.matmul_into(vx, dots)
+        signed = 2.0 * dots.reshape(batch, rank, -1) - vx.sum(axis=1).reshape(batch, rank, 1)
+        y += np.einsum("bkr,rk->br", signed, self.u).astype(np.float32)
+
+    def dequant_into(self, out: np.ndarray) -> None:
+        K.dequant_signs(self.words, self.u, self.v, out)
+
+    def arrays(self) -> list[np.ndarray]:
+        return [self.words, self.u, self.v]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# building terms from the plan
+
+def _words(reader: _Reader, node: dict, path: str, rows: int, cols: int, bits: int | None = None
+           ) -> tuple[np.ndarray, int, int, float]:
+    """Sliced words for a code node: (words, layout bits, largest code, offset subtracted from every code)."""
+    codec = node["codec"]
+    if codec == "packed":
+        src = reader.tensor(node, "tensor")
+        src_bits = node["bits"]
+        if not bitpack.padding_bits_are_zero(src, src_bits, cols):
+            raise reader.error("nonzero_padding", "padding bits after the last code of a row must be zero", path)
+        words = repack.empty_words(rows, cols, src_bits)
+        top = repack.words_from_packed(np.ascontiguousarray(src, dtype=np.uint8), src_bits, cols, src_bits, words)
+        return words, src_bits, int(top), 0.0
+    if codec == "bitplanes":
+        planes = np.ascontiguousarray(reader.tensor(node, "tensor"), dtype=np.uint8)
+        for p in range(planes.shape[0]):
+            if not bitpack.padding_bits_are_zero(planes[p], 1, cols):
+                raise reader.error("nonzero_padding", f"padding bits of plane {p} must be zero", path)
+        n_planes = planes.shape[0]
+        words = repack.empty_words(rows, cols, n_planes)
+        top = repack.words_from_bitplanes(planes, cols, n_planes, words)
+        return words, n_planes, int(top), 0.0
+    if codec == "ternary":
+        words = repack.empty_words(rows, cols, 2)
+        if repack.words_from_ternary(np.ascontiguousarray(reader.tensor(node, "tensor"), dtype=np.uint8), cols,
+                                     words):
+            raise reader.error("code_out_of_range", "ternary bytes must be < 243 with zero pad digits", path)
+        return words, 2, 2, 1.0
+    # an integer tensor of codes
+    codes = np.ascontiguousarray(reader.tensor(node, "tensor"))
+    if codes.dtype.kind not in "iu":
+        raise Unsupported(f"{path}: codes of dtype {codes.dtype}")
+    top = int(codes.max()) if codes.size else 0
+    bits = bits or max(1, top.bit_length())
+    if bits > 16:
+        raise Unsupported(f"{path}: {bits}-bit codes")
+    words = repack.empty_words(rows, cols, bits)
+    lo, hi = repack.words_from_ints(codes, bits, words)
+    if lo < 0 or hi >= (1 << bits):
+        raise reader.error("code_out_of_range", f"codes must lie in [0, {1 << bits}), found [{lo}, {hi}]", path)
+    return words, bits, int(hi), 0.0
+
+
+def _code_term(reader: _Reader, spec: TermSpec, rows: int, cols: int) -> CodeTerm:
+    node, path = spec.node, spec.path
+    codec = node["codec"]
+    params: list[tuple[np.ndarray, tuple[int, int]]] = []
+    zero: tuple[np.ndarray, tuple[int, int]] | None = None
+    table = None
+    if codec == "affine":
+        group = tuple(node["group_shape"])
+        words, bits, top, _ = _words(reader, node["codes"], f"{path}/codes", rows, cols, node["bits"])
+        if top >= 1 << node["bits"]:
+            raise reader.error("code_out_of_range", f"affine codes of {node['bits']} bits: found {top}", path)
+        params.append((reader.value(node["scale"], f"{path}/scale"), group))
+        if node.get("zero") is not None:
+            zero = (reader.value(node["zero"], f"{path}/zero"), group)
+    elif codec == "lut":
+        words, bits, top, _ = _words(reader, node["codes"], f"{path}/codes", rows, cols)
+        table = reader.value(node["table"], f"{path}/table")
+        if top >= table.shape[-1]:
+            raise reader.error("code_out_of_range", f"lut with {table.shape[-1]} entries: found code {top}", path)
+    else:
+        words, bits, top, offset = _words(reader, node, path, rows, cols)
+        if offset:
+            zero = (np.full((1, 1), offset, dtype=np.float32), (1, 1))
+    params += [(reader.value(f.value, f.path), f.group) for f in spec.factors]
+    table_group = tuple(node.get("group_shape", (rows, cols))) if codec == "lut" else (rows, cols)
+    per_tile = table is not None and table.ndim == 3 and table.shape[:2] != (1, 1)
+    grid = _Grid.common(params + ([zero] if zero else []), cols, (table_group[1],) if per_tile else ())
+    scale = grid.product(params, rows)
+    zero_scale = grid.product([zero], rows) * scale if zero else None
+    return CodeTerm(words, bits, scale, zero_scale, grid,
+                    _table_layout(table, table_group, bits, rows, grid) if table is not None else None)
+
+
+def _table_layout(table: np.ndarray, group: tuple[int, int], bits: int, rows: int, grid: _Grid
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A 1-D or per-tile [Gr, Gc, T] lut table as rows of a 2-D table, with per-row and per-column-group offsets."""
+    if table.ndim == 1 or table.shape[:2] == (1, 1):
+        flat = table.reshape(1, -1)
+        row_tab, grp_tab = np.zeros(rows, dtype=np.int32), np.zeros(grid.count, dtype=np.int32)
+    else:
+        tile_rows, tile_cols, _ = table.shape
+        gr, gc = group
+        flat = table.reshape(tile_rows * tile_cols, -1)
+        row_tab = (np.minimum(np.arange(rows) // gr, tile_rows - 1) * tile_cols).astype(np.int32)
+        grp_tab = np.minimum(np.arange(grid.count) * grid.width // gc, tile_cols - 1).astype(np.int32)
+    if flat.shape[1] < 1 << bits:  # codes are in range; pad so any b-bit pattern indexes inside the table
+        flat = np.concatenate([flat, np.zeros((flat.shape[0], (1 << bits) - flat.shape[1]), dtype=np.float32)], 1)
+    return np.ascontiguousarray(flat, dtype=np.float32), row_tab, grp_tab
+
+
+def _vq_term(reader: _Reader, spec: TermSpec, rows: int, cols: int) -> VqTerm:
+    node, path = spec.node, spec.path
+    books = np.ascontiguousarray(reader.value(node["codebooks"], f"{path}/codebooks"), dtype=np.float32)
+    books_n, entries, dim = books.shape
+    codes = reader.ints(node["codes"], f"{path}/codes")
+    if codes.size and (codes.min() < 0 or codes.max() >= entries):
+        raise reader.error("code_out_of_range", f"vq with {entries} entries per codebook: found "
+                           f"[{int(codes.min())}, {int(codes.max())}]", f"{path}/codes")
+    dtype = np.uint8 if entries <= 256 else np.uint16 if entries <= 65536 else np.int32
+    codes = np.ascontiguousarray(codes.astype(dtype).reshape(rows, cols // dim, books_n))
+    params = [(reader.value(f.value, f.path), f.group) for f in spec.factors]
+    grid = _Grid.common(params, cols)
+    return VqTerm(codes, books, grid.product(params, rows), grid)
+
+
+def _sparse_term(reader: _Reader, spec: TermSpec, rows: int, cols: int) -> SparseTerm:
+    node, path = spec.node, spec.path
+    ptr = reader.tensor(node, "row_ptr").astype(np.int64)
+    idx = reader.tensor(node, "col_idx").astype(np.int64)
+    values = reader.value(node["values"], f"{path}/values").reshape(-1).copy()
+    nnz = idx.shape[0]
+    if ptr[0] != 0 or ptr[-1] != nnz or np.any(np.diff(ptr) < 0):
+        raise reader.error("bad_index", f"row_ptr must start at 0, never decrease, and end at nnz={nnz}",
+                           f"{path}/row_ptr")
+    if nnz and (idx.min() < 0 or idx.max() >= cols):
+        raise reader.error("index_out_of_range", f"col_idx must lie in [0, {cols})", f"{path}/col_idx")
+    row_of = np.repeat(np.arange(rows), np.diff(ptr))
+    if nnz > 1 and np.any((row_of[1:] == row_of[:-1]) & (idx[1:] <= idx[:-1])):
+        raise reader.error("bad_index", "col_idx must strictly increase within a row", f"{path}/col_idx")
+    for f in spec.factors:
+        param, (gr, gc) = reader.value(f.value, f.path), f.group
+        values *= param[0, 0] if param.shape == (1, 1) else param[row_of // gr, idx // gc if gc < cols else 0]
+    return SparseTerm(ptr, idx.astype(np.int32), values.astype(np.float32))
+
+
+def _lowrank_term(reader: _Reader, spec: TermSpec, rows: int, cols: int) -> LowRankTerm:
+    a = reader.value(spec.node["a"], f"{spec.path}/a")
+    b = np.ascontiguousarray(reader.value(spec.node["b"], f"{spec.path}/b"))
+    factor = _row_factor(reader, spec.factors, rows, cols)
+    if factor is not None:
+        a = a * factor[:, None]
+    return LowRankTerm(np.ascontiguousarray(a, dtype=np.float32), b)
+
+
+def _sign_term(reader: _Reader, spec: TermSpec, rows: int, cols: int) -> SignTerm:
+    node, path = spec.node, spec.path
+    words, bits, _, _ = _words(reader, node["sign"], f"{path}/sign", rows, cols)
+    if bits != 1:
+        raise reader.error("bad_kind", "sign must be a 1-bit packed or bit-plane node", f"{path}/sign")
+    u = reader.value(node["u"], f"{path}/u")
+    factor = _row_factor(reader, spec.factors, rows, cols)
+    if factor is not None:
+        u = u * factor[:, None]
+    v = np.ascontiguousarray(reader.value(node["v"], f"{path}/v"), dtype=np.float32)
+    return SignTerm(words, np.ascontiguousarray(u, dtype=np.float32), v, cols)
+
+
+_BUILDERS = {"codes": _code_term, "vq": _vq_term, "sparse": _sparse_term, "lowrank": _lowrank_term,
+             "signs": _sign_term}
+
+
+def _chain(reader: _Reader, chain: tuple, cols: int) -> tuple[tuple[str, np.ndarray], ...]:
+    ops = []
+    for op, item, path in chain:
+        if op == "perm":
+            perm = reader.tensor(item, "perm").astype(np.int64)
+            reader.ctx.path = [path]
+            check_permutation(reader.ctx, perm)
+            reader.ctx.path = []
+            ops.append(("perm", perm.astype(np.intp)))
+        else:
+            factor = reader.value(item.value, item.path)
+            ops.append(("mul", np.ascontiguousarray(np.broadcast_to(factor.reshape(-1), (cols,)),
+                                                    dtype=np.float32)))
+    return tuple(ops)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the prepared weight
+
+class NumbaPreparedWeight(PreparedWeight):
+    """Terms grouped by input transform chain; ``matmul`` runs each group's kernels into one output."""
+
+    max_batch = 16  # the kernel sets its own on prepare
+
+    def __init__(self, name: str, record: dict, groups: list[tuple[tuple, list]]) -> None:
+        self.name = name
+        self.signature = signature(record["weight"])
+        self.out_features, self.in_features = matrix_shape(tuple(record["shape"]))
+        self.groups = groups
+        self._single = groups[0][1][0] if len(groups) == 1 and not groups[0][0] and len(groups[0][1]) == 1 else None
+        self.kernel: Any = None  # set by the kernel that prepared it
+
+    def matmul_numpy(self, x: np.ndarray) -> np.ndarray:
+        """x: fp32 [B, in] (C-contiguous) -> fp32 [B, out]."""
+        y = np.zeros((x.shape[0], self.out_features), dtype=np.float32)
+        if self._single is not None:  # the common record: one code term, no permutation
+            self._single.matmul_into(x, y)
+            return y
+        for chain, terms in self.groups:
+            xt = x
+            if chain:
+                for op, arg in chain:
+                    xt = xt[:, arg] if op == "perm" else xt * arg
+                xt = np.ascontiguousarray(xt, dtype=np.float32)
+            for term in terms:
+                term.matmul_into(xt, y)
+        return y
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{self.name}: x has {x.shape[-1]} features, the weight takes {self.in_features}")
+        plain = x.dtype == torch.float32 and x.device.type == "cpu"
+        # decoding calls this per token and layer: keep the torch <-> numpy glue to a few cheap calls
+        xn = (x.detach() if x.requires_grad else x).numpy() if plain else x.detach().to("cpu", torch.float32).numpy()
+        if xn.ndim != 2:
+            xn = xn.reshape(-1, self.in_features)
+        if not xn.flags.c_contiguous:
+            xn = np.ascontiguousarray(xn)
+        y = torch.from_numpy(self.matmul_numpy(xn))
+        if x.dim() != 2:
+            y = y.view(*x.shape[:-1], self.out_features)
+        return y if plain else y.to(device=x.device, dtype=x.dtype)
+
+    def dequantize_numpy(self) -> np.ndarray:
+        shape = (self.out_features, self.in_features)
+        first = self.groups[0][1][0]
+        fresh = len(self.groups) == 1 and isinstance(first, CodeTerm)  # it can write the output without reading it
+        out = np.empty(shape, dtype=np.float32) if fresh else np.zeros(shape, dtype=np.float32)
+        for chain, terms in self.groups:
+            inner = (np.empty_like(out) if fresh else np.zeros_like(out)) if chain else out
+            for i, term in enumerate(terms):
+                if fresh and i == 0:
+                    term.dequant_into(inner, overwrite=True)
+                else:
+                    term.dequant_into(inner)
+            if chain:
+                for op, arg in reversed(chain):
+                    if op == "perm":  # x_inner[j] = x[perm[j]]  =>  W[:, perm[j]] = W_inner[:, j]
+                        outer = np.empty_like(inner)
+                        outer[:, arg] = inner
+                        inner = outer
+                    else:
+                        inner *= arg[None, :]
+                if fresh:
+                    out = inner
+                else:
+                    out += inner
+        return out
+
+    def dequantize(self) -> torch.Tensor:
+        return torch.from_numpy(self.dequantize_numpy())
+
+    def nbytes(self) -> int:
+        total = sum(arg.nbytes for chain, _ in self.groups for _, arg in chain)
+        return total + sum(a.nbytes for _, terms in self.groups for t in terms for a in t.arrays())
+
+
+def prepare(qt: QuantizedTensor) -> NumbaPreparedWeight:
+    """Repack ``qt`` for the Numba kernels. Raises Unsupported for trees outside the plan, FormatError for bad data."""
+    record = qt.record
+
+    def info(key: str) -> TensorInfo | None:
+        array = qt.tensors.get(key)
+        return None if array is None else TensorInfo(dtype_name(array), tuple(array.shape), array.nbytes)
+
+    validate_record(qt.name, record, info)
+    specs = plan_terms(record)
+    rows, cols = matrix_shape(tuple(record["shape"]))
+    reader = _Reader(qt)
+    groups: dict[tuple, tuple[tuple, list]] = {}
+    try:
+        for spec in specs:
+            key = tuple((op, id(item)) for op, item, _ in spec.chain)
+            if key not in groups:
+                groups[key] = (_chain(reader, spec.chain, cols), [])
+            groups[key][1].append(_BUILDERS[spec.kind](reader, spec, rows, cols))
+    except FormatError as exc:
+        raise exc.at(tensor=qt.name) from None
+    return NumbaPreparedWeight(qt.name, record, list(groups.values()))

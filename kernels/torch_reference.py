@@ -1,0 +1,84 @@
+"""The torch reference path: for any record no kernel handles, decode the full weight on every call and use F.linear.
+
+Correct (it is the reference decoder), slow, and logged: the first matmul of each layer warns, naming the layer and
+its codec signature. The prepared weight keeps the record's canonical packed tensors as they are (no full weight).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from qformat.format import REGISTRY, QuantizedTensor, TensorInfo, signature, validate_record
+from qformat.format.dtypes import dtype_name
+from qformat.format.record import matrix_shape
+from qformat.kernel_api import Kernel, PreparedWeight
+
+log = logging.getLogger("qformat.kernels")
+
+
+class TorchReferencePrepared(PreparedWeight):
+    max_batch = 1 << 30  # decoding dominates whatever the batch; matmul itself is already dense
+
+    def __init__(self, qt: QuantizedTensor, device: str, kernel: Kernel) -> None:
+        self.qt = qt
+        self.device = torch.device(device)
+        self.kernel = kernel
+        self.signature = signature(qt.record["weight"])
+        self.out_features, self.in_features = matrix_shape(tuple(qt.record["shape"]))
+        self._warned = False
+
+    def _decode(self) -> torch.Tensor:
+        weight = np.asarray(self.qt.decode(), dtype=np.float32).reshape(self.out_features, self.in_features)
+        return torch.from_numpy(weight).to(self.device)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._warned:
+            self._warned = True
+            log.warning("no kernel for %s (%s) on %s: using the torch reference path, which decodes the full weight "
+                        "on every call (correct but slow)", self.qt.name, self.signature, self.device)
+        weight = self._decode()
+        return F.linear(x.to(weight.device, torch.float32), weight).to(x.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        return self._decode()
+
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in self.qt.tensors.values())
+
+
+class TorchReferenceKernel(Kernel):
+    """Always available, on every device; the dispatcher's fallback. Not a plugin: it is part of the dispatcher."""
+
+    name = "torch"
+    device = "any"
+    priority = -1000
+    max_batch = 1 << 30
+    supported = ("every codec the reference decoder knows (decodes a temporary full weight per call)",)
+
+    def supports(self, record: dict) -> bool:
+        try:
+            names = REGISTRY.names()
+            return _codecs_known(record.get("weight"), names)
+        except Exception:
+            return False
+
+    def prepare(self, qt: QuantizedTensor, device: str = "cpu") -> TorchReferencePrepared:
+        def info(key: str) -> TensorInfo | None:
+            array = qt.tensors.get(key)
+            return None if array is None else TensorInfo(dtype_name(array), tuple(array.shape), array.nbytes)
+
+        validate_record(qt.name, qt.record, info)
+        return TorchReferencePrepared(qt, device, self)
+
+
+def _codecs_known(node: object, names: dict) -> bool:
+    if not isinstance(node, dict):
+        return True
+    if node.get("codec") not in names or node.get("version") not in names[node["codec"]][0]:
+        return False
+    children = [v for v in node.values() if isinstance(v, dict)] + [t for t in node.get("terms", [])]
+    return all(_codecs_known(c, names) for c in children)

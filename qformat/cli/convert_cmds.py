@@ -1,0 +1,191 @@
+"""`qformat convert` (a model into the format, with a method plugin) and `qformat plugins` (what is installed)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from ..errors import ParameterError
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    from ..convert.calibration import DEFAULT_SAMPLES, DEFAULT_SEQLEN
+
+    conv = sub.add_parser(
+        "convert", help="quantize a Hugging Face model (folder, Hub id or .gguf) into a qformat folder",
+        description="Quantize a model block by block with a method plugin (see `qformat plugins`) and write a "
+        "Hugging Face-style qformat folder. Only one decoder block is in memory at a time; a run that is killed "
+        "can be started again with the same command and resumes from the last finished block.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    conv.add_argument("source", metavar="SRC", help="local model folder (config.json + safetensors), Hub id "
+                      "(namespace/name) or .gguf file")
+    conv.add_argument("--method", required=True, help="quantization method (a plugin; see `qformat plugins`)")
+    conv.add_argument("--out", required=True, help="output folder (written atomically; must not exist unless "
+                      "--overwrite)")
+    conv.add_argument("--bits", help="the method's `bits` parameter")
+    conv.add_argument("--group-size", help="the method's `group_size` parameter")
+    conv.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                      help="any other method parameter, e.g. -p outlier_threshold=0.2 (repeatable)")
+    cal = conv.add_argument_group("calibration (methods that need statistics: gptq, spqr, ...)")
+    cal.add_argument("--calib", metavar="FILE", help="UTF-8 calibration text (default: the shipped Wikipedia text, "
+                     "works offline)")
+    cal.add_argument("--calib-samples", type=int, default=DEFAULT_SAMPLES,
+                     help="number of random token windows (default sized for a 2-core CPU; papers use 128)")
+    cal.add_argument("--calib-seqlen", type=int, default=DEFAULT_SEQLEN,
+                     help="tokens per window (papers use 2048)")
+    cal.add_argument("--seed", type=int, default=0, help="seed of the window offsets and of the methods")
+    cal.add_argument("--true-sequential", action="store_true",
+                     help="re-collect statistics after each group of linears sharing an input (q/k/v -> o -> "
+                          "gate/up -> down) instead of once per block")
+    sel = conv.add_argument_group("modules")
+    sel.add_argument("--include", nargs="+", action="extend", default=[], metavar="PAT",
+                     help="quantize only modules matching these globs (full name or dotted suffix, e.g. 'mlp.*', "
+                          "'lm_head'); default: every linear in the decoder blocks")
+    sel.add_argument("--exclude", nargs="+", action="extend", default=[], metavar="PAT",
+                     help="leave modules matching these globs unquantized (e.g. 'down_proj', 'layers.0.*')")
+    conv.add_argument("--revision", help="Hub revision (branch, tag or commit) of a Hub id source")
+    conv.add_argument("--overwrite", action="store_true", help="replace an existing output folder (once the new "
+                      "one is complete)")
+    conv.add_argument("--restart", action="store_true", help="discard a partial conversion of --out instead of "
+                      "resuming it")
+    conv.add_argument("--quiet", action="store_true", help="no progress bars or summary table")
+    conv.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    ev = conv.add_argument_group("quality check")
+    ev.add_argument("--eval", nargs="?", const="default", metavar="TEXT",
+                    help="after converting, print perplexity before/after on TEXT (default: the shipped evaluation "
+                         "text) and a short greedy generation; results also go into the model card")
+    ev.add_argument("--eval-windows", type=int, default=8, help="evaluate at most this many windows (0: all)")
+    ev.add_argument("--eval-seqlen", type=int, default=2048, help="tokens per evaluation window")
+    ev.add_argument("--prompt", help="prompt of the generated sample")
+    hub = conv.add_argument_group("publishing")
+    hub.add_argument("--push-to", metavar="REPO", help="upload the finished folder to this Hub repository")
+    hub.add_argument("--private", action="store_true", help="create the Hub repository as private")
+    hub.add_argument("--create-pr", action="store_true", help="push as a pull request")
+    conv.set_defaults(func=run_convert)
+
+    plug = sub.add_parser("plugins", help="list installed plugins, their methods and parameters",
+                          description="Plugins are found through the Python entry-point group `qformat`.")
+    plug.add_argument("--json", action="store_true", help="print as JSON")
+    plug.set_defaults(func=run_plugins)
+
+
+def method_params(method: Any, args: argparse.Namespace) -> dict[str, str]:
+    """``-p k=v`` pairs plus ``--bits``/``--group-size``, each checked against the method's declared parameters."""
+    declared = {p.name for p in method.params}
+    values: dict[str, str] = {}
+    for item in args.param:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ParameterError(f"-p expects KEY=VALUE, got {item!r}")
+        if key in values:
+            raise ParameterError(f"parameter {key!r} is given twice")
+        values[key] = value.strip()
+    for flag, key in (("--bits", "bits"), ("--group-size", "group_size")):
+        value = getattr(args, key)
+        if value is None:
+            continue
+        if key not in declared:
+            raise ParameterError(f"method {method.name!r} has no {key!r} parameter, so {flag} does not apply; it "
+                                 f"takes: {', '.join(sorted(declared)) or 'none'}")
+        if key in values:
+            raise ParameterError(f"{flag} and -p {key}= both set {key!r}; give one")
+        values[key] = value
+    method.validate_params(values)  # fail now, with the parameter's name, before any work
+    return values
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from ..convert.pipeline import Converter, ConvertOptions
+    from ..convert.quality import DEFAULT_PROMPT, add_results_to_card, evaluate_conversion, resolve_eval_text
+    from ..convert.report import print_summary
+    from ..plugins import get_method
+
+    method = get_method(args.method)
+    params = method_params(method, args)
+    eval_text = resolve_eval_text(args.eval) if args.eval else None
+    options = ConvertOptions(
+        source=args.source, out=args.out, method=args.method, params=params, revision=args.revision,
+        calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
+        include=args.include, exclude=args.exclude, true_sequential=args.true_sequential, overwrite=args.overwrite,
+        restart=args.restart, quiet=args.quiet)
+    converter = Converter(options)
+    converter.prepare()
+    if converter.resuming and not args.quiet:
+        print(f"qformat: resuming the partial conversion in {converter.work_dir}", file=sys.stderr)
+    result = converter.run()
+    if not args.quiet:
+        print_summary(result.summary, str(result.out))
+    output: dict[str, Any] = {"out": str(result.out), "summary": result.summary.as_dict()}
+    if eval_text is not None:
+        report = evaluate_conversion(result.source, result.out, eval_text, windows=args.eval_windows or None,
+                                     seqlen=args.eval_seqlen, prompt=args.prompt or DEFAULT_PROMPT)
+        add_results_to_card(result.out, result.source, report)
+        output["eval"] = report.__dict__
+        if not args.json:
+            change = (report.ppl_after / report.ppl_before - 1) * 100
+            print(f"perplexity on {report.text} ({report.windows} x {report.seqlen} tokens): "
+                  f"before {report.ppl_before:.3f}, after {report.ppl_after:.3f} ({change:+.2f}%)")
+            print(f"prompt: {report.prompt!r}")
+            print(f"  source:    {report.sample_before!r}")
+            print(f"  quantized: {report.sample_after!r}")
+    if args.push_to:
+        from ..hub import push_folder
+
+        pushed = push_folder(result.out, args.push_to, private=args.private, create_pr=args.create_pr)
+        output["push"] = {"repo_id": pushed.repo_id, "revision": pushed.revision, "commit": pushed.commit_sha,
+                          "url": pushed.pr_url or pushed.commit_url}
+        if not args.json:
+            print(f"pushed to {pushed.repo_id}@{pushed.revision}: {pushed.pr_url or pushed.commit_url or 'no changes'}")
+    if args.json:
+        print(json.dumps(output, indent=2, default=str))
+    elif args.quiet:
+        print(result.out)
+    return 0
+
+
+def plugin_listing() -> list[dict[str, Any]]:
+    from ..plugins import get_plugins
+
+    plugins = get_plugins()
+    listing = []
+    for name, info in sorted(plugins.info.items()):
+        methods = []
+        for method_name in info.methods:
+            cls = plugins.methods[method_name]
+            methods.append({
+                "name": method_name, "description": cls.description,
+                "calibration": sorted(cls.calibration),
+                "params": [{"name": p.name, "type": p.type.__name__, "default": p.default, "min": p.min,
+                            "max": p.max, "choices": list(p.choices) if p.choices else None, "help": p.help,
+                            "describe": p.describe()} for p in cls.params]})
+        listing.append({"entry_point": name, "module": info.module, "package": info.package,
+                        "version": info.version, "methods": methods, "codecs": info.codecs,
+                        "kernels": info.kernels, "error": info.error})
+    return listing
+
+
+def run_plugins(args: argparse.Namespace) -> int:
+    listing = plugin_listing()
+    if args.json:
+        print(json.dumps(listing, indent=2, default=str))
+        return 0
+    for plugin in listing:
+        print(f"{plugin['entry_point']}  ({plugin['package']} {plugin['version']}, module {plugin['module']})")
+        if plugin["error"]:
+            print(f"  failed to load: {plugin['error']}")
+        for kind in ("codecs", "kernels"):
+            if plugin[kind]:
+                print(f"  {kind}: {', '.join(plugin[kind])}")
+        for method in plugin["methods"]:
+            calib = ", ".join(method["calibration"]) or "none"
+            print(f"  method {method['name']} (calibration: {calib})")
+            if method["description"]:
+                print(f"    {method['description']}")
+            for param in method["params"]:
+                print(f"    - {param['describe']}")
+        if not any(plugin[k] for k in ("methods", "codecs", "kernels")) and not plugin["error"]:
+            print("  (no hook implementations)")
+    return 0

@@ -1,0 +1,592 @@
+"""The conversion pipeline: sequential, block by block, resumable, deterministic.
+
+For each decoder block: read its weights from the source, hook the selected linears to accumulate calibration
+statistics, run the calibration forwards, quantize each linear through the method plugin, replace its weight by the
+reference decode of the record (so the next block sees exactly what the file holds), re-run the block to produce the
+next block's inputs, write the block's shard, and drop the block. Only one block's weights and its activations are in
+memory at a time. Tensors outside the blocks (embeddings, final norm, lm_head) go into a last shard.
+
+Shards go to ``<out>.partial/`` with a ``state.json`` of the exact options; a run killed at any point and started
+again with the same options checks the finished shards, recomputes the block inputs through them, and continues; the
+output is byte-identical to an uninterrupted run (on the same machine and thread count). The finished folder is moved
+into place in one rename.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import tempfile
+import time
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ConversionError, FormatError, PluginError
+from ..format import FolderWriter, QFile, QuantizedTensor, bits_by_layer_type
+from ..format.dtypes import WEIGHT_DTYPES
+from ..methods import LayerInput, Method
+from . import calibration as calib_data
+from .activations import BlockCalls, LinearStats, capture_block_inputs, input_groups, run_block
+from .report import (
+    Progress,
+    Summary,
+    current_rss_bytes,
+    outlier_count,
+    peak_rss_bytes,
+    return_freed_memory,
+    summarize,
+)
+from .selection import Selection, select_modules
+from .source import ModelSource, Skeleton, build_skeleton, open_source, release, set_tensor, tied_source
+
+STATE_NAME = "state.json"
+STATE_VERSION = 1
+CALIBRATED = frozenset({"hessian", "act_norms"})
+
+
+@dataclass
+class ConvertOptions:
+    source: str
+    out: str | os.PathLike
+    method: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+    revision: str | None = None
+    calib: str | os.PathLike | None = None  # None: the shipped default text
+    calib_samples: int = calib_data.DEFAULT_SAMPLES
+    calib_seqlen: int = calib_data.DEFAULT_SEQLEN
+    seed: int = 0
+    include: Sequence[str] = ()
+    exclude: Sequence[str] = ()
+    true_sequential: bool = False
+    overwrite: bool = False
+    restart: bool = False
+    quiet: bool = False
+
+
+@dataclass
+class ConvertResult:
+    out: Path
+    summary: Summary
+    quantization_config: dict[str, Any]
+    source: ModelSource
+
+
+BlockHook = Callable[[int], None]
+
+
+def convert(options: ConvertOptions, *, on_block_done: BlockHook | None = None) -> ConvertResult:
+    """Validate everything, then convert. ``on_block_done(i)`` runs after block i's shard is written (tests use it
+    to simulate a kill)."""
+    converter = Converter(options)
+    converter.prepare()
+    return converter.run(on_block_done=on_block_done)
+
+
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor as numpy in its own dtype (bf16 through ml_dtypes), for writing."""
+    tensor = tensor.detach().contiguous()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+@contextlib.contextmanager
+def deterministic(seed: int) -> Iterator[None]:
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+class Converter:
+    def __init__(self, options: ConvertOptions) -> None:
+        self.options = options
+        self.out = Path(options.out)
+        self.work_dir = self.out.with_name(self.out.name + ".partial")
+
+    # ================================================================================================ validation
+    def prepare(self) -> None:
+        """Every check that can fail before heavy work: method, parameters, output, source, architecture, modules,
+        calibration text length, resumable state."""
+        from ..plugins import get_method, get_plugins
+
+        opts = self.options
+        self.method: Method = get_method(opts.method)
+        self.params = self.method.validate_params(dict(opts.params))
+        owner = get_plugins().method_owner.get(opts.method)
+        info = get_plugins().info.get(owner) if owner else None
+        self.plugin_label = f"{info.package} {info.version}" if info else "?"
+        self.needs_calibration = bool(self.method.calibration & CALIBRATED)
+        if self.out.exists() and not opts.overwrite:
+            raise ConversionError(f"the output folder {self.out} exists; choose another --out or pass --overwrite "
+                                  "(the old folder is replaced only once the new one is complete)")
+        if self.out.exists() and not self.out.is_dir():
+            raise ConversionError(f"the output {self.out} exists and is not a folder")
+        self.calib_text = None
+        if self.needs_calibration:
+            if opts.calib_samples < 1 or opts.calib_seqlen < 2:
+                raise ConversionError(f"--calib-samples must be >= 1 and --calib-seqlen >= 2 (got "
+                                      f"{opts.calib_samples}, {opts.calib_seqlen})")
+            self.calib_text = calib_data.read_text(opts.calib)
+        self.source = open_source(opts.source, opts.revision, quiet=opts.quiet)
+        resolved_out = self.out.resolve()
+        if resolved_out == self.source.folder.resolve() or self.source.folder.resolve() in resolved_out.parents:
+            raise ConversionError(f"--out {self.out} is inside the source model folder {self.source.folder}")
+        self.skeleton: Skeleton = build_skeleton(self.source)
+        self.selection: Selection = select_modules(self.skeleton, opts.include, opts.exclude)
+        self._plan_tensors()
+        self.windows = None
+        if self.needs_calibration:
+            tokenizer = self.source.tokenizer()
+            ids = calib_data.tokenize(tokenizer, self.calib_text.text)
+            vocab = self.skeleton.model.get_input_embeddings().num_embeddings
+            if ids.numel() and int(ids.max()) >= vocab:
+                raise ConversionError(f"the tokenizer of {opts.source} produces id {int(ids.max())}, beyond the "
+                                      f"model's {vocab} embeddings")
+            self.windows = calib_data.sample_windows(ids, opts.calib_samples, opts.calib_seqlen, opts.seed,
+                                                source=f"the calibration text {self.calib_text.path.name}")
+        self.state = self._state()
+        self._check_work_dir()
+
+    def _plan_tensors(self) -> None:
+        """Which tensors each shard holds, checked against the checkpoint before any work."""
+        sk, src = self.skeleton, self.source
+        self.block_names: list[list[str]] = []  # per block: names relative to the block, present in the checkpoint
+        for index, block in enumerate(sk.blocks):
+            prefix = sk.block_prefix(index)
+            names = self._present(block, prefix)
+            self.block_names.append(names)
+        self.outside_names = [n for n in self._present(sk.model, "") if not n.startswith(sk.blocks_prefix + ".")]
+        self.tied: dict[str, str] = {}
+        for name in self._param_names(sk.model):
+            if name.startswith(sk.blocks_prefix + ".") or name in src.weight_file:
+                continue
+            target = tied_source(sk.model, name)
+            if target is None or target not in src.weight_file:
+                raise ConversionError(f"the source model {self.options.source} lacks the tensor {name!r} that "
+                                      f"{type(sk.model).__name__} needs")
+            self.tied[name] = target
+        self.outside_quantized = [f"{m}.weight" for m in self.selection.outside]
+        self.need_final_hidden = self.needs_calibration and bool(self.outside_quantized)
+        for weight in self.outside_quantized:
+            module_name = weight.rsplit(".", 1)[0]
+            module = sk.model.get_submodule(module_name)
+            if self.needs_calibration and isinstance(module, nn.Embedding):
+                raise ConversionError(f"{module_name} is an embedding: method {self.method.name!r} needs calibration "
+                                      "statistics, which embeddings do not have; quantize embeddings with a method "
+                                      "without calibration (e.g. rtn) or leave them out")
+            if self.needs_calibration and not isinstance(getattr(sk.model.base_model, "norm", None), nn.Module):
+                raise ConversionError(f"cannot collect calibration statistics for {module_name}: the model has no "
+                                      "final norm at base_model.norm")
+        for name in self.selected_weights():
+            dtype = src.dtypes[self.tied.get(name, name)]
+            if dtype not in WEIGHT_DTYPES:
+                raise ConversionError(f"{name} is stored as {dtype}; qformat quantizes F32, F16 and BF16 weights")
+
+    def _param_names(self, module: nn.Module) -> list[str]:
+        return [n for n, _ in module.named_parameters(remove_duplicate=False)]
+
+    def _present(self, module: nn.Module, prefix: str) -> list[str]:
+        """State names of a module: every parameter must be in the checkpoint; persistent buffers are optional."""
+        params = set(self._param_names(module))
+        names = []
+        for name in module.state_dict(keep_vars=True):
+            full = prefix + name
+            if full in self.source.weight_file:
+                names.append(name)
+            elif name in params and prefix:
+                raise ConversionError(f"the source model {self.options.source} lacks the tensor {full!r}")
+        return names
+
+    def selected_weights(self) -> list[str]:
+        return [f"{n}.weight" for n in self.selection.names(self.skeleton.blocks_prefix)]
+
+    # ================================================================================================ state
+    def _state(self) -> dict[str, Any]:
+        opts = self.options
+        calibration = None
+        if self.needs_calibration:
+            assert self.calib_text is not None
+            calibration = {"text": self.calib_text.label, "sha256": self.calib_text.sha256,
+                           "samples": opts.calib_samples, "seqlen": opts.calib_seqlen, "seed": opts.seed,
+                           "true_sequential": opts.true_sequential}
+        return {"state_version": STATE_VERSION, "method": self.method.name, "method_params": self.params,
+                "method_plugin": self.plugin_label, "source": self.source.describe(),
+                "source_fingerprint": self.source.fingerprint(), "calibration": calibration,
+                "include": list(opts.include), "exclude": list(opts.exclude), "seed": opts.seed,
+                "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+    def _check_work_dir(self) -> None:
+        """Resume only with identical options; ``--restart`` discards an earlier partial conversion."""
+        work = self.work_dir
+        self.resuming = False
+        if not work.exists():
+            return
+        if self.options.restart:
+            shutil.rmtree(work)
+            return
+        state_path = work / STATE_NAME
+        if not state_path.is_file():
+            if any(p for p in work.iterdir() if not p.name.startswith(("shard-", ".shard-", "final"))):
+                raise ConversionError(f"{work} exists and is not a qformat partial conversion; remove it")
+            shutil.rmtree(work)
+            return
+        try:
+            previous = json.loads(state_path.read_text())
+        except (OSError, ValueError):
+            previous = None
+        if previous != json.loads(json.dumps(self.state)):
+            changed = sorted(k for k in set(self.state) | set(previous or {})
+                             if (previous or {}).get(k) != json.loads(json.dumps(self.state)).get(k))
+            raise ConversionError(f"{work} holds a partial conversion made with different options ("
+                                  f"{', '.join(changed) or 'unreadable state'}); rerun with the same options to resume, "
+                                  "or pass --restart to discard it")
+        self.resuming = True
+
+    # ================================================================================================ running
+    def run(self, on_block_done: BlockHook | None = None) -> ConvertResult:
+        start = time.perf_counter()
+        try:
+            writer = FolderWriter(self.out, self.work_dir, overwrite=True)
+            self._write_text(self.work_dir / STATE_NAME, json.dumps(self.state, indent=2, sort_keys=True) + "\n")
+        except OSError as exc:
+            raise self._write_error(exc, self.work_dir / STATE_NAME) from None
+        self.writer = writer
+        self.rss_after_block: list[int] = []
+        blocks = len(self.skeleton.blocks)
+        done = self._finished_shards()
+        progress = Progress(blocks, min(done, blocks), self.options.quiet)
+        try:
+            with deterministic(self.options.seed):
+                self._run_blocks(done, progress, on_block_done)
+        finally:
+            progress.close()
+        seconds = time.perf_counter() - start
+        records, outliers = self._read_records()
+        summary = summarize(self.method.name, records, outliers, seconds, peak_rss_bytes(), min(done, blocks))
+        summary.extra["rss_after_block"] = self.rss_after_block
+        qconfig = self._quantization_config(records)
+        config = dict(self.source.config)
+        if any(w in self.tied for w in self.outside_quantized):
+            config["tie_word_embeddings"] = False  # lm_head now has its own (quantized) weight
+        from_card = self._model_card(config, qconfig, records)
+        extra = {"README.md": from_card} if from_card else None
+        try:
+            writer.finalize(config, qconfig, self.source.extra_files(), extra)
+        except OSError as exc:
+            raise self._write_error(exc, self.out) from None
+        return ConvertResult(self.out, summary, qconfig, self.source)
+
+    def _run_blocks(self, done: int, progress: Progress, on_block_done: BlockHook | None) -> None:
+        blocks = len(self.skeleton.blocks)
+        inputs: list[torch.Tensor] = []
+        calls: BlockCalls | None = None
+        if self.needs_calibration and (done < blocks or (done == blocks and self.need_final_hidden)):
+            calls = self._capture()
+            inputs = calls.first_inputs
+            calls.first_inputs = []
+            for index in range(min(done, blocks)):  # resume: recompute inputs through the finished blocks
+                progress.note(f"replaying block {index}")
+                inputs = self._replay(index, calls, inputs)
+        for index in range(done, blocks):
+            inputs = self._convert_block(index, calls, inputs, progress)
+            self.rss_after_block.append(current_rss_bytes())
+            if on_block_done is not None:
+                on_block_done(index)
+        if done <= blocks:
+            self._convert_outside(inputs)
+            if on_block_done is not None:
+                on_block_done(blocks)
+
+    def _capture(self) -> BlockCalls:
+        """Block-0 inputs and the blocks' call arguments; only the modules before the blocks are materialised."""
+        model = self.skeleton.model
+        output_embeddings = model.get_output_embeddings()
+        skip = {f"{n}.{p}" for n, m in model.named_modules() if m is output_embeddings
+                for p, _ in m.named_parameters()}
+        names = [n for n in self.outside_names if n not in skip]
+        for name, tensor in self.source.read(names).items():
+            set_tensor(model, name, tensor.to(torch.float32))
+        try:
+            assert self.windows is not None
+            return capture_block_inputs(self.skeleton, self.windows)
+        finally:
+            release(model)  # the blocks are not materialised yet: this frees the embeddings
+            return_freed_memory()
+
+    def _load_block(self, index: int) -> dict[str, torch.Tensor]:
+        block, prefix = self.skeleton.blocks[index], self.skeleton.block_prefix(index)
+        stored = self.source.read(prefix + n for n in self.block_names[index])
+        for name in self.block_names[index]:
+            set_tensor(block, name, stored[prefix + name].to(torch.float32))
+        return stored
+
+    def _convert_block(self, index: int, calls: BlockCalls | None, inputs: list[torch.Tensor],
+                       progress: Progress) -> list[torch.Tensor]:
+        block, prefix = self.skeleton.blocks[index], self.skeleton.block_prefix(index)
+        selected = self.selection.block_linears.get(index, [])
+        progress.start_block(index, len(selected))
+        stored = self._load_block(index)
+        modules = dict(block.named_modules())
+        records: list[QuantizedTensor] = []
+        if calls is None:
+            for name in selected:
+                records.append(self._quantize_module(prefix + name, modules[name], None))
+                progress.layer_done(name)
+        else:
+            groups = input_groups(block, index, calls, inputs[0], selected) \
+                if self.options.true_sequential else [selected]
+            for group in groups:
+                stats = LinearStats("hessian" in self.method.calibration, "act_norms" in self.method.calibration)
+                stats.attach({prefix + name: modules[name] for name in group})
+                try:
+                    run_block(block, index, calls, inputs, keep=False)
+                finally:
+                    stats.detach()
+                for name in group:
+                    records.append(self._quantize_module(prefix + name, modules[name], stats))
+                    progress.layer_done(name)
+        last = index == len(self.skeleton.blocks) - 1
+        outputs = run_block(block, index, calls, inputs) if calls is not None and (
+            not last or self.need_final_hidden) else []
+        quantized = {qt.name for qt in records}
+        plain = {prefix + n: to_numpy(stored[prefix + n]) for n in self.block_names[index]
+                 if prefix + n not in quantized}
+        self._write_shard(index, plain, records)
+        release(block)
+        del stored, plain, records
+        return_freed_memory()
+        progress.block_done()
+        return outputs
+
+    def _replay(self, index: int, calls: BlockCalls, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Run a finished block with the weights its shard holds (decoded), to get the next block's inputs."""
+        block, prefix = self.skeleton.blocks[index], self.skeleton.block_prefix(index)
+        self._load_block(index)
+        qfile = QFile(self.writer.shard_path(index))
+        try:
+            for name in qfile.records:
+                weight = torch.from_numpy(np.array(qfile.decode(name), dtype=np.float32))
+                set_tensor(block, name[len(prefix):], weight)
+        except FormatError as exc:
+            qfile.close()
+            self._discard_from(index)
+            raise ConversionError(f"the finished shard of block {index} is damaged ({exc}); it was removed, run "
+                                  "the same command again to redo it") from None
+        qfile.close()
+        outputs = run_block(block, index, calls, inputs)
+        release(block)
+        return_freed_memory()
+        return outputs
+
+    def _convert_outside(self, final_hidden: list[torch.Tensor]) -> None:
+        """The last shard: embeddings, final norm, lm_head (plain unless selected)."""
+        model = self.skeleton.model
+        needed = sorted(set(self.outside_names) | {self.tied[w] for w in self.outside_quantized if w in self.tied})
+        stored = self.source.read(needed)
+        records = []
+        for weight_name in self.outside_quantized:
+            module_name = weight_name.rsplit(".", 1)[0]
+            weight = stored[self.tied.get(weight_name, weight_name)]
+            stats = None
+            if self.needs_calibration:
+                stats = LinearStats("hessian" in self.method.calibration, "act_norms" in self.method.calibration)
+                norm = model.base_model.norm
+                norm_prefix = next(n for n, m in model.named_modules() if m is norm)
+                for name in self.outside_names:
+                    if name.startswith(norm_prefix + "."):
+                        set_tensor(model, name, stored[name].to(torch.float32))
+                with torch.inference_mode():
+                    for hidden in final_hidden:
+                        stats.add(module_name, norm(hidden))
+                release(norm)
+            records.append(self._quantize_tensor(weight_name, weight.to(torch.float32), self._dtype(weight_name),
+                                                 stats, module_name))
+        quantized = {qt.name for qt in records}
+        plain = {n: to_numpy(stored[n]) for n in self.outside_names if n not in quantized}
+        self._write_shard(len(self.skeleton.blocks), plain, records)
+
+    # ================================================================================================ quantizing
+    def _dtype(self, weight_name: str) -> str:
+        return self.source.dtypes[self.tied.get(weight_name, weight_name)]
+
+    def _quantize_module(self, module_name: str, module: nn.Module, stats: LinearStats | None) -> QuantizedTensor:
+        weight_name = f"{module_name}.weight"
+        qt = self._quantize_tensor(weight_name, module.weight.detach(), self._dtype(weight_name), stats, module_name)
+        decoded = torch.from_numpy(np.array(qt.decode(), dtype=np.float32)).reshape(module.weight.shape)
+        module._parameters["weight"] = nn.Parameter(decoded, requires_grad=False)
+        return qt
+
+    def _quantize_tensor(self, weight_name: str, weight: torch.Tensor, dtype: str, stats: LinearStats | None,
+                         stats_name: str) -> QuantizedTensor:
+        hessian, norms, tokens = stats.pop(stats_name) if stats is not None else (None, None, 0)
+        layer = LayerInput(weight_name, weight.detach().to(torch.float32).clone(), dtype, hessian, norms, tokens)
+        # Seeded per layer, so a resumed run draws the same random numbers as an uninterrupted one.
+        torch.manual_seed((zlib.crc32(weight_name.encode()) ^ self.options.seed) & 0x7FFFFFFF)
+        qt = self.method.quantize(layer, self.params)
+        if not isinstance(qt, QuantizedTensor) or qt.name != weight_name:
+            raise PluginError(f"method {self.method.name!r} ({self.plugin_label}) returned "
+                              f"{type(qt).__name__} for {weight_name}, not a QuantizedTensor named so")
+        if list(qt.record.get("shape", [])) != list(weight.shape):
+            raise PluginError(f"method {self.method.name!r} returned shape {qt.record.get('shape')} for "
+                              f"{weight_name}, whose shape is {list(weight.shape)}")
+        return qt
+
+    # ================================================================================================ files
+    def _shard_expectation(self, index: int) -> tuple[set[str], set[str]]:
+        """(record names, plain names) shard ``index`` must hold."""
+        if index < len(self.skeleton.blocks):
+            prefix = self.skeleton.block_prefix(index)
+            records = {f"{prefix}{n}.weight" for n in self.selection.block_linears.get(index, [])}
+            plain = {prefix + n for n in self.block_names[index]} - records
+        else:
+            records = set(self.outside_quantized)
+            plain = set(self.outside_names) - records
+        return records, plain
+
+    def _finished_shards(self) -> int:
+        """Number of leading shards already written and intact; later or damaged shards are removed."""
+        total = len(self.skeleton.blocks) + 1
+        done = 0
+        for index in range(total):
+            path = self.writer.shard_path(index)
+            if not path.is_file():
+                break
+            try:
+                qfile = QFile(path)
+                names = set(qfile.records), set(qfile.plain_names)
+                qfile.close()
+            except FormatError:
+                break
+            if names != self._shard_expectation(index):
+                break
+            done = index + 1
+        self._discard_from(done)
+        return done
+
+    def _discard_from(self, index: int) -> None:
+        for path in self.work_dir.glob("shard-*.safetensors"):
+            if int(path.stem.split("-")[1]) >= index:
+                path.unlink()
+        for path in self.work_dir.glob(".shard-*"):  # temp files of an interrupted write
+            path.unlink()
+
+    def _write_shard(self, index: int, plain: Mapping[str, np.ndarray], records: list[QuantizedTensor]) -> None:
+        path = self.writer.shard_path(index)
+        try:
+            self.writer.write_shard(index, plain, records)
+        except OSError as exc:
+            raise self._write_error(exc, path) from None
+
+    def _write_error(self, exc: OSError, file: Path) -> ConversionError:
+        kept = f"the partial work is in {self.work_dir} and can be resumed"
+        untouched = f"{self.out} was not touched"
+        if exc.errno == errno.ENOSPC:
+            return ConversionError(f"disk full while writing {file}; {kept}; {untouched}")
+        return ConversionError(f"cannot write {file}: {exc.strerror or exc}; {kept}; {untouched}")
+
+    @staticmethod
+    def _write_text(path: Path, text: str) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def _read_records(self) -> tuple[dict[str, dict], dict[str, int]]:
+        records: dict[str, dict] = {}
+        outliers: dict[str, int] = {}
+        for index in range(len(self.skeleton.blocks) + 1):
+            qfile = QFile(self.writer.shard_path(index))
+
+            def length(tensor: str, _q: QFile = qfile) -> int:
+                return int(np.prod(_q.st.entries[tensor].shape))
+
+            for name, record in qfile.records.items():
+                records[name] = record
+                outliers[name] = outlier_count(record["weight"], length)
+            qfile.close()
+        return records, outliers
+
+    def _quantization_config(self, records: Mapping[str, dict]) -> dict[str, Any]:
+        from .. import __version__
+        from ..format import REGISTRY
+        from ..plugins import get_plugins
+
+        opts = self.options
+        source = {"id": self.source.hub_id or opts.source, "revision": self.source.revision,
+                  **{k: v for k, v in self.source.describe().items() if k not in ("id", "revision")}}
+        used = set()
+
+        def walk(node: Any) -> None:
+            if isinstance(node, dict):
+                if isinstance(node.get("codec"), str):
+                    used.add(node["codec"])
+                for value in node.values():
+                    walk(value)
+            elif isinstance(node, list):
+                for value in node:
+                    walk(value)
+
+        for record in records.values():
+            walk(record["weight"])
+        providers = {}
+        for codec in sorted(used):
+            owner = REGISTRY.names().get(codec, (None, "qformat"))[1]
+            if owner != "qformat":
+                info = next((i for i in get_plugins().info.values() if codec in i.codecs), None)
+                providers[codec] = f"{info.package}>={info.version}" if info else owner
+        qconfig: dict[str, Any] = {
+            "method": self.method.name, "method_params": self.params, "method_plugin": self.plugin_label,
+            "bits_by_layer_type": bits_by_layer_type(records), "source": source,
+            "calibration": self.state["calibration"], "quantized_modules": sorted(n.rsplit(".", 1)[0] for n in records),
+            "qformat_version": __version__, "command": self._command(),
+        }
+        if providers:
+            qconfig["codec_providers"] = providers
+        return qconfig
+
+    def _command(self) -> str:
+        """The conversion as a canonical command line (for the model card)."""
+        opts = self.options
+        parts = ["qformat convert", f"--method {self.method.name}", opts.source if not self.source.hub_id
+                 else self.source.hub_id, f"--out {self.out.name}"]
+        defaults = {p.name: p.default for p in self.method.params}
+        parts += [f"-p {k}={v}" for k, v in sorted(self.params.items()) if defaults.get(k) != v]
+        if self.needs_calibration:
+            if opts.calib is not None:
+                parts.append(f"--calib {Path(opts.calib).name}")
+            parts.append(f"--calib-samples {opts.calib_samples} --calib-seqlen {opts.calib_seqlen} --seed {opts.seed}")
+            if opts.true_sequential:
+                parts.append("--true-sequential")
+        parts += [f"--include '{p}'" for p in opts.include] + [f"--exclude '{p}'" for p in opts.exclude]
+        return " ".join(parts)
+
+    def _model_card(self, config: dict[str, Any], qconfig: dict[str, Any], records: Mapping[str, dict]) -> str | None:
+        try:
+            from ..model_card import render_model_card
+        except ImportError:  # the card is documentation; a conversion does not depend on it
+            return None
+        weights = sum(int(np.prod(r["shape"])) for r in records.values())
+        bits = round(sum(r["storage_bytes"] * 8 for r in records.values()) / weights, 4) if weights else None
+        full = {**config, "quantization_config": {"quant_method": "qformat", "format_version": 1, **qconfig,
+                                                  "bits_per_weight": bits}}
+        return render_model_card(full, source_card_metadata=self.source.card_metadata())

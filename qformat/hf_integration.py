@@ -1,0 +1,149 @@
+"""qformat as a transformers quantization method: ``AutoModelForCausalLM.from_pretrained(folder)`` after ``import qformat``.
+
+How the weights get in (transformers 5.x): transformers' own loader only knows tensors that are parameters or
+buffers of the model, and a record's tensors (``<module>.weight.<role>``, any number, nested node trees) are neither.
+Rather than describing every codec tree to transformers' ``WeightConverter`` machinery, the quantizer reads the
+records itself from the checkpoint files transformers resolved (local or downloaded from the Hub):
+
+- ``_process_model_before_weight_loading`` (model on the meta device): open and validate the folder (a missing codec
+  plugin fails here, before any weight is read), swap each quantized Linear for a :class:`QLinear` placeholder, and
+  tell transformers to ignore the record tensors it will find unexpected;
+- transformers then loads the plain tensors (embeddings, norms, biases) and ties weights as usual;
+- ``_process_model_after_weight_loading``: prepare every QLinear's kernel weight from the memory-mapped records.
+
+This uses only the documented hooks plus ``_keys_to_ignore_on_load_unexpected``, so it survives changes to the
+converter API. Saving a loaded model back with ``save_pretrained`` is not supported (``is_serializable`` is False):
+the folder already is the serialized form.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .format.container import QUANT_METHOD
+from .loader import attach_prepared, open_model_folder, release_record_pages, swap_in_qlinears
+from .nn import qlinear_modules
+
+
+class QformatConfig(QuantizationConfigMixin):
+    """``quantization_config`` of a qformat folder. Keeps every field of config.json so it round-trips.
+
+    ``kernel`` (optional, not stored by the converter) forces one installed kernel instead of the dispatcher's choice.
+    """
+
+    def __init__(self, format_version: int = 1, kernel: str | None = None, **kwargs: Any) -> None:
+        kwargs.pop("quant_method", None)
+        self.quant_method = QUANT_METHOD
+        self.format_version = format_version
+        self.kernel = kernel
+        for key, value in kwargs.items():
+            setattr(self, key, value)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        if data.get("kernel") is None:
+            data.pop("kernel", None)
+        return data
+
+
+class QformatHfQuantizer(HfQuantizer):
+    """Loads pre-quantized qformat folders; quantizing on the fly is the converter's job (``qformat convert``)."""
+
+    requires_calibration = True  # transformers refuses QformatConfig on an unquantized checkpoint
+    quantization_config: QformatConfig
+
+    def __init__(self, quantization_config: QuantizationConfigMixin, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+        self._folder = None
+        self._swapped: dict[str, str] = {}
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        device_map = kwargs.get("device_map")
+        if isinstance(device_map, dict) and "disk" in {str(d) for d in device_map.values()}:
+            raise ValueError("qformat models cannot be offloaded to disk; they are already memory-mapped")
+        try:
+            import qformat_kernels.dispatch  # noqa: F401
+        except ImportError as exc:
+            raise ImportError(f"qformat's kernels are not importable ({exc}); reinstall qformat") from exc
+
+    def _process_model_before_weight_loading(self, model: Any, checkpoint_files: list[str] | None = None,
+                                             **kwargs: Any) -> Any:
+        if not checkpoint_files:
+            raise ValueError("qformat needs the checkpoint's safetensors files (no state_dict loading)")
+        self._folder = open_model_folder(Path(checkpoint_files[0]).parent)
+        self._swapped = swap_in_qlinears(model, self._folder.records)
+        # The record tensors are read from the folder after loading; transformers would report them as unexpected.
+        names = "|".join(re.escape(name) for name in self._folder.records)
+        pattern = rf"(^|\.)({names})\." if names else None
+        if pattern:
+            model._keys_to_ignore_on_load_unexpected = {*(model._keys_to_ignore_on_load_unexpected or ()), pattern}
+        return model
+
+    def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+        folder, self._folder = self._folder, None
+        if folder is None:
+            return model
+        try:
+            by_device: dict[str, dict[str, str]] = {}
+            for module_name, record_name in self._swapped.items():
+                by_device.setdefault(_device_of(model, module_name), {})[module_name] = record_name
+            for device, swapped in by_device.items():
+                attach_prepared(model, folder, swapped, device, getattr(self.quantization_config, "kernel", None))
+            release_record_pages(folder, list(self._swapped.values()))
+        finally:
+            folder.close()
+        return model
+
+    def _dequantize(self, model: Any, dtype: torch.dtype | None = None) -> Any:
+        """``model.dequantize()``: every QLinear becomes an nn.Linear holding its decoded weight."""
+        for name, module in qlinear_modules(model).items():
+            weight = module.prepared.dequantize()
+            linear = torch.nn.Linear(module.in_features, module.out_features, module.bias is not None,
+                                     device=weight.device, dtype=dtype or weight.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(weight)
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias)
+            linear.requires_grad_(False)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, linear)
+        return model
+
+    def is_serializable(self, safe_serialization: Any = None) -> bool:
+        return False
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def _device_of(model: torch.nn.Module, module_name: str) -> str:
+    """Where a QLinear's neighbours were loaded: its bias, else the nearest enclosing module holding a tensor."""
+    parts = module_name.split(".")
+    for depth in range(len(parts), -1, -1):
+        module = model.get_submodule(".".join(parts[:depth]))
+        for tensor in module.parameters():
+            if tensor.device.type != "meta":
+                return str(tensor.device)
+    return "cpu"
+
+
+def register() -> None:
+    """Add qformat to transformers' quantization registries (idempotent)."""
+    from transformers.quantizers.auto import (
+        AUTO_QUANTIZATION_CONFIG_MAPPING,
+        AUTO_QUANTIZER_MAPPING,
+        register_quantization_config,
+        register_quantizer,
+    )
+
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(QformatConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(QformatHfQuantizer)

@@ -1,0 +1,468 @@
+"""Load a qformat model folder into a transformers model whose quantized linears compute from packed data.
+
+    model = qformat.load("path/or/hub-id")            # QLinear layers, kernels chosen by the dispatcher
+    model = qformat.load_dequantized("path")          # plain nn.Linear with reference-decoded fp32 weights
+
+Steps of :func:`load`: open the folder (every record is validated, and a codec no installed plugin provides stops
+the load with the package to install), build the model on the meta device with real non-persistent buffers (rotary
+tables), swap each Linear whose ``<module>.weight`` is a record for a :class:`QLinear`, prepare those from the
+memory-mapped packed tensors, bind the plain tensors (embeddings, norms, biases) to the mapped shards without a copy
+where the dtype already matches, tie weights as the config says. No pickle is read.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import FormatError, PluginError, QformatError, UnknownCodecError
+from .format import REGISTRY, ModelFolder, QuantizedTensor, open_folder, signature
+from .format.container import INDEX_NAME, QUANT_METHOD, SINGLE_NAME
+from .format.dtypes import NUMPY_BY_NAME
+from .format.safetensors_io import QFORMAT_METADATA_KEY, SafetensorsFile
+from .kernel_api import PreparedWeight
+from .nn import QLinear
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+
+class LoadError(QformatError):
+    """The folder cannot be turned into a model (unknown architecture, names or shapes that do not fit it)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# opening
+
+
+def resolve_source(source: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local folder or file as is; anything else is treated as a Hub id and downloaded (qformat.hub)."""
+    path = Path(os.fspath(source)).expanduser()
+    if path.exists() and revision is None:
+        return path
+    from .hub import resolve_model_source  # huggingface_hub is only needed for Hub ids
+
+    return Path(resolve_model_source(source, revision))
+
+
+def open_model_folder(path: str | os.PathLike) -> ModelFolder:
+    """Open and validate a qformat folder, with plugin codecs registered first.
+
+    A record needing a codec that no installed plugin provides raises :class:`PluginError` naming the codec and,
+    where the folder says (``quantization_config.requires`` or a record's ``info``), the package to install.
+    """
+    from .plugins import get_plugins
+
+    get_plugins()  # plugins register their codecs into the format's registry
+    try:
+        folder = open_folder(path)
+    except UnknownCodecError as exc:
+        raise PluginError(missing_codec_message(Path(path), exc)) from None
+    method = folder.quantization_config.get("quant_method")
+    if folder.path.is_dir() and method != QUANT_METHOD:
+        folder.close()
+        raise LoadError(f"{path} is not a qformat model folder (config.json quantization_config.quant_method is "
+                        f"{method!r}); load a plain model with transformers directly")
+    return folder
+
+
+def _walk_nodes(node: Any) -> Iterator[dict]:
+    if isinstance(node, dict):
+        if "codec" in node:
+            yield node
+        for value in node.values():
+            yield from _walk_nodes(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _walk_nodes(item)
+
+
+def _record_headers(root: Path) -> Iterator[tuple[str, dict]]:
+    """(name, record) from every shard header, unvalidated: used only to explain a failed open."""
+    if root.is_file():
+        shards = [root]
+    elif (root / INDEX_NAME).is_file():
+        weight_map = json.loads((root / INDEX_NAME).read_text()).get("weight_map", {})
+        shards = [root / s for s in sorted(set(weight_map.values()))]
+    else:
+        shards = [root / SINGLE_NAME]
+    for shard in shards:
+        try:
+            meta = json.loads(SafetensorsFile(shard).metadata.get(QFORMAT_METADATA_KEY) or "{}")
+        except (FormatError, ValueError):
+            continue
+        for name, record in (meta.get("records") or {}).items():
+            if isinstance(record, dict):
+                yield name, record
+
+
+def missing_codec_message(root: Path, exc: UnknownCodecError) -> str:
+    known = REGISTRY.names()
+    needed: dict[str, list[str]] = {}
+    packages: dict[str, str] = {}
+    config_path = root / "config.json" if root.is_dir() else root.parent / "config.json"
+    try:
+        requires = json.loads(config_path.read_text()).get("quantization_config", {}).get("requires") or {}
+    except (OSError, ValueError, AttributeError):
+        requires = {}
+    for name, record in _record_headers(root):
+        info = record.get("info") if isinstance(record.get("info"), dict) else {}
+        for node in _walk_nodes(record.get("weight")):
+            codec, version = node.get("codec"), node.get("version")
+            if not isinstance(codec, str) or (codec in known and version in known[codec][0]):
+                continue
+            label = codec if codec not in known else f"{codec} version {version}"
+            needed.setdefault(label, []).append(name)
+            package = (requires.get(codec) if isinstance(requires, dict) else None) or info.get("package") \
+                or info.get("plugin") or info.get("requires")
+            if isinstance(package, str):
+                packages.setdefault(label, package)
+    if not needed:
+        return str(exc)
+    parts = []
+    for label, names in needed.items():
+        what = f"codec {label!r} (used by {len(names)} weight{'s' if len(names) > 1 else ''}, e.g. {names[0]!r})"
+        if label in packages:
+            parts.append(f"{what}: install it with `pip install {packages[label]}`")
+        else:
+            parts.append(f"{what}: install the qformat plugin that provides it (the model does not name a package)")
+    installed = ", ".join(sorted(known))
+    return (f"{root} needs codecs that no installed plugin provides: " + "; ".join(parts)
+            + f". Installed codecs: {installed}.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# building
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, config: Any) -> torch.dtype:
+    """None: float32 (transformers' default); "auto": the dtype the config declares."""
+    if dtype is None:
+        return torch.float32
+    if dtype == "auto":
+        declared = getattr(config, "dtype", None) or torch.float32
+        return getattr(torch, declared) if isinstance(declared, str) else declared
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def build_skeleton(config: Any, dtype: torch.dtype) -> PreTrainedModel:
+    """The model with its parameters on the meta device and its buffers (rotary tables) computed for real."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    model_cls = next((getattr(transformers, a) for a in (config.architectures or []) if hasattr(transformers, a)), None)
+    with init_empty_weights(include_buffers=False):
+        if model_cls is None:
+            return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return model_cls._from_config(config, dtype=dtype)
+
+
+def _tensor_names(model: nn.Module) -> set[str]:
+    return {n for n, _ in model.named_parameters(remove_duplicate=False)} | {n for n, _ in model.named_buffers()}
+
+
+def model_name_for(model: nn.Module, name: str, known: set[str]) -> str | None:
+    """The model's name for a stored tensor, allowing for a base-model prefix present on one side only."""
+    if name in known:
+        return name
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    if prefix:
+        for candidate in (f"{prefix}.{name}", name.removeprefix(prefix + ".")):
+            if candidate in known:
+                return candidate
+    return None
+
+
+def swap_in_qlinears(model: nn.Module, records: Mapping[str, dict]) -> dict[str, str]:
+    """Replace each Linear whose weight is a record with a QLinear placeholder; return {module name: record name}."""
+    known = _tensor_names(model)
+    swapped: dict[str, str] = {}
+    for record_name, record in records.items():
+        name = model_name_for(model, record_name, known)
+        if name is None or not name.endswith(".weight"):
+            raise LoadError(f"record {record_name!r} names no weight of {type(model).__name__}")
+        module_name = name.removesuffix(".weight")
+        module = model.get_submodule(module_name)
+        if not isinstance(module, nn.Linear):
+            raise LoadError(f"record {record_name!r} quantizes a {type(module).__name__}; the runtime computes "
+                            "quantized nn.Linear layers only (use load_dequantized for a dense model)")
+        if [module.out_features, module.in_features] != list(record["shape"]):
+            raise LoadError(f"record {record_name!r} has shape {record['shape']} but {module_name} is "
+                            f"[{module.out_features}, {module.in_features}]")
+        parent_name, _, child = module_name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, QLinear.like(module, record))
+        swapped[module_name] = record_name
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if isinstance(tied, dict):  # a quantized output layer is no longer tied to the (plain) embedding
+        for target in [t for t, s in tied.items() if t.removesuffix(".weight") in swapped
+                       or s.removesuffix(".weight") in swapped]:
+            tied.pop(target)
+    return swapped
+
+
+def prepare_weight(qt: QuantizedTensor, device: str, kernel: str | None = None) -> tuple[PreparedWeight, str | None]:
+    """A kernel's prepared weight for ``qt``: the dispatcher's choice, or the named kernel (``"torch"`` included)."""
+    from qformat_kernels import dispatch
+
+    if kernel is None:
+        prepared = dispatch.prepare_weight(qt, device)
+    else:
+        kernels = dispatch.available_kernels()
+        chosen = kernels.get(kernel)
+        if chosen is None:
+            raise PluginError(f"unknown kernel {kernel!r}; available kernels: {', '.join(kernels)}")
+        if not dispatch.runs_on(chosen, device):
+            raise PluginError(f"kernel {kernel!r} runs on {chosen.device}, not on {device}")
+        if not chosen.supports(qt.record):
+            raise PluginError(f"kernel {kernel!r} does not support {qt.name!r} (codec signature "
+                              f"{signature(qt.record['weight'])}); leave the kernel unset to let the dispatcher choose")
+        prepared = chosen.prepare(qt, device)
+        if getattr(prepared, "kernel", None) is None:
+            prepared.kernel = chosen
+    return prepared, getattr(getattr(prepared, "kernel", None), "name", kernel)
+
+
+def attach_prepared(model: nn.Module, folder: ModelFolder, swapped: Mapping[str, str], device: str,
+                    kernel: str | None = None) -> None:
+    """Prepare every QLinear's weight from the folder's mapped packed tensors."""
+    for module_name, record_name in swapped.items():
+        module = model.get_submodule(module_name)
+        prepared, kernel_name = prepare_weight(folder.quantized(record_name), device, kernel)
+        module.attach(prepared, kernel_name)
+
+
+def release_record_pages(folder: ModelFolder, record_names: list[str]) -> int:
+    """Drop the mapped pages of the records' packed tensors from this process's resident set; return bytes advised.
+
+    Kernels repack records into memory of their own, but the pages they read stay resident in the shard mapping
+    (which plain tensors keep alive), so the packed bytes would count twice. ``MADV_DONTNEED`` on a read-only file
+    mapping only forgets the pages: a later read (e.g. a kernel that kept views) faults them in again from the file.
+    """
+    if not hasattr(mmap, "MADV_DONTNEED"):
+        return 0
+    page = mmap.PAGESIZE
+    advised = 0
+    for shard in folder.shards:
+        qfile = folder.file(shard)
+        mapping = getattr(getattr(qfile.st, "_mmap", None), "_mmap", None)  # np.memmap -> mmap.mmap
+        if mapping is None:
+            continue
+        ranges = sorted((qfile.st.entries[t].begin, qfile.st.entries[t].end) for name in record_names
+                        if folder.record_shard.get(name) == shard for t in qfile.owned_tensors(name))
+        merged: list[list[int]] = []
+        for begin, end in ranges:
+            if merged and begin <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([begin, end])
+        for begin, end in merged:
+            start = (qfile.st.data_start + begin) // page * page
+            stop = min(-(-(qfile.st.data_start + end) // page) * page, len(mapping))
+            if stop > start:
+                mapping.madvise(mmap.MADV_DONTNEED, start, stop - start)
+                advised += stop - start
+    return advised
+
+
+def as_torch(array: np.ndarray) -> torch.Tensor:
+    """A torch view of a (read-only, memory-mapped) numpy array; bf16 goes through an int16 view."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch warns that the mapped array is read-only
+        if array.dtype == NUMPY_BY_NAME["BF16"]:
+            return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(array)
+
+
+def _bind(model: nn.Module, name: str, tensor: torch.Tensor, dtype: torch.dtype, where: str) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    current = module._parameters.get(leaf) if leaf in module._parameters else module._buffers.get(leaf)
+    if current is not None and tuple(current.shape) != tuple(tensor.shape):
+        raise LoadError(f"{where}: stored shape {list(tensor.shape)} does not match the model's {name} "
+                        f"{list(current.shape)}")
+    if tensor.is_floating_point() and tensor.dtype != dtype:
+        tensor = tensor.to(dtype)
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[leaf] = tensor
+
+
+def bind_plain_tensors(model: nn.Module, folder: ModelFolder, dtype: torch.dtype,
+                       dense: Mapping[str, np.ndarray] | None = None) -> list[str]:
+    """Point the model's parameters at the folder's plain tensors (and ``dense`` decoded records); return unused."""
+    known = _tensor_names(model)
+    unused = []
+    sources = [(n, lambda n=n: folder.tensor(n)) for n in folder.plain_names]
+    sources += [(n, lambda a=a: a) for n, a in (dense or {}).items()]
+    for stored_name, get in sources:
+        name = model_name_for(model, stored_name, known)
+        if name is None:
+            unused.append(stored_name)
+            continue
+        _bind(model, name, as_torch(get()), dtype, f"tensor {stored_name!r}")
+    return unused
+
+
+def finish(model: PreTrainedModel, path: Path, device: str, unused: list[str]) -> PreTrainedModel:
+    """Tie weights, check nothing is left on the meta device, move to ``device`` and switch to inference."""
+    missing = {n for n, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers())
+               if t.device.type == "meta"}
+    if missing and getattr(model, "all_tied_weights_keys", None):
+        model.tie_weights(missing_keys=missing, recompute_mapping=False)
+    elif missing:
+        model.tie_weights()
+        missing = {n for n in missing if model.get_parameter(n).device.type == "meta"}
+    if missing:
+        first = sorted(missing)[:5]
+        raise LoadError(f"{path} lacks {len(missing)} tensor(s) the {type(model).__name__} needs, e.g. {first}")
+    if unused:
+        warnings.warn(f"{path}: {len(unused)} stored tensor(s) match nothing in {type(model).__name__}, e.g. "
+                      f"{unused[:3]}", stacklevel=3)
+    if torch.device(device).type != "cpu":
+        model.to(device)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model.eval()
+
+
+def _read_config(path: Path) -> Any:
+    from transformers import AutoConfig
+
+    root = path if path.is_dir() else path.parent
+    if not (root / "config.json").is_file():
+        raise LoadError(f"{root} has no config.json; a model folder is needed to build the model")
+    return AutoConfig.from_pretrained(root)
+
+
+def _attach_metadata(model: PreTrainedModel, path: Path, folder: ModelFolder) -> None:
+    from transformers import GenerationConfig
+
+    from .hf_integration import QformatConfig, QformatHfQuantizer
+
+    root = path if path.is_dir() else path.parent
+    model.config.name_or_path = str(root)
+    if (root / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(root)
+    qconfig = QformatConfig.from_dict(dict(folder.quantization_config))
+    model.config.quantization_config = qconfig
+    # Marks the model as quantized for transformers (save_pretrained refuses: see QformatHfQuantizer.is_serializable).
+    model.hf_quantizer = QformatHfQuantizer(qconfig, pre_quantized=True)
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+
+
+def _device_name(device: str | torch.device) -> str:
+    return str(torch.device(device))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# public
+
+
+def load(source: str | os.PathLike, device: str | torch.device = "cpu", *, revision: str | None = None,
+         kernel: str | None = None, dtype: torch.dtype | str | None = None) -> PreTrainedModel:
+    """A transformers model whose quantized linears are :class:`QLinear` layers holding packed weights.
+
+    ``source``: a qformat model folder or a Hub id (downloaded with :func:`qformat.hub.download_model`).
+    ``kernel``: force one installed kernel (by name) instead of the dispatcher's choice.
+    ``dtype``: dtype of the unquantized parts and activations; None is float32, "auto" the config's dtype.
+    """
+    path = resolve_source(source, revision)
+    folder = open_model_folder(path)
+    try:
+        config = _read_config(path)
+        dtype = _resolve_dtype(dtype, config)
+        model = build_skeleton(config, dtype)
+        swapped = swap_in_qlinears(model, folder.records)
+        unused = bind_plain_tensors(model, folder, dtype)
+        device = _device_name(device)
+        attach_prepared(model, folder, swapped, device, kernel)
+        release_record_pages(folder, list(swapped.values()))
+        _attach_metadata(model, path, folder)
+        return finish(model, path, device, unused)
+    finally:
+        folder.close()  # prepared weights and bound tensors keep the mappings they still use alive
+
+
+def load_dequantized(source: str | os.PathLike, device: str | torch.device = "cpu", *, revision: str | None = None,
+                     dtype: torch.dtype | str | None = None) -> PreTrainedModel:
+    """The reference path: a plain transformers model whose quantized weights are the format's fp32 decode.
+
+    Used to check kernels against the reference decoder and as a benchmark baseline; it holds full-size weights.
+    """
+    path = resolve_source(source, revision)
+    folder = open_model_folder(path)
+    try:
+        config = _read_config(path)
+        dtype = _resolve_dtype(dtype, config)
+        model = build_skeleton(config, dtype)
+        dense = {name: folder.decode(name) for name in folder.records}
+        unused = bind_plain_tensors(model, folder, dtype, dense)
+        model.config.name_or_path = str(path)
+        return finish(model, path, _device_name(device), unused)
+    finally:
+        folder.close()
+
+
+def model_summary(model: nn.Module) -> dict[str, Any]:
+    """Bytes held by QLinear layers (packed) and by everything else, and the kernels in use."""
+    from .nn import qlinear_modules
+
+    layers = qlinear_modules(model)
+    packed = sum(m.nbytes() for m in layers.values())
+    seen: set[int] = set()
+    plain = 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            plain += tensor.numel() * tensor.element_size()
+    bias = sum(m.bias.numel() * m.bias.element_size() for m in layers.values() if m.bias is not None)
+    kernels: dict[str, int] = {}
+    for m in layers.values():
+        kernels[m.kernel_name or "?"] = kernels.get(m.kernel_name or "?", 0) + 1
+    return {"quantized_layers": len(layers), "packed_bytes": packed, "plain_bytes": plain - bias, "kernels": kernels}
+
+
+def is_qformat_folder(path: Path) -> bool:
+    root = path if path.is_dir() else path.parent
+    try:
+        config = json.loads((root / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and (config.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
+
+
+def load_any(source: str | os.PathLike, device: str | torch.device = "cpu", *, revision: str | None = None,
+             kernel: str | None = None, dtype: torch.dtype | str | None = None,
+             reference: bool = False) -> tuple[PreTrainedModel, Any]:
+    """(model, tokenizer) for a qformat folder or Hub id (kernels, or ``reference`` decode), a plain transformers
+    folder or Hub id, or a ``.gguf`` file (through transformers' ``gguf_file``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf_dtype = "auto" if dtype == "auto" else _resolve_dtype(dtype, None)
+    text = os.fspath(source)
+    if text.endswith(".gguf"):
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise LoadError(f"no such GGUF file: {path}")
+        kwargs = {"gguf_file": path.name}
+        model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=hf_dtype, **kwargs)
+        return model.to(device).eval(), AutoTokenizer.from_pretrained(path.parent, **kwargs)
+    path = resolve_source(source, revision)
+    root = path if path.is_dir() else path.parent
+    if is_qformat_folder(path):
+        model = (load_dequantized(path, device, dtype=dtype) if reference
+                 else load(path, device, kernel=kernel, dtype=dtype))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(root, dtype=hf_dtype).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(root)

@@ -1,0 +1,400 @@
+"""The conversion pipeline on tiny random-weight Llama models: methods, resume, selection, bad input, memory."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from qformat.convert.calibration import DEFAULT_CALIBRATION
+from qformat.convert.pipeline import Converter, ConvertOptions, convert
+from qformat.convert.tiny import make_tiny_llama
+from qformat.errors import ConversionError, ParameterError, PluginError, QformatError
+from qformat.format import FolderWriter, open_folder, verify_folder
+
+CALIB = {"calib_samples": 8, "calib_seqlen": 64}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = make_tiny_llama(tmp_path_factory.mktemp("src") / "tiny", layers=3)
+    # A short calibration text (the first 30 KB of the default), so tokenizing it costs nothing.
+    (folder.parent / "calib.txt").write_text(DEFAULT_CALIBRATION.read_text(encoding="utf-8")[:30_000])
+    return folder
+
+
+def options(source: Path, out: Path, method: str = "gptq", **kw) -> ConvertOptions:
+    calib = {"calib": source.parent / "calib.txt"} if (source.parent / "calib.txt").is_file() else {}
+    return ConvertOptions(str(source), out, method, quiet=True, **{**CALIB, **calib, **kw})
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def dequantized(source: Path, folder: Path) -> torch.nn.Module:
+    """The source model with every quantized weight replaced by the record's reference decode."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32).eval()
+    qfolder = open_folder(folder)
+    state = {name: torch.from_numpy(np.array(qfolder.decode(name))) for name in qfolder.records}
+    missing = set(state) - set(model.state_dict())
+    assert not missing, missing
+    model.load_state_dict(state, strict=False)
+    qfolder.close()
+    return model
+
+
+def relative_logit_error(source: Path, folder: Path) -> float:
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(0))
+    ref = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32).eval()
+    with torch.no_grad():
+        a = ref(ids).logits
+        b = dequantized(source, folder)(ids).logits
+    a, b = a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
+    return float((a - b).norm() / a.norm())
+
+
+# ------------------------------------------------------------------------------------------------------ methods
+
+
+@pytest.mark.parametrize("method, params, max_error", [
+    ("rtn", {"bits": 4, "group_size": 32}, 0.25),
+    ("gptq", {"bits": 4, "group_size": 32}, 0.25),
+    ("spqr", {"bits": 3}, 0.25),
+])
+def test_methods_convert_verify_and_stay_close(tiny: Path, tmp_path: Path, method: str, params: dict,
+                                               max_error: float) -> None:
+    out = tmp_path / "out"
+    result = convert(options(tiny, out, method, params=params))
+    summary = verify_folder(out)
+    assert summary["records"] == 3 * 7 and summary["checksums_verified"] == summary["shards"] == 4
+    config = json.loads((out / "config.json").read_text())
+    qc = config["quantization_config"]
+    assert qc["method"] == method and qc["method_params"]["bits"] == params["bits"]
+    assert set(qc["bits_by_layer_type"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                              "down_proj"}
+    assert len(qc["quantized_modules"]) == 21 and qc["source"]["id"] == str(tiny)
+    assert (qc["calibration"] is None) == (method == "rtn")
+    assert config["num_hidden_layers"] == 3 and config["hidden_size"] == 64
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "README.md"):
+        assert (out / name).is_file(), name
+    assert (out / "tokenizer.json").read_bytes() == (tiny / "tokenizer.json").read_bytes()
+    assert not out.with_name("out.partial").exists()
+    assert result.summary.bits_per_weight == qc["bits_per_weight"]
+    assert result.summary.peak_rss_bytes > 0
+    # Plain tensors are the source's, untouched; quantized ones decode close to the source.
+    folder = open_folder(out)
+    from safetensors.torch import load_file
+
+    src = load_file(str(tiny / "model.safetensors"))
+    assert set(folder.records) | set(folder.plain_names) >= set(src) - set()  # every source tensor is present
+    for name in folder.plain_names:
+        if name in src:
+            assert np.array_equal(folder.tensor(name), src[name].numpy()), name
+    folder.close()
+    error = relative_logit_error(tiny, out)
+    assert error < max_error, error
+
+
+def test_gptq_beats_rtn_on_layer_output_error(tiny: Path, tmp_path: Path) -> None:
+    """Calibration statistics reach the method: GPTQ's output error on calibration-like inputs is below RTN's."""
+    for method in ("rtn", "gptq"):
+        convert(options(tiny, tmp_path / method, method, params={"bits": 3, "group_size": 64}))
+    assert relative_logit_error(tiny, tmp_path / "gptq") < relative_logit_error(tiny, tmp_path / "rtn")
+
+
+def test_bf16_source_keeps_dtypes(tmp_path: Path) -> None:
+    src = make_tiny_llama(tmp_path / "bf16", layers=1, dtype=torch.bfloat16)
+    out = tmp_path / "out"
+    convert(options(src, out, "rtn"))
+    folder = open_folder(out)
+    assert {r["dtype"] for r in folder.records.values()} == {"BF16"}
+    assert {folder.file(folder.tensor_shard[n]).st.entries[n].dtype for n in folder.plain_names} == {"BF16"}
+    folder.close()
+
+
+# ------------------------------------------------------------------------------------------------------ resume
+
+
+class Killed(Exception):
+    pass
+
+
+def kill_after(block: int):
+    def hook(index: int) -> None:
+        if index == block:
+            raise Killed(f"killed after block {index}")
+    return hook
+
+
+@pytest.mark.parametrize("method, extra", [("gptq", {}), ("spqr", {"true_sequential": True})])
+def test_kill_and_resume_is_byte_identical(tiny: Path, tmp_path: Path, method: str, extra: dict) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    whole = tmp_path / "a" / "out"
+    convert(options(tiny, whole, method, **extra))
+    resumed = tmp_path / "b" / "out"
+    with pytest.raises(Killed):
+        convert(options(tiny, resumed, method, **extra), on_block_done=kill_after(1))
+    partial = resumed.with_name("out.partial")
+    assert not resumed.exists()
+    assert sorted(p.name for p in partial.glob("shard-*")) == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    converter = Converter(options(tiny, resumed, method, **extra))
+    converter.prepare()
+    assert converter.resuming
+    result = converter.run()
+    assert result.summary.resumed_blocks == 2
+    assert folder_bytes(resumed) == folder_bytes(whole)
+    assert not partial.exists()
+
+
+def test_damaged_last_shard_is_redone(tiny: Path, tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    whole = tmp_path / "a" / "out"
+    convert(options(tiny, whole))
+    resumed = tmp_path / "b" / "out"
+    with pytest.raises(Killed):
+        convert(options(tiny, resumed), on_block_done=kill_after(1))
+    shard = resumed.with_name("out.partial") / "shard-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])  # truncated, e.g. by a copy cut short
+    result = convert(options(tiny, resumed))
+    assert result.summary.resumed_blocks == 1
+    assert folder_bytes(resumed) == folder_bytes(whole)
+
+
+def test_resume_refuses_other_options_until_restart(tiny: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(Killed):
+        convert(options(tiny, out), on_block_done=kill_after(0))
+    with pytest.raises(ConversionError, match=r"different options \(method_params\).*--restart"):
+        convert(options(tiny, out, params={"bits": 3}))
+    with pytest.raises(ConversionError, match="calibration"):
+        convert(options(tiny, out, seed=1))
+    result = convert(options(tiny, out, params={"bits": 3}, restart=True))
+    assert result.summary.resumed_blocks == 0
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["method_params"]["bits"] == 3
+
+
+# ------------------------------------------------------------------------------------------------------ selection
+
+
+def test_exclude_keeps_layers_plain(tiny: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    convert(options(tiny, out, "rtn", exclude=["down_proj", "layers.0.self_attn.*"]))
+    folder = open_folder(out)
+    assert not any("down_proj" in n or n.startswith("model.layers.0.self_attn") for n in folder.records)
+    assert len(folder.records) == 3 * 7 - 3 - 4
+    assert "model.layers.1.mlp.down_proj.weight" in folder.plain_names
+    folder.close()
+
+
+def test_include_selects_only_matching(tiny: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    convert(options(tiny, out, "gptq", include=["mlp.*", "lm_head"]))
+    folder = open_folder(out)
+    kinds = {n.split(".")[-2] for n in folder.records}
+    assert kinds == {"gate_proj", "up_proj", "down_proj", "lm_head"}
+    assert "model.embed_tokens.weight" in folder.plain_names
+    folder.close()
+    assert relative_logit_error(tiny, out) < 0.25
+
+
+def test_tied_lm_head_is_untied_when_quantized(tmp_path: Path) -> None:
+    src = make_tiny_llama(tmp_path / "tied", layers=1, tie_word_embeddings=True)
+    out = tmp_path / "out"
+    convert(options(src, out, "rtn", include=["lm_head"]))
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    folder = open_folder(out)
+    assert list(folder.records) == ["lm_head.weight"] and "model.embed_tokens.weight" in folder.plain_names
+    folder.close()
+
+
+def test_true_sequential_groups_linears_by_shared_input(tiny: Path) -> None:
+    from qformat.convert.activations import capture_block_inputs, input_groups
+
+    converter = Converter(options(tiny, tiny.parent / "unused", true_sequential=True))
+    converter.prepare()
+    calls = converter._capture()
+    converter._load_block(0)
+    names = converter.selection.block_linears[0]
+    groups = input_groups(converter.skeleton.blocks[0], 0, calls, calls.first_inputs[0], names)
+    assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                      ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    del capture_block_inputs
+
+
+# ------------------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.fixture
+def existing_out(tmp_path: Path) -> Path:
+    out = tmp_path / "existing"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    return out
+
+
+def assert_untouched(out: Path) -> None:
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def gpt2_folder(path: Path) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=64)).save_pretrained(path)
+    return path
+
+
+def truncated_folder(tiny: Path, path: Path) -> Path:
+    path.mkdir()
+    for f in tiny.iterdir():
+        (path / f.name).write_bytes(f.read_bytes())
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    return path
+
+
+@pytest.mark.parametrize("case, error, pattern", [
+    ("missing", QformatError, "nowhere.* neither an existing local path nor a Hub model id"),
+    ("no_config", ConversionError, "config.json is missing"),
+    ("truncated", ConversionError, "unreadable.*truncated"),
+    ("gpt2", ConversionError, "unsupported architecture GPT2LMHeadModel"),
+    ("out_of_range", ParameterError, "'bits'.*above the maximum 8"),
+    ("unknown_param", ParameterError, "no parameter 'wbits'"),
+    ("unknown_method", PluginError, "unknown method 'nosuch'.*gptq"),
+    ("short_calib", ConversionError, r"calibration text too short: .* has \d+ tokens, but 8 samples x 64"),
+    ("no_calib_file", ConversionError, "cannot read the calibration text"),
+    ("bad_pattern", ConversionError, "--include 'attn_nothing' matches no"),
+    ("embedding_gptq", ConversionError, "embed_tokens is an embedding"),
+])
+def test_bad_input_is_a_clear_error_and_leaves_output_alone(tiny: Path, tmp_path: Path, existing_out: Path,
+                                                            case: str, error: type, pattern: str) -> None:
+    source, kw, method = tiny, {}, "gptq"
+    if case == "missing":
+        source = tmp_path / "nowhere"
+    elif case == "no_config":
+        source = tmp_path / "empty"
+        source.mkdir()
+    elif case == "truncated":
+        source = truncated_folder(tiny, tmp_path / "trunc")
+    elif case == "gpt2":
+        source = gpt2_folder(tmp_path / "gpt2")
+    elif case == "out_of_range":
+        kw = {"params": {"bits": 9}}
+    elif case == "unknown_param":
+        kw = {"params": {"wbits": 3}}
+    elif case == "unknown_method":
+        method = "nosuch"
+    elif case == "short_calib":
+        (tmp_path / "short.txt").write_text("A short text. " * 20)
+        kw = {"calib": tmp_path / "short.txt"}
+    elif case == "no_calib_file":
+        kw = {"calib": tmp_path / "absent.txt"}
+    elif case == "bad_pattern":
+        kw = {"include": ["attn_nothing"]}
+    elif case == "embedding_gptq":
+        kw = {"include": ["embed_tokens"]}
+    with pytest.raises(error, match=pattern) as info:
+        convert(options(source, existing_out, method, overwrite=True, **kw))
+    assert isinstance(info.value, QformatError)
+    assert_untouched(existing_out)
+    assert not existing_out.with_name("existing.partial").exists()
+
+
+def test_existing_output_needs_overwrite(tiny: Path, existing_out: Path) -> None:
+    with pytest.raises(ConversionError, match="exists.*--overwrite"):
+        convert(options(tiny, existing_out, "rtn"))
+    assert_untouched(existing_out)
+    convert(options(tiny, existing_out, "rtn", overwrite=True))
+    assert not (existing_out / "keep.txt").exists() and (existing_out / "config.json").is_file()
+
+
+def test_disk_full_is_clear_resumable_and_leaves_output_alone(tiny: Path, existing_out: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    real_write = FolderWriter.write_shard
+
+    def full_disk(self: FolderWriter, index: int, *args, **kwargs) -> Path:
+        if index == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(self, index, *args, **kwargs)
+
+    monkeypatch.setattr(FolderWriter, "write_shard", full_disk)
+    with pytest.raises(ConversionError, match=r"disk full while writing .*shard-00002.*existing\.partial.*can be "
+                       r"resumed.*existing was not touched"):
+        convert(options(tiny, existing_out, overwrite=True))
+    assert_untouched(existing_out)
+    monkeypatch.setattr(FolderWriter, "write_shard", real_write)
+    result = convert(options(tiny, existing_out, overwrite=True))
+    assert result.summary.resumed_blocks == 2
+    verify_folder(existing_out)
+
+
+def test_disk_full_while_finalizing(tiny: Path, existing_out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(FolderWriter, "finalize", full_disk)
+    with pytest.raises(ConversionError, match="disk full"):
+        convert(options(tiny, existing_out, "rtn", overwrite=True))
+    assert_untouched(existing_out)
+
+
+def test_calibration_windows_are_seeded_and_disjoint() -> None:
+    from qformat.convert.calibration import sample_windows
+
+    ids = torch.arange(1000)
+    a = sample_windows(ids, 10, 50, seed=3)
+    assert torch.equal(a, sample_windows(ids, 10, 50, seed=3))
+    assert not torch.equal(a, sample_windows(ids, 10, 50, seed=4))
+    starts = a[:, 0].tolist()
+    assert all(b - s >= 50 for s, b in zip(starts, starts[1:], strict=False))
+    assert torch.equal(a, torch.stack([torch.arange(s, s + 50) for s in starts]))
+    with pytest.raises(ConversionError, match="has 1,000 tokens, but 21 samples x 50 tokens need 1,050"):
+        sample_windows(ids, 21, 50, seed=0)
+
+
+# ------------------------------------------------------------------------------------------------------ memory
+
+MEASURE = textwrap.dedent("""
+    import json, sys
+    from qformat.convert.pipeline import ConvertOptions, convert
+    result = convert(ConvertOptions(sys.argv[1], sys.argv[2], "gptq", calib=sys.argv[3], calib_samples=4,
+                                    calib_seqlen=64, quiet=True))
+    print(json.dumps({"peak": result.summary.peak_rss_bytes, "trace": result.summary.extra["rss_after_block"]}))
+""")
+
+
+def test_peak_memory_does_not_grow_with_layers(tiny: Path, tmp_path: Path) -> None:
+    """2 vs 8 blocks of 4.2 M fp32 weights (16.8 MB each): a converter holding every block would grow by > 100 MB
+    (weights alone; their decoded copies and statistics come on top). Each conversion runs in its own process;
+    the peak of such a process varies by up to ~25 MB from run to run (allocator arenas), hence the slack."""
+    block_bytes = 4 * (4 * 512 * 512 + 3 * 512 * 2048)
+    runs = {}
+    for layers in (2, 8):
+        src = make_tiny_llama(tmp_path / f"m{layers}", layers=layers, hidden=512, intermediate=2048)
+        # A fixed mmap threshold makes glibc return large freed buffers at once, so RSS follows live memory
+        # rather than the allocator's fragmentation.
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+        proc = subprocess.run([sys.executable, "-c", MEASURE, str(src), str(tmp_path / f"out{layers}"),
+                               str(tiny.parent / "calib.txt")], capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[layers] = json.loads(proc.stdout.strip().splitlines()[-1])
+    growth = runs[8]["peak"] - runs[2]["peak"]
+    assert growth < block_bytes + 24 * 2**20, (growth / 2**20, runs)
+    trace = runs[8]["trace"]  # resident memory after each block: flat
+    assert max(trace) - min(trace) < 8 * 2**20, [t / 2**20 for t in trace]

