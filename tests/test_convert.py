@@ -379,6 +379,7 @@ MEASURE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # ~6 min on 2 cores: two subprocess conversions of 512-wide models
 def test_peak_memory_does_not_grow_with_layers(tiny: Path, tmp_path: Path) -> None:
     """2 vs 8 blocks of 4.2 M fp32 weights (16.8 MB each): a converter holding every block would grow by > 100 MB
     (weights alone; their decoded copies and statistics come on top). Each conversion runs in its own process;
