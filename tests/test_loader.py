@@ -150,6 +150,19 @@ def test_no_full_precision_weight_is_held(tiny_folder):
     assert summary["plain_bytes"] <= plain
 
 
+def test_packed_pages_are_released_after_preparing(tiny_folder):
+    from qformat.format import open_folder
+    from qformat.loader import release_record_pages
+
+    folder = open_folder(tiny_folder)
+    names = list(folder.records)
+    for name in names:  # read every packed byte, as a kernel's repacking does
+        assert all(np.asarray(a).sum() >= 0 for a in folder.quantized(name).tensors.values())
+    advised = release_record_pages(folder, names)
+    assert advised >= sum(r["storage_bytes"] for r in folder.records.values())
+    assert folder.decode(names[0]).shape == tuple(folder.records[names[0]]["shape"])  # still readable afterwards
+
+
 def test_plain_tensors_are_mapped_not_copied(tiny_folder):
     import qformat
 
