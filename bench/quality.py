@@ -146,8 +146,9 @@ def main() -> None:
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
 
     windows = "all" if not args.windows else str(args.windows)
-    print(f"\nSmolLM2-135M-Instruct (Q4_1 GGUF expanded to fp32); calibration wiki_calib.txt "
-          f"{args.calib_samples} x {args.calib_seqlen} tokens, seed 0; perplexity over {windows} "
+    calibration = (f"calibration wiki_calib.txt {args.calib_samples} x {args.calib_seqlen} tokens, seed 0 (rows "
+                   "converted here); " if any(CONFIGS[n][0] for n in args.only) else "")
+    print(f"\nSmolLM2-135M-Instruct (Q4_1 GGUF expanded to fp32); {calibration}perplexity over {windows} "
           f"{args.seqlen}-token windows per text\n")
     print("| method | bits/weight | wiki ppl | britannica ppl | conversion time | peak RSS |")
     print("|---|---|---|---|---|---|")
