@@ -16,7 +16,6 @@ from torch import nn
 from .format import bits_per_weight, signature
 from .kernel_api import PreparedWeight
 
-
 LinearFn = Callable[[PreparedWeight, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
