@@ -63,7 +63,7 @@ def compile_for(kind: str, consts: dict[str, Any], meta: dict[str, int], x_dtype
         raise RuntimeError("unset TRITON_INTERPRET to compile kernels ahead of time")
     meta = dict(meta)
     num_warps = meta.pop("num_warps", 4)
-    constants = {**DEFAULTS, **consts, **meta}
+    constants = {**DEFAULTS, **({"ACC": True} if kind == "gemv" else {}), **consts, **meta}
     if "PER" not in consts:  # codes per word of the widest slice
         constants["PER"] = 32 if constants["PLANAR"] else 32 >> (constants["BITS"].bit_length() - 1)
     signature = {k: v.format(x=x_dtype) for k, v in LEADING[kind].items()}

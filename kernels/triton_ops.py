@@ -26,6 +26,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # happens only when TRITON_INTERPRET is set before triton.language is first imported.
 INTERPRETER_USABLE = INTERPRET and type(tl.sum).__name__ == "InterpretedFunction"
 
+# QFORMAT_TRITON_AUTOTUNE=0: launch the first configuration that suits the shape instead of timing them all (each
+# distinct codec signature and shape compiles and times ~10 variants on its first call).
+AUTOTUNE = os.environ.get("QFORMAT_TRITON_AUTOTUNE", "1") != "0"
+
 MAP_AFFINE, MAP_LUT, MAP_VQ, MAP_CODES = 0, 1, 2, 3
 MAPS = {"affine": MAP_AFFINE, "lut": MAP_LUT, "vq": MAP_VQ, "codes": MAP_CODES}
 
@@ -214,8 +218,9 @@ def gemv_kernel(x_ptr, y_ptr, N, K,
                 TILED: tl.constexpr, TGR: tl.constexpr, TGC: tl.constexpr,
                 HAS_FACTOR: tl.constexpr, FGR: tl.constexpr, FGC: tl.constexpr,
                 VQ_M: tl.constexpr, VQ_D: tl.constexpr, VQ_VEC: tl.constexpr,
-                BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr):
-    """y[n] += sum_k W[n, k] x[k] for one row of x; programs over (row blocks, K splits); fp32 accumulation."""
+                BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, ACC: tl.constexpr):
+    """y[n] += sum_k W[n, k] x[k] for one row of x; programs over (row blocks, K splits); fp32 accumulation.
+    ACC=False (one K split only) stores y[n] = sum instead, in y's dtype: no zero fill and no cast launch."""
     r0 = tl.program_id(0) * BN
     k_split = tl.cdiv(tl.cdiv(K, BK), SPLIT_K) * BK  # each split covers whole BK blocks
     k_lo = tl.program_id(1) * k_split
@@ -231,7 +236,10 @@ def gemv_kernel(x_ptr, y_ptr, N, K,
     out = tl.sum(acc, axis=1)
     rows = r0 + tl.arange(0, BN)
     if SPLIT_K == 1:
-        tl.store(y_ptr + rows, tl.load(y_ptr + rows, mask=rows < N) + out, mask=rows < N)
+        if ACC:
+            tl.store(y_ptr + rows, tl.load(y_ptr + rows, mask=rows < N) + out, mask=rows < N)
+        else:
+            tl.store(y_ptr + rows, out.to(y_ptr.dtype.element_ty), mask=rows < N)
     else:
         tl.atomic_add(y_ptr + rows, out, mask=rows < N)
 
@@ -390,16 +398,21 @@ def matmul_into(fa: FusedArgs, x: torch.Tensor, y: torch.Tensor, config: dict[st
     if config is None and INTERPRET:
         config = _interpret_config(fa, m)
     bm = _block(m, 64, 16)
+    if config is None and not AUTOTUNE:
+        nargs = {"N": fa.n, "K": fa.k, "x_ptr": x}
+        first = _prune(_gemv_configs() if m == 1 else _matmul_configs(), nargs,
+                       **fa.consts, **({} if m == 1 else {"BM": bm}))[0]
+        config = dict(first.kwargs)
     if m == 1:
         if config is not None:
             grid = (triton.cdiv(fa.n, config["BN"]), config["SPLIT_K"])
-            gemv_kernel[grid](x, y, fa.n, fa.k, *fa.args(), **fa.consts, **config)
+            gemv_kernel[grid](x, y, fa.n, fa.k, *fa.args(), **fa.consts, **config, ACC=True)
             return
 
         def gemv_grid(meta: dict) -> tuple[int, int]:
             return triton.cdiv(fa.n, meta["BN"]), meta["SPLIT_K"]
 
-        _tuned()[0][gemv_grid](x, y, fa.n, fa.k, *fa.args(), **fa.consts)
+        _tuned()[0][gemv_grid](x, y, fa.n, fa.k, *fa.args(), **fa.consts, ACC=True)
         return
     if config is not None:
         grid = (triton.cdiv(fa.n, config["BN"]), triton.cdiv(m, bm), config["SPLIT_K"])
@@ -419,3 +432,81 @@ def dequantize(fa: FusedArgs, out: torch.Tensor, config: dict[str, int] | None =
         config = {"BN": config["BN"], "BK": max(config["BK"], fa.consts["VQ_D"] if fa.consts["VQ_VEC"] else 0)}
     grid = (triton.cdiv(fa.n, config["BN"]), triton.cdiv(fa.k, config["BK"]))
     dequant_kernel[grid](out, fa.n, fa.k, *fa.args(), **fa.consts, BN=config["BN"], BK=config["BK"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# frozen GEMV launches (decode): one launch per call, bound once
+
+def tuned_gemv_config() -> Any:
+    """The configuration the GEMV autotuner used for its last call (a triton.Config), or None."""
+    tuned = _tuned()[0]
+    return getattr(tuned, "best_config", None)
+
+
+_RUNNER_OK: bool | None = None  # whether the compiled kernel's own launcher works in this triton (checked once)
+RUNNER_PROBLEM: str | None = None  # why it does not, for `bench/triton_launch.py`
+
+
+class FrozenGemv:
+    """A GEMV launch with a fixed configuration (the one the autotuner chose): later calls skip the autotuner and,
+    once checked equal to the ordinary launch, triton's argument binding too (the compiled kernel's launcher).
+    With one K split the kernel writes y directly in x's dtype (ACC=False); with several it accumulates into a
+    zeroed fp32 y. A decode step of a small model is bound by launch overhead, so this is where its time goes."""
+
+    def __init__(self, fa: FusedArgs, config: Any) -> None:
+        self.n, self.k = fa.n, fa.k
+        self.split_k = int(config.kwargs["SPLIT_K"])
+        self.direct = self.split_k == 1
+        self.grid = (triton.cdiv(fa.n, config.kwargs["BN"]), self.split_k)
+        self.consts = {**fa.consts, **config.kwargs, "ACC": not self.direct}
+        self.options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+        self.args = fa.args()
+        names = gemv_kernel.arg_names
+        self.const_values = tuple(self.consts[name] for name in names[4 + len(self.args):])
+        self.runners: dict[torch.dtype, Any] = {}
+
+    def out_dtype(self, x_dtype: torch.dtype) -> torch.dtype:
+        return x_dtype if self.direct else torch.float32
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """y [1, N] = x [1, K] @ W.T, in x's dtype (x contiguous)."""
+        global _RUNNER_OK
+        if self.direct:
+            y = torch.empty(1, self.n, dtype=x.dtype, device=x.device)
+        else:
+            y = torch.zeros(1, self.n, dtype=torch.float32, device=x.device)
+        runner = self.runners.get(x.dtype)
+        if runner is not None and x.data_ptr() % 16 == 0:  # the compiled kernel assumed an aligned x
+            runner(x, y, self.n, self.k, *self.args)
+        else:
+            compiled = gemv_kernel[self.grid](x, y, self.n, self.k, *self.args, **self.consts, **self.options)
+            if _RUNNER_OK is not False and x.data_ptr() % 16 == 0 and x.dtype not in self.runners:
+                self.runners[x.dtype] = self._checked_runner(compiled, x, y)
+        return y if self.direct else y.to(x.dtype)
+
+    def _checked_runner(self, compiled: Any, x: torch.Tensor, y: torch.Tensor) -> Any:
+        """The compiled kernel's launcher, if it computes exactly what the ordinary launch computed."""
+        global _RUNNER_OK, RUNNER_PROBLEM
+        ok, problems = False, []
+        # Whether the launcher takes the compile-time constants too differs between triton versions: try both.
+        for tail in ((), self.const_values):
+            try:
+                launch = compiled[self.grid]
+                again = torch.empty_like(y) if self.direct else torch.zeros_like(y)
+                launch(x, again, self.n, self.k, *self.args, *tail)
+                ok = torch.equal(again, y) if self.direct else bool(torch.allclose(again, y, rtol=1e-5, atol=1e-6))
+                if ok:
+                    break
+                problems.append(f"{len(tail)} constants: results differ")
+            except Exception as exc:  # an API this triton does not have: keep the ordinary launch
+                problems.append(f"{len(tail)} constants: {type(exc).__name__}: {str(exc)[:200]}")
+        if _RUNNER_OK is None or not ok:
+            _RUNNER_OK = ok
+            RUNNER_PROBLEM = None if ok else "; ".join(problems)
+        if not ok:
+            return None
+
+        def runner(*args: Any) -> None:
+            launch(*args, *tail)
+
+        return runner

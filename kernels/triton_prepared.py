@@ -110,12 +110,16 @@ class TritonWeight(PreparedWeight):
         # A fixed launch ({"BN", "BK", "SPLIT_K"}) instead of autotuning / the interpreter's large blocks: for tests
         # and benchmarks that must run one particular configuration.
         self.config: dict[str, int] | None = None
+        # Batch-1 launch frozen after the first autotuned call (single fused term on a GPU): see ops.FrozenGemv.
+        self._gemv: ops.FrozenGemv | None = None
 
     # -- matmul -------------------------------------------------------------------------------------------------
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x has {x.shape[-1]} features, the weight takes {self.in_features}")
         lead = x.shape[:-1]
+        if self._gemv is not None and x.numel() == self.in_features and x.dtype in X_DTYPES:
+            return self._gemv(x.reshape(1, self.in_features).contiguous()).reshape(*lead, self.out_features)
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype not in X_DTYPES:
             x2 = x2.float()
@@ -126,7 +130,17 @@ class TritonWeight(PreparedWeight):
             y = torch.zeros(x2.shape[0], self.out_features, dtype=torch.float32, device=x2.device)
             if x2.shape[0]:
                 self._matmul(self.root, x2, y)
+                if x2.shape[0] == 1:
+                    self._freeze_gemv()
         return y.to(x.dtype if x.dtype.is_floating_point else torch.float32).reshape(*lead, self.out_features)
+
+    def _freeze_gemv(self) -> None:
+        """After the first autotuned batch-1 call on a GPU, bind the launch it chose (one fused term only)."""
+        if self.config is not None or ops.INTERPRET or not ops.AUTOTUNE or not isinstance(self.root, ops.FusedArgs):
+            return
+        config = ops.tuned_gemv_config()
+        if config is not None:
+            self._gemv = ops.FrozenGemv(self.root, config)
 
     def _matmul(self, node: Any, x: torch.Tensor, y: torch.Tensor) -> None:
         if isinstance(node, ops.FusedArgs):

@@ -282,6 +282,35 @@ def test_leading_dims_and_large_batch() -> None:
                                atol=1e-4)
 
 
+@pytest.mark.parametrize("split_k", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_frozen_gemv_launch(split_k: int, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decode fast path: a fixed configuration bound once; one K split stores y in x's dtype directly."""
+    import triton
+    from qformat_kernels import triton_ops
+
+    monkeypatch.setattr(triton_ops, "_RUNNER_OK", None)
+    qt = affine_tree(4)
+    reference = qt.decode()
+    prepared = KERNEL.prepare(qt, DEVICE)
+    frozen = triton_ops.FrozenGemv(prepared.root, triton.Config({"BN": 16, "BK": 64, "SPLIT_K": split_k},
+                                                                 num_warps=4, num_stages=2))
+    assert frozen.direct == (split_k == 1) and frozen.out_dtype(dtype) == (dtype if split_k == 1 else torch.float32)
+    for _ in range(2):  # the second call may take the compiled kernel's own launcher (on a GPU)
+        x = torch.randn(1, C, dtype=dtype)
+        y = frozen(x.to(DEVICE))
+        assert y.dtype == dtype and y.shape == (1, R)
+        expected = x.double().numpy() @ reference.T.astype(np.float64)
+        np.testing.assert_allclose(y.double().cpu().numpy(), expected, rtol=2e-2 if dtype == torch.float16 else 1e-4,
+                                   atol=2e-2 if dtype == torch.float16 else 1e-4)
+    # the prepared weight itself switches to a frozen launch only on a GPU, after its first autotuned call
+    x = torch.randn(1, 1, C)
+    prepared.matmul(x.to(DEVICE))
+    assert (prepared._gemv is not None) == ON_GPU
+    np.testing.assert_allclose(prepared.matmul(x.to(DEVICE)).cpu().numpy()[0], x.numpy()[0] @ reference.T,
+                               rtol=1e-4, atol=1e-4)
+
+
 # The GPU's autotuned configurations take code paths the interpreter's single large block never does: split-K with
 # atomic adds, several K steps, row blocks inside one scale tile, column blocks inside one group, vq vectors
 # spanning blocks. Run a few such configurations explicitly.
@@ -407,10 +436,14 @@ def _vectors() -> tuple[Path, list[dict]]:
     return Path(manifest["_dir"]), manifest["vectors"]
 
 
-def test_conformance_vectors() -> None:
+def test_conformance_vectors(monkeypatch: pytest.MonkeyPatch) -> None:
     """The runner's kernel check (dequantize and matmul with 1 and 3 rows) on every valid vector, plus exact
-    equality of dequantize wherever the vector demands it."""
+    equality of dequantize wherever the vector demands it. On a GPU without autotuning: timing ~10 launch
+    configurations for each of 40 codec signatures takes minutes; test_autotune_configurations covers those."""
     from qformat_conformance import runner
+    from qformat_kernels import triton_ops
+
+    monkeypatch.setattr(triton_ops, "AUTOTUNE", False)
 
     folder, vectors = _vectors()
     failures, passed = [], 0
