@@ -152,227 +152,213 @@ def tolerance(expected: np.ndarray, bound: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------------
 # valid vectors
 
+@dataclass
+class Draft:
+    """One valid vector of one record being built: its id, its own generator and the record's builder."""
+
+    vid: str
+    rng: np.random.Generator
+    b: RecordBuilder
+
+    def valid(self, description: str, weight: dict, expected: np.ndarray, info: dict[str, Any] | None = None,
+              **more: Any) -> Valid:
+        """The vector: the record finished from ``weight``, decoding to ``expected``."""
+        return Valid(self.vid, description, [self.b.finish(weight, info=info)], {self.b.name: expected}, **more)
+
+
+def draft(vid: str, shape: tuple[int, ...], dtype: str = "F32", name: str = "layer.weight") -> Draft:
+    return Draft(vid, rng_for(vid), RecordBuilder(name, shape, dtype))
+
+
+def affine(b: RecordBuilder, q: np.ndarray, bits: int, group: tuple[int, int], scale: Any, zero: Any = None, *,
+           roles: tuple[str, str, str] = ("codes", "scale", "zero"), zero_bits: int | None = None,
+           ) -> tuple[dict, np.ndarray]:
+    """An affine node over ``bits``-bit packed codes, and its expected value (independent numpy).
+
+    ``scale`` and ``zero`` are JSON numbers or arrays stored as tensors under ``roles``; with ``zero_bits`` the zero
+    array is stored as packed codes of that width (GPTQ's qzeros).
+    """
+    codes_role, scale_role, zero_role = roles
+    codes_node = b.packed(codes_role, q, bits)
+    scale_node = b.tensor(scale_role, scale) if isinstance(scale, np.ndarray) else scale
+    zero_node = zero
+    if isinstance(zero, np.ndarray):
+        zero_node = b.packed(zero_role, zero, zero_bits) if zero_bits else b.tensor(zero_role, zero)
+    node = b.affine(codes_node, scale=scale_node, zero=zero_node, bits=bits, group_shape=group)
+    return node, affine_ref(q, scale, zero, group)
+
+
+def permuted(stored: np.ndarray, perm: np.ndarray) -> np.ndarray:
+    """The weight a `permute` node decodes to: stored column j is input channel perm[j]."""
+    w = np.empty(stored.shape, np.float32)
+    w[:, perm] = f32(stored)
+    return w
+
+
 def v_tensor(dtype: Any, label: str) -> Valid:
-    vid = f"tensor_{label}"
-    rng = rng_for(vid)
-    name = "model.embed.weight"
-    w = (rng.standard_normal((6, 10)) * 0.1).astype(dtype)
-    b = RecordBuilder(name, (6, 10), "F32" if label == "f32" else label.upper())
-    qt = b.finish(b.tensor("weight", w))
-    return Valid(vid, f"a stored {label.upper()} tensor used as the weight (widened to fp32)", [qt], {name: f32(w)})
+    d = draft(f"tensor_{label}", (6, 10), "F32" if label == "f32" else label.upper(), "model.embed.weight")
+    w = (d.rng.standard_normal((6, 10)) * 0.1).astype(dtype)
+    return d.valid(f"a stored {label.upper()} tensor used as the weight (widened to fp32)", d.b.tensor("weight", w),
+                   f32(w))
 
 
 def v_packed(bits: int) -> Valid:
-    vid = f"packed_w{bits}"
-    rng = rng_for(vid)
-    name = "layer.weight"
-    q = codes(rng, (5, 37), bits)  # 37 columns: most widths leave padding bits in each row
-    b = RecordBuilder(name, q.shape)
-    qt = b.finish(b.affine(b.packed("codes", q, bits), scale=1.0, bits=bits, group_shape=(1, 37)))
-    return Valid(vid, f"{bits}-bit packed codes (5x37, LSB-first rows padded to a byte) under affine scale=1: "
-                      "decodes to the codes themselves", [qt], {name: f32(q)})
+    d = draft(f"packed_w{bits}", (5, 37))
+    q = codes(d.rng, (5, 37), bits)  # 37 columns: most widths leave padding bits in each row
+    node, _ = affine(d.b, q, bits, (1, 37), 1.0)
+    return d.valid(f"{bits}-bit packed codes (5x37, LSB-first rows padded to a byte) under affine scale=1: "
+                   "decodes to the codes themselves", node, f32(q))
 
 
 def v_bitplanes() -> Valid:
-    vid = "bitplanes_w4"
-    rng = rng_for(vid)
-    name = "layer.weight"
-    q = codes(rng, (6, 21), 4)
-    b = RecordBuilder(name, q.shape)
-    qt = b.finish(b.affine(b.bitplanes("planes", q, 4), scale=0.5, bits=4, group_shape=(1, 21)))
+    d = draft("bitplanes_w4", (6, 21))
+    q = codes(d.rng, (6, 21), 4)
+    b = d.b
     truncated = ((q >> 2) << 2) | 0b10  # two planes kept: dropped bits decode to the middle of their interval
-    v = Valid(vid, "4 bit-planes (MSB first, 21 columns) under affine scale=0.5, all planes used", [qt],
-              {name: f32(q) * np.float32(0.5)})
+    v = d.valid("4 bit-planes (MSB first, 21 columns) under affine scale=0.5, all planes used",
+                b.affine(b.bitplanes("planes", q, 4), scale=0.5, bits=4, group_shape=(1, 21)), f32(q) * np.float32(0.5))
     v.extra.append(("bitplanes_w4_use2", "same file decoded with use_planes=2: low bits become 0b10", {"use_planes": 2},
-                    {name: f32(truncated) * np.float32(0.5)}))
+                    {b.name: f32(truncated) * np.float32(0.5)}))
     return v
 
 
 def v_bitplanes_lut() -> Valid:
-    vid = "bitplanes_lut_w3"
-    rng = rng_for(vid)
-    name = "layer.weight"
-    q = codes(rng, (4, 16), 3)
-    table = np.sort(fp16(rng, (8,))).astype(np.float32)
-    b = RecordBuilder(name, q.shape)
-    qt = b.finish(b.lut(b.bitplanes("planes", q, 3), b.tensor("table", table)))
-    v = Valid(vid, "3-bit codes as bit-planes looked up in an 8-entry fp32 table", [qt], {name: table[q]})
+    d = draft("bitplanes_lut_w3", (4, 16))
+    q = codes(d.rng, (4, 16), 3)
+    table = np.sort(fp16(d.rng, (8,))).astype(np.float32)
+    b = d.b
+    v = d.valid("3-bit codes as bit-planes looked up in an 8-entry fp32 table",
+                b.lut(b.bitplanes("planes", q, 3), b.tensor("table", table)), table[q])
     v.extra.append(("bitplanes_lut_w3_use1", "same file with use_planes=1: the two dropped bits decode as 0b10",
-                    {"use_planes": 1}, {name: table[((q >> 2) << 2) | 0b010]}))
+                    {"use_planes": 1}, {b.name: table[((q >> 2) << 2) | 0b010]}))
     return v
 
 
 def v_ternary() -> Valid:
-    vid = "ternary_per_row"
-    rng = rng_for(vid)
-    name = "layer.weight"
-    t = rng.integers(-1, 2, size=(7, 23))
-    s = fp16(rng, (7, 1), 0.05, positive=True)
-    b = RecordBuilder(name, t.shape)
-    qt = b.finish(b.scale(b.ternary("trits", t), b.tensor("scale", s), group_shape=(1, 23)))
-    return Valid(vid, "ternary weights (5 trits per byte, 23 columns) times a per-row fp16 scale (BitNet)", [qt],
-                 {name: f32(t) * tiles(s, (1, 23), t.shape)})
+    d = draft("ternary_per_row", (7, 23))
+    t = d.rng.integers(-1, 2, size=(7, 23))
+    s = fp16(d.rng, (7, 1), 0.05, positive=True)
+    b = d.b
+    return d.valid("ternary weights (5 trits per byte, 23 columns) times a per-row fp16 scale (BitNet)",
+                   b.scale(b.ternary("trits", t), b.tensor("scale", s), group_shape=(1, 23)),
+                   f32(t) * tiles(s, (1, 23), t.shape))
 
 
 def v_ternary_tensor_scale() -> Valid:
-    vid = "ternary_per_tensor"
-    rng = rng_for(vid)
-    name = "layer.weight"
-    t = rng.integers(-1, 2, size=(3, 5))
-    b = RecordBuilder(name, t.shape)
-    qt = b.finish(b.scale(b.ternary("trits", t), b.tensor("scale", np.array([[0.75]], np.float32)),
-                          group_shape=(3, 5)))
-    return Valid(vid, "ternary 3x5 (exactly one byte per row) with one [1, 1] scale", [qt],
-                 {name: f32(t) * np.float32(0.75)})
+    d = draft("ternary_per_tensor", (3, 5))
+    t = d.rng.integers(-1, 2, size=(3, 5))
+    b = d.b
+    return d.valid("ternary 3x5 (exactly one byte per row) with one [1, 1] scale",
+                   b.scale(b.ternary("trits", t), b.tensor("scale", np.array([[0.75]], np.float32)), group_shape=(3, 5)),
+                   f32(t) * np.float32(0.75))
 
 
 def v_affine_asym() -> Valid:
-    vid = "affine_asym_g32"
-    rng = rng_for(vid)
-    name = "layer.weight"
-    q = codes(rng, (8, 80), 4)
-    s = fp16(rng, (8, 3), 0.02, positive=True)
-    z = fp16(rng, (8, 3), 3.0)
-    b = RecordBuilder(name, q.shape, "F16")
-    qt = b.finish(b.affine(b.packed("codes", q, 4), scale=b.tensor("scale", s), zero=b.tensor("zero", z), bits=4,
-                           group_shape=(1, 32)))
-    return Valid(vid, "4-bit asymmetric, groups of 32 along the input (80 columns: last group has 16), fp16 scale "
-                      "and non-integer fp16 zero", [qt], {name: affine_ref(q, s, z, (1, 32))})
+    d = draft("affine_asym_g32", (8, 80), "F16")
+    q = codes(d.rng, (8, 80), 4)
+    s, z = fp16(d.rng, (8, 3), 0.02, positive=True), fp16(d.rng, (8, 3), 3.0)
+    return d.valid("4-bit asymmetric, groups of 32 along the input (80 columns: last group has 16), fp16 scale "
+                   "and non-integer fp16 zero", *affine(d.b, q, 4, (1, 32), s, z))
 
 
 def v_affine_packed_zero() -> Valid:
-    vid = "affine_packed_zero"
-    rng = rng_for(vid)
-    name = "layer.weight"
-    q = codes(rng, (6, 64), 4)
-    s = fp16(rng, (6, 4), 0.02, positive=True)
-    z = codes(rng, (6, 4), 4)
-    b = RecordBuilder(name, q.shape)
-    qt = b.finish(b.affine(b.packed("codes", q, 4), scale=b.tensor("scale", s), zero=b.packed("zero", z, 4), bits=4,
-                           group_shape=(1, 16)))
-    return Valid(vid, "4-bit with integer zero points packed as 4-bit codes (GPTQ-style qzeros)", [qt],
-                 {name: affine_ref(q, s, z, (1, 16))})
+    d = draft("affine_packed_zero", (6, 64))
+    q = codes(d.rng, (6, 64), 4)
+    s, z = fp16(d.rng, (6, 4), 0.02, positive=True), codes(d.rng, (6, 4), 4)
+    return d.valid("4-bit with integer zero points packed as 4-bit codes (GPTQ-style qzeros)",
+                   *affine(d.b, q, 4, (1, 16), s, z, zero_bits=4))
 
 
 def v_affine_per_channel() -> Valid:
-    vid = "affine_per_channel_w8"
-    rng = rng_for(vid)
-    name = "layer.weight"
-    q = codes(rng, (9, 24), 8)
-    s = (np.abs(rng.standard_normal((9, 1))) * 0.01 + 0.001).astype(np.float32)
-    b = RecordBuilder(name, q.shape, "BF16")
-    qt = b.finish(b.affine(b.packed("codes", q, 8), scale=b.tensor("scale", s), zero=128, bits=8,
-                           group_shape=(1, 24)))
-    return Valid(vid, "8-bit symmetric per output channel: fp32 scale [R, 1], constant zero 128", [qt],
-                 {name: affine_ref(q, s, 128.0, (1, 24))})
+    d = draft("affine_per_channel_w8", (9, 24), "BF16")
+    q = codes(d.rng, (9, 24), 8)
+    s = (np.abs(d.rng.standard_normal((9, 1))) * 0.01 + 0.001).astype(np.float32)
+    return d.valid("8-bit symmetric per output channel: fp32 scale [R, 1], constant zero 128",
+                   *affine(d.b, q, 8, (1, 24), s, 128))
 
 
 def v_affine_tiles() -> Valid:
-    vid = "affine_2d_tiles"
-    rng = rng_for(vid)
-    name = "layer.weight"
-    q = codes(rng, (10, 40), 3)
-    s = fp16(rng, (3, 3), 0.1, positive=True)
-    z = fp16(rng, (3, 3), 2.0)
-    b = RecordBuilder(name, q.shape)
-    qt = b.finish(b.affine(b.packed("codes", q, 3), scale=b.tensor("scale", s), zero=b.tensor("zero", z), bits=3,
-                           group_shape=(4, 16)))
-    return Valid(vid, "3-bit with 4x16 tiles over 10x40 (partial tiles on both edges)", [qt],
-                 {name: affine_ref(q, s, z, (4, 16))})
+    d = draft("affine_2d_tiles", (10, 40))
+    q = codes(d.rng, (10, 40), 3)
+    s, z = fp16(d.rng, (3, 3), 0.1, positive=True), fp16(d.rng, (3, 3), 2.0)
+    return d.valid("3-bit with 4x16 tiles over 10x40 (partial tiles on both edges)",
+                   *affine(d.b, q, 3, (4, 16), s, z))
 
 
 def v_affine_constants() -> Valid:
-    vid = "affine_constants"
-    rng = rng_for(vid)
-    name = "layer.weight"
-    q = codes(rng, (4, 12), 5)
-    b = RecordBuilder(name, q.shape)
-    qt = b.finish(b.affine(b.packed("codes", q, 5), scale=0.0125, zero=15.5, bits=5, group_shape=(1, 1)))
-    return Valid(vid, "5-bit with per-tensor constants in the JSON: scale 0.0125, zero 15.5", [qt],
-                 {name: affine_ref(q, 0.0125, 15.5, (1, 1))})
+    d = draft("affine_constants", (4, 12))
+    q = codes(d.rng, (4, 12), 5)
+    return d.valid("5-bit with per-tensor constants in the JSON: scale 0.0125, zero 15.5",
+                   *affine(d.b, q, 5, (1, 1), 0.0125, 15.5))
 
 
 def v_affine_w16() -> Valid:
-    vid = "affine_w16"
-    rng = rng_for(vid)
-    name = "layer.weight"
-    q = codes(rng, (3, 33), 16)
-    s = fp16(rng, (3, 3), 1e-4, positive=True)
-    b = RecordBuilder(name, q.shape)
-    qt = b.finish(b.affine(b.packed("codes", q, 16), scale=b.tensor("scale", s), zero=32768, bits=16,
-                           group_shape=(1, 16)))
-    return Valid(vid, "16-bit codes (the widest), groups of 16 over 33 columns", [qt],
-                 {name: affine_ref(q, s, 32768.0, (1, 16))})
+    d = draft("affine_w16", (3, 33))
+    q = codes(d.rng, (3, 33), 16)
+    s = fp16(d.rng, (3, 3), 1e-4, positive=True)
+    return d.valid("16-bit codes (the widest), groups of 16 over 33 columns", *affine(d.b, q, 16, (1, 16), s, 32768))
+
+
+def scaled_lut(b: RecordBuilder, q: np.ndarray, bits: int, table: np.ndarray, factor: tuple[str | dict, np.ndarray],
+               group: tuple[int, int]) -> tuple[dict, np.ndarray]:
+    """``bits``-bit packed codes looked up in a stored 1-D table, times a per-tile factor, and the expected value.
+
+    ``factor`` is (role, array) for a stored factor, or (node, its value) for one built already (double quantization).
+    """
+    where, value = factor
+    looked_up = b.lut(b.packed("codes", q, bits), b.tensor("table", table))
+    node = b.scale(looked_up, b.tensor(where, value) if isinstance(where, str) else where, group_shape=group)
+    return node, table[q] * tiles(value, group, q.shape)
 
 
 def v_lut_nf4() -> Valid:
-    vid = "lut_nf4_absmax"
-    rng = rng_for(vid)
-    name = "layer.weight"
-    q = codes(rng, (4, 128), 4)
-    absmax = (np.abs(rng.standard_normal((4, 2))) * 0.05 + 0.01).astype(np.float32)
-    b = RecordBuilder(name, q.shape, "BF16")
-    qt = b.finish(b.scale(b.lut(b.packed("codes", q, 4), b.tensor("table", NF4)), b.tensor("absmax", absmax),
-                          group_shape=(1, 64)))
-    return Valid(vid, "NF4: 4-bit codes into the NF4 table, times an fp32 absmax per block of 64 (bitsandbytes)",
-                 [qt], {name: NF4[q] * tiles(absmax, (1, 64), q.shape)})
+    d = draft("lut_nf4_absmax", (4, 128), "BF16")
+    q = codes(d.rng, (4, 128), 4)
+    absmax = (np.abs(d.rng.standard_normal((4, 2))) * 0.05 + 0.01).astype(np.float32)
+    return d.valid("NF4: 4-bit codes into the NF4 table, times an fp32 absmax per block of 64 (bitsandbytes)",
+                   *scaled_lut(d.b, q, 4, NF4, ("absmax", absmax), (1, 64)))
 
 
 def v_lut_tile_table_1x1() -> Valid:
-    vid = "lut_tile_table_1x1"
-    rng = rng_for(vid)
-    name = "layer.weight"
-    q = codes(rng, (4, 8), 4)
-    table = np.sort(fp16(rng, (1, 1, 16)), axis=-1)
-    b = RecordBuilder(name, q.shape)
-    qt = b.finish(b.lut(b.packed("codes", q, 4), b.tensor("table", table), group_shape=(1, 4)))
-    return Valid(vid, "a [1, 1, 16] per-tile table with group_shape [1, 4]: used for every element", [qt],
-                 {name: f32(table)[0, 0][q]})
+    d = draft("lut_tile_table_1x1", (4, 8))
+    q = codes(d.rng, (4, 8), 4)
+    table = np.sort(fp16(d.rng, (1, 1, 16)), axis=-1)
+    b = d.b
+    return d.valid("a [1, 1, 16] per-tile table with group_shape [1, 4]: used for every element",
+                   b.lut(b.packed("codes", q, 4), b.tensor("table", table), group_shape=(1, 4)), f32(table)[0, 0][q])
 
 
 def v_lut_per_tile() -> Valid:
-    vid = "lut_per_tile"
-    rng = rng_for(vid)
-    name = "layer.weight"
-    q = codes(rng, (16, 64), 3)
-    table = np.sort(fp16(rng, (2, 2, 8), 0.1), axis=-1)
-    b = RecordBuilder(name, q.shape)
-    qt = b.finish(b.lut(b.packed("codes", q, 3), b.tensor("table", table), group_shape=(8, 32)))
+    d = draft("lut_per_tile", (16, 64))
+    q = codes(d.rng, (16, 64), 3)
+    table = np.sort(fp16(d.rng, (2, 2, 8), 0.1), axis=-1)
+    b = d.b
     rows = np.arange(16)[:, None] // 8
     cols = np.arange(64)[None, :] // 32
-    return Valid(vid, "3-bit codes into a learned fp16 table per 8x32 tile ([2, 2, 8] tables)", [qt],
-                 {name: f32(table)[rows, cols, q]})
+    return d.valid("3-bit codes into a learned fp16 table per 8x32 tile ([2, 2, 8] tables)",
+                   b.lut(b.packed("codes", q, 3), b.tensor("table", table), group_shape=(8, 32)),
+                   f32(table)[rows, cols, q])
 
 
 def v_lut_fp8() -> Valid:
-    vid = "lut_fp8_e4m3"
-    rng = rng_for(vid)
-    name = "layer.weight"
+    d = draft("lut_fp8_e4m3", (5, 20))
     table = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
     table[np.isnan(table)] = 0.0  # e4m3fn's two NaN codes are never produced by a quantizer
-    q = codes(rng, (5, 20), 8)
-    s = (np.abs(rng.standard_normal((5, 1))) * 0.01 + 0.001).astype(np.float32)
-    b = RecordBuilder(name, q.shape)
-    qt = b.finish(b.scale(b.lut(b.packed("codes", q, 8), b.tensor("table", table)), b.tensor("scale", s),
-                          group_shape=(1, 20)))
-    return Valid(vid, "FP8 e4m3 as a 256-entry table, per-row fp32 scale", [qt],
-                 {name: table[q] * tiles(s, (1, 20), q.shape)})
+    q = codes(d.rng, (5, 20), 8)
+    s = (np.abs(d.rng.standard_normal((5, 1))) * 0.01 + 0.001).astype(np.float32)
+    return d.valid("FP8 e4m3 as a 256-entry table, per-row fp32 scale", *scaled_lut(d.b, q, 8, table, ("scale", s), (1, 20)))
 
 
 def v_scale_input_channel() -> Valid:
-    vid = "scale_input_channel"
-    rng = rng_for(vid)
-    name = "layer.weight"
-    q = codes(rng, (8, 32), 4)
-    s = fp16(rng, (8, 2), 0.02, positive=True)
-    z = codes(rng, (8, 2), 4).astype(np.float16)
-    col = fp16(rng, (1, 32), 0.5, positive=True)
-    b = RecordBuilder(name, q.shape)
-    inner = b.affine(b.packed("codes", q, 4), scale=b.tensor("scale", s), zero=b.tensor("zero", z), bits=4,
-                     group_shape=(1, 16))
-    qt = b.finish(b.scale(inner, b.tensor("input_scale", col), group_shape=(8, 1)))
-    return Valid(vid, "AWQ-like: 4-bit g16 weights times a per-input-channel fp16 factor [1, C]", [qt],
-                 {name: affine_ref(q, s, z, (1, 16)) * tiles(col, (8, 1), q.shape)})
+    d = draft("scale_input_channel", (8, 32))
+    q = codes(d.rng, (8, 32), 4)
+    s = fp16(d.rng, (8, 2), 0.02, positive=True)
+    z = codes(d.rng, (8, 2), 4).astype(np.float16)
+    col = fp16(d.rng, (1, 32), 0.5, positive=True)
+    inner, stored = affine(d.b, q, 4, (1, 16), s, z)
+    return d.valid("AWQ-like: 4-bit g16 weights times a per-input-channel fp16 factor [1, C]",
+                   d.b.scale(inner, d.b.tensor("input_scale", col), group_shape=(8, 1)),
+                   stored * tiles(col, (8, 1), q.shape))
 
 
 def vq_ref(q: np.ndarray, books: np.ndarray) -> np.ndarray:
@@ -387,42 +373,34 @@ def vq_ref(q: np.ndarray, books: np.ndarray) -> np.ndarray:
 
 
 def v_vq_single() -> Valid:
-    vid = "vq_single_codebook"
-    rng = rng_for(vid)
-    name = "layer.weight"
-    books = fp16(rng, (1, 256, 8), 0.1)
-    q = codes(rng, (6, 4), 8)
-    b = RecordBuilder(name, (6, 32))
-    qt = b.finish(b.vq(b.packed("codes", q, 8), b.tensor("codebooks", books)))
-    return Valid(vid, "vector quantization: one 256x8 fp16 codebook, 8-bit codes per 8-wide slice", [qt],
-                 {name: vq_ref(q, books)})
+    d = draft("vq_single_codebook", (6, 32))
+    books = fp16(d.rng, (1, 256, 8), 0.1)
+    q = codes(d.rng, (6, 4), 8)
+    b = d.b
+    return d.valid("vector quantization: one 256x8 fp16 codebook, 8-bit codes per 8-wide slice",
+                   b.vq(b.packed("codes", q, 8), b.tensor("codebooks", books)), vq_ref(q, books))
 
 
 def v_vq_aqlm() -> Valid:
-    vid = "vq_additive_aqlm"
-    rng = rng_for(vid)
-    name = "layer.weight"
-    books = fp16(rng, (2, 256, 8), 0.05)
-    q = codes(rng, (8, 8 * 2), 8)  # 64 columns = 8 slices, two codes per slice (slice-major, codebook-minor)
-    s = fp16(rng, (8, 1), 1.0, positive=True)
-    b = RecordBuilder(name, (8, 64))
-    qt = b.finish(b.scale(b.vq(b.packed("codes", q, 8), b.tensor("codebooks", books)), b.tensor("scale", s),
-                          group_shape=(1, 64)))
-    return Valid(vid, "AQLM-like additive codebooks: 2 x 256 x 8 fp16, summed in codebook order, per-row scale",
-                 [qt], {name: vq_ref(q, books) * tiles(s, (1, 64), (8, 64))})
+    d = draft("vq_additive_aqlm", (8, 64))
+    books = fp16(d.rng, (2, 256, 8), 0.05)
+    q = codes(d.rng, (8, 8 * 2), 8)  # 64 columns = 8 slices, two codes per slice (slice-major, codebook-minor)
+    s = fp16(d.rng, (8, 1), 1.0, positive=True)
+    b = d.b
+    return d.valid("AQLM-like additive codebooks: 2 x 256 x 8 fp16, summed in codebook order, per-row scale",
+                   b.scale(b.vq(b.packed("codes", q, 8), b.tensor("codebooks", books)), b.tensor("scale", s),
+                           group_shape=(1, 64)),
+                   vq_ref(q, books) * tiles(s, (1, 64), (8, 64)))
 
 
 def v_vq_tensor_codes() -> Valid:
-    vid = "vq_u16_codes"
-    rng = rng_for(vid)
-    name = "layer.weight"
-    books = fp16(rng, (3, 300, 4), 0.1)
-    q = rng.integers(0, 300, size=(5, 3 * 3)).astype(np.uint16)
+    d = draft("vq_u16_codes", (5, 12))
+    books = fp16(d.rng, (3, 300, 4), 0.1)
+    q = d.rng.integers(0, 300, size=(5, 3 * 3)).astype(np.uint16)
     q.flat[-1] = 299
-    b = RecordBuilder(name, (5, 12))
-    qt = b.finish(b.vq(b.tensor("codes", q), b.tensor("codebooks", books)))
-    return Valid(vid, "3 additive codebooks of 300 entries (not a power of two): codes stored as a U16 tensor",
-                 [qt], {name: vq_ref(q.astype(np.int64), books)})
+    b = d.b
+    return d.valid("3 additive codebooks of 300 entries (not a power of two): codes stored as a U16 tensor",
+                   b.vq(b.tensor("codes", q), b.tensor("codebooks", books)), vq_ref(q.astype(np.int64), books))
 
 
 def sparse_dense(rng: np.random.Generator, shape: tuple[int, int], density: float) -> np.ndarray:
@@ -432,69 +410,51 @@ def sparse_dense(rng: np.random.Generator, shape: tuple[int, int], density: floa
 
 
 def v_sparse_only() -> Valid:
-    vid = "sparse_csr_only"
-    rng = rng_for(vid)
-    name = "layer.weight"
-    dense = sparse_dense(rng, (6, 30), 0.1)
-    b = RecordBuilder(name, dense.shape)
-    qt = b.finish(b.sparse_from_dense("outliers", dense))
-    return Valid(vid, "only outliers: CSR with I32 row_ptr, U16 col_idx, fp16 values, one empty row", [qt],
-                 {name: f32(dense)})
+    d = draft("sparse_csr_only", (6, 30))
+    dense = sparse_dense(d.rng, (6, 30), 0.1)
+    return d.valid("only outliers: CSR with I32 row_ptr, U16 col_idx, fp16 values, one empty row",
+                   d.b.sparse_from_dense("outliers", dense), f32(dense))
 
 
 def v_sparse_wide_indices() -> Valid:
-    vid = "sparse_csr_i64_i32"
-    rng = rng_for(vid)
-    name = "layer.weight"
-    dense = sparse_dense(rng, (5, 12), 0.25)
+    d = draft("sparse_csr_i64_i32", (5, 12))
+    dense = sparse_dense(d.rng, (5, 12), 0.25)
     ptr, cols, vals = csr(dense)
-    b = RecordBuilder(name, dense.shape)
+    b = d.b
     node = {"codec": "sparse_csr", "version": 1, "row_ptr": b.store("outliers.row_ptr", ptr.astype(np.int64)),
             "col_idx": b.store("outliers.col_idx", cols.astype(np.int32)),
             "values": b.tensor("outliers.values", vals.astype(np.float32)), "shape": [5, 12]}
-    qt = b.finish(node)
-    return Valid(vid, "CSR with I64 row_ptr, I32 col_idx and fp32 values", [qt], {name: f32(dense)})
+    return d.valid("CSR with I64 row_ptr, I32 col_idx and fp32 values", node, f32(dense))
 
 
 def v_sparse_empty() -> Valid:
-    vid = "sparse_csr_empty"
-    rng = rng_for(vid)
-    name = "layer.weight"
-    q = codes(rng, (4, 16), 2)
-    b = RecordBuilder(name, q.shape)
-    base = b.affine(b.packed("codes", q, 2), scale=0.25, zero=1.5, bits=2, group_shape=(1, 16))
-    outliers = b.sparse_csr("outliers", np.zeros(5, np.int32), np.zeros(0, np.uint16), np.zeros(0, np.float16))
-    qt = b.finish(b.sum([base, outliers]))
-    return Valid(vid, "2-bit base plus a CSR term with no outliers (zero-length tensors)", [qt],
-                 {name: affine_ref(q, 0.25, 1.5, (1, 16)) + np.float32(0)})
+    d = draft("sparse_csr_empty", (4, 16))
+    q = codes(d.rng, (4, 16), 2)
+    base, expected = affine(d.b, q, 2, (1, 16), 0.25, 1.5)
+    outliers = d.b.sparse_csr("outliers", np.zeros(5, np.int32), np.zeros(0, np.uint16), np.zeros(0, np.float16))
+    return d.valid("2-bit base plus a CSR term with no outliers (zero-length tensors)", d.b.sum([base, outliers]),
+                   expected + np.float32(0))
 
 
 def v_lowrank_only() -> Valid:
-    vid = "lowrank_only"
-    rng = rng_for(vid)
-    name = "layer.weight"
-    a, bb = dyadic(rng, (12, 4)), dyadic(rng, (4, 20))
-    b = RecordBuilder(name, (12, 20))
-    qt = b.finish(b.lowrank(b.tensor("a", a), b.tensor("b", bb)))
+    d = draft("lowrank_only", (12, 20))
+    a, bb = dyadic(d.rng, (12, 4)), dyadic(d.rng, (4, 20))
     w, bound = product(a, bb)
-    return Valid(vid, "a rank-4 product a @ b of fp16 factors", [qt], {name: w}, product_bounds={name: bound})
+    return d.valid("a rank-4 product a @ b of fp16 factors", d.b.lowrank(d.b.tensor("a", a), d.b.tensor("b", bb)), w,
+                   product_bounds={d.b.name: bound})
 
 
 def v_lowrank_sidecar() -> Valid:
-    vid = "lowrank_sidecar"
-    rng = rng_for(vid)
-    name = "layer.weight"
-    q = codes(rng, (16, 128), 4)
-    s = fp16(rng, (16, 2), 0.01, positive=True)
-    z = fp16(rng, (16, 2), 8.0)
-    a, bb = dyadic(rng, (16, 8)), dyadic(rng, (8, 128))
-    b = RecordBuilder(name, q.shape)
-    base = b.affine(b.packed("codes", q, 4), scale=b.tensor("scale", s), zero=b.tensor("zero", z), bits=4,
-                    group_shape=(1, 64))
-    qt = b.finish(b.sum([base, b.lowrank(b.tensor("lora_a", a), b.tensor("lora_b", bb))]))
+    d = draft("lowrank_sidecar", (16, 128))
+    q = codes(d.rng, (16, 128), 4)
+    s, z = fp16(d.rng, (16, 2), 0.01, positive=True), fp16(d.rng, (16, 2), 8.0)
+    a, bb = dyadic(d.rng, (16, 8)), dyadic(d.rng, (8, 128))
+    b = d.b
+    base, stored = affine(b, q, 4, (1, 64), s, z)
     low, bound = product(a, bb)
-    return Valid(vid, "LQ-LoRA / SVDQuant: 4-bit g64 base plus a rank-8 fp16 low-rank sidecar", [qt],
-                 {name: affine_ref(q, s, z, (1, 64)) + low}, product_bounds={name: bound})
+    return d.valid("LQ-LoRA / SVDQuant: 4-bit g64 base plus a rank-8 fp16 low-rank sidecar",
+                   b.sum([base, b.lowrank(b.tensor("lora_a", a), b.tensor("lora_b", bb))]), stored + low,
+                   product_bounds={b.name: bound})
 
 
 def sign_block(b: RecordBuilder, rng: np.random.Generator, i: int, shape: tuple[int, int], rank: int,
@@ -508,58 +468,37 @@ def sign_block(b: RecordBuilder, rng: np.random.Generator, i: int, shape: tuple[
 
 
 def v_sign_lowrank() -> Valid:
-    vid = "sign_lowrank_single"
-    rng = rng_for(vid)
-    name = "layer.weight"
-    b = RecordBuilder(name, (9, 19))
-    node, expected, bound = sign_block(b, rng, 0, (9, 19), 1)
-    return Valid(vid, "one BitStack block: 1-bit packed signs times a rank-1 |u v| (9x19)", [b.finish(node)],
-                 {name: expected}, product_bounds={name: bound})
+    d = draft("sign_lowrank_single", (9, 19))
+    node, expected, bound = sign_block(d.b, d.rng, 0, (9, 19), 1)
+    return d.valid("one BitStack block: 1-bit packed signs times a rank-1 |u v| (9x19)", node, expected,
+                   product_bounds={d.b.name: bound})
 
 
 def v_bitstack() -> Valid:
-    vid = "bitstack_three_blocks"
-    rng = rng_for(vid)
-    name = "layer.weight"
-    b = RecordBuilder(name, (16, 24))
-    nodes, parts, bounds = zip(*(sign_block(b, rng, i, (16, 24), 2, planes=(i == 1)) for i in range(3)),
+    d = draft("bitstack_three_blocks", (16, 24))
+    nodes, parts, bounds = zip(*(sign_block(d.b, d.rng, i, (16, 24), 2, planes=(i == 1)) for i in range(3)),
                                strict=True)
-    expected = parts[0] + parts[1] + parts[2]
-    return Valid(vid, "BitStack: a sum of three sign x rank-2 blocks (block 1's signs stored as a bit-plane)",
-                 [b.finish(b.sum(list(nodes)))], {name: expected}, product_bounds={name: sum(bounds)})
+    return d.valid("BitStack: a sum of three sign x rank-2 blocks (block 1's signs stored as a bit-plane)",
+                   d.b.sum(list(nodes)), parts[0] + parts[1] + parts[2], product_bounds={d.b.name: sum(bounds)})
 
 
 def v_permute() -> Valid:
-    vid = "permute_only"
-    rng = rng_for(vid)
-    name = "layer.weight"
-    stored = fp16(rng, (4, 11))
-    perm = rng.permutation(11)
-    b = RecordBuilder(name, stored.shape)
-    qt = b.finish(b.permute(b.tensor("stored", stored), perm))
-    w = np.empty((4, 11), np.float32)
-    w[:, perm] = f32(stored)  # stored column j is input channel perm[j]
-    return Valid(vid, "an input-channel permutation of a stored fp16 matrix: w[:, perm[j]] = stored[:, j]", [qt],
-                 {name: w})
+    d = draft("permute_only", (4, 11))
+    stored = fp16(d.rng, (4, 11))
+    perm = d.rng.permutation(11)
+    return d.valid("an input-channel permutation of a stored fp16 matrix: w[:, perm[j]] = stored[:, j]",
+                   d.b.permute(d.b.tensor("stored", stored), perm), permuted(stored, perm))
 
 
 def v_gptq_act_order() -> Valid:
-    vid = "gptq_act_order"
-    rng = rng_for(vid)
-    name = "model.layers.0.self_attn.q_proj.weight"
-    q = codes(rng, (8, 96), 4)
-    s = fp16(rng, (8, 3), 0.02, positive=True)
-    z = codes(rng, (8, 3), 4)
-    perm = rng.permutation(96)
-    b = RecordBuilder(name, q.shape, "F16")
-    inner = b.affine(b.packed("qweight", q, 4), scale=b.tensor("scales", s), zero=b.packed("qzeros", z, 4), bits=4,
-                     group_shape=(1, 32))
-    qt = b.finish(b.permute(inner, perm, role="g_idx_perm"), info={"method": "gptq", "act_order": True})
-    stored = affine_ref(q, s, z, (1, 32))
-    w = np.empty_like(stored)
-    w[:, perm] = stored
-    return Valid(vid, "GPTQ with act-order: 4-bit g32 in permuted column order, packed zeros, then permute", [qt],
-                 {name: w})
+    d = draft("gptq_act_order", (8, 96), "F16", "model.layers.0.self_attn.q_proj.weight")
+    q = codes(d.rng, (8, 96), 4)
+    s, z = fp16(d.rng, (8, 3), 0.02, positive=True), codes(d.rng, (8, 3), 4)
+    perm = d.rng.permutation(96)
+    inner, stored = affine(d.b, q, 4, (1, 32), s, z, roles=("qweight", "scales", "qzeros"), zero_bits=4)
+    return d.valid("GPTQ with act-order: 4-bit g32 in permuted column order, packed zeros, then permute",
+                   d.b.permute(inner, perm, role="g_idx_perm"), permuted(stored, perm),
+                   info={"method": "gptq", "act_order": True})
 
 
 def quantized_stats(b: RecordBuilder, rng: np.random.Generator, role: str, values: np.ndarray, bits: int,
@@ -569,86 +508,63 @@ def quantized_stats(b: RecordBuilder, rng: np.random.Generator, role: str, value
     q = codes(rng, values.shape, bits)
     s2 = fp16(rng, grid, float(np.abs(values).mean()) / 4, positive=True)
     z2 = fp16(rng, grid, 1.0)
-    node = b.affine(b.packed(f"{role}.codes", q, bits), scale=b.tensor(f"{role}.scale", s2),
-                    zero=b.tensor(f"{role}.zero", z2), bits=bits, group_shape=group)
-    return node, affine_ref(q, s2, z2, group)
+    return affine(b, q, bits, group, s2, z2, roles=(f"{role}.codes", f"{role}.scale", f"{role}.zero"))
 
 
 def v_spqr() -> Valid:
-    vid = "spqr_like"
-    rng = rng_for(vid)
-    name = "model.layers.3.mlp.down_proj.weight"
     rows, cols, g = 32, 64, 16
-    q = codes(rng, (rows, cols), 3)
-    b = RecordBuilder(name, (rows, cols), "F16")
-    scale_node, scale = quantized_stats(b, rng, "scale", np.full((rows, cols // g), 0.05), 3, (16, 1))
-    zero_node, zero = quantized_stats(b, rng, "zero", np.full((rows, cols // g), 3.0), 3, (16, 1))
+    d = draft("spqr_like", (rows, cols), "F16", "model.layers.3.mlp.down_proj.weight")
+    q = codes(d.rng, (rows, cols), 3)
+    b = d.b
+    scale_node, scale = quantized_stats(b, d.rng, "scale", np.full((rows, cols // g), 0.05), 3, (16, 1))
+    zero_node, zero = quantized_stats(b, d.rng, "zero", np.full((rows, cols // g), 3.0), 3, (16, 1))
     base = b.affine(b.packed("codes", q, 3), scale=scale_node, zero=zero_node, bits=3, group_shape=(1, g))
-    dense = sparse_dense(rng, (rows, cols), 0.01)
-    qt = b.finish(b.permute(b.sum([base, b.sparse_from_dense("outliers", dense)]), rng.permutation(cols)),
-                  info={"method": "spqr", "groupsize": g})
-    stored = affine_ref(q, scale, zero, (1, g)) + f32(dense)
-    perm = np.asarray(qt.tensors[f"{name}.perm"], dtype=np.int64)
-    w = np.empty_like(stored)
-    w[:, perm] = stored
-    return Valid(vid, "SpQR-like: 3-bit weights in groups of 16, their scale and zero themselves 3-bit quantized "
-                      "(fp16 second-level stats per 16 rows), fp16 CSR outliers, input permutation", [qt], {name: w})
+    dense = sparse_dense(d.rng, (rows, cols), 0.01)
+    perm = d.rng.permutation(cols)
+    return d.valid("SpQR-like: 3-bit weights in groups of 16, their scale and zero themselves 3-bit quantized "
+                   "(fp16 second-level stats per 16 rows), fp16 CSR outliers, input permutation",
+                   b.permute(b.sum([base, b.sparse_from_dense("outliers", dense)]), perm),
+                   permuted(affine_ref(q, scale, zero, (1, g)) + f32(dense), perm),
+                   info={"method": "spqr", "groupsize": g})
 
 
 def v_nf4_double_quant() -> Valid:
-    vid = "nf4_double_quant"
-    rng = rng_for(vid)
-    name = "model.layers.1.mlp.gate_proj.weight"
-    q = codes(rng, (8, 512), 4)
-    blocks = (8, 512 // 64)
-    absmax_codes = codes(rng, blocks, 8)
-    s2 = (np.abs(rng.standard_normal((8, 2))) * 1e-4 + 1e-5).astype(np.float32)
-    z2 = (127.0 - rng.random((8, 2)) * 10).astype(np.float32)  # the mean offset, folded into the zero
-    b = RecordBuilder(name, q.shape, "BF16")
-    absmax = b.affine(b.packed("absmax.codes", absmax_codes, 8), scale=b.tensor("absmax.scale", s2),
-                      zero=b.tensor("absmax.offset", z2), bits=8, group_shape=(1, 4))
-    qt = b.finish(b.scale(b.lut(b.packed("codes", q, 4), b.tensor("table", NF4)), absmax, group_shape=(1, 64)))
-    factor = affine_ref(absmax_codes, s2, z2, (1, 4))
-    return Valid(vid, "QLoRA NF4 with double quantization: absmax per 64 weights stored as 8-bit codes with fp32 "
-                      "scale and offset per 4 blocks", [qt], {name: NF4[q] * tiles(factor, (1, 64), q.shape)})
+    d = draft("nf4_double_quant", (8, 512), "BF16", "model.layers.1.mlp.gate_proj.weight")
+    q = codes(d.rng, (8, 512), 4)
+    absmax_codes = codes(d.rng, (8, 512 // 64), 8)
+    s2 = (np.abs(d.rng.standard_normal((8, 2))) * 1e-4 + 1e-5).astype(np.float32)
+    z2 = (127.0 - d.rng.random((8, 2)) * 10).astype(np.float32)  # the mean offset, folded into the zero
+    b = d.b
+    absmax, factor = affine(b, absmax_codes, 8, (1, 4), s2, z2,
+                            roles=("absmax.codes", "absmax.scale", "absmax.offset"))
+    return d.valid("QLoRA NF4 with double quantization: absmax per 64 weights stored as 8-bit codes with fp32 "
+                   "scale and offset per 4 blocks", *scaled_lut(b, q, 4, NF4, (absmax, factor), (1, 64)))
 
 
 def v_residual() -> Valid:
-    vid = "residual_two_stage"
-    rng = rng_for(vid)
-    name = "layer.weight"
-    q1, q2 = codes(rng, (6, 48), 2), codes(rng, (6, 48), 2)
-    s1, s2 = fp16(rng, (6, 2), 0.1, positive=True), fp16(rng, (6, 2), 0.02, positive=True)
-    b = RecordBuilder(name, q1.shape)
-    t1 = b.affine(b.packed("stage0.codes", q1, 2), scale=b.tensor("stage0.scale", s1), zero=1.5, bits=2,
-                  group_shape=(1, 32))
-    t2 = b.affine(b.packed("stage1.codes", q2, 2), scale=b.tensor("stage1.scale", s2), zero=1.5, bits=2,
-                  group_shape=(1, 32))
-    dense = sparse_dense(rng, (6, 48), 0.05)
-    qt = b.finish(b.sum([t1, t2, b.sparse_from_dense("outliers", dense)]))
-    expected = affine_ref(q1, s1, 1.5, (1, 32)) + affine_ref(q2, s2, 1.5, (1, 32)) + f32(dense)
-    return Valid(vid, "two 2-bit residual stages plus outliers, summed left to right in fp32", [qt],
-                 {name: expected})
+    d = draft("residual_two_stage", (6, 48))
+    q1, q2 = codes(d.rng, (6, 48), 2), codes(d.rng, (6, 48), 2)
+    s1, s2 = fp16(d.rng, (6, 2), 0.1, positive=True), fp16(d.rng, (6, 2), 0.02, positive=True)
+    t1, w1 = affine(d.b, q1, 2, (1, 32), s1, 1.5, roles=("stage0.codes", "stage0.scale", "stage0.zero"))
+    t2, w2 = affine(d.b, q2, 2, (1, 32), s2, 1.5, roles=("stage1.codes", "stage1.scale", "stage1.zero"))
+    dense = sparse_dense(d.rng, (6, 48), 0.05)
+    return d.valid("two 2-bit residual stages plus outliers, summed left to right in fp32",
+                   d.b.sum([t1, t2, d.b.sparse_from_dense("outliers", dense)]), w1 + w2 + f32(dense))
 
 
 def v_conv() -> Valid:
-    vid = "conv_4d_shape"
-    rng = rng_for(vid)
-    name = "encoder.conv.weight"
-    q = codes(rng, (8, 36), 4)
-    s = fp16(rng, (8, 1), 0.05, positive=True)
-    b = RecordBuilder(name, (8, 4, 3, 3))
-    qt = b.finish(b.affine(b.packed("codes", q, 4), scale=b.tensor("scale", s), zero=8, bits=4, group_shape=(1, 36)))
-    return Valid(vid, "a 4-D conv weight [8, 4, 3, 3] decoded as the matrix [8, 36], reshaped back", [qt],
-                 {name: affine_ref(q, s, 8.0, (1, 36)).reshape(8, 4, 3, 3)})
+    d = draft("conv_4d_shape", (8, 4, 3, 3), name="encoder.conv.weight")
+    q = codes(d.rng, (8, 36), 4)
+    s = fp16(d.rng, (8, 1), 0.05, positive=True)
+    node, expected = affine(d.b, q, 4, (1, 36), s, 8)
+    return d.valid("a 4-D conv weight [8, 4, 3, 3] decoded as the matrix [8, 36], reshaped back", node,
+                   expected.reshape(8, 4, 3, 3))
 
 
 def v_one_by_one() -> Valid:
-    vid = "one_by_one"
-    name = "head.weight"
-    b = RecordBuilder(name, (1, 1))
-    qt = b.finish(b.affine(b.packed("codes", np.array([[5]]), 3), scale=0.5, zero=2, bits=3, group_shape=(1, 1)))
-    return Valid(vid, "the smallest record: 1x1, one 3-bit code in one byte", [qt], {name: np.array([[1.5]], F32)})
+    d = draft("one_by_one", (1, 1), name="head.weight")
+    node, _ = affine(d.b, np.array([[5]]), 3, (1, 1), 0.5, 2)
+    return d.valid("the smallest record: 1x1, one 3-bit code in one byte", node, np.array([[1.5]], F32))
 
 
 def v_multi_record() -> Valid:
@@ -660,9 +576,8 @@ def v_multi_record() -> Valid:
         q = codes(rng, (6, 32), bits)
         s = fp16(rng, (6, 1), 0.05, positive=True)
         b = RecordBuilder(name, q.shape, "BF16")
-        records.append(b.finish(b.affine(b.packed("codes", q, bits), scale=b.tensor("scale", s),
-                                         zero=(1 << bits) / 2, bits=bits, group_shape=(1, 32))))
-        expected[name] = affine_ref(q, s, (1 << bits) / 2, (1, 32))
+        node, expected[name] = affine(b, q, bits, (1, 32), s, (1 << bits) / 2)
+        records.append(b.finish(node))
     plain = {"model.embed_tokens.weight": fp16(rng, (10, 32), 0.1),
              "model.norm.weight": np.ones(32, np.float32) + np.float32(0.5),
              "model.layers.0.mlp.up_proj.bias": rng.standard_normal(6).astype(BF16)}
@@ -671,19 +586,15 @@ def v_multi_record() -> Valid:
 
 
 def v_depth_limit() -> Valid:
-    vid = "depth_16_limit"
-    rng = rng_for(vid)
-    name = "layer.weight"
-    x = fp16(rng, (3, 4))
-    factors = [np.array([[f]], np.float16) for f in rng.choice([0.5, 2.0, -1.0, 1.0], size=15)]
-    b = RecordBuilder(name, (3, 4))
-    node = b.tensor("x", x)
+    d = draft("depth_16_limit", (3, 4))
+    x = fp16(d.rng, (3, 4))
+    factors = [np.array([[f]], np.float16) for f in d.rng.choice([0.5, 2.0, -1.0, 1.0], size=15)]
+    node = d.b.tensor("x", x)
     expected = f32(x)
     for i, f in enumerate(factors):
-        node = b.scale(node, b.tensor(f"f{i}", f), group_shape=(3, 4))
+        node = d.b.scale(node, d.b.tensor(f"f{i}", f), group_shape=(3, 4))
         expected = expected * f32(f)
-    return Valid(vid, "15 nested scale nodes over a tensor: exactly the maximum tree depth of 16", [b.finish(node)],
-                 {name: expected})
+    return d.valid("15 nested scale nodes over a tensor: exactly the maximum tree depth of 16", node, expected)
 
 
 def valid_vectors() -> list[Valid]:
@@ -775,9 +686,9 @@ def base_record(name: str = BASE, bits: int = 4, cols: int = 40) -> QuantizedTen
     rng = rng_for("invalid-base:" + name)
     q = codes(rng, (4, cols), bits)
     groups = -(-cols // 16)
+    s, z = fp16(rng, (4, groups), 0.02, True), fp16(rng, (4, groups), 8.0)
     b = RecordBuilder(name, (4, cols), "F16")
-    return b.finish(b.affine(b.packed("codes", q, bits), scale=b.tensor("scale", fp16(rng, (4, groups), 0.02, True)),
-                             zero=b.tensor("zero", fp16(rng, (4, groups), 8.0)), bits=bits, group_shape=(1, 16)))
+    return b.finish(affine(b, q, bits, (1, 16), s, z)[0])
 
 
 def sparse_record(name: str = BASE) -> QuantizedTensor:
@@ -786,7 +697,7 @@ def sparse_record(name: str = BASE) -> QuantizedTensor:
     dense = np.zeros((4, 24), np.float16)
     dense[0, 3], dense[0, 9], dense[2, 20], dense[3, 0] = 1.5, -2.0, 3.0, 0.5
     b = RecordBuilder(name, (4, 24))
-    base = b.affine(b.packed("codes", q, 2), scale=0.5, zero=1.5, bits=2, group_shape=(1, 24))
+    base, _ = affine(b, q, 2, (1, 24), 0.5, 1.5)
     return b.finish(b.sum([base, b.sparse_from_dense("outliers", dense)]))
 
 
@@ -1144,8 +1055,7 @@ def invalid_data() -> list[Invalid]:
 
 def _padding_vector() -> bytes:
     b = RecordBuilder(BASE, (2, 5))  # 5 codes of 3 bits = 15 bits: one padding bit per row
-    qt = b.finish(b.affine(b.packed("codes", np.arange(10).reshape(2, 5) % 8, 3), scale=1.0, bits=3,
-                           group_shape=(1, 5)))
+    qt = b.finish(affine(b, np.arange(10).reshape(2, 5) % 8, 3, (1, 5), 1.0)[0])
     return edited(lambda r, t: bitflip(t, BASE + ".codes", (1, 1), int(t[BASE + ".codes"][1, 1]) | 0x80), qt)
 
 

@@ -2,7 +2,8 @@
 
 The metadata is what the Hub indexes: ``base_model`` + ``base_model_relation: quantized`` puts the model in the
 base model's "quantizations" tree, ``library_name: qformat`` and the tags make it findable, and the source's license
-is carried over because a quantized derivative is bound by it.
+is carried over because a quantized derivative is bound by it. A source converted from a local folder or file has no
+Hub page: the card then names it by its base name only (no ``base_model``, no link, no local path).
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from importlib import metadata as _md
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 # Source-card keys that legally or descriptively still apply to the quantized model.
 _CARRIED_KEYS = ("license", "license_name", "license_link", "language", "pipeline_tag", "datasets")
@@ -27,6 +30,27 @@ def _load_config(folder_or_config: dict[str, Any] | str | os.PathLike[str]) -> d
         return folder_or_config
     path = Path(folder_or_config)
     return json.loads((path / "config.json" if path.is_dir() else path).read_text())
+
+
+def _describe_source(source: Any) -> tuple[str | None, str | None, str | None]:
+    """``(hub_id, local_name, revision)`` from ``quantization_config.source`` (a dict, or a bare id from older files).
+
+    A source is on the Hub only when it is not marked ``local`` and its id is a valid repo id: an absolute or relative
+    path must never become a ``base_model`` link. A local source is named by its last path component.
+    """
+    if isinstance(source, dict):
+        ident, local, revision = source.get("id") or source.get("file"), bool(source.get("local")), source.get("revision")
+    else:
+        ident, local, revision = source, False, None
+    if not isinstance(ident, str) or not ident.strip():
+        return None, None, None
+    if not local:
+        try:
+            validate_repo_id(ident)
+            return ident, None, revision if isinstance(revision, str) else None
+        except HFValidationError:
+            pass
+    return None, re.split(r"[\\/]", ident.rstrip("/\\"))[-1] or None, None
 
 
 def _nominal_bits(qc: dict[str, Any]) -> int | None:
@@ -89,9 +113,7 @@ def render_model_card(
     config = _load_config(folder_or_config)
     qc: dict[str, Any] = config.get("quantization_config") or {}
     src_meta = dict(source_card_metadata or {})
-    source = qc.get("source") or {}
-    source_id = source.get("id") if isinstance(source, dict) else str(source)
-    source_rev = source.get("revision") if isinstance(source, dict) else None
+    source_id, local_name, source_rev = _describe_source(qc.get("source"))
     method = qc.get("method")
     bits = _nominal_bits(qc)
     bpw = qc.get("bits_per_weight")
@@ -107,14 +129,16 @@ def render_model_card(
         carried["base_model_relation"] = "quantized"
     data = ModelCardData(base_model=source_id, library_name="qformat", tags=tags, **carried)
 
-    title = f"{repo.split('/')[-1]}" if repo_id else f"{(source_id or 'model').split('/')[-1]} ({method or 'qformat'})"
+    source_name = (source_id or local_name or "model").split("/")[-1]
+    title = f"{repo.split('/')[-1]}" if repo_id else f"{source_name} ({method or 'qformat'})"
     lines = [f"# {title}", ""]
     if source_id:
         rev = f" (revision `{source_rev}`)" if source_rev else ""
         lines.append(f"A quantized version of [{source_id}](https://huggingface.co/{source_id}){rev}, stored in the "
                      f"qformat packed safetensors format (format version {qc.get('format_version', '?')}).")
     else:
-        lines.append(f"A model stored in the qformat packed safetensors format (format version "
+        origin = f"A quantized version of the local model `{local_name}`" if local_name else "A model"
+        lines.append(f"{origin} stored in the qformat packed safetensors format (format version "
                      f"{qc.get('format_version', '?')}).")
     if "license" in carried:
         lines.append(f"\nLicense: `{carried['license']}`, carried over from the source model.")
@@ -146,8 +170,12 @@ def render_model_card(
 
     lines += ["", "## How it was produced", ""]
     cmd = command or qc.get("command")
+    if cmd and local_name:  # the command names the local path it was given
+        source = qc.get("source")
+        cmd = str(cmd).replace(str((source.get("id") if isinstance(source, dict) else source) or local_name), local_name)
     lines += ["```bash", cmd, "```", ""] if cmd else []
-    lines.append(f"Converted with qformat {version}" + (f" from `{source_id}`" if source_id else "") + ".")
+    lines.append(f"Converted with qformat {version}" + (f" from `{source_id or local_name}`"
+                                                        if source_id or local_name else "") + ".")
 
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
     return str(card)

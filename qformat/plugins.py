@@ -3,12 +3,17 @@
 Environment:
 - ``QFORMAT_PLUGINS=a,b``: load only the entry points named a and b (an allow-list; empty string loads none).
 - ``QFORMAT_TRACE_PLUGINS=1``: print every hook call and its result to stderr.
+
+A plugin that fails to import or to register (a hook that raises, a codec with an invalid name) is reported, with a
+RuntimeWarning and in ``qformat plugins``, and the other plugins still load. Two plugins claiming one method, kernel or
+codec name is an error: which meaning the user wants cannot be guessed.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import metadata
@@ -86,7 +91,7 @@ def build_plugins(extra: list[tuple[str, Any]] | None = None) -> Plugins:
         try:
             module = ep.load()
         except Exception as exc:  # a broken plugin must not take the others down; it is reported in `qformat plugins`
-            info.error = f"{type(exc).__name__}: {exc}"
+            _mark_broken(info, f"{type(exc).__name__}: {exc}")
             continue
         if manager.is_registered(module):
             continue
@@ -111,36 +116,65 @@ def _collect(plugins: Plugins) -> None:
         def register_method(cls: type[Method], _p: str = impl.plugin_name) -> None:
             if not (isinstance(cls, type) and issubclass(cls, Method)) or not getattr(cls, "name", None):
                 raise PluginError(f"{_owner_label(plugins, _p)} registered {cls!r}, which is not a named Method class")
-            if cls.name in plugins.methods:
-                raise PluginError(f"method {cls.name!r} is claimed by two plugins: "
-                                  f"{_owner_label(plugins, plugins.method_owner[cls.name])} and {_owner_label(plugins, _p)}"
-                                  "; uninstall one or exclude it with QFORMAT_PLUGINS")
-            plugins.methods[cls.name] = cls
-            plugins.method_owner[cls.name] = _p
-            plugins.info.setdefault(_p, PluginInfo(_p, "?", "?", "?")).methods.append(cls.name)
+            _claim(plugins, "method", plugins.methods, plugins.method_owner, cls.name, cls, _p)
 
         _call(plugins, impl, register_method)
     for impl in hook.qformat_register_codecs.get_hookimpls():
         def register_codec(codec: Codec, _p: str = impl.plugin_name) -> None:
+            owner = _owner_label(plugins, _p)
             if not isinstance(codec, Codec):
-                raise PluginError(f"{_owner_label(plugins, _p)} registered {codec!r}, which is not a Codec instance")
-            CODECS.register(codec, owner=_owner_label(plugins, _p))
-            plugins.info.setdefault(_p, PluginInfo(_p, "?", "?", "?")).codecs.append(codec.name)
+                raise _RefusedCodec(f"registered {codec!r}, which is not a Codec instance")
+            name = getattr(codec, "name", None)
+            holder = CODECS.names().get(name, (None, owner))[1] if isinstance(name, str) else owner
+            if holder not in (owner, "qformat"):  # a core name is refused below, as any dot-less name
+                raise _clash("codec", name, holder, owner)
+            try:
+                CODECS.register(codec, owner=owner)
+            except PluginError as exc:  # e.g. a dot-less name, reserved for the core; the message names plugin and codec
+                raise _RefusedCodec(str(exc)) from exc
+            except Exception as exc:
+                raise _RefusedCodec(f"codec {name!r} could not be registered: {type(exc).__name__}: {exc}") from exc
+            _info(plugins, _p).codecs.append(name)
 
         _call(plugins, impl, register_codec)
     for impl in hook.qformat_register_kernels.get_hookimpls():
         def register_kernel(kernel: Kernel, _p: str = impl.plugin_name) -> None:
             if not isinstance(kernel, Kernel):
                 raise PluginError(f"{_owner_label(plugins, _p)} registered {kernel!r}, which is not a Kernel")
-            if kernel.name in plugins.kernels:
-                raise PluginError(f"kernel {kernel.name!r} is claimed by two plugins: "
-                                  f"{_owner_label(plugins, plugins.kernel_owner[kernel.name])} and "
-                                  f"{_owner_label(plugins, _p)}")
-            plugins.kernels[kernel.name] = kernel
-            plugins.kernel_owner[kernel.name] = _p
-            plugins.info.setdefault(_p, PluginInfo(_p, "?", "?", "?")).kernels.append(kernel.name)
+            _claim(plugins, "kernel", plugins.kernels, plugins.kernel_owner, kernel.name, kernel, _p)
 
         _call(plugins, impl, register_kernel)
+
+
+def _info(plugins: Plugins, plugin_name: str) -> PluginInfo:
+    return plugins.info.setdefault(plugin_name, PluginInfo(plugin_name, "?", "?", "?"))
+
+
+def _clash(kind: str, name: str, first: str, second: str) -> PluginError:
+    """Two plugins giving one name two meanings: refuse to guess which one the user wants."""
+    return PluginError(f"{kind} {name!r} is claimed by two plugins: {first} and {second}"
+                       "; uninstall one or exclude it with QFORMAT_PLUGINS")
+
+
+def _claim(plugins: Plugins, kind: str, table: dict[str, Any], owners: dict[str, str], name: str, entry: Any,
+           plugin_name: str) -> None:
+    """Record that ``plugin_name`` provides the ``kind`` (method or kernel) ``name``."""
+    if name in table:
+        raise _clash(kind, name, _owner_label(plugins, owners[name]), _owner_label(plugins, plugin_name))
+    table[name] = entry
+    owners[name] = plugin_name
+    getattr(_info(plugins, plugin_name), f"{kind}s").append(name)
+
+
+class _RefusedCodec(Exception):
+    """A plugin's codec cannot be registered: that plugin is reported broken, the others still load."""
+
+
+def _mark_broken(info: PluginInfo, error: str) -> None:
+    """Record why a plugin is (partly) unusable, and say so now: a load that needs it would otherwise fail obscurely."""
+    info.error = error if info.error is None else f"{info.error}; {error}"
+    warnings.warn(f"qformat plugin {info.package} {info.version} (entry point {info.name!r}) is broken: {error}"
+                  " (the other plugins are unaffected; see `qformat plugins`)", RuntimeWarning, stacklevel=2)
 
 
 def _call(plugins: Plugins, impl: pluggy.HookImpl, register: Any) -> None:
@@ -150,10 +184,9 @@ def _call(plugins: Plugins, impl: pluggy.HookImpl, register: Any) -> None:
         raise
     except Exception as exc:
         info = plugins.info.get(impl.plugin_name)
-        if info is not None:
-            info.error = f"{type(exc).__name__}: {exc}"
-        else:
+        if info is None:
             raise
+        _mark_broken(info, str(exc) if isinstance(exc, _RefusedCodec) else f"{type(exc).__name__}: {exc}")
 
 
 @lru_cache(maxsize=1)

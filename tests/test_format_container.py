@@ -125,6 +125,79 @@ def test_resume_keeps_written_shards(tmp_path):
     assert sorted(open_folder(out).plain_names) == ["a", "b"]
 
 
+def snapshot(folder: Path) -> dict[str, str]:
+    return {p.name: sha256_file(p) for p in folder.iterdir()}
+
+
+def new_writer_for(out: Path, tmp_path: Path) -> FolderWriter:
+    """The next run after a killed finalize: a writer for the same output, told to overwrite (as the killed run was)."""
+    return FolderWriter(out, tmp_path / "work2", overwrite=True)
+
+
+def test_kill_between_the_renames_restores_the_previous_output(folder, tmp_path):
+    before = snapshot(folder)
+    backup = folder.with_name(folder.name + ".old")
+    folder.rename(backup)  # the state after `out -> out.old` and before `staging -> out`
+    with pytest.raises(FormatError) as info:
+        FolderWriter(folder)  # no overwrite: the restored output is refused, not replaced
+    assert info.value.code == "output_exists"
+    assert snapshot(folder) == before and not backup.exists()
+    verify_folder(folder)
+
+
+def test_kill_between_the_renames_then_a_new_finalize_replaces_the_output(folder, tmp_path):
+    folder.rename(folder.with_name(folder.name + ".old"))
+    writer = new_writer_for(folder, tmp_path)
+    assert folder.is_dir()
+    writer.write_shard(0, {"only": np.ones(3, np.float32)})
+    writer.finalize(CONFIG, QCONFIG)
+    assert open_folder(folder).plain_names == ["only"] and not folder.with_name(folder.name + ".old").exists()
+
+
+def test_kill_while_deleting_the_backup_removes_the_stale_backup(folder, tmp_path):
+    before = snapshot(folder)
+    backup = folder.with_name(folder.name + ".old")
+    shutil.copytree(folder, backup)
+    (backup / "config.json").unlink()  # half deleted
+    new_writer_for(folder, tmp_path)
+    assert not backup.exists() and snapshot(folder) == before
+
+
+@pytest.mark.parametrize("damage", ["no_config", "missing_shard", "size_differs", "not_qformat"])
+def test_an_incomplete_output_beside_a_backup_is_left_for_the_user(folder, tmp_path, damage):
+    backup = folder.with_name(folder.name + ".old")
+    shutil.copytree(folder, backup)
+    shard = folder / "model-00002-of-00002.safetensors"
+    if damage == "no_config":
+        (folder / "config.json").unlink()
+    elif damage == "missing_shard":
+        shard.unlink()
+    elif damage == "size_differs":  # opens fine, but is not the shard the config recorded
+        config = json.loads((folder / "config.json").read_text())
+        config["quantization_config"]["files"][shard.name]["size"] += 1
+        (folder / "config.json").write_text(json.dumps(config))
+    else:
+        (folder / "config.json").write_text(json.dumps({"x": 1}))
+    before, kept = snapshot(folder), snapshot(backup)
+    for overwrite in (False, True):
+        with pytest.raises(FormatError) as info:
+            FolderWriter(folder, tmp_path / "work2", overwrite=overwrite)
+        assert info.value.code == "output_exists" and ".old" in str(info.value)
+    assert snapshot(folder) == before and snapshot(backup) == kept  # nothing deleted either side
+
+
+def test_finalize_never_deletes_a_backup_it_cannot_prove_stale(folder, tmp_path):
+    writer = new_writer_for(folder, tmp_path)
+    writer.write_shard(0, {"only": np.ones(3, np.float32)})
+    backup = folder.with_name(folder.name + ".old")
+    shutil.copytree(folder, backup)  # appears after the writer started, beside a damaged output
+    (folder / "config.json").unlink()
+    kept = snapshot(backup)
+    with pytest.raises(FormatError, match="output_exists"):
+        writer.finalize(CONFIG, QCONFIG)
+    assert snapshot(backup) == kept
+
+
 # -- verification failures -------------------------------------------------------------------------------------
 
 def expect(folder: Path, code: str) -> FormatError:

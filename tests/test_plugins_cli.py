@@ -58,7 +58,8 @@ class Demo(Method):
 def test_broken_plugin_is_reported_and_others_still_work(capsys: pytest.CaptureFixture,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     demo = types.SimpleNamespace(qformat_register_methods=hookimpl(lambda register: register(Demo)))
-    built = plugins.build_plugins(extra=[("broken", Broken), ("demo", demo)])
+    with pytest.warns(RuntimeWarning, match=r"\(entry point 'broken'\) is broken: RuntimeError: boom"):
+        built = plugins.build_plugins(extra=[("broken", Broken), ("demo", demo)])
     monkeypatch.setattr(plugins, "get_plugins", lambda: built)
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out

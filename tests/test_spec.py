@@ -769,3 +769,83 @@ def test_limits_in_record_md_match_the_reference():
     assert qfile.MAX_METADATA_BYTES == 64 * 1024 * 1024 and container.MAX_JSON_BYTES == 64 * 1024 * 1024
     assert f"{safetensors_io.MAX_TENSORS:,}" in text
     assert math.isclose(3.4028234663852886e38, float(np.finfo(np.float32).max))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# components.md: error cases and edge values stated in words (not in a byte or JSON example)
+
+def tensor_node(role: str) -> dict:
+    return {"codec": "tensor", "version": 1, "tensor": f"w.{role}"}
+
+
+def decode_small(weight: dict, arrays: dict[str, np.ndarray], shape: tuple[int, int] = (2, 2)) -> np.ndarray:
+    """Validate and decode a record ``w`` over the tensors ``w.<role>`` with the reference decoder."""
+    tensors = {f"w.{role}": np.ascontiguousarray(a) for role, a in arrays.items()}
+
+    def info(key: str) -> TensorInfo | None:
+        a = tensors.get(key)
+        return None if a is None else TensorInfo(dtype_name(a), tuple(a.shape), a.nbytes)
+
+    record = {"shape": list(shape), "dtype": "F32", "storage_bytes": sum(a.nbytes for a in tensors.values()),
+              "weight": weight}
+    return decode_record("w", record, info, tensors.__getitem__)
+
+
+ONES_U8 = {"c": np.ones((2, 2), np.uint8)}
+F16 = np.float16
+
+
+def affine_over(codes: dict, **fields: Any) -> dict:
+    return {"codec": "affine", "version": 1, "bits": 2, "group_shape": [1, 1], "scale": 1.0, "codes": codes, **fields}
+
+
+@pytest.mark.parametrize("weight, arrays, code, fld", [
+    pytest.param({"codec": "scale", "version": 1, "input": tensor_node("a"), "factor": 2.0, "group_shape": [1, 1]},
+                 {"a": np.ones((2, 2), np.float32)}, "bad_record", "weight/factor", id="scale_factor_is_a_number"),
+    pytest.param(affine_over(tensor_node("c"), zero=None), ONES_U8, "bad_field", "weight/zero", id="zero_null"),
+    pytest.param(affine_over(tensor_node("c"), scale="0.5"), ONES_U8, "bad_field", "weight/scale",
+                 id="scale_string"),
+    pytest.param(affine_over(5), {}, "bad_record", "weight/codes", id="codes_number"),
+    pytest.param({"codec": "vq", "version": 1, "shape": [2, 2], "codes": tensor_node("c"),
+                  "codebooks": tensor_node("b")}, {"c": np.zeros((2, 1), np.uint8), "b": np.zeros((1, 0, 2), F16)},
+                 "shape_mismatch", "weight/codebooks", id="vq_no_entries"),
+    pytest.param({"codec": "vq", "version": 1, "shape": [2, 2], "codes": tensor_node("c"),
+                  "codebooks": tensor_node("b")}, {"c": np.zeros((2, 1), np.uint8), "b": np.zeros((1, 1, 2), np.int8)},
+                 "shape_mismatch", "weight/codebooks", id="vq_int_codebooks"),
+    pytest.param(affine_over({"codec": "ternary", "version": 1, "tensor": "w.t", "shape": [2, 2]}),
+                 {"t": np.array([[0], [8]], np.uint8)}, "code_out_of_range", "weight/codes",
+                 id="ternary_minus_one_as_codes"),
+])
+def test_error_cases_stated_in_components_md(weight: dict, arrays: dict, code: str, fld: str):
+    with pytest.raises(FormatError) as error:
+        decode_small(weight, arrays)
+    assert (error.value.code, error.value.field) == (code, fld), str(error.value)
+
+
+def test_value_conversion_edge_cases_in_components_md():
+    # ternary codes without a -1 are valid affine codes (no bound, checked on decode only)
+    ternary = affine_over({"codec": "ternary", "version": 1, "tensor": "w.t", "shape": [2, 2]})
+    np.testing.assert_array_equal(decode_small(ternary, {"t": np.array([[4], [8]], np.uint8)}), [[0, 0], [1, 1]])
+    # F64 beyond fp32 overflows to infinity; stored NaN is not a data error
+    f64 = np.array([[1e300, np.nan], [-1e300, 0.1]], np.float64)
+    with np.errstate(over="ignore"):
+        got = decode_small(tensor_node("a"), {"a": f64})
+    assert got[0, 0] == np.inf and np.isnan(got[0, 1]) and got[1, 0] == -np.inf and got[1, 1] == np.float32(0.1)
+    # integers beyond 2^24 round to nearest even; a JSON integer constant rounds via binary64 (double rounding)
+    ints = np.array([[16777217, 16777219], [-16777217, 2**62 + 1]], np.int64)
+    summed = decode_small({"codec": "sum", "version": 1, "terms": [tensor_node("a")]}, {"a": ints})
+    np.testing.assert_array_equal(summed, [[16777216, 16777220], [-16777216, 2.0**62]])
+    x = 2**60 + 2**36 + 1  # binary64 rounds it to 2^60 + 2^36, a binary32 tie, which goes to even 2^60
+    assert decode_small(affine_over(tensor_node("c"), scale=x), ONES_U8)[0, 0] == np.float32(2.0**60)
+    # lowrank with k = 0: positive zeros; lut tables may be integers
+    low = decode_small({"codec": "lowrank", "version": 1, "a": tensor_node("a"), "b": tensor_node("b")},
+                       {"a": np.zeros((2, 0), F16), "b": np.zeros((0, 2), F16)})
+    assert not low.any() and not np.signbit(low).any()
+    lut = {"codec": "lut", "version": 1, "codes": tensor_node("c"), "table": tensor_node("t")}
+    np.testing.assert_array_equal(decode_small(lut, {**ONES_U8, "t": np.array([5, -7], np.int8)}), np.full((2, 2), -7))
+
+
+def test_u64_values_convert_from_their_exact_value():
+    big = np.array([[2**64 - 1, 2**63], [1, 2]], np.uint64)
+    summed = decode_small({"codec": "sum", "version": 1, "terms": [tensor_node("a")]}, {"a": big})
+    np.testing.assert_array_equal(summed, np.array([[2.0**64, 2.0**63], [1, 2]], np.float32))

@@ -286,6 +286,8 @@ class TensorCodec(Codec):
         data = ctx.load(node, "tensor")
         if data.dtype.kind == "f" or data.dtype == NUMPY_BY_NAME["BF16"]:
             return _as_float(data)
+        if data.dtype == np.uint64:  # int64 would wrap values >= 2^63; they convert from their exact value
+            return np.asarray(data)
         return np.asarray(data, dtype=np.int64)
 
 

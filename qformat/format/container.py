@@ -6,7 +6,8 @@
     <folder>/tokenizer files, generation_config.json, README.md (copied / generated)
 
 Writing goes to a work folder first (shard by shard, each shard atomic) and the finished folder is moved into place
-in one rename, so a failure never leaves a half-written output and never touches an existing one.
+in one rename, so a failure never leaves a half-written output and never touches an existing one. A kill during that
+move can leave ``<out>.old``; the next writer for the same output recovers it (:func:`recover_interrupted_swap`).
 """
 
 from __future__ import annotations
@@ -233,6 +234,7 @@ class FolderWriter:
     def __init__(self, out_dir: str | os.PathLike, work_dir: str | os.PathLike | None = None,
                  overwrite: bool = False) -> None:
         self.out_dir = Path(out_dir)
+        recover_interrupted_swap(self.out_dir)
         if self.out_dir.exists() and not overwrite:
             raise FormatError("output_exists", "the output folder exists; choose another or pass overwrite",
                               file=str(self.out_dir))
@@ -290,15 +292,55 @@ class FolderWriter:
         return self.out_dir
 
     def _swap_into_place(self, staging: Path) -> None:
+        # A kill between the two renames leaves only <out>.old; recover_interrupted_swap puts it back next time.
+        recover_interrupted_swap(self.out_dir)
         backup = None
         if self.out_dir.exists():
-            backup = self.out_dir.with_name(self.out_dir.name + ".old")
-            if backup.exists():
-                shutil.rmtree(backup)
+            backup = _backup_of(self.out_dir)
             os.replace(self.out_dir, backup)
         os.replace(staging, self.out_dir)
         if backup is not None:
             shutil.rmtree(backup, ignore_errors=True)
+
+
+def _backup_of(out_dir: Path) -> Path:
+    return out_dir.with_name(out_dir.name + ".old")
+
+
+def recover_interrupted_swap(out_dir: str | os.PathLike) -> None:
+    """Undo what a finalize killed midway leaves behind, never dropping the only copy of an output.
+
+    Only ``<out>.old`` (killed between the two renames): it is the previous output; rename it back. Both (killed while
+    deleting the backup): the stale backup is removed only when ``<out>`` is a complete folder; otherwise nothing is
+    touched and ``output_exists`` asks the user to choose, since either may be the copy they want.
+    """
+    out_dir = Path(out_dir)
+    backup = _backup_of(out_dir)
+    if not backup.is_dir():
+        return
+    if not out_dir.exists():
+        os.replace(backup, out_dir)
+    elif _is_complete(out_dir):
+        shutil.rmtree(backup)
+    else:
+        raise FormatError("output_exists", f"the output folder is incomplete and {backup.name} (left by an interrupted "
+                          "write) also exists; keep the one you want under the output name and remove the other",
+                          file=str(out_dir))
+
+
+def _is_complete(folder_path: Path) -> bool:
+    """The folder opens and holds every shard its config lists, at the recorded size (a cheap check: no hashing)."""
+    try:
+        folder = open_folder(folder_path)
+    except (FormatError, OSError):
+        return False
+    try:
+        files = folder.quantization_config.get("files")
+        return isinstance(files, dict) and folder.path.is_dir() and set(files) == set(folder.shards) and all(
+            isinstance(entry, dict) and (folder.root / shard).stat().st_size == entry.get("size")
+            for shard, entry in files.items())
+    finally:
+        folder.close()
 
 
 def _same_device(a: Path, b: Path) -> bool:
