@@ -66,9 +66,13 @@ def validate_record(name: str, record: Any, tensor_info: Callable[[str], TensorI
         info: NodeInfo = ctx.infer(record["weight"], "weight")
     except FormatError as exc:
         raise exc.at(tensor=name) from None
-    if info.kind != "float" or info.shape != matrix_shape(shape):
-        raise FormatError("shape_mismatch", f"the weight decodes to {info.kind} {list(info.shape)} but the record "
-                          f"declares {list(shape)} (matrix {list(matrix_shape(shape))})", tensor=name, field="weight")
+    if info.kind != "float":  # spec: the root must decode to values; codes need a codec that maps them
+        raise FormatError("shape_mismatch", f"the weight decodes to integer codes {list(info.shape)}, not values: "
+                          "the root node must be float (wrap codes in affine, lut, scale, ...)", tensor=name,
+                          field="weight")
+    if info.shape != matrix_shape(shape):
+        raise FormatError("shape_mismatch", f"the weight decodes to {list(info.shape)} but the record declares "
+                          f"{list(shape)} (matrix {list(matrix_shape(shape))})", tensor=name, field="weight")
     for ref in ctx.referenced:
         if not ref.startswith(name + "."):
             raise FormatError("bad_tensor_name", f"tensor {ref!r} must be named {name!r} + '.<part>'", tensor=name,
