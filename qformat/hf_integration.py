@@ -9,7 +9,8 @@ records itself from the checkpoint files transformers resolved (local or downloa
   plugin fails here, before any weight is read), swap each quantized Linear for a :class:`QLinear` placeholder, and
   tell transformers to ignore the record tensors it will find unexpected;
 - transformers then loads the plain tensors (embeddings, norms, biases) and ties weights as usual;
-- ``_process_model_after_weight_loading``: prepare every QLinear's kernel weight from the memory-mapped records.
+- ``_process_model_after_weight_loading``: prepare every QLinear's kernel weight from the memory-mapped records, and
+  stack siblings that read the same input (:func:`qformat.nn.fuse_shared_inputs`), as :func:`qformat.load` does.
 
 This uses only the documented hooks plus ``_keys_to_ignore_on_load_unexpected``, so it survives changes to the
 converter API. Saving a loaded model back with ``save_pretrained`` is not supported (``is_serializable`` is False):
@@ -28,7 +29,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .format.container import QUANT_METHOD
 from .loader import attach_prepared, open_model_folder, release_record_pages, swap_in_qlinears
-from .nn import qlinear_modules
+from .nn import fuse_shared_inputs, qlinear_modules
 
 
 class QformatConfig(QuantizationConfigMixin):
@@ -95,6 +96,7 @@ class QformatHfQuantizer(HfQuantizer):
                 by_device.setdefault(_device_of(model, module_name), {})[module_name] = record_name
             for device, swapped in by_device.items():
                 attach_prepared(model, folder, swapped, device, getattr(self.quantization_config, "kernel", None))
+            fuse_shared_inputs(model)
             release_record_pages(folder, list(self._swapped.values()))
         finally:
             folder.close()

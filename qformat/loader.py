@@ -30,7 +30,7 @@ from .format.container import INDEX_NAME, QUANT_METHOD, SINGLE_NAME
 from .format.dtypes import NUMPY_BY_NAME
 from .format.safetensors_io import QFORMAT_METADATA_KEY, SafetensorsFile
 from .kernel_api import PreparedWeight
-from .nn import QLinear
+from .nn import QLinear, fuse_shared_inputs
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -58,7 +58,7 @@ def open_model_folder(path: str | os.PathLike) -> ModelFolder:
     """Open and validate a qformat folder, with plugin codecs registered first.
 
     A record needing a codec that no installed plugin provides raises :class:`PluginError` naming the codec and,
-    where the folder says (``quantization_config.requires`` or a record's ``info``), the package to install.
+    where the folder says (``quantization_config.codec_providers`` or a record's ``info``), the package to install.
     """
     from .plugins import get_plugins
 
@@ -105,15 +105,21 @@ def _record_headers(root: Path) -> Iterator[tuple[str, dict]]:
                 yield name, record
 
 
+def _as_dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
 def missing_codec_message(root: Path, exc: UnknownCodecError) -> str:
     known = REGISTRY.names()
     needed: dict[str, list[str]] = {}
     packages: dict[str, str] = {}
     config_path = root / "config.json" if root.is_dir() else root.parent / "config.json"
     try:
-        requires = json.loads(config_path.read_text()).get("quantization_config", {}).get("requires") or {}
+        qconfig = json.loads(config_path.read_text()).get("quantization_config") or {}
+        # codec_providers is the spec's field (container.md); "requires" is what early folders wrote
+        providers = {**_as_dict(qconfig.get("requires")), **_as_dict(qconfig.get("codec_providers"))}
     except (OSError, ValueError, AttributeError):
-        requires = {}
+        providers = {}
     for name, record in _record_headers(root):
         info = record.get("info") if isinstance(record.get("info"), dict) else {}
         for node in _walk_nodes(record.get("weight")):
@@ -122,8 +128,7 @@ def missing_codec_message(root: Path, exc: UnknownCodecError) -> str:
                 continue
             label = codec if codec not in known else f"{codec} version {version}"
             needed.setdefault(label, []).append(name)
-            package = (requires.get(codec) if isinstance(requires, dict) else None) or info.get("package") \
-                or info.get("plugin") or info.get("requires")
+            package = providers.get(codec) or info.get("package") or info.get("plugin") or info.get("requires")
             if isinstance(package, str):
                 packages.setdefault(label, package)
     if not needed:
@@ -240,6 +245,19 @@ def attach_prepared(model: nn.Module, folder: ModelFolder, swapped: Mapping[str,
         module.attach(prepared, kernel_name)
 
 
+def _file_mapping(array: np.ndarray) -> tuple[mmap.mmap, int] | None:
+    """(the ``mmap`` a memory-mapped array is a view of, the array's byte offset in it), through public attributes
+    only (``ndarray.base`` chains end at the mapping; addresses from the buffer protocol); None if not mapped."""
+    base: Any = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if not isinstance(base, mmap.mmap) or len(base) == 0:
+        return None
+    start = np.frombuffer(base, dtype=np.uint8).ctypes.data
+    offset = array.ctypes.data - start
+    return (base, offset) if 0 <= offset and offset + array.nbytes <= len(base) else None
+
+
 def release_record_pages(folder: ModelFolder, record_names: list[str]) -> int:
     """Drop the mapped pages of the records' packed tensors from this process's resident set; return bytes advised.
 
@@ -250,23 +268,24 @@ def release_record_pages(folder: ModelFolder, record_names: list[str]) -> int:
     if not hasattr(mmap, "MADV_DONTNEED"):
         return 0
     page = mmap.PAGESIZE
+    spans: dict[int, tuple[mmap.mmap, list[list[int]]]] = {}  # per mapping: byte ranges of record tensors
+    for name in record_names:
+        for array in folder.quantized(name).tensors.values():
+            found = _file_mapping(array) if isinstance(array, np.ndarray) and array.nbytes else None
+            if found is not None:
+                mapping, offset = found
+                spans.setdefault(id(mapping), (mapping, []))[1].append([offset, offset + array.nbytes])
     advised = 0
-    for shard in folder.shards:
-        qfile = folder.file(shard)
-        mapping = getattr(getattr(qfile.st, "_mmap", None), "_mmap", None)  # np.memmap -> mmap.mmap
-        if mapping is None:
-            continue
-        ranges = sorted((qfile.st.entries[t].begin, qfile.st.entries[t].end) for name in record_names
-                        if folder.record_shard.get(name) == shard for t in qfile.owned_tensors(name))
+    for mapping, ranges in spans.values():
         merged: list[list[int]] = []
-        for begin, end in ranges:
+        for begin, end in sorted(ranges):
             if merged and begin <= merged[-1][1]:
                 merged[-1][1] = max(merged[-1][1], end)
             else:
                 merged.append([begin, end])
         for begin, end in merged:
-            start = (qfile.st.data_start + begin) // page * page
-            stop = min(-(-(qfile.st.data_start + end) // page) * page, len(mapping))
+            start = begin // page * page
+            stop = min(-(-end // page) * page, len(mapping))
             if stop > start:
                 mapping.madvise(mmap.MADV_DONTNEED, start, stop - start)
                 advised += stop - start
@@ -370,12 +389,14 @@ def _device_name(device: str | torch.device) -> str:
 
 
 def load(source: str | os.PathLike, device: str | torch.device = "cpu", *, revision: str | None = None,
-         kernel: str | None = None, dtype: torch.dtype | str | None = None) -> PreTrainedModel:
+         kernel: str | None = None, dtype: torch.dtype | str | None = None, fuse: bool = True) -> PreTrainedModel:
     """A transformers model whose quantized linears are :class:`QLinear` layers holding packed weights.
 
     ``source``: a qformat model folder or a Hub id (downloaded with :func:`qformat.hub.download_model`).
     ``kernel``: force one installed kernel (by name) instead of the dispatcher's choice.
     ``dtype``: dtype of the unquantized parts and activations; None is float32, "auto" the config's dtype.
+    ``fuse``: stack sibling layers that read the same input (q/k/v, gate/up) where the kernel allows
+    (:func:`qformat.nn.fuse_shared_inputs`; ``QFORMAT_FUSE=0`` also turns it off).
     """
     path = resolve_source(source, revision)
     folder = open_model_folder(path)
@@ -387,6 +408,8 @@ def load(source: str | os.PathLike, device: str | torch.device = "cpu", *, revis
         unused = bind_plain_tensors(model, folder, dtype)
         device = _device_name(device)
         attach_prepared(model, folder, swapped, device, kernel)
+        if fuse:
+            fuse_shared_inputs(model)
         release_record_pages(folder, list(swapped.values()))
         _attach_metadata(model, path, folder)
         return finish(model, path, device, unused)

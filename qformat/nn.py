@@ -3,11 +3,18 @@
 The module owns a :class:`qformat.kernel_api.PreparedWeight` (packed data only) and an optional bias. The packed data
 is deliberately not a parameter or buffer: transformers re-creates missing buffers as empty tensors and ``state_dict``
 consumers would expect a dense weight, neither of which fits a packed record.
+
+Decoding runs a few hundred of these per token, so the per-call path is resolved when the weight is attached
+(``qformat_kernels.dispatch.bind``): ``forward`` is one call into a function that already holds the kernel.
+
+:func:`fuse_shared_inputs` (run by the loaders) stacks sibling layers that read the same input (q/k/v, gate/up) into
+one kernel call per input; see :class:`SharedInput`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -17,12 +24,23 @@ from .format import bits_per_weight, signature
 from .kernel_api import PreparedWeight
 
 LinearFn = Callable[[PreparedWeight, torch.Tensor, torch.Tensor | None], torch.Tensor]
+BoundLinear = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+ENV_FUSE = "QFORMAT_FUSE"
+# Sibling layers that read the same input in the architectures transformers ships (Llama-style attention and gated
+# MLPs, BERT-style attention, Mixtral-style experts). A group whose members turn out not to share their input (e.g.
+# cross-attention) gives up fusing by itself: see SharedInput.
+SHARED_INPUT_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"),
+                         ("w1", "w3"))
 
 
-def _dispatch_linear() -> LinearFn:
-    from qformat_kernels.dispatch import linear  # the kernels package is a plugin layer above qformat
+def _bind(prepared: PreparedWeight) -> BoundLinear:
+    from qformat_kernels.dispatch import bind  # the kernels package is a plugin layer above qformat
 
-    return linear
+    return bind(prepared)
+
+
+def _unattached(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    raise RuntimeError("QLinear has no prepared weight yet (load the model with qformat.load)")
 
 
 class QLinear(nn.Module):
@@ -36,7 +54,9 @@ class QLinear(nn.Module):
         self.record = record
         self.prepared: PreparedWeight | None = None
         self.kernel_name: str | None = None
-        self._linear: LinearFn | None = None
+        self.shared: SharedInput | None = None  # set when fused with siblings reading the same input
+        self._run: BoundLinear = _unattached
+        self._custom = False
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False)
         else:
@@ -56,12 +76,28 @@ class QLinear(nn.Module):
                              f"{self.out_features}x{self.in_features}")
         self.prepared = prepared
         self.kernel_name = kernel_name or getattr(getattr(prepared, "kernel", None), "name", None)
-        self._linear = linear or _dispatch_linear()
+        self.shared = None
+        self._custom = linear is not None
+        if linear is None:
+            self._run = _bind(prepared)
+        else:
+            def run(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+                return linear(prepared, x, bias)
+            self._run = run
+
+    def _join(self, group: SharedInput, index: int, view: PreparedWeight) -> None:
+        """Compute through ``group`` (part ``index``); ``view`` (this layer's rows of the stacked weight) serves
+        inputs the group has not seen."""
+        own = _bind(view)
+        self.prepared, self.shared = view, group
+
+        def run(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            return group.part(index, x, bias, own)
+
+        self._run = run
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._linear is None:
-            raise RuntimeError("QLinear has no prepared weight yet (load the model with qformat.load)")
-        return self._linear(self.prepared, x, self.bias)
+        return self._run(x, self.bias)
 
     def nbytes(self) -> int:
         """Bytes this layer holds: the prepared (packed) weight plus the bias."""
@@ -74,7 +110,95 @@ class QLinear(nn.Module):
             text += f", codec={signature(self.record['weight'])}, bits={bits_per_weight(self.record):.3g}"
         if self.kernel_name:
             text += f", kernel={self.kernel_name}"
+        if self.shared is not None:
+            text += f", fused={self.shared.label}"
         return text
+
+
+class SharedInput:
+    """Sibling linears that read the same input, multiplied as one stacked weight (one kernel call, not three).
+
+    The first part called with an input computes every part's rows and keeps them; a sibling called with the same
+    tensor object (unmodified since: same version counter where the tensor has one; inference tensors have none,
+    and nothing in a transformer block writes into the projections' input) takes its slice. A part called with
+    another input computes only its own rows, from its row view of the stacked weight, so results never depend on
+    the order of calls. If rows computed ahead go unused ``GIVE_UP_AFTER`` times in a row (siblings that do not share
+    their input, such as cross-attention q vs k/v), the group stops computing ahead.
+    """
+
+    GIVE_UP_AFTER = 2
+
+    def __init__(self, prepared: PreparedWeight, sizes: Sequence[int], label: str = "") -> None:
+        self.prepared = prepared
+        self.sizes = list(sizes)
+        self.label = label or "+".join(str(n) for n in sizes)
+        self.enabled = True
+        self.misses = 0
+        self._run = _bind(prepared)
+        self._all = (1 << len(self.sizes)) - 1
+        self._cache: tuple | None = None  # (x, x's version, outputs): one tuple, read at once (threads)
+        self._left = 0  # parts that have not taken their output from the cache yet
+
+    def part(self, index: int, x: torch.Tensor, bias: torch.Tensor | None, own: BoundLinear) -> torch.Tensor:
+        cache = self._cache
+        if cache is not None and cache[0] is x and cache[1] == _version(x):
+            out = cache[2][index]
+            self._left &= ~(1 << index)
+            if not self._left:  # every part took its rows
+                self._cache, self.misses = None, 0
+            return out if bias is None else out + bias.to(out.dtype)
+        if not self.enabled:
+            return own(x, bias)
+        if self._cache is not None and self._left:  # computed rows went unused
+            self.misses += 1
+            if self.misses >= self.GIVE_UP_AFTER:
+                self.enabled, self._cache = False, None
+                return own(x, bias)
+        y = self._run(x, None)
+        outs = y.split(self.sizes, dim=-1)
+        if y.numel() != y.shape[-1]:  # several rows: slices are strided; give callers ordinary tensors
+            outs = tuple(o.contiguous() for o in outs)
+        self._cache = (x, _version(x), outs)
+        self._left = self._all & ~(1 << index)
+        out = outs[index]
+        return out if bias is None else out + bias.to(out.dtype)
+
+
+def _version(x: torch.Tensor) -> int:
+    return -1 if x.is_inference() else x._version
+
+
+def fusion_enabled() -> bool:
+    return os.environ.get(ENV_FUSE, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def fuse_shared_inputs(model: nn.Module) -> int:
+    """Stack the weights of sibling QLinears that read the same input (``SHARED_INPUT_SIBLINGS``), where their
+    kernel can concatenate them (same kernel, codec layout and input width); return the number of groups formed.
+
+    In-memory only (the folder's layout is untouched) and memory-neutral: each part keeps a view of the stacked
+    weight. ``QFORMAT_FUSE=0`` turns it off."""
+    if not fusion_enabled():
+        return 0
+    from qformat_kernels.dispatch import fuse_rows
+
+    groups = 0
+    for parent in model.modules():
+        children = dict(parent.named_children())
+        for names in SHARED_INPUT_SIBLINGS:
+            parts = [(n, children[n]) for n in names if isinstance(children.get(n), QLinear)]
+            parts = [(n, m) for n, m in parts if m.prepared is not None and m.shared is None and not m._custom]
+            if len(parts) < 2 or len({m.in_features for _, m in parts}) != 1:
+                continue
+            fused = fuse_rows([m.prepared for _, m in parts])
+            if fused is None:
+                continue
+            whole, views = fused
+            group = SharedInput(whole, [m.out_features for _, m in parts], "+".join(n for n, _ in parts))
+            for index, ((_, module), view) in enumerate(zip(parts, views, strict=True)):
+                module._join(group, index, view)
+            groups += 1
+    return groups
 
 
 def qlinear_modules(model: nn.Module) -> dict[str, QLinear]:

@@ -188,6 +188,52 @@ def test_linear_with_numba_prepared_weight_all_batches() -> None:
                                    atol=1e-4)
 
 
+def test_bind_takes_the_decode_path_for_one_row_and_linear_otherwise() -> None:
+    qt = affine_qt(40, 96, seed=4)
+    prepared = prepare_weight(qt, "cpu")
+    run = dispatch.bind(prepared)
+    bias = torch.randn(40)
+    calls = []
+    original = prepared.matmul
+    prepared.matmul = lambda x: calls.append(x.shape) or original(x)  # the general path, counted
+    for shape in ((1, 96), (1, 1, 96), (3, 96), (2, 4, 96), (40, 96)):
+        x = torch.randn(*shape)
+        for b in (None, bias):
+            y = run(x, b)
+            want = linear(prepared, x, b)
+            assert y.shape == want.shape == (*shape[:-1], 40)
+            torch.testing.assert_close(y, want, rtol=0, atol=0)
+    # one-row inputs never reached prepared.matmul through bind (only through the direct linear calls above)
+    assert calls.count((1, 96)) == 2 and calls.count((1, 1, 96)) == 2 and calls.count((3, 96)) == 4
+    x64 = torch.randn(1, 96, dtype=torch.float64)
+    assert run(x64).dtype == torch.float64  # not the decode path's dtype: linear handles it
+
+    fake = FakePrepared(affine_qt(), fake_kernel("fake", priority=1, max_batch=4))  # no decode_fn: plain linear
+    y = dispatch.bind(fake)(torch.randn(1, 64))
+    assert fake.calls == ["matmul"] and y.shape == (1, 24)
+
+
+def test_fuse_rows_only_where_the_kernel_offers_it(caplog: pytest.LogCaptureFixture) -> None:
+    a, b = prepare_weight(affine_qt(24, 64, seed=1), "cpu"), prepare_weight(affine_qt(16, 64, seed=2), "cpu")
+    whole, views = dispatch.fuse_rows([a, b])
+    assert whole.out_features == 40 and [v.out_features for v in views] == [24, 16]
+    x = torch.randn(1, 64)
+    torch.testing.assert_close(dispatch.bind(whole)(x), torch.cat([linear(a, x), linear(b, x)], dim=1), rtol=0,
+                               atol=0)
+    assert dispatch.fuse_rows([a]) is None
+    fake = FakePrepared(affine_qt(), fake_kernel("fake", priority=1, max_batch=4))
+    assert dispatch.fuse_rows([fake, fake]) is None  # kernels without fuse_rows: left as they are
+    assert dispatch.fuse_rows([a, fake]) is None  # different kernels
+
+    def broken(parts):
+        raise RuntimeError("cannot stack")
+
+    fake.fuse_rows = broken
+    with caplog.at_level(logging.WARNING, logger="qformat.kernels"):
+        assert dispatch.fuse_rows([fake, fake]) is None
+    assert "cannot stack" in caplog.text
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # qformat kernels
 

@@ -42,6 +42,12 @@ def test_from_pretrained_matches_qformat_load(tiny_folder):
         # biases came through transformers' loader
         torch.testing.assert_close(model.model.layers[1].self_attn.q_proj.bias,
                                    ours.model.layers[1].self_attn.q_proj.bias)
+        # q/k/v and gate/up are fused as qformat.load fuses them; decoding one token matches exactly
+        for m in (model, ours):
+            attn, mlp = m.model.layers[1].self_attn, m.model.layers[1].mlp
+            assert attn.q_proj.shared is not None and attn.q_proj.shared is attn.v_proj.shared
+            assert mlp.gate_proj.shared is mlp.up_proj.shared is not None and mlp.down_proj.shared is None
+        torch.testing.assert_close(model(ids[:, :1]).logits, ours(ids[:, :1]).logits, rtol=0, atol=0)
 
 
 def test_generate_and_pipeline(tiny_folder):

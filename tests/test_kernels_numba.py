@@ -393,6 +393,83 @@ def test_gpu_device_is_refused() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# stacking layers that read the same input (q/k/v, gate/up), and the decode entry
+
+def _affine_part(rows: int, cols: int, seed: int, bits: int = 4, group: int = 32, zero: str = "packed",
+                 lut: bool = False, table_scale: float = 1.0) -> QuantizedTensor:
+    rng = np.random.default_rng(seed)
+    b = builder((rows, cols))
+    if lut:
+        table = b.tensor("table", NF4 * np.float32(table_scale))
+        node = b.scale(b.lut(b.packed("codes", rng.integers(0, 16, (rows, cols)), 4), table),
+                       b.tensor("absmax", stats(rng, rows, cols // group)), group_shape=(1, group))
+        return b.finish(node)
+    return b.finish(affine_node(b, rng, rows, cols, bits, group, zero))
+
+
+@pytest.mark.parametrize("kind", ["affine", "nf4", "two_tables", "ragged"])
+def test_fuse_rows_is_exact_and_shares_memory(kind: str) -> None:
+    cols = 200 if kind == "ragged" else 256
+    group = 40 if kind == "ragged" else 32  # 40: not a multiple of 16, the scalar any-group kernel
+    parts = [KERNEL.prepare(_affine_part(rows, cols, seed, group=group, lut=kind in ("nf4", "two_tables"),
+                                         table_scale=1.0 + seed * (kind == "two_tables")))
+             for seed, rows in enumerate((48, 16, 23))]
+    fused = parts[0].fuse_rows(parts)
+    assert fused is not None
+    whole, views = fused
+    assert (whole.out_features, whole.in_features) == (87, cols) and whole.kernel is KERNEL
+    assert [v.out_features for v in views] == [48, 16, 23] and [v.name for v in views] == [p.name for p in parts]
+    assert sum(v.nbytes() for v in views) <= whole.nbytes() <= sum(p.nbytes() for p in parts)
+    assert all(np.shares_memory(v._single.words, whole._single.words) for v in views)
+    rng = np.random.default_rng(9)
+    for batch in (1, 2, 3, 8):
+        x = torch.from_numpy(rng.standard_normal((batch, cols)).astype(np.float32))
+        want = [p.matmul(x) for p in parts]
+        got = whole.matmul(x)
+        torch.testing.assert_close(got, torch.cat(want, dim=1), rtol=0, atol=0)  # the same sums per row
+        for view, expected in zip(views, want, strict=True):
+            torch.testing.assert_close(view.matmul(x), expected, rtol=0, atol=0)
+    for view, part in zip(views, parts, strict=True):
+        torch.testing.assert_close(view.dequantize(), part.dequantize(), rtol=0, atol=0)
+
+
+def test_fuse_rows_refuses_different_layouts() -> None:
+    base = KERNEL.prepare(_affine_part(32, 256, 0))
+    others = {
+        "bits": _affine_part(32, 256, 1, bits=3),
+        "group": _affine_part(32, 256, 2, group=64),
+        "width": _affine_part(32, 128, 3),
+        "zero": _affine_part(32, 256, 4, zero="none"),
+        "codec": _affine_part(32, 256, 5, lut=True),
+    }
+    for why, qt in others.items():
+        assert base.fuse_rows([base, KERNEL.prepare(qt)]) is None, why
+    rng = np.random.default_rng(6)
+    b = builder((32, 256))
+    permuted = b.finish(b.permute(affine_node(b, rng, 32, 256, 4, 32, "packed"), _perm(rng, 256)))
+    assert base.fuse_rows([base, KERNEL.prepare(permuted)]) is None  # not one plain code term
+    assert base.fuse_rows([base]) is None
+
+
+def test_decode_fn_matches_matmul_and_declines_other_inputs() -> None:
+    prepared = KERNEL.prepare(_affine_part(40, 256, 7))
+    decode = prepared.decode_fn()
+    assert decode is not None
+    for shape in ((256,), (1, 256), (1, 1, 256)):
+        x = torch.randn(*shape)
+        y = decode(x)
+        assert y is not None and y.shape == (*shape[:-1], 40) and y.dtype == torch.float32
+        torch.testing.assert_close(y, prepared.matmul(x), rtol=0, atol=0)
+    x_strided = torch.randn(1, 512)[:, ::2]
+    torch.testing.assert_close(decode(x_strided), prepared.matmul(x_strided.contiguous()), rtol=0, atol=0)
+    for other in (torch.randn(2, 256), torch.randn(1, 256, dtype=torch.float64), torch.randn(1, 1, 1, 256),
+                  torch.randn(1, 128), torch.randn(1, 256, requires_grad=True)):
+        assert decode(other) is None
+    ragged = KERNEL.prepare(_affine_part(8, 200, 8, group=40))
+    assert ragged.decode_fn() is None  # no aligned fast path: callers use matmul
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # stall protection
 
 def test_thread_governor_backs_off_after_a_stall_and_retries() -> None:

@@ -84,7 +84,7 @@ def write_folder(model, out: Path, *, bits: int = 4, group: int = 32, mutate=Non
     writer.write_shard(2, {k: v for k, v in plain.items() if not k.startswith("model.layers.0.")},
                        [qt for qt in records if qt not in layer0])
     config = json.loads(model.config.to_json_string())
-    qconfig = {"method": "test-rtn", **({"requires": requires} if requires else {})}
+    qconfig = {"method": "test-rtn", **({"codec_providers": requires} if requires else {})}
     writer.finalize(config, qconfig, copy_files=sorted(staging.iterdir()))
     shutil.rmtree(staging)
     return out
@@ -160,6 +160,7 @@ def test_packed_pages_are_released_after_preparing(tiny_folder):
         assert all(np.asarray(a).sum() >= 0 for a in folder.quantized(name).tensors.values())
     advised = release_record_pages(folder, names)
     assert advised >= sum(r["storage_bytes"] for r in folder.records.values())
+    assert advised <= sum(p.stat().st_size for p in tiny_folder.glob("*.safetensors"))
     assert folder.decode(names[0]).shape == tuple(folder.records[names[0]]["shape"])  # still readable afterwards
 
 
@@ -209,11 +210,13 @@ def test_unknown_codec_names_codec_and_package(tmp_path):
     assert "14 weights" in str(info.value)
 
 
-def _rewrite_records(folder: Path, mutate, requires: dict | None = None) -> None:
+def _rewrite_records(folder: Path, mutate, requires: dict | None = None, key: str = "codec_providers") -> None:
+    """Rewrite every record with ``mutate``; ``requires`` goes to quantization_config[key] (the spec's
+    codec_providers, or the legacy "requires")."""
     from qformat.format import open_file, write_file
 
     config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"]["requires"] = requires or {"acme.fancy_scale": "qformat-fancy"}
+    config["quantization_config"][key] = requires or {"acme.fancy_scale": "qformat-fancy"}
     config["quantization_config"].pop("files")  # checksums no longer hold
     (folder / "config.json").write_text(json.dumps(config))
     for shard in sorted(folder.glob("model-*.safetensors")):
@@ -223,6 +226,25 @@ def _rewrite_records(folder: Path, mutate, requires: dict | None = None) -> None
                      for n, r in qfile.records.items()]
         qfile.close()
         write_file(shard, plain, quantized)
+
+
+def test_plugin_codec_not_installed_names_the_package_from_codec_providers(tmp_path):
+    """A folder written with a plugin codec lists its provider in quantization_config.codec_providers (spec
+    container.md); without the plugin, loading fails naming that package (and the legacy "requires" still works)."""
+    import qformat
+
+    def mutate(qt: QuantizedTensor) -> QuantizedTensor:
+        record = json.loads(json.dumps(qt.record))
+        record["weight"]["codes"]["codec"] = "acme.qmoe_dict"
+        return QuantizedTensor(qt.name, record, qt.tensors)
+
+    for key, package in (("codec_providers", "qformat-acme>=0.3"), ("requires", "qformat-acme-legacy")):
+        folder = write_folder(tiny_model(), tmp_path / key)
+        _rewrite_records(folder, mutate, requires={"acme.qmoe_dict": package}, key=key)
+        assert json.loads((folder / "config.json").read_text())["quantization_config"][key] == {
+            "acme.qmoe_dict": package}
+        with pytest.raises(PluginError, match=r"codec 'acme.qmoe_dict'.*pip install " + package):
+            qformat.load(folder)
 
 
 def test_unknown_codec_without_package_hint(tmp_path):
@@ -313,6 +335,100 @@ def test_load_from_hub_id(tiny_folder, hub_env):  # noqa: F811 (the fixture impo
         torch.testing.assert_close(model(input_ids()).logits, local(input_ids()).logits, rtol=0, atol=0)
     assert {path for _, path in hub_env.downloads} >= {"config.json", "model-00001-of-00002.safetensors"}
 
+
+
+# -- fusing sibling layers that read the same input ---------------------------------------------------------------
+
+
+def _groups(model) -> list[str]:
+    """The fused sibling groups, each as its members' names (sorted), in sorted order."""
+    from qformat.nn import QLinear
+
+    out: dict[int, list[str]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QLinear) and m.shared is not None:
+            out.setdefault(id(m.shared), []).append(name.rsplit(".", 1)[1])
+    return sorted(" ".join(sorted(names)) for names in out.values())
+
+
+def test_fused_siblings_match_unfused(tiny_folder):
+    import qformat
+    from qformat.loader import model_summary
+
+    fused = qformat.load(tiny_folder)
+    plain = qformat.load(tiny_folder, fuse=False)
+    assert _groups(fused) == ["gate_proj up_proj"] * 2 + ["k_proj q_proj v_proj"] * 2  # per layer
+    assert not _groups(plain)
+    attn = fused.model.layers[0].self_attn
+    assert attn.q_proj.shared is attn.k_proj.shared is attn.v_proj.shared
+    assert "fused=q_proj+k_proj+v_proj" in repr(attn.k_proj)
+    # the same bytes: each part holds a view of the stacked weight
+    assert model_summary(fused)["packed_bytes"] <= model_summary(plain)["packed_bytes"]
+    ids = input_ids()
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)  # prefill
+        torch.testing.assert_close(fused(ids[:1, :1]).logits, plain(ids[:1, :1]).logits, rtol=0, atol=0)  # decode
+        for rows in (3, 8):  # the fused kernel's multi-row path
+            torch.testing.assert_close(fused(ids[:1, :rows]).logits, plain(ids[:1, :rows]).logits, rtol=1e-6,
+                                       atol=1e-6)
+    prompt = ids[:1, :8]
+    greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=257)
+    assert torch.equal(fused.generate(prompt, **greedy), plain.generate(prompt, **greedy))
+
+
+def test_fused_parts_called_alone_or_with_other_inputs(tiny_folder):
+    """A part called with an input its siblings did not get computes its own rows: results never depend on the
+    order of calls; a group whose parts keep getting different inputs stops computing ahead."""
+    import qformat
+
+    fused = qformat.load(tiny_folder)
+    plain = qformat.load(tiny_folder, fuse=False)
+    f_attn, p_attn = fused.model.layers[1].self_attn, plain.model.layers[1].self_attn
+    group = f_attn.q_proj.shared
+    with torch.no_grad():  # tensors with version counters: an input written in place is a new input
+        for _ in range(4):  # cross-attention-like: q reads one tensor, k and v another
+            a, b = torch.randn(1, 1, 64), torch.randn(1, 1, 64)
+            torch.testing.assert_close(f_attn.q_proj(a), p_attn.q_proj(a), rtol=0, atol=0)
+            torch.testing.assert_close(f_attn.k_proj(b), p_attn.k_proj(b), rtol=0, atol=0)
+            torch.testing.assert_close(f_attn.v_proj(b), p_attn.v_proj(b), rtol=0, atol=0)
+        assert not group.enabled  # gave up computing rows nobody used
+        torch.testing.assert_close(f_attn.v_proj(a), p_attn.v_proj(a), rtol=0, atol=0)
+        mlp, ref = fused.model.layers[0].mlp, plain.model.layers[0].mlp
+        x = torch.randn(1, 1, 64)
+        mlp.gate_proj(x)
+        x.mul_(2.0)  # written in place between two siblings: the cached rows are stale
+        torch.testing.assert_close(mlp.up_proj(x), ref.up_proj(x), rtol=0, atol=0)
+        assert mlp.gate_proj.shared.enabled
+
+
+def test_fusion_falls_back_when_codecs_differ(tmp_path):
+    """q/k/v quantized with different bits (or group sizes) cannot share one kernel call: they stay separate and
+    give the same results; gate/up, still alike, are fused."""
+    import qformat
+
+    source = tiny_model(seed=4)
+    state = {k: v.detach().float().numpy() for k, v in source.state_dict().items()}
+
+    def mutate(qt: QuantizedTensor) -> QuantizedTensor:
+        if qt.name.endswith("k_proj.weight"):
+            return rtn_record(qt.name, state[qt.name], bits=3)
+        if qt.name.endswith("q_proj.weight") and ".1." in qt.name:
+            return rtn_record(qt.name, state[qt.name], group=16)
+        return qt
+
+    folder = write_folder(source, tmp_path / "m", mutate=mutate)
+    model = qformat.load(folder)
+    assert _groups(model) == ["gate_proj up_proj"] * 2
+    plain = qformat.load(folder, fuse=False)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(input_ids()).logits, plain(input_ids()).logits, rtol=0, atol=0)
+
+
+def test_fusion_can_be_turned_off_by_environment(tiny_folder, monkeypatch):
+    import qformat
+
+    monkeypatch.setenv("QFORMAT_FUSE", "0")
+    assert not _groups(qformat.load(tiny_folder))
 
 
 # -- the real model (slow: converts SmolLM2-135M with the pipeline first) ------------------------------------------
