@@ -141,8 +141,13 @@ def missing_codec_message(root: Path, exc: UnknownCodecError) -> str:
         else:
             parts.append(f"{what}: install the qformat plugin that provides it (the model does not name a package)")
     installed = ", ".join(sorted(known))
+    from .plugins import get_plugins
+
+    broken = sorted(f"{i.package} ({i.error})" for i in get_plugins().info.values() if i.error)
+    hint = (f" Installed but broken plugins (one may be the provider; see `qformat plugins`): {'; '.join(broken)}."
+            if broken else "")
     return (f"{root} needs codecs that no installed plugin provides: " + "; ".join(parts)
-            + f". Installed codecs: {installed}.")
+            + f". Installed codecs: {installed}.{hint}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -243,6 +248,7 @@ def attach_prepared(model: nn.Module, folder: ModelFolder, swapped: Mapping[str,
         module = model.get_submodule(module_name)
         prepared, kernel_name = prepare_weight(folder.quantized(record_name), device, kernel)
         module.attach(prepared, kernel_name)
+        module.kernel_device = torch.device(device).type
 
 
 def _file_mapping(array: np.ndarray) -> tuple[mmap.mmap, int] | None:

@@ -14,6 +14,7 @@ one kernel call per input; see :class:`SharedInput`.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -54,6 +55,7 @@ class QLinear(nn.Module):
         self.record = record
         self.prepared: PreparedWeight | None = None
         self.kernel_name: str | None = None
+        self.kernel_device: str | None = None  # device type the prepared weight lives on ("cpu", "cuda")
         self.shared: SharedInput | None = None  # set when fused with siblings reading the same input
         self._run: BoundLinear = _unattached
         self._custom = False
@@ -98,6 +100,22 @@ class QLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._run(x, self.bias)
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> QLinear:  # type: ignore[override]
+        """``model.to(device)`` moves the bias; the packed weight stays with the kernel it was prepared for (it
+        is not a parameter), and inputs from another device are copied to it and back. Say so once."""
+        result = super()._apply(fn, recurse)
+        kernel_device = self.kernel_device
+        if kernel_device is not None and self.prepared is not None:
+            target = fn(torch.empty(0, device=self.bias.device if self.bias is not None else "cpu")).device.type
+            if target not in ("meta", kernel_device) and not QLinear._warned_move:
+                QLinear._warned_move = True
+                warnings.warn(f"qformat: the packed weights stay on their {kernel_device} kernels when the model is "
+                              f"moved to {target}; inputs are copied there and back. Load with "
+                              f"qformat.load(path, device={target!r}) to run {target} kernels.", stacklevel=3)
+        return result
+
+    _warned_move = False
 
     def nbytes(self) -> int:
         """Bytes this layer holds: the prepared (packed) weight plus the bias."""

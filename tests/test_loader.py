@@ -476,3 +476,42 @@ def test_converted_smollm2_kernels_match_reference(tmp_path):
     assert torch.equal(got, reference.generate(prompt, **greedy))
     words = tokenizer.decode(got[0, prompt.shape[1]:], skip_special_tokens=True).split()
     assert len(words) >= 5 and sum(w.strip(".,;:'\"()").isalpha() for w in words) >= 0.7 * len(words)
+
+
+def test_moving_a_loaded_model_warns_that_packed_weights_stay(tiny_folder, monkeypatch) -> None:
+    """model.to(other device) cannot move packed weights (not parameters): one clear warning, and moving to the
+    device they are on (or a dtype change) says nothing."""
+    import warnings
+
+    import qformat
+    from qformat.nn import QLinear
+
+    model = qformat.load(tiny_folder)
+    monkeypatch.setattr(QLinear, "_warned_move", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.to("cpu")
+    module = next(m for m in model.modules() if isinstance(m, QLinear))
+    monkeypatch.setattr(module, "kernel_device", "cuda")  # as if loaded on a GPU, then moved to the CPU
+    with pytest.warns(UserWarning, match=r"stay on their cuda kernels.*device='cpu'"):
+        model.to("cpu")
+
+
+def test_missing_codec_points_at_broken_plugins(tmp_path, monkeypatch):
+    """When an installed plugin failed to load, the missing-codec error says so (it may be the provider)."""
+    import qformat
+    from qformat.plugins import PluginInfo, get_plugins
+
+    def mutate(qt: QuantizedTensor) -> QuantizedTensor:
+        record = json.loads(json.dumps(qt.record))
+        record["weight"]["codes"]["codec"] = "acme.qmoe_dict"
+        return QuantizedTensor(qt.name, record, qt.tensors)
+
+    folder = write_folder(tiny_model(), tmp_path / "model")
+    _rewrite_records(folder, mutate, requires={"acme.qmoe_dict": "qformat-acme>=0.3"})
+    broken = PluginInfo("acme", "acme_plugin", "qformat-acme", "0.3.1")
+    broken.error = "ImportError: No module named 'scipy'"
+    monkeypatch.setitem(get_plugins().info, "acme", broken)
+    with pytest.raises(PluginError, match=r"pip install qformat-acme>=0\.3.*broken plugins.*qformat-acme "
+                                          r"\(ImportError: No module named 'scipy'\)"):
+        qformat.load(folder)
