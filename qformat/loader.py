@@ -17,6 +17,7 @@ import mmap
 import os
 import warnings
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -394,6 +395,21 @@ def _device_name(device: str | torch.device) -> str:
 # public
 
 
+@contextmanager
+def _skeleton(source: str | os.PathLike, revision: str | None,
+              dtype: torch.dtype | str | None) -> Iterator[tuple[Path, ModelFolder, torch.dtype, PreTrainedModel]]:
+    """(folder path, the open folder, the resolved dtype, the model skeleton); the folder is closed afterwards
+    (prepared weights and bound tensors keep the mappings they still use alive)."""
+    path = resolve_source(source, revision)
+    folder = open_model_folder(path)
+    try:
+        config = _read_config(path)
+        resolved = _resolve_dtype(dtype, config)
+        yield path, folder, resolved, build_skeleton(config, resolved)
+    finally:
+        folder.close()
+
+
 def load(source: str | os.PathLike, device: str | torch.device = "cpu", *, revision: str | None = None,
          kernel: str | None = None, dtype: torch.dtype | str | None = None, fuse: bool = True) -> PreTrainedModel:
     """A transformers model whose quantized linears are :class:`QLinear` layers holding packed weights.
@@ -404,12 +420,7 @@ def load(source: str | os.PathLike, device: str | torch.device = "cpu", *, revis
     ``fuse``: stack sibling layers that read the same input (q/k/v, gate/up) where the kernel allows
     (:func:`qformat.nn.fuse_shared_inputs`; ``QFORMAT_FUSE=0`` also turns it off).
     """
-    path = resolve_source(source, revision)
-    folder = open_model_folder(path)
-    try:
-        config = _read_config(path)
-        dtype = _resolve_dtype(dtype, config)
-        model = build_skeleton(config, dtype)
+    with _skeleton(source, revision, dtype) as (path, folder, dtype, model):
         swapped = swap_in_qlinears(model, folder.records)
         unused = bind_plain_tensors(model, folder, dtype)
         device = _device_name(device)
@@ -419,8 +430,6 @@ def load(source: str | os.PathLike, device: str | torch.device = "cpu", *, revis
         release_record_pages(folder, list(swapped.values()))
         _attach_metadata(model, path, folder)
         return finish(model, path, device, unused)
-    finally:
-        folder.close()  # prepared weights and bound tensors keep the mappings they still use alive
 
 
 def load_dequantized(source: str | os.PathLike, device: str | torch.device = "cpu", *, revision: str | None = None,
@@ -429,18 +438,11 @@ def load_dequantized(source: str | os.PathLike, device: str | torch.device = "cp
 
     Used to check kernels against the reference decoder and as a benchmark baseline; it holds full-size weights.
     """
-    path = resolve_source(source, revision)
-    folder = open_model_folder(path)
-    try:
-        config = _read_config(path)
-        dtype = _resolve_dtype(dtype, config)
-        model = build_skeleton(config, dtype)
+    with _skeleton(source, revision, dtype) as (path, folder, dtype, model):
         dense = {name: folder.decode(name) for name in folder.records}
         unused = bind_plain_tensors(model, folder, dtype, dense)
         model.config.name_or_path = str(path)
         return finish(model, path, _device_name(device), unused)
-    finally:
-        folder.close()
 
 
 def model_summary(model: nn.Module) -> dict[str, Any]:
