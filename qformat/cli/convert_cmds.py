@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -97,7 +98,19 @@ def method_params(method: Any, args: argparse.Namespace) -> dict[str, str]:
     return values
 
 
+def quiet_openmp_waits() -> bool:
+    """Make torch's OpenMP threads sleep at barriers instead of spinning, unless the user chose a policy. On a
+    machine where another process holds a core, spinning threads wait for a descheduled peer at every parallel op:
+    a SmolLM2 SpQR conversion took 16 min instead of under 3 (bench/QUALITY_NOTES.md); on an idle machine it costs
+    ~9%. Only effective before torch is imported (its OpenMP runtime reads the variable once)."""
+    if "torch" in sys.modules:
+        return False
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return True
+
+
 def run_convert(args: argparse.Namespace) -> int:
+    quiet_openmp_waits()
     from ..convert.pipeline import Converter, ConvertOptions
     from ..convert.quality import DEFAULT_PROMPT, add_results_to_card, evaluate_conversion, resolve_eval_text
     from ..convert.report import print_summary
