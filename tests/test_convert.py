@@ -85,7 +85,8 @@ def test_methods_convert_verify_and_stay_close(tiny: Path, tmp_path: Path, metho
     assert qc["method"] == method and qc["method_params"]["bits"] == params["bits"]
     assert set(qc["bits_by_layer_type"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                               "down_proj"}
-    assert len(qc["quantized_modules"]) == 21 and qc["source"]["id"] == str(tiny)
+    assert len(qc["quantized_modules"]) == 21 and qc["source"]["id"] == tiny.name and qc["source"]["local"]
+    assert str(tiny.parent) not in (out / "config.json").read_text()  # no path of the converting machine
     assert (qc["calibration"] is None) == (method == "rtn")
     assert config["num_hidden_layers"] == 3 and config["hidden_size"] == 64
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "README.md"):
@@ -106,6 +107,16 @@ def test_methods_convert_verify_and_stay_close(tiny: Path, tmp_path: Path, metho
     folder.close()
     error = relative_logit_error(tiny, out)
     assert error < max_error, error
+
+
+def test_infinite_parameter_is_written_as_strict_json(tiny: Path, tmp_path: Path) -> None:
+    """outlier_threshold=inf (no outliers) must not put the non-standard `Infinity` token into config.json."""
+    out = tmp_path / "out"
+    convert(options(tiny, out, "spqr", params={"outlier_threshold": float("inf")}))
+    text = (out / "config.json").read_text()
+    qc = json.loads(text, parse_constant=lambda token: pytest.fail(f"config.json holds {token}"))["quantization_config"]
+    assert qc["method_params"]["outlier_threshold"] == "inf"
+    assert verify_folder(out)["records"] == 3 * 7
 
 
 def test_gptq_beats_rtn_on_layer_output_error(tiny: Path, tmp_path: Path) -> None:
@@ -212,6 +223,16 @@ def test_include_selects_only_matching(tiny: Path, tmp_path: Path) -> None:
     assert relative_logit_error(tiny, out) < 0.25
 
 
+def test_blocks_without_selected_linears_only_propagate(tiny: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    convert(options(tiny, out, "gptq", include=["model.layers.1.self_attn.*"]))
+    folder = open_folder(out)
+    assert {n.rsplit(".", 2)[0] for n in folder.records} == {"model.layers.1.self_attn"}
+    assert len(folder.records) == 4 and "model.layers.2.mlp.down_proj.weight" in folder.plain_names
+    folder.close()
+    assert relative_logit_error(tiny, out) < 0.25
+
+
 def test_tied_lm_head_is_untied_when_quantized(tmp_path: Path) -> None:
     src = make_tiny_llama(tmp_path / "tied", layers=1, tie_word_embeddings=True)
     out = tmp_path / "out"
@@ -235,6 +256,66 @@ def test_true_sequential_groups_linears_by_shared_input(tiny: Path) -> None:
     assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
                       ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
     del capture_block_inputs
+
+
+@pytest.mark.parametrize("width", [5, 192, 500])
+def test_hessian_upper_triangle_accumulation(width: int) -> None:
+    from qformat.convert.activations import accumulate_xtx_upper, symmetric_from_upper
+
+    x = torch.randn(300, width, generator=torch.Generator().manual_seed(width))
+    acc = torch.zeros(width, width)
+    accumulate_xtx_upper(acc, x)
+    accumulate_xtx_upper(acc, 2 * x)
+    full = symmetric_from_upper(acc).double()
+    expected = 5 * x.double().T @ x.double()
+    assert torch.allclose(full, expected, rtol=1e-4, atol=1e-3)
+    assert torch.equal(full, full.T)
+
+
+def test_statistics_pass_stops_after_the_last_hooked_linear(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The statistics pass skips what follows the last hooked linear, and its Hessians (accumulated as the upper
+    triangle) equal full forwards' sum(x xᵀ), symmetric."""
+    from qformat.convert import activations
+    from qformat.convert.activations import LinearStats, run_block
+
+    monkeypatch.setattr(activations, "TOKENS_PER_FORWARD", 128)  # 2 windows of 64 tokens per micro-batch
+    converter = Converter(options(tiny, tiny.parent / "unused"))
+    converter.prepare()
+    calls = converter._capture()
+    inputs = calls.first_inputs
+    assert len(inputs) == 4
+    converter._load_block(0)
+    block = converter.skeleton.blocks[0]
+    modules = dict(block.named_modules())
+    group = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+    reference: dict[str, torch.Tensor] = {}
+
+    def record(name: str):
+        def hook(_m: torch.nn.Module, args: tuple) -> None:
+            flat = args[0].reshape(-1, args[0].shape[-1]).double()
+            reference[name] = reference.get(name, 0) + flat.T @ flat
+        return hook
+
+    handles = [modules[n].register_forward_pre_hook(record(n)) for n in group]
+    run_block(block, 0, calls, inputs, keep=False)
+    for handle in handles:
+        handle.remove()
+    ran: list[str] = []
+    for name in ("mlp.gate_proj", "mlp.down_proj"):
+        modules[name].register_forward_pre_hook(lambda _m, _a, _n=name: ran.append(_n))
+    stats = LinearStats(True, True)
+    stats.attach({n: modules[n] for n in group})
+    stats.collect(block, 0, calls, inputs)
+    stats.detach()
+    assert ran == ["mlp.gate_proj", "mlp.down_proj"]  # the first micro-batch runs whole, the others stop early
+    tokens = 8 * 64
+    for name in group:
+        hessian, norms, count = stats.pop(name)
+        assert count == tokens
+        assert torch.equal(hessian, hessian.T)
+        expected = reference[name] * (2.0 / tokens)
+        assert torch.allclose(hessian.double(), expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+        assert torch.allclose(norms.double().square(), torch.diag(reference[name]), rtol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------------ bad input
@@ -379,7 +460,7 @@ MEASURE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow  # ~6 min on 2 cores: two subprocess conversions of 512-wide models
+@pytest.mark.slow  # two subprocess conversions of 512-wide models: ~30 s on 2 idle cores, minutes on busy ones
 def test_peak_memory_does_not_grow_with_layers(tiny: Path, tmp_path: Path) -> None:
     """2 vs 8 blocks of 4.2 M fp32 weights (16.8 MB each): a converter holding every block would grow by > 100 MB
     (weights alone; their decoded copies and statistics come on top). Each conversion runs in its own process;

@@ -6,11 +6,12 @@ import hashlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConversionError
+
+if TYPE_CHECKING:  # torch loads when windows are made, not when the CLI reads DEFAULT_SAMPLES
+    import torch
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 DEFAULT_CALIBRATION = DATA_DIR / "calibration.txt"
@@ -50,6 +51,8 @@ def read_text(path: str | Path | None) -> CalibrationText:
 
 def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
     """All token ids of the text, tokenized once without special tokens (1-D int64)."""
+    import torch
+
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
 
@@ -72,4 +75,6 @@ def sample_windows(ids: torch.Tensor, samples: int, seqlen: int, seed: int, *, s
     slack = total - needed
     gaps = sorted(rng.randint(0, slack) for _ in range(samples))
     starts = [gap + k * seqlen for k, gap in enumerate(gaps)]
+    import torch
+
     return torch.stack([ids[s: s + seqlen] for s in starts])
