@@ -405,6 +405,17 @@ def test_existing_output_needs_overwrite(tiny: Path, existing_out: Path) -> None
     assert not (existing_out / "keep.txt").exists() and (existing_out / "config.json").is_file()
 
 
+def test_output_left_by_an_interrupted_swap_is_restored_not_replaced(tiny: Path, existing_out: Path) -> None:
+    """An --overwrite finalize killed between its renames leaves only <out>.old (the previous output): a rerun
+    without --overwrite puts it back and refuses, instead of converting over the only copy."""
+    backup = existing_out.with_name(existing_out.name + ".old")
+    existing_out.rename(backup)
+    with pytest.raises(ConversionError, match="exists.*--overwrite"):
+        convert(options(tiny, existing_out, "rtn"))
+    assert not backup.exists()
+    assert_untouched(existing_out)
+
+
 def test_disk_full_is_clear_resumable_and_leaves_output_alone(tiny: Path, existing_out: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     real_write = FolderWriter.write_shard

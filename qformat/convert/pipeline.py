@@ -36,6 +36,7 @@ from torch import nn
 
 from ..errors import ConversionError, FormatError, PluginError
 from ..format import FolderWriter, QFile, QuantizedTensor, bits_by_layer_type
+from ..format.container import recover_interrupted_swap
 from ..format.dtypes import WEIGHT_DTYPES
 from ..methods import LayerInput, Method
 from . import calibration as calib_data
@@ -139,6 +140,12 @@ class Converter:
         info = get_plugins().info.get(owner) if owner else None
         self.plugin_label = f"{info.package} {info.version}" if info else "?"
         self.needs_calibration = bool(self.method.calibration & CALIBRATED)
+        # A finalize killed midway may have left <out>.old (the previous output) and no <out>: restore it first, so
+        # that a rerun without --overwrite refuses instead of replacing the only copy.
+        try:
+            recover_interrupted_swap(self.out)
+        except FormatError as exc:
+            raise ConversionError(str(exc)) from None
         if self.out.exists() and not opts.overwrite:
             raise ConversionError(f"the output folder {self.out} exists; choose another --out or pass --overwrite "
                                   "(the old folder is replaced only once the new one is complete)")
