@@ -24,8 +24,6 @@ if [ -f "$OUT/config.json" ]; then
   echo "$OUT is already converted; evaluating it (delete it to convert again)"
   qformat eval "$OUT" --text qformat/data/eval.txt --limit 8
 else
-  # Passive OpenMP waiting: with the default spinning, a conversion sharing the cores with any other busy process
-  # runs several times slower (measured 3-18x on 2 cores); on an idle machine passive waiting costs ~10%.
-  OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE} qformat convert --method spqr "$GGUF" --out "$OUT" --eval "$@"
+  qformat convert --method spqr "$GGUF" --out "$OUT" --eval "$@"
 fi
 qformat generate "$OUT" "The three primary colors are" --max-new-tokens 40
