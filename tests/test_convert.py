@@ -119,6 +119,19 @@ def test_infinite_parameter_is_written_as_strict_json(tiny: Path, tmp_path: Path
     assert verify_folder(out)["records"] == 3 * 7
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the peak can be reset only on Linux")
+def test_summary_peak_is_this_conversions_not_the_process(tiny: Path, tmp_path: Path) -> None:
+    """A conversion inside a program that once held much more memory reports its own peak, not the program's."""
+    from qformat.convert.report import peak_rss_bytes
+
+    ballast = np.ones(600 * 2**20 // 8)  # 600 MiB, touched: the process peak now exceeds anything the tiny model needs
+    process_peak = peak_rss_bytes()
+    del ballast
+    result = convert(options(tiny, tmp_path / "out", "rtn"))
+    assert 0 < result.summary.peak_rss_bytes < process_peak - 300 * 2**20, (result.summary.peak_rss_bytes,
+                                                                           process_peak)
+
+
 def test_gptq_beats_rtn_on_layer_output_error(tiny: Path, tmp_path: Path) -> None:
     """Calibration statistics reach the method: GPTQ's output error on calibration-like inputs is below RTN's."""
     for method in ("rtn", "gptq"):

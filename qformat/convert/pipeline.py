@@ -47,6 +47,7 @@ from .report import (
     current_rss_bytes,
     outlier_count,
     peak_rss_bytes,
+    reset_peak_rss,
     return_freed_memory,
     summarize,
 )
@@ -90,7 +91,8 @@ BlockHook = Callable[[int], None]
 
 def convert(options: ConvertOptions, *, on_block_done: BlockHook | None = None) -> ConvertResult:
     """Validate everything, then convert. ``on_block_done(i)`` runs after block i's shard is written (tests use it
-    to simulate a kill)."""
+    to simulate a kill). The summary's peak RSS covers this call only where the OS lets it be reset (Linux)."""
+    reset_peak_rss()
     converter = Converter(options)
     converter.prepare()
     return converter.run(on_block_done=on_block_done)
