@@ -13,10 +13,11 @@ import torch.nn.functional as F
 
 
 def tokenize_file(tokenizer: Any, path: str | Path) -> torch.Tensor:
-    """Tokenize a whole text file once (no special tokens), as the protocol prescribes."""
-    text = Path(path).read_text(encoding="utf-8")
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    return ids
+    """The ids of a whole text file (no special tokens) as the protocol prescribes: one tokenization of the whole
+    text, computed in pieces checked to concatenate to it (less memory; see ``calibration.tokenize``)."""
+    from .convert.calibration import tokenize
+
+    return tokenize(tokenizer, Path(path).read_text(encoding="utf-8"))
 
 
 def windows(ids: torch.Tensor, seqlen: int, limit: int | None = None) -> Iterator[torch.Tensor]:
