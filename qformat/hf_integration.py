@@ -6,8 +6,11 @@ Rather than describing every codec tree to transformers' ``WeightConverter`` mac
 records itself from the checkpoint files transformers resolved (local or downloaded from the Hub):
 
 - ``_process_model_before_weight_loading`` (model on the meta device): open and validate the folder (a missing codec
-  plugin fails here, before any weight is read), swap each quantized Linear for a :class:`QLinear` placeholder, and
-  tell transformers to ignore the record tensors it will find unexpected;
+  plugin fails here, before any weight is read), check its shards against the recorded checksums as
+  :func:`qformat.load` does (``verify="auto"``: hashed on first load, remembered by file identity), swap each
+  quantized Linear for a :class:`QLinear` placeholder, refuse a folder lacking a tensor the model needs (transformers
+  would initialise it at random and carry on; :func:`qformat.load` raises the same :class:`LoadError`), and tell
+  transformers to ignore the record tensors it will find unexpected;
 - transformers then loads the plain tensors (embeddings, norms, biases) and ties weights as usual;
 - ``_process_model_after_weight_loading``: prepare every QLinear's kernel weight from the memory-mapped records, and
   stack siblings that read the same input (:func:`qformat.nn.fuse_shared_inputs`), as :func:`qformat.load` does.
@@ -28,7 +31,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .format.container import QUANT_METHOD
-from .loader import attach_prepared, open_model_folder, release_record_pages, swap_in_qlinears
+from .loader import attach_prepared, check_complete, open_model_folder, release_record_pages, swap_in_qlinears
 from .nn import fuse_shared_inputs, qlinear_modules
 
 
@@ -77,8 +80,16 @@ class QformatHfQuantizer(HfQuantizer):
                                              **kwargs: Any) -> Any:
         if not checkpoint_files:
             raise ValueError("qformat needs the checkpoint's safetensors files (no state_dict loading)")
-        self._folder = open_model_folder(Path(checkpoint_files[0]).parent)
-        self._swapped = swap_in_qlinears(model, self._folder.records)
+        root = Path(checkpoint_files[0]).parent
+        # Always "auto": a setting in the (untrusted) config.json must not be able to switch the check off.
+        self._folder = open_model_folder(root, verify="auto")
+        try:
+            self._swapped = swap_in_qlinears(model, self._folder.records)
+            check_complete(model, self._folder, root)
+        except BaseException:
+            self._folder.close()
+            self._folder = None
+            raise
         # The record tensors are read from the folder after loading; transformers would report them as unexpected.
         names = "|".join(re.escape(name) for name in self._folder.records)
         pattern = rf"(^|\.)({names})\." if names else None

@@ -67,32 +67,72 @@ class PushResult:
 # ---------------------------------------------------------------------------------------------------------- push
 
 
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+MAX_NAME_BYTES = 255  # a file name longer than this cannot be opened on common filesystems
+
+
+def _shorten(text: object, limit: int = 120) -> str:
+    """A path or name as a message shows it: at most about ``limit`` characters, the middle elided."""
+    text = str(text)
+    return text if len(text) <= limit else f"{text[:limit // 2]}...({len(text)} characters)...{text[-limit // 4:]}"
+
+
 def validate_model_folder(folder: str | os.PathLike[str]) -> list[str]:
-    """Check ``folder`` is a complete qformat model folder; return its files (posix paths) to upload."""
+    """Check ``folder`` is a complete qformat model folder; return its files (posix paths) to upload.
+
+    Every problem (a missing or malformed config, index or shard header, an unusable file name) is a one-line
+    :class:`HubError` naming the file.
+    """
     folder = Path(folder)
+    try:
+        return _validate_model_folder(folder)
+    except OSError as e:  # e.g. a path over the system's length limit
+        raise HubError(f"cannot read {_shorten(e.filename or folder)}: {e.strerror or e}") from None
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HubError(f"{_shorten(path)} is not a valid JSON object: {_shorten(e, 200)}") from None
+    if not isinstance(value, dict):
+        raise HubError(f"{_shorten(path)} is not a valid JSON object: it holds a {type(value).__name__}")
+    return value
+
+
+def _plain_file_name(name: str) -> bool:
+    return (bool(name) and "/" not in name and "\\" not in name and not name.startswith(".") and "\0" not in name
+            and len(name.encode("utf-8", "surrogateescape")) <= MAX_NAME_BYTES)
+
+
+def _validate_model_folder(folder: Path) -> list[str]:
     cfg_path = folder / "config.json"
     if not folder.is_dir():
-        raise HubError(f"{folder} is not a directory")
+        raise HubError(f"{_shorten(folder)} is not a directory")
     if not cfg_path.is_file():
-        raise HubError(f"{folder} is not a model folder: config.json is missing")
-    try:
-        qc = json.loads(cfg_path.read_text()).get("quantization_config") or {}
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise HubError(f"{cfg_path} is not a valid JSON object: {e}") from e
-    if qc.get("quant_method") != "qformat":
-        raise HubError(f"{cfg_path}: quantization_config.quant_method is {qc.get('quant_method')!r}, expected "
-                       "'qformat'; convert the model with `qformat convert` before pushing")
+        raise HubError(f"{_shorten(folder)} is not a model folder: config.json is missing")
+    qc = _read_json_object(cfg_path).get("quantization_config")
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    if method != "qformat":
+        raise HubError(f"{_shorten(cfg_path)}: quantization_config.quant_method is {_shorten(repr(method), 60)}, "
+                       "expected 'qformat'; convert the model with `qformat convert` before pushing")
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
-            raise HubError(f"{index} has no valid weight_map: {e}") from e
+        weight_map = _read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in
+                                                                         weight_map.values()):
+            raise HubError(f"{_shorten(index)} has no valid weight_map (tensor name -> shard file name)")
+        shards = sorted(set(weight_map.values()))
+        bad = next((s for s in shards if not _plain_file_name(s)), None)
+        if bad is not None:
+            raise HubError(f"{_shorten(index)} names the shard {_shorten(repr(bad), 80)}: not a plain file name of "
+                           f"at most {MAX_NAME_BYTES} bytes")
     else:
         shards = ["model.safetensors"]
     missing = [s for s in shards if not (folder / s).is_file()]
     if missing:
-        raise HubError(f"{folder} is incomplete: missing weight file(s) {', '.join(missing)}")
+        raise HubError(f"{_shorten(folder)} is incomplete: missing weight file(s) "
+                       f"{_shorten(', '.join(missing), 200)}")
     for s in shards:
         _check_safetensors(folder / s)
     # Hidden entries (.cache from local_dir downloads, .git, editor files) are not part of the model.
@@ -101,20 +141,46 @@ def validate_model_folder(folder: str | os.PathLike[str]) -> list[str]:
 
 
 def _check_safetensors(path: Path) -> None:
-    """Catch truncated files (an interrupted conversion or copy) before publishing them."""
+    """Catch truncated files (an interrupted conversion or copy) and malformed headers before publishing them."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
         n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
         try:
-            header = json.loads(f.read(n)) if 0 < n <= size - 8 else None
+            header = json.loads(f.read(n)) if 0 < n <= min(size - 8, MAX_HEADER_BYTES) else None
         except (json.JSONDecodeError, UnicodeDecodeError):
             header = None
     if not isinstance(header, dict):
-        raise HubError(f"{path} is not a valid safetensors file (bad header)")
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        raise HubError(f"{_shorten(path)} is not a valid safetensors file (bad header)")
+    ends = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise HubError(f"{_shorten(path)} is not a valid safetensors file (bad header: tensor "
+                           f"{_shorten(repr(name), 80)} has no valid data_offsets)")
+        ends.append(offsets[1])
+    end = max(ends, default=0)
     if 8 + n + end != size:
-        raise HubError(f"{path} is truncated or corrupt: header describes {8 + n + end} bytes, file has {size}")
+        raise HubError(f"{_shorten(path)} is truncated or corrupt: header describes {8 + n + end} bytes, file has "
+                       f"{size}")
+
+
+def _check_recorded_checksums(folder: Path, local: dict[str, tuple[str, str]]) -> None:
+    """A shard whose sha256 differs from the one config.json recorded at conversion is corrupted: do not publish it.
+    (The hashes were computed for the upload anyway, so this costs nothing.)"""
+    qc = _read_json_object(folder / "config.json").get("quantization_config")
+    files = qc.get("files") if isinstance(qc, dict) else None
+    if not isinstance(files, dict):
+        return
+    for shard, entry in sorted(files.items()):
+        expected = entry.get("sha256") if isinstance(entry, dict) else None
+        if shard in local and local[shard][0] != expected:
+            raise HubError(f"{_shorten(folder / shard)} does not match the sha256 config.json recorded when it was "
+                           "written: the shard was changed or corrupted since; convert again (or restore it) "
+                           "before pushing")
 
 
 def _file_hashes(data_or_path: bytes | Path) -> tuple[str, str]:
@@ -160,6 +226,8 @@ def push_folder(
     """
     folder = Path(folder)
     files = validate_model_folder(folder)
+    local = {p: _file_hashes(folder / p) for p in files}
+    _check_recorded_checksums(folder, local)
     token = _resolve_token(token)
     endpoint = _endpoint(endpoint)
     api = HfApi(endpoint=endpoint, token=token, library_name="qformat")
@@ -178,7 +246,6 @@ def push_folder(
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
         remote = _remote_hashes(api, repo_id, branch)
 
-    local = {p: _file_hashes(folder / p) for p in files}
     card = None
     if "README.md" not in local:
         card = render_model_card(folder, source_card_metadata=_source_card(api, folder), repo_id=repo_id).encode()
@@ -302,13 +369,17 @@ def resolve_model_source(
     downloaded (see :func:`download_model`)."""
     text = os.fspath(source)
     path = Path(text).expanduser()
-    if path.exists():
+    try:
+        exists = path.exists()
+    except OSError as e:  # e.g. a name over the system's length limit: neither a usable path nor a Hub id
+        raise HubError(f"cannot use {_shorten(repr(text))} as a path: {e.strerror or e}") from None
+    if exists:
         if revision is not None:
             raise HubError(f"--revision applies to Hub ids, but {text} is a local path")
         return path
     looks_local = text.endswith(".gguf") or text.startswith((".", "/", "~")) or "\\" in text
     if looks_local or not _REPO_ID.fullmatch(text) or "--" in text or ".." in text:
-        raise HubError(f"{text!r} is neither an existing local path nor a Hub model id (namespace/name)")
+        raise HubError(f"{_shorten(repr(text))} is neither an existing local path nor a Hub model id (namespace/name)")
     return download_model(text, revision, token=token, endpoint=endpoint, cache_dir=cache_dir)
 
 

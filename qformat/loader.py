@@ -4,10 +4,12 @@
     model = qformat.load_dequantized("path")          # plain nn.Linear with reference-decoded fp32 weights
 
 Steps of :func:`load`: open the folder (every record is validated, and a codec no installed plugin provides stops
-the load with the package to install), build the model on the meta device with real non-persistent buffers (rotary
-tables), swap each Linear whose ``<module>.weight`` is a record for a :class:`QLinear`, prepare those from the
-memory-mapped packed tensors, bind the plain tensors (embeddings, norms, biases) to the mapped shards without a copy
-where the dtype already matches, tie weights as the config says. No pickle is read.
+the load naming the codec), check the shards against the checksums config.json records (hashed on first load, then
+remembered by file identity: :func:`verify_shards`), build the model on the meta device with real non-persistent
+buffers (rotary tables), swap each Linear whose ``<module>.weight`` is a record for a :class:`QLinear`, check the
+folder holds every other tensor the model needs, prepare the QLinears from the memory-mapped packed tensors, bind
+the plain tensors (embeddings, norms, biases) to the mapped shards without a copy where the dtype already matches,
+tie weights as the config says. No pickle is read.
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
+import tempfile
+import time
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -27,7 +32,7 @@ from torch import nn
 
 from .errors import FormatError, PluginError, QformatError, UnknownCodecError
 from .format import REGISTRY, ModelFolder, QuantizedTensor, open_folder, signature
-from .format.container import INDEX_NAME, QUANT_METHOD, SINGLE_NAME
+from .format.container import INDEX_NAME, QUANT_METHOD, SINGLE_NAME, sha256_file
 from .format.dtypes import NUMPY_BY_NAME
 from .format.safetensors_io import QFORMAT_METADATA_KEY, SafetensorsFile
 from .kernel_api import PreparedWeight
@@ -48,18 +53,36 @@ class LoadError(QformatError):
 def resolve_source(source: str | os.PathLike, revision: str | None = None) -> Path:
     """A local folder or file as is; anything else is treated as a Hub id and downloaded (qformat.hub)."""
     path = Path(os.fspath(source)).expanduser()
-    if path.exists() and revision is None:
+    if _exists(path) and revision is None:
         return path
     from .hub import resolve_model_source  # huggingface_hub is only needed for Hub ids
 
     return Path(resolve_model_source(source, revision))
 
 
-def open_model_folder(path: str | os.PathLike) -> ModelFolder:
-    """Open and validate a qformat folder, with plugin codecs registered first.
+def shorten(text: str, limit: int = 120) -> str:
+    """A path or name as a message shows it: at most about ``limit`` characters, the middle elided."""
+    text = str(text)
+    return text if len(text) <= limit else f"{text[:limit // 2]}...({len(text)} characters)...{text[-limit // 4:]}"
+
+
+def _exists(path: Path) -> bool:
+    """``path.exists()``, but a path the OS refuses to look up (e.g. a name over its length limit) is a LoadError."""
+    try:
+        return path.exists()
+    except OSError as exc:
+        raise LoadError(f"cannot use the path {shorten(path)}: {exc.strerror or exc}") from None
+
+
+VerifyMode = bool | Literal["auto"]
+
+
+def open_model_folder(path: str | os.PathLike, verify: VerifyMode = "auto") -> ModelFolder:
+    """Open and validate a qformat folder, with plugin codecs registered first, and check its shard checksums.
 
     A record needing a codec that no installed plugin provides raises :class:`PluginError` naming the codec and,
-    where the folder says (``quantization_config.codec_providers`` or a record's ``info``), the package to install.
+    where the folder says (``quantization_config.codec_providers`` or a record's ``info``), the package that provides
+    it. ``verify``: see :func:`verify_shards`.
     """
     from .plugins import get_plugins
 
@@ -68,11 +91,21 @@ def open_model_folder(path: str | os.PathLike) -> ModelFolder:
         folder = open_folder(path)
     except UnknownCodecError as exc:
         raise PluginError(missing_codec_message(Path(path), exc)) from None
-    method = folder.quantization_config.get("quant_method")
-    if folder.path.is_dir() and method != QUANT_METHOD:
+    except OSError as exc:  # e.g. a shard name (from the index) longer than the OS allows
+        where = shorten(exc.filename) if exc.filename else shorten(path)
+        raise LoadError(f"cannot open {where}: {exc.strerror or exc}") from None
+    try:
+        method = folder.quantization_config.get("quant_method")
+        if folder.path.is_dir() and method != QUANT_METHOD:
+            raise LoadError(f"{path} is not a qformat model folder (config.json quantization_config.quant_method is "
+                            f"{method!r}); load a plain model with transformers directly")
+        verify_shards(folder, verify)
+    except OSError as exc:
         folder.close()
-        raise LoadError(f"{path} is not a qformat model folder (config.json quantization_config.quant_method is "
-                        f"{method!r}); load a plain model with transformers directly")
+        raise LoadError(f"cannot read {shorten(exc.filename or path)}: {exc.strerror or exc}") from None
+    except BaseException:
+        folder.close()
+        raise
     return folder
 
 
@@ -99,7 +132,7 @@ def _record_headers(root: Path) -> Iterator[tuple[str, dict]]:
     for shard in shards:
         try:
             meta = json.loads(SafetensorsFile(shard).metadata.get(QFORMAT_METADATA_KEY) or "{}")
-        except (FormatError, ValueError):
+        except (FormatError, ValueError, OSError):
             continue
         for name, record in (meta.get("records") or {}).items():
             if isinstance(record, dict):
@@ -110,10 +143,20 @@ def _as_dict(value: Any) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+# What a message may repeat from a model's files: text shaped like a codec name or a package requirement (a name
+# and plain version bounds). Anything else (spaces, ';', '|', URLs, options) is withheld, and even a valid name is
+# shown as the model's claim, never as a command to run: a model must not be able to make us advertise a command.
+_CODEC_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}(\.[a-z][a-z0-9_]{0,63})?")
+_VERSION_BOUND = r"(===?|~=|!=|>=|<=|>|<)[0-9][0-9A-Za-z.*+!-]{0,30}"
+_PACKAGE_REQUIREMENT = re.compile(rf"[A-Za-z0-9]([A-Za-z0-9._-]{{0,98}}[A-Za-z0-9])?({_VERSION_BOUND}(,{_VERSION_BOUND})*)?")
+
+
 def missing_codec_message(root: Path, exc: UnknownCodecError) -> str:
+    """Which codecs the folder needs that no plugin provides, by which weights, and the provider package the folder
+    names (only if it is a well-formed package requirement, and only as the folder's claim)."""
     known = REGISTRY.names()
     needed: dict[str, list[str]] = {}
-    packages: dict[str, str] = {}
+    packages: dict[str, Any] = {}
     config_path = root / "config.json" if root.is_dir() else root.parent / "config.json"
     try:
         qconfig = json.loads(config_path.read_text()).get("quantization_config") or {}
@@ -127,18 +170,26 @@ def missing_codec_message(root: Path, exc: UnknownCodecError) -> str:
             codec, version = node.get("codec"), node.get("version")
             if not isinstance(codec, str) or (codec in known and version in known[codec][0]):
                 continue
-            label = codec if codec not in known else f"{codec} version {version}"
-            needed.setdefault(label, []).append(name)
+            shown = repr(codec) if _CODEC_NAME.fullmatch(codec) else "with a malformed name"
+            if codec in known:
+                shown += f" version {version}" if type(version) is int else " (malformed version)"
+            needed.setdefault(shown, []).append(name)
             package = providers.get(codec) or info.get("package") or info.get("plugin") or info.get("requires")
-            if isinstance(package, str):
-                packages.setdefault(label, package)
+            if package is not None:
+                packages.setdefault(shown, package)
     if not needed:
         return str(exc)
     parts = []
     for label, names in needed.items():
-        what = f"codec {label!r} (used by {len(names)} weight{'s' if len(names) > 1 else ''}, e.g. {names[0]!r})"
-        if label in packages:
-            parts.append(f"{what}: install it with `pip install {packages[label]}`")
+        what = (f"codec {label} (used by {len(names)} weight{'s' if len(names) > 1 else ''}, e.g. "
+                f"{shorten(repr(names[0]), 80)})")
+        package = packages.get(label)
+        if isinstance(package, str) and _PACKAGE_REQUIREMENT.fullmatch(package):
+            parts.append(f"{what}: the model names {package!r} as the package providing it (check that it is the "
+                         "qformat plugin you expect before installing it)")
+        elif package is not None:
+            parts.append(f"{what}: the model's provider entry is not a plain package name, so it is not shown; "
+                         "install the qformat plugin that provides this codec")
         else:
             parts.append(f"{what}: install the qformat plugin that provides it (the model does not name a package)")
     installed = ", ".join(sorted(known))
@@ -147,8 +198,137 @@ def missing_codec_message(root: Path, exc: UnknownCodecError) -> str:
     broken = sorted(f"{i.package} ({i.error})" for i in get_plugins().info.values() if i.error)
     hint = (f" Installed but broken plugins (one may be the provider; see `qformat plugins`): {'; '.join(broken)}."
             if broken else "")
-    return (f"{root} needs codecs that no installed plugin provides: " + "; ".join(parts)
+    return (f"{shorten(root)} needs codecs that no installed plugin provides: " + "; ".join(parts)
             + f". Installed codecs: {installed}.{hint}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checksums
+#
+# config.json's quantization_config.files records {shard: {sha256, size}} at write time. Every load checks them
+# (verify="auto"): a shard is hashed once, and the success is remembered by file identity (resolved path, device,
+# inode, size, mtime_ns, ctime_ns, expected sha256) in a small JSON cache, so loading the same files again costs a
+# stat per shard. Any write to a file changes its ctime (which no user call can set back), so a changed file is
+# hashed again. verify=True hashes regardless of the cache; verify=False skips the check (unsafe: a corrupted shard
+# then loads and computes garbage).
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+VERIFY_CACHE_ENTRIES = 1024  # entries of files that still exist; the oldest are dropped beyond this
+_warned_unverified: set[str] = set()
+
+
+def verify_cache_path() -> Path:
+    """``$QFORMAT_CACHE/verified.json``, by default ``~/.cache/qformat/verified.json``."""
+    base = os.environ.get("QFORMAT_CACHE")
+    return (Path(base).expanduser() if base else Path.home() / ".cache" / "qformat") / "verified.json"
+
+
+def _read_verify_cache(path: Path) -> dict[str, dict]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):  # absent or corrupt: start afresh
+        return {}
+    entries = data.get("entries") if isinstance(data, dict) and data.get("version") == 1 else None
+    return {k: v for k, v in entries.items() if isinstance(v, dict)} if isinstance(entries, dict) else {}
+
+
+def _write_verify_cache(path: Path, entries: dict[str, dict]) -> None:
+    """Atomically (a temporary file renamed over the cache); a cache that cannot be written only costs a rehash."""
+    entries = {k: v for k, v in entries.items() if os.path.exists(k)}  # forget deleted folders
+    if len(entries) > VERIFY_CACHE_ENTRIES:
+        newest = sorted(entries, key=lambda k: entries[k].get("at", 0))[-VERIFY_CACHE_ENTRIES:]
+        entries = {k: entries[k] for k in newest}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".verified-", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                json.dump({"version": 1, "entries": entries}, handle)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError:
+        pass
+
+
+def _identity(path: Path, expected: str) -> tuple[str, list]:
+    resolved = path.resolve()
+    st = resolved.stat()
+    return str(resolved), [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, expected]
+
+
+def _recorded_checksums(folder: ModelFolder) -> tuple[Path, dict[str, Any] | None]:
+    """(config.json path, {shard: expected entry}) for the shards this load reads; None where nothing is recorded."""
+    if folder.path.is_dir():
+        config_path = folder.root / "config.json"
+        files = folder.quantization_config.get("files")
+        if files is None:
+            return config_path, None
+        if not isinstance(files, dict) or set(files) != set(folder.shards):
+            raise FormatError("checksum_mismatch", "quantization_config.files must list exactly the shards "
+                              f"{sorted(folder.shards)[:4]}", file=str(config_path), field="quantization_config.files")
+        return config_path, files
+    # a single shard: its folder's config.json may record it
+    config_path = folder.root / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+        files = config["quantization_config"]["files"]
+        entry = files[folder.shards[0]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return config_path, None
+    return config_path, {folder.shards[0]: entry}
+
+
+def verify_shards(folder: ModelFolder, verify: VerifyMode = "auto") -> int:
+    """Check the folder's shards against the sha256 and size config.json recorded when they were written.
+
+    ``verify="auto"``: hash each shard unless the cache says these exact files were verified already;
+    ``True``: hash every shard (and fail if the folder records no checksums); ``False``: check nothing (unsafe).
+    A folder without recorded checksums (written by an old version, or a single file without its folder) loads with
+    a warning under "auto". Returns the number of shards hashed. A mismatch raises ``FormatError("checksum_mismatch")``
+    naming the shard.
+    """
+    if verify not in (True, False, "auto"):
+        raise ValueError(f"verify must be True, False or 'auto', not {verify!r}")
+    if verify is False:
+        return 0
+    config_path, files = _recorded_checksums(folder)
+    if files is None:
+        if verify is True:
+            raise LoadError(f"{shorten(folder.path)}: config.json records no shard checksums "
+                            "(quantization_config.files), so verify=True cannot be honoured; pass verify='auto' to "
+                            "load it unverified")
+        key = str(folder.path.resolve())
+        if key not in _warned_unverified:
+            _warned_unverified.add(key)
+            warnings.warn(f"{shorten(folder.path)}: config.json records no shard checksums "
+                          "(quantization_config.files); the shards are loaded unverified", UserWarning, stacklevel=3)
+        return 0
+    cache_path = verify_cache_path()
+    cache = _read_verify_cache(cache_path) if verify == "auto" else {}
+    verified: dict[str, dict] = {}
+    for shard, expected in sorted(files.items()):
+        target = folder.root / shard
+        if not isinstance(expected, dict) or not _SHA256.fullmatch(str(expected.get("sha256"))):
+            raise FormatError("bad_config", "each files entry must be an object with a sha256 (64 hex digits) and "
+                              "a size", file=str(config_path), field=f"quantization_config.files.{shard}")
+        size = target.stat().st_size
+        if size != expected.get("size"):
+            raise FormatError("checksum_mismatch", f"size is {size}, config.json records {shorten(repr(expected.get('size')), 40)}: "
+                              "the shard is truncated or was changed after it was written", file=str(target))
+        key, identity = _identity(target, expected["sha256"])
+        if verify == "auto" and cache.get(key, {}).get("id") == identity:
+            continue
+        actual = sha256_file(target)
+        if actual != expected["sha256"]:
+            raise FormatError("checksum_mismatch", f"sha256 is {actual}, config.json records {expected['sha256']}: "
+                              "the shard was changed after it was written (a corrupted download or copy, or an "
+                              "edit); download or convert it again", file=str(target))
+        verified[key] = {"id": identity, "at": time.time()}
+    if verified:
+        _write_verify_cache(cache_path, {**_read_verify_cache(cache_path), **verified})  # re-read: other processes
+    return len(verified)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -339,6 +519,42 @@ def bind_plain_tensors(model: nn.Module, folder: ModelFolder, dtype: torch.dtype
     return unused
 
 
+def missing_tensors(model: nn.Module, folder: ModelFolder) -> list[str]:
+    """The parameters and persistent buffers ``model`` needs that ``folder`` holds neither as a plain tensor nor as a
+    record, after weight tying: a tied pair counts as present when either side is stored.
+
+    Checked before any weight is bound, so that neither :func:`load` nor ``from_pretrained`` (which would otherwise
+    initialise a missing tensor at random and carry on) builds a model from an incomplete folder.
+    """
+    known = _tensor_names(model)
+    stored = {model_name_for(model, n, known) for n in [*folder.plain_names, *folder.records]}
+    needed = set(model.state_dict(keep_vars=True))  # a QLinear's packed weight is not in it; its record is stored
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if not isinstance(tied, dict):  # transformers < 5: only the output layer is tied, when the config says so
+        tied = {}
+        out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+        if getattr(model.config, "tie_word_embeddings", False) and out is not None and inp is not None:
+            names = {id(m): n for n, m in model.named_modules()}
+            tied = {f"{names[id(out)]}.weight": f"{names[id(inp)]}.weight"}
+    for target, source in tied.items():
+        if target in stored or source in stored:
+            stored |= {target, source}
+    ignored = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_missing", None) or ())]
+    return sorted(n for n in needed - stored if not any(p.search(n) for p in ignored))
+
+
+def check_complete(model: nn.Module, folder: ModelFolder, path: Path | str) -> None:
+    """Raise :class:`LoadError` if the folder lacks tensors the model needs (see :func:`missing_tensors`)."""
+    missing = missing_tensors(model, folder)
+    if missing:
+        raise _lacks(path, model, missing)
+
+
+def _lacks(path: Path | str, model: nn.Module, missing: list[str] | set[str]) -> LoadError:
+    return LoadError(f"{shorten(path)} lacks {len(missing)} tensor(s) the {type(model).__name__} needs, e.g. "
+                     f"{sorted(missing)[:5]}; the folder is incomplete (convert the model again)")
+
+
 def finish(model: PreTrainedModel, path: Path, device: str, unused: list[str]) -> PreTrainedModel:
     """Tie weights, check nothing is left on the meta device, move to ``device`` and switch to inference."""
     missing = {n for n, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers())
@@ -349,8 +565,7 @@ def finish(model: PreTrainedModel, path: Path, device: str, unused: list[str]) -
         model.tie_weights()
         missing = {n for n in missing if model.get_parameter(n).device.type == "meta"}
     if missing:
-        first = sorted(missing)[:5]
-        raise LoadError(f"{path} lacks {len(missing)} tensor(s) the {type(model).__name__} needs, e.g. {first}")
+        raise _lacks(path, model, missing)
     if unused:
         warnings.warn(f"{path}: {len(unused)} stored tensor(s) match nothing in {type(model).__name__}, e.g. "
                       f"{unused[:3]}", stacklevel=3)
@@ -396,12 +611,12 @@ def _device_name(device: str | torch.device) -> str:
 
 
 @contextmanager
-def _skeleton(source: str | os.PathLike, revision: str | None,
-              dtype: torch.dtype | str | None) -> Iterator[tuple[Path, ModelFolder, torch.dtype, PreTrainedModel]]:
+def _skeleton(source: str | os.PathLike, revision: str | None, dtype: torch.dtype | str | None,
+              verify: VerifyMode) -> Iterator[tuple[Path, ModelFolder, torch.dtype, PreTrainedModel]]:
     """(folder path, the open folder, the resolved dtype, the model skeleton); the folder is closed afterwards
     (prepared weights and bound tensors keep the mappings they still use alive)."""
     path = resolve_source(source, revision)
-    folder = open_model_folder(path)
+    folder = open_model_folder(path, verify)
     try:
         config = _read_config(path)
         resolved = _resolve_dtype(dtype, config)
@@ -411,7 +626,8 @@ def _skeleton(source: str | os.PathLike, revision: str | None,
 
 
 def load(source: str | os.PathLike, device: str | torch.device = "cpu", *, revision: str | None = None,
-         kernel: str | None = None, dtype: torch.dtype | str | None = None, fuse: bool = True) -> PreTrainedModel:
+         kernel: str | None = None, dtype: torch.dtype | str | None = None, fuse: bool = True,
+         verify: VerifyMode = "auto") -> PreTrainedModel:
     """A transformers model whose quantized linears are :class:`QLinear` layers holding packed weights.
 
     ``source``: a qformat model folder or a Hub id (downloaded with :func:`qformat.hub.download_model`).
@@ -419,9 +635,13 @@ def load(source: str | os.PathLike, device: str | torch.device = "cpu", *, revis
     ``dtype``: dtype of the unquantized parts and activations; None is float32, "auto" the config's dtype.
     ``fuse``: stack sibling layers that read the same input (q/k/v, gate/up) where the kernel allows
     (:func:`qformat.nn.fuse_shared_inputs`; ``QFORMAT_FUSE=0`` also turns it off).
+    ``verify``: check the shards against the checksums config.json records: "auto" (default) hashes files not
+    verified before (remembered by file identity), True hashes every time, False skips the check (unsafe);
+    see :func:`verify_shards`.
     """
-    with _skeleton(source, revision, dtype) as (path, folder, dtype, model):
+    with _skeleton(source, revision, dtype, verify) as (path, folder, dtype, model):
         swapped = swap_in_qlinears(model, folder.records)
+        check_complete(model, folder, path)
         unused = bind_plain_tensors(model, folder, dtype)
         device = _device_name(device)
         attach_prepared(model, folder, swapped, device, kernel)
@@ -433,12 +653,14 @@ def load(source: str | os.PathLike, device: str | torch.device = "cpu", *, revis
 
 
 def load_dequantized(source: str | os.PathLike, device: str | torch.device = "cpu", *, revision: str | None = None,
-                     dtype: torch.dtype | str | None = None) -> PreTrainedModel:
+                     dtype: torch.dtype | str | None = None, verify: VerifyMode = "auto") -> PreTrainedModel:
     """The reference path: a plain transformers model whose quantized weights are the format's fp32 decode.
 
     Used to check kernels against the reference decoder and as a benchmark baseline; it holds full-size weights.
+    ``verify`` as for :func:`load`.
     """
-    with _skeleton(source, revision, dtype) as (path, folder, dtype, model):
+    with _skeleton(source, revision, dtype, verify) as (path, folder, dtype, model):
+        check_complete(model, folder, path)
         dense = {name: folder.decode(name) for name in folder.records}
         unused = bind_plain_tensors(model, folder, dtype, dense)
         model.config.name_or_path = str(path)
@@ -475,25 +697,26 @@ def is_qformat_folder(path: Path) -> bool:
 
 def load_any(source: str | os.PathLike, device: str | torch.device = "cpu", *, revision: str | None = None,
              kernel: str | None = None, dtype: torch.dtype | str | None = None,
-             reference: bool = False) -> tuple[PreTrainedModel, Any]:
+             reference: bool = False, verify: VerifyMode = "auto") -> tuple[PreTrainedModel, Any]:
     """(model, tokenizer) for a qformat folder or Hub id (kernels, or ``reference`` decode), a plain transformers
-    folder or Hub id, or a ``.gguf`` file (through transformers' ``gguf_file``)."""
+    folder or Hub id, or a ``.gguf`` file (through transformers' ``gguf_file``). ``verify`` applies to qformat
+    folders (see :func:`load`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     hf_dtype = "auto" if dtype == "auto" else _resolve_dtype(dtype, None)
     text = os.fspath(source)
     if text.endswith(".gguf"):
         path = Path(text).expanduser()
-        if not path.is_file():
-            raise LoadError(f"no such GGUF file: {path}")
+        if not _exists(path) or not path.is_file():
+            raise LoadError(f"no such GGUF file: {shorten(path)}")
         kwargs = {"gguf_file": path.name}
         model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=hf_dtype, **kwargs)
         return model.to(device).eval(), AutoTokenizer.from_pretrained(path.parent, **kwargs)
     path = resolve_source(source, revision)
     root = path if path.is_dir() else path.parent
     if is_qformat_folder(path):
-        model = (load_dequantized(path, device, dtype=dtype) if reference
-                 else load(path, device, kernel=kernel, dtype=dtype))
+        model = (load_dequantized(path, device, dtype=dtype, verify=verify) if reference
+                 else load(path, device, kernel=kernel, dtype=dtype, verify=verify))
     else:
         model = AutoModelForCausalLM.from_pretrained(root, dtype=hf_dtype).to(device).eval()
     return model, AutoTokenizer.from_pretrained(root)

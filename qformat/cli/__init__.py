@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from ..errors import QformatError
@@ -26,6 +27,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def shorten(text: object, limit: int = 120) -> str:
+    """A path or name as a message shows it: at most about ``limit`` characters, the middle elided."""
+    text = str(text)
+    return text if len(text) <= limit else f"{text[:limit // 2]}...({len(text)} characters)...{text[-limit // 4:]}"
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line: what failed and on which path (shortened: a 1000-character name must not flood the terminal)."""
+    what = exc.strerror or type(exc).__name__
+    paths = [shorten(os.fsdecode(p) if isinstance(p, (str, bytes, os.PathLike)) else p)
+             for p in (exc.filename, exc.filename2) if p is not None]
+    return f"{what}: {' -> '.join(paths)}" if paths else f"{what}: {shorten(exc)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -36,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except QformatError as exc:
         print(f"qformat: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a path given (or named inside a model folder) that the system cannot open or use
+        print(f"qformat: error: {describe_os_error(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("qformat: interrupted", file=sys.stderr)

@@ -10,6 +10,21 @@ from typing import Any
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
+def int_at_least(minimum: int) -> Any:
+    """An argparse ``type``: an integer >= ``minimum`` (argparse names the flag in its one-line error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"  # shown by argparse for a value it cannot convert
+    return parse
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="perplexity of a model on a text file (and KL / top-1 agreement with its source)",
                         description="Perplexity with the standard protocol: the whole file is tokenized once, cut "
@@ -18,8 +33,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "KL(source || model) per token and the top-1 agreement, over the same windows.")
     ev.add_argument("model", help="qformat folder or Hub id (also a plain transformers folder/Hub id or a .gguf)")
     ev.add_argument("--text", required=True, help="UTF-8 text file to evaluate on")
-    ev.add_argument("--seqlen", type=int, default=2048, help="window length in tokens (default 2048)")
-    ev.add_argument("--limit", type=int, help="evaluate at most this many windows")
+    ev.add_argument("--seqlen", type=int_at_least(2), default=2048, help="window length in tokens, at least 2 "
+                    "(default 2048)")
+    ev.add_argument("--limit", type=int_at_least(1), help="evaluate at most this many windows")
     ev.add_argument("--against", metavar="SOURCE", help="source model: plain transformers folder, Hub id or .gguf")
     _common(ev)
     ev.add_argument("--reference", action="store_true",
@@ -32,7 +48,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                          "number of new tokens and the speed (after a one-token warm-up run, prompt included).")
     gen.add_argument("model", help="qformat folder or Hub id (also a plain transformers folder/Hub id or a .gguf)")
     gen.add_argument("prompt", help="prompt text")
-    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    gen.add_argument("--max-new-tokens", type=int_at_least(1), default=64, help="tokens to generate (default 64)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     gen.add_argument("--sample", action="store_true", help="sample (temperature 0.7, top-p 0.9) instead of greedy")
     _common(gen)
@@ -45,7 +61,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="float32",
                         help="dtype of activations and unquantized parts (default float32; auto: the config's)")
     parser.add_argument("--revision", help="Hub revision (branch, tag or commit) for a Hub id")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int_at_least(1), help="torch CPU threads (default: torch's choice)")
 
 
 def _setup(args: argparse.Namespace) -> Any:
@@ -58,13 +74,14 @@ def _setup(args: argparse.Namespace) -> Any:
 
 def run_eval(args: argparse.Namespace) -> int:
     from ..errors import QformatError
-    from ..evaluate import compare_to_source, perplexity, tokenize_file
+    from ..evaluate import compare_to_source, perplexity, read_text_file, tokenize_text
     from ..loader import load_any, model_summary
 
+    text = read_text_file(args.text)  # a missing or binary text fails before the (slow) model load
     dtype = _setup(args)
     model, tokenizer = load_any(args.model, args.device, revision=args.revision, kernel=args.kernel, dtype=dtype,
                                 reference=args.reference)
-    ids = tokenize_file(tokenizer, args.text)
+    ids = tokenize_text(tokenizer, text)
     start = time.perf_counter()
     try:
         result = perplexity(model, ids, args.seqlen, args.limit)
