@@ -597,6 +597,21 @@ def v_depth_limit() -> Valid:
     return d.valid("15 nested scale nodes over a tensor: exactly the maximum tree depth of 16", node, expected)
 
 
+def v_group_larger_than_output() -> Valid:
+    vid = "group_larger_than_output"
+    rng = rng_for(vid)
+    records, expected = [], {}
+    for name, group, grid in (("rows.weight", (1 << 20, 16), (1, 3)), ("cols.weight", (1, 64), (4, 1))):
+        q = codes(rng, (4, 40), 4)
+        s, z = fp16(rng, grid, 0.02, positive=True), fp16(rng, grid, 8.0)
+        b = RecordBuilder(name, (4, 40))
+        node, expected[name] = affine(b, q, 4, group, s, z)
+        records.append(b.finish(node))
+    return Valid(vid, "groups larger than the output: [2^20, 16] over 4 x 40 (one tile of rows, grid [1, 3]) and "
+                 "[1, 64] over 40 columns (grid [4, 1]); each decodes as if the group were clipped to the output, "
+                 "and a reader must not allocate in proportion to the group", records, expected)
+
+
 def valid_vectors() -> list[Valid]:
     vectors = [v_tensor(F32, "f32"), v_tensor(F16, "f16"), v_tensor(BF16, "bf16")]
     vectors += [v_packed(bits) for bits in (1, 2, 3, 4, 5, 6, 7, 8, 12, 16)]
@@ -608,6 +623,7 @@ def valid_vectors() -> list[Valid]:
                 v_lowrank_only(), v_lowrank_sidecar(), v_sign_lowrank(), v_bitstack(), v_permute(),
                 v_gptq_act_order(), v_spqr(), v_nf4_double_quant(), v_residual(), v_conv(), v_one_by_one(),
                 v_multi_record(), v_depth_limit()]
+    vectors += [v_group_larger_than_output()]
     return vectors
 
 
@@ -1059,8 +1075,105 @@ def _padding_vector() -> bytes:
     return edited(lambda r, t: bitflip(t, BASE + ".codes", (1, 1), int(t[BASE + ".codes"][1, 1]) | 0x80), qt)
 
 
+def raw_record(tensors: dict[str, np.ndarray], weight: dict, shape: list[int]) -> bytes:
+    """A file with one record over ``tensors``, storage_bytes computed, nothing validated."""
+    record = {"shape": shape, "dtype": "F32", "storage_bytes": sum(a.nbytes for a in tensors.values()),
+              "weight": weight}
+    return parts_of(tensors, qformat_meta({BASE: record})).to_bytes()
+
+
+def u8_tensor(tensors: dict[str, np.ndarray], role: str, shape: tuple[int, ...]) -> dict:
+    tensors[f"{BASE}.{role}"] = np.ones(shape, np.uint8)
+    return {"codec": "tensor", "version": 1, "tensor": f"{BASE}.{role}"}
+
+
+def lowrank_node(a: dict, b: dict) -> dict:
+    return {"codec": "lowrank", "version": 1, "a": a, "b": b}
+
+
+def invalid_hardening() -> list[Invalid]:
+    """Files that crashed or exhausted readers: wrapping row_ptr, amplification through inner nodes and repeated
+    references, huge groups, strings that are not Unicode (spec/record.md#limits, spec/components.md#sparse_csr)."""
+    out: list[Invalid] = []
+    tensors: dict[str, np.ndarray] = {BASE + ".outliers.row_ptr": np.array([0, (1 << 63) - 1, -2, 1], np.int64),
+                                      BASE + ".outliers.col_idx": np.array([2], np.int32),
+                                      BASE + ".outliers.values": np.array([1.5], np.float32)}
+    node = {"codec": "sparse_csr", "version": 1, "row_ptr": BASE + ".outliers.row_ptr",
+            "col_idx": BASE + ".outliers.col_idx", "shape": [3, 4],
+            "values": {"codec": "tensor", "version": 1, "tensor": BASE + ".outliers.values"}}
+    out.append(Invalid("row_ptr_wraps_around", "I64 row_ptr [0, 2^63 - 1, -2, 1]: its differences wrap around to "
+                       "non-negative values in 64-bit arithmetic; compared entry by entry it decreases",
+                       raw_record(tensors, node, [3, 4]), "bad_index", "decode", tensor=BASE,
+                       field="weight/row_ptr"))
+
+    def huge_group(records: dict, tensors: dict) -> None:
+        node_at(records[BASE])["group_shape"] = [1 << 40, 16]
+        for role in ("scale", "zero"):  # the grid [1, 3] that groups of 2^40 x 16 rows over 4 x 40 would have
+            tensors[f"{BASE}.{role}"] = tensors[f"{BASE}.{role}"][:1].copy()
+        records[BASE]["storage_bytes"] -= 2 * 3 * 3 * 2
+    out.append(Invalid("group_shape_over_2_40", "group_shape [2^40, 16] with its [1, 3] parameter grid: dims "
+                       "entries must be below 2^40", edited(huge_group), "bad_field", "open", tensor=BASE,
+                       field="weight/group_shape"))
+
+    n = 8192
+    tensors = {}
+    node = lowrank_node(u8_tensor(tensors, "a", (n, 1)), u8_tensor(tensors, "b", (1, n)))
+    out.append(Invalid("lowrank_amplification", f"a {n} x {n} rank-1 product of U8 factors: 2^26 elements from "
+                       f"{2 * n} stored bytes, over the 256 elements per byte limit", raw_record(tensors, node, [n, n]),
+                       "limit_exceeded", "open", tensor=BASE, field="weight"))
+
+    tensors = {}
+    inner = lowrank_node(u8_tensor(tensors, "x", (n, 1)), u8_tensor(tensors, "y", (1, n)))
+    node = lowrank_node(inner, u8_tensor(tensors, "z", (n, 1)))
+    out.append(Invalid("inner_node_amplification", f"a [{n}, 1] record whose factor a is itself a {n} x {n} "
+                       "product: the record is small, the intermediate is 2^26 elements from 3 * 8192 stored bytes",
+                       raw_record(tensors, node, [n, 1]), "limit_exceeded", "open", tensor=BASE, field="weight/a"))
+
+    m = 2048
+    tensors = {}
+    term = lowrank_node(u8_tensor(tensors, "a", (m, 1)), u8_tensor(tensors, "b", (1, m)))
+    node = {"codec": "sum", "version": 1, "terms": [copy.deepcopy(term) for _ in range(64)]}
+    out.append(Invalid("reference_counted_each_use", f"a sum of 64 copies of one {m} x {m} rank-1 product over the "
+                       "same two tensors: stored once, decoded 64 times (2^28 elements from 4096 bytes)",
+                       raw_record(tensors, node, [m, m]), "limit_exceeded", "open", tensor=BASE,
+                       field="weight/terms[0]"))
+
+    p = parts_of({"a\ud800": np.arange(4, dtype=np.float32)}, {"format": "pt"})
+    out.append(Invalid("tensor_name_lone_surrogate", "a tensor named 'a' + the JSON escape \\ud800, a lone "
+                       "surrogate: valid JSON, not Unicode text", p.to_bytes(), "bad_header", "open"))
+
+    p = plain_parts()
+    p.entries.append(("empty", {"dtype": "F32", "shape": [(1 << 40) - 1, 0, (1 << 40) - 1],
+                                "data_offsets": [len(p.data), len(p.data)]}))
+    out.append(Invalid("empty_tensor_huge_dims", "an empty F32 tensor of shape [2^40 - 1, 0, 2^40 - 1]: no array "
+                       "library can represent it (its non-zero dims reach 2^63 bytes)", p.to_bytes(), "bad_header",
+                       "open", tensor="empty", field="shape"))
+
+    p = parts_of({"a": np.arange(4, dtype=np.float32)}, {"format": "pt"})
+    header = raw_header(p.entries).replace(b'"a"', b'"a\xed\xa0\x80"')  # U+D800 encoded as if it were a character
+    out.append(Invalid("header_utf8_encoded_surrogate", "a tensor name holding the bytes ED A0 80 (U+D800 encoded "
+                       "as UTF-8 would encode a character): not UTF-8, though lenient decoders accept it",
+                       raw_file(header, p.data), "bad_header", "open"))
+
+    def note(records: dict, tensors: dict) -> None:
+        records[BASE]["info"] = {"note": "\ud800"}
+    out.append(Invalid("record_info_lone_surrogate", "a record's info holds the string \\ud800 (a lone "
+                       "surrogate), escaped inside the JSON of __metadata__['qformat']", edited(note), "bad_header",
+                       "open"))
+
+    qt = base_record()
+    record = {**copy.deepcopy(qt.record), "info": {"note": "\ud800"}}
+    text = json.dumps({"format_version": 1, "records": {BASE: record}}, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False)  # the surrogate itself: the header's JSON escapes it
+    p = parts_of({k: np.array(v) for k, v in qt.tensors.items()}, {"format": "pt", "qformat": text})
+    out.append(Invalid("metadata_lone_surrogate", "the __metadata__['qformat'] string of the header holds a lone "
+                       "surrogate (the header escapes it as \\ud800)", p.to_bytes(), "bad_header", "open"))
+    return out
+
+
 def invalid_vectors() -> list[Invalid]:
-    return invalid_file_level() + invalid_qformat_metadata() + invalid_records() + invalid_data()
+    return (invalid_file_level() + invalid_qformat_metadata() + invalid_records() + invalid_data()
+            + invalid_hardening())
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from qformat.format import REGISTRY, QuantizedTensor, TensorInfo, bitpack, signa
 from qformat.format.codecs import Context, check_permutation
 from qformat.format.dtypes import dtype_name
 from qformat.format.record import matrix_shape
+from qformat.format.sparse import validate_csr
 from qformat.kernel_api import PreparedWeight
 
 from . import numba_gemv as K
@@ -438,15 +439,7 @@ def _sparse_term(reader: _Reader, spec: TermSpec, rows: int, cols: int) -> Spars
     ptr = reader.tensor(node, "row_ptr").astype(np.int64)
     idx = reader.tensor(node, "col_idx").astype(np.int64)
     values = reader.value(node["values"], f"{path}/values").reshape(-1).copy()
-    nnz = idx.shape[0]
-    if ptr[0] != 0 or ptr[-1] != nnz or np.any(np.diff(ptr) < 0):
-        raise reader.error("bad_index", f"row_ptr must start at 0, never decrease, and end at nnz={nnz}",
-                           f"{path}/row_ptr")
-    if nnz and (idx.min() < 0 or idx.max() >= cols):
-        raise reader.error("index_out_of_range", f"col_idx must lie in [0, {cols})", f"{path}/col_idx")
-    row_of = np.repeat(np.arange(rows), np.diff(ptr))
-    if nnz > 1 and np.any((row_of[1:] == row_of[:-1]) & (idx[1:] <= idx[:-1])):
-        raise reader.error("bad_index", "col_idx must strictly increase within a row", f"{path}/col_idx")
+    row_of = validate_csr(ptr, idx, cols, lambda code, message, fld: reader.error(code, message, f"{path}/{fld}"))
     for f in spec.factors:
         param, (gr, gc) = reader.value(f.value, f.path), f.group
         values *= param[0, 0] if param.shape == (1, 1) else param[row_of // gr, idx // gc if gc < cols else 0]

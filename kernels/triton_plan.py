@@ -35,6 +35,7 @@ from qformat.format import REGISTRY, QuantizedTensor, TensorInfo, bitpack, valid
 from qformat.format.codecs import Context, check_permutation
 from qformat.format.dtypes import dtype_name
 from qformat.format.record import matrix_shape
+from qformat.format.sparse import validate_csr
 
 CODE_LEAVES = ("packed", "bitplanes", "tensor")
 MAX_BATCH = 64  # rows of x the fused kernels take; above it a prepared weight dequantizes once for a dense matmul
@@ -275,23 +276,15 @@ class _Planner:
         ptr = self.array(node, "row_ptr").astype(np.int64)
         idx = self.array(node, "col_idx").astype(np.int64)
         values = self.value(node["values"], f"{fld}/values").reshape(-1)
-        nnz = idx.shape[0]
-        if ptr[0] != 0 or ptr[-1] != nnz or np.any(np.diff(ptr) < 0):
-            raise self.error("bad_index", f"row_ptr must start at 0, never decrease, and end at nnz={nnz}",
-                             f"{fld}/row_ptr")
-        if nnz and (idx.min() < 0 or idx.max() >= cols):
-            raise self.error("index_out_of_range", f"col_idx must lie in [0, {cols}), found "
-                             f"[{int(idx.min())}, {int(idx.max())}]", f"{fld}/col_idx")
-        row_of = np.repeat(np.arange(rows), np.diff(ptr))
-        if nnz > 1 and np.any((row_of[1:] == row_of[:-1]) & (idx[1:] <= idx[:-1])):
-            raise self.error("bad_index", "col_idx must strictly increase within a row", f"{fld}/col_idx")
+        validate_csr(ptr, idx, cols, lambda code, message, where: self.error(code, message, f"{fld}/{where}"))
         return Sparse((rows, cols), ptr, idx, values)
 
 
 def _grid(values: np.ndarray, group: list[int], shape: tuple[int, int]) -> Grid:
     if values.shape == (1, 1):  # one value for the whole matrix, whatever the declared tiles
         return Grid(values, (shape[0], shape[1]))
-    return Grid(np.ascontiguousarray(values), (int(group[0]), int(group[1])))
+    # A tile wider than the matrix is one tile along that axis (spec); clamped so kernel index math stays in int32.
+    return Grid(np.ascontiguousarray(values), (min(int(group[0]), shape[0]), min(int(group[1]), shape[1])))
 
 
 # ---------------------------------------------------------------------------------------------------------------

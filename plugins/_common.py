@@ -14,7 +14,7 @@ from ._quantizers import to_fp16, to_uint8
 
 BITS = Param("bits", int, 4, "bits per weight code", min=2, max=8)
 GROUP_SIZE = Param("group_size", int, 128, "input columns sharing one scale/zero; -1 or 0 = one group per row "
-                   "(need not divide the row: the last group may be shorter)", min=-1)
+                   "(need not divide the row: the last group may be shorter)", min=-1, max=1 << 20)
 SYM = Param("sym", bool, False, "symmetric range +-max|w| with the fixed zero (maxq+1)/2; otherwise [min, max] "
             "widened to hold 0, with a bits-wide integer zero")
 

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def shorten(text: object, limit: int = 120) -> str:
+    """A path or name as a message shows it: at most about ``limit`` characters, the middle elided."""
+    text = str(text)
+    return text if len(text) <= limit else f"{text[:limit // 2]}...({len(text)} characters)...{text[-limit // 4:]}"
+
+
 class QformatError(Exception):
     """Base class for every error qformat raises on purpose."""
 

@@ -30,7 +30,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.hf_api import RepoFile
 
-from qformat.errors import QformatError
+from qformat.errors import QformatError, shorten
 from qformat.model_card import render_model_card
 
 log = logging.getLogger(__name__)
@@ -71,12 +71,6 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit on the JSON heade
 MAX_NAME_BYTES = 255  # a file name longer than this cannot be opened on common filesystems
 
 
-def _shorten(text: object, limit: int = 120) -> str:
-    """A path or name as a message shows it: at most about ``limit`` characters, the middle elided."""
-    text = str(text)
-    return text if len(text) <= limit else f"{text[:limit // 2]}...({len(text)} characters)...{text[-limit // 4:]}"
-
-
 def validate_model_folder(folder: str | os.PathLike[str]) -> list[str]:
     """Check ``folder`` is a complete qformat model folder; return its files (posix paths) to upload.
 
@@ -87,16 +81,16 @@ def validate_model_folder(folder: str | os.PathLike[str]) -> list[str]:
     try:
         return _validate_model_folder(folder)
     except OSError as e:  # e.g. a path over the system's length limit
-        raise HubError(f"cannot read {_shorten(e.filename or folder)}: {e.strerror or e}") from None
+        raise HubError(f"cannot read {shorten(e.filename or folder)}: {e.strerror or e}") from None
 
 
 def _read_json_object(path: Path) -> dict[str, Any]:
     try:
         value = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise HubError(f"{_shorten(path)} is not a valid JSON object: {_shorten(e, 200)}") from None
+        raise HubError(f"{shorten(path)} is not a valid JSON object: {shorten(e, 200)}") from None
     if not isinstance(value, dict):
-        raise HubError(f"{_shorten(path)} is not a valid JSON object: it holds a {type(value).__name__}")
+        raise HubError(f"{shorten(path)} is not a valid JSON object: it holds a {type(value).__name__}")
     return value
 
 
@@ -108,31 +102,31 @@ def _plain_file_name(name: str) -> bool:
 def _validate_model_folder(folder: Path) -> list[str]:
     cfg_path = folder / "config.json"
     if not folder.is_dir():
-        raise HubError(f"{_shorten(folder)} is not a directory")
+        raise HubError(f"{shorten(folder)} is not a directory")
     if not cfg_path.is_file():
-        raise HubError(f"{_shorten(folder)} is not a model folder: config.json is missing")
+        raise HubError(f"{shorten(folder)} is not a model folder: config.json is missing")
     qc = _read_json_object(cfg_path).get("quantization_config")
     method = qc.get("quant_method") if isinstance(qc, dict) else None
     if method != "qformat":
-        raise HubError(f"{_shorten(cfg_path)}: quantization_config.quant_method is {_shorten(repr(method), 60)}, "
+        raise HubError(f"{shorten(cfg_path)}: quantization_config.quant_method is {shorten(repr(method), 60)}, "
                        "expected 'qformat'; convert the model with `qformat convert` before pushing")
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         weight_map = _read_json_object(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in
                                                                          weight_map.values()):
-            raise HubError(f"{_shorten(index)} has no valid weight_map (tensor name -> shard file name)")
+            raise HubError(f"{shorten(index)} has no valid weight_map (tensor name -> shard file name)")
         shards = sorted(set(weight_map.values()))
         bad = next((s for s in shards if not _plain_file_name(s)), None)
         if bad is not None:
-            raise HubError(f"{_shorten(index)} names the shard {_shorten(repr(bad), 80)}: not a plain file name of "
+            raise HubError(f"{shorten(index)} names the shard {shorten(repr(bad), 80)}: not a plain file name of "
                            f"at most {MAX_NAME_BYTES} bytes")
     else:
         shards = ["model.safetensors"]
     missing = [s for s in shards if not (folder / s).is_file()]
     if missing:
-        raise HubError(f"{_shorten(folder)} is incomplete: missing weight file(s) "
-                       f"{_shorten(', '.join(missing), 200)}")
+        raise HubError(f"{shorten(folder)} is incomplete: missing weight file(s) "
+                       f"{shorten(', '.join(missing), 200)}")
     for s in shards:
         _check_safetensors(folder / s)
     # Hidden entries (.cache from local_dir downloads, .git, editor files) are not part of the model.
@@ -151,7 +145,7 @@ def _check_safetensors(path: Path) -> None:
         except (json.JSONDecodeError, UnicodeDecodeError):
             header = None
     if not isinstance(header, dict):
-        raise HubError(f"{_shorten(path)} is not a valid safetensors file (bad header)")
+        raise HubError(f"{shorten(path)} is not a valid safetensors file (bad header)")
     ends = []
     for name, entry in header.items():
         if name == "__metadata__":
@@ -159,12 +153,12 @@ def _check_safetensors(path: Path) -> None:
         offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
                 and 0 <= offsets[0] <= offsets[1]):
-            raise HubError(f"{_shorten(path)} is not a valid safetensors file (bad header: tensor "
-                           f"{_shorten(repr(name), 80)} has no valid data_offsets)")
+            raise HubError(f"{shorten(path)} is not a valid safetensors file (bad header: tensor "
+                           f"{shorten(repr(name), 80)} has no valid data_offsets)")
         ends.append(offsets[1])
     end = max(ends, default=0)
     if 8 + n + end != size:
-        raise HubError(f"{_shorten(path)} is truncated or corrupt: header describes {8 + n + end} bytes, file has "
+        raise HubError(f"{shorten(path)} is truncated or corrupt: header describes {8 + n + end} bytes, file has "
                        f"{size}")
 
 
@@ -178,7 +172,7 @@ def _check_recorded_checksums(folder: Path, local: dict[str, tuple[str, str]]) -
     for shard, entry in sorted(files.items()):
         expected = entry.get("sha256") if isinstance(entry, dict) else None
         if shard in local and local[shard][0] != expected:
-            raise HubError(f"{_shorten(folder / shard)} does not match the sha256 config.json recorded when it was "
+            raise HubError(f"{shorten(folder / shard)} does not match the sha256 config.json recorded when it was "
                            "written: the shard was changed or corrupted since; convert again (or restore it) "
                            "before pushing")
 
@@ -372,14 +366,14 @@ def resolve_model_source(
     try:
         exists = path.exists()
     except OSError as e:  # e.g. a name over the system's length limit: neither a usable path nor a Hub id
-        raise HubError(f"cannot use {_shorten(repr(text))} as a path: {e.strerror or e}") from None
+        raise HubError(f"cannot use {shorten(repr(text))} as a path: {e.strerror or e}") from None
     if exists:
         if revision is not None:
             raise HubError(f"--revision applies to Hub ids, but {text} is a local path")
         return path
     looks_local = text.endswith(".gguf") or text.startswith((".", "/", "~")) or "\\" in text
     if looks_local or not _REPO_ID.fullmatch(text) or "--" in text or ".." in text:
-        raise HubError(f"{_shorten(repr(text))} is neither an existing local path nor a Hub model id (namespace/name)")
+        raise HubError(f"{shorten(repr(text))} is neither an existing local path nor a Hub model id (namespace/name)")
     return download_model(text, revision, token=token, endpoint=endpoint, cache_dir=cache_dir)
 
 

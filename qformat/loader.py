@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import FormatError, PluginError, QformatError, UnknownCodecError
+from .errors import FormatError, PluginError, QformatError, UnknownCodecError, shorten
 from .format import REGISTRY, ModelFolder, QuantizedTensor, open_folder, signature
 from .format.container import INDEX_NAME, QUANT_METHOD, SINGLE_NAME, sha256_file
 from .format.dtypes import NUMPY_BY_NAME
@@ -58,12 +58,6 @@ def resolve_source(source: str | os.PathLike, revision: str | None = None) -> Pa
     from .hub import resolve_model_source  # huggingface_hub is only needed for Hub ids
 
     return Path(resolve_model_source(source, revision))
-
-
-def shorten(text: str, limit: int = 120) -> str:
-    """A path or name as a message shows it: at most about ``limit`` characters, the middle elided."""
-    text = str(text)
-    return text if len(text) <= limit else f"{text[:limit // 2]}...({len(text)} characters)...{text[-limit // 4:]}"
 
 
 def _exists(path: Path) -> bool:
@@ -582,7 +576,12 @@ def _read_config(path: Path) -> Any:
     root = path if path.is_dir() else path.parent
     if not (root / "config.json").is_file():
         raise LoadError(f"{root} has no config.json; a model folder is needed to build the model")
-    return AutoConfig.from_pretrained(root)
+    try:
+        return AutoConfig.from_pretrained(root)
+    except RecursionError:
+        raise LoadError(f"{root / 'config.json'} nests too deeply to be a model config") from None
+    except (ValueError, KeyError, TypeError, OSError) as exc:  # transformers' ways of refusing a config
+        raise LoadError(f"transformers cannot read {root / 'config.json'}: {type(exc).__name__}: {exc}") from None
 
 
 def _attach_metadata(model: PreTrainedModel, path: Path, folder: ModelFolder) -> None:

@@ -8,12 +8,17 @@ kinds (see :class:`qformat.format.RecordBuilder`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .errors import ParameterError
 from .format import QuantizedTensor
+
+# Integer parameters without a declared bound are still kept to 32-bit range: no bit width, group size or count a
+# method can use lies beyond it, and a value like 99999999999999999999 is a typo, not a request.
+INT_LIMIT = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -38,8 +43,10 @@ class Param:
                     if text not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
                         raise ValueError(value)
                     value = text in ("1", "true", "yes", "on")
+                elif self.type is int:
+                    value = _parse_int(text)
                 else:
-                    value = self.type(float(text)) if self.type is int and "." not in text else self.type(text)
+                    value = self.type(text)
             except ValueError:
                 raise ParameterError(f"{where}: {value!r} is not a valid {self.type.__name__}") from None
         if self.type is float and isinstance(value, int) and not isinstance(value, bool):
@@ -48,18 +55,35 @@ class Param:
             value = int(value)
         if not isinstance(value, self.type) or (self.type is not bool and isinstance(value, bool)):
             raise ParameterError(f"{where}: expected {self.type.__name__}, got {value!r}")
+        if isinstance(value, float) and math.isnan(value):
+            raise ParameterError(f"{where}: NaN is not allowed")
         if self.choices is not None and value not in self.choices:
             raise ParameterError(f"{where}: {value!r} is not one of {list(self.choices)}")
-        if self.min is not None and value < self.min:
-            raise ParameterError(f"{where}: {value!r} is below the minimum {self.min}")
-        if self.max is not None and value > self.max:
-            raise ParameterError(f"{where}: {value!r} is above the maximum {self.max}")
+        low, high = self.min, self.max
+        if self.type is int:
+            low = -INT_LIMIT - 1 if low is None else low
+            high = INT_LIMIT if high is None else high
+        if low is not None and value < low:
+            raise ParameterError(f"{where}: {value!r} is below the minimum {low}")
+        if high is not None and value > high:
+            raise ParameterError(f"{where}: {value!r} is above the maximum {high}")
         return value
 
     def describe(self) -> str:
         rng = f" in [{self.min}, {self.max}]" if self.min is not None or self.max is not None else ""
         choices = f" one of {list(self.choices)}" if self.choices else ""
         return f"{self.name} ({self.type.__name__}, default {self.default!r}{rng}{choices}): {self.help}"
+
+
+def _parse_int(text: str) -> int:
+    """An integer written as digits or in exponent form ("1e3"); a fraction, inf or nan is not one."""
+    try:
+        return int(text)
+    except ValueError:
+        number = float(text)  # ValueError for words
+        if not math.isfinite(number) or not number.is_integer():
+            raise ValueError(text) from None
+        return int(number)
 
 
 @dataclass

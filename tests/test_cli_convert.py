@@ -92,14 +92,25 @@ def test_flag_for_a_parameter_the_method_lacks(tiny: Path, tmp_path: Path, capsy
 def test_existing_output_is_refused_then_overwritten(tiny: Path, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "mine.txt").write_text("keep")
+    code, _, err = run(capsys, "convert", "--method", "rtn", tiny, "--out", out, "--quiet", "--bits", "3")
+    assert code == 0, err
     code, _, err = run(capsys, "convert", "--method", "rtn", tiny, "--out", out, "--quiet")
     assert code == 1 and "exists" in err and "--overwrite" in err
-    assert (out / "mine.txt").read_text() == "keep"
     code, stdout, _ = run(capsys, "convert", "--method", "rtn", tiny, "--out", out, "--quiet", "--overwrite")
     assert code == 0 and stdout.strip() == str(out)
-    assert not (out / "mine.txt").exists()
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["method_params"]["bits"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no backup, work folder or lock file left
+
+
+def test_overwrite_never_replaces_a_folder_qformat_did_not_write(tiny: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    code, _, err = run(capsys, "convert", "--method", "rtn", tiny, "--out", out, "--quiet", "--overwrite")
+    assert code == 1 and err.count("\n") == 1
+    assert "--overwrite replaces only a folder qformat wrote" in err and "not a qformat output" in err
+    assert (out / "mine.txt").read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_missing_source_and_unsupported_architecture(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

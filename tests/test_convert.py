@@ -268,6 +268,7 @@ def test_true_sequential_groups_linears_by_shared_input(tiny: Path) -> None:
     groups = input_groups(converter.skeleton.blocks[0], 0, calls, calls.first_inputs[0], names)
     assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
                       ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    converter.close()  # prepare() took the output's lock; run() is not called
     del capture_block_inputs
 
 
@@ -294,6 +295,7 @@ def test_statistics_pass_stops_after_the_last_hooked_linear(tiny: Path, monkeypa
     monkeypatch.setattr(activations, "TOKENS_PER_FORWARD", 128)  # 2 windows of 64 tokens per micro-batch
     converter = Converter(options(tiny, tiny.parent / "unused"))
     converter.prepare()
+    converter.close()  # only its capture is used; prepare() took the output's lock
     calls = converter._capture()
     inputs = calls.first_inputs
     assert len(inputs) == 4
@@ -336,6 +338,7 @@ def test_statistics_pass_stops_after_the_last_hooked_linear(tiny: Path, monkeypa
 
 @pytest.fixture
 def existing_out(tmp_path: Path) -> Path:
+    """A user's folder at --out: qformat never deletes it, not even with --overwrite."""
     out = tmp_path / "existing"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
@@ -345,6 +348,23 @@ def existing_out(tmp_path: Path) -> Path:
 def assert_untouched(out: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     assert (out / "keep.txt").read_text() == "precious"
+
+
+@pytest.fixture(scope="module")
+def earlier_rtn(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("earlier") / "rtn"
+    convert(options(tiny, out, "rtn"))
+    return out
+
+
+@pytest.fixture
+def earlier_out(earlier_rtn: Path, tmp_path: Path) -> Path:
+    """An earlier conversion's output at --out: what --overwrite may replace."""
+    import shutil
+
+    out = tmp_path / "previous"
+    shutil.copytree(earlier_rtn, out)
+    return out
 
 
 def gpt2_folder(path: Path) -> Path:
@@ -376,7 +396,7 @@ def truncated_folder(tiny: Path, path: Path) -> Path:
     ("bad_pattern", ConversionError, "--include 'attn_nothing' matches no"),
     ("embedding_gptq", ConversionError, "embed_tokens is an embedding"),
 ])
-def test_bad_input_is_a_clear_error_and_leaves_output_alone(tiny: Path, tmp_path: Path, existing_out: Path,
+def test_bad_input_is_a_clear_error_and_leaves_output_alone(tiny: Path, tmp_path: Path, earlier_out: Path,
                                                             case: str, error: type, pattern: str) -> None:
     source, kw, method = tiny, {}, "gptq"
     if case == "missing":
@@ -403,33 +423,54 @@ def test_bad_input_is_a_clear_error_and_leaves_output_alone(tiny: Path, tmp_path
         kw = {"include": ["attn_nothing"]}
     elif case == "embedding_gptq":
         kw = {"include": ["embed_tokens"]}
+    before = folder_bytes(earlier_out)
     with pytest.raises(error, match=pattern) as info:
-        convert(options(source, existing_out, method, overwrite=True, **kw))
+        convert(options(source, earlier_out, method, overwrite=True, **kw))
     assert isinstance(info.value, QformatError)
-    assert_untouched(existing_out)
-    assert not existing_out.with_name("existing.partial").exists()
+    assert folder_bytes(earlier_out) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("previous", ".previous"))) == ["previous"]
 
 
-def test_existing_output_needs_overwrite(tiny: Path, existing_out: Path) -> None:
+def test_existing_output_needs_overwrite(tiny: Path, existing_out: Path, earlier_out: Path) -> None:
     with pytest.raises(ConversionError, match="exists.*--overwrite"):
         convert(options(tiny, existing_out, "rtn"))
     assert_untouched(existing_out)
-    convert(options(tiny, existing_out, "rtn", overwrite=True))
-    assert not (existing_out / "keep.txt").exists() and (existing_out / "config.json").is_file()
+    # --overwrite replaces an earlier output, never a folder holding anything else
+    with pytest.raises(ConversionError, match="--overwrite replaces only a folder qformat wrote.*not a qformat output"):
+        convert(options(tiny, existing_out, "rtn", overwrite=True))
+    assert_untouched(existing_out)
+    result = convert(options(tiny, earlier_out, "rtn", overwrite=True, params={"bits": 3}))
+    assert result.quantization_config["method_params"]["bits"] == 3
+    assert json.loads((earlier_out / "config.json").read_text())["quantization_config"]["method_params"]["bits"] == 3
 
 
-def test_output_left_by_an_interrupted_swap_is_restored_not_replaced(tiny: Path, existing_out: Path) -> None:
+def test_output_left_by_an_interrupted_swap_is_restored_not_replaced(tiny: Path, earlier_out: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """An --overwrite finalize killed between its renames leaves only <out>.old (the previous output): a rerun
     without --overwrite puts it back and refuses, instead of converting over the only copy."""
-    backup = existing_out.with_name(existing_out.name + ".old")
-    existing_out.rename(backup)
+    from qformat.format import container
+
+    before = folder_bytes(earlier_out)
+    real_replace = os.replace
+
+    def killed_after_first_rename(src, dst):
+        if Path(src).name == "final":  # staging -> out: the kill lands between the two renames
+            raise Killed("killed between the renames")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(container.os, "replace", killed_after_first_rename)
+    with pytest.raises(Killed):
+        convert(options(tiny, earlier_out, "rtn", overwrite=True, params={"bits": 3}))
+    monkeypatch.setattr(container.os, "replace", real_replace)
+    backup = earlier_out.with_name(earlier_out.name + ".old")
+    assert not earlier_out.exists() and backup.is_dir()
     with pytest.raises(ConversionError, match="exists.*--overwrite"):
-        convert(options(tiny, existing_out, "rtn"))
+        convert(options(tiny, earlier_out, "rtn"))
     assert not backup.exists()
-    assert_untouched(existing_out)
+    assert folder_bytes(earlier_out) == before  # restored as it was, without the marker the swap had added
 
 
-def test_disk_full_is_clear_resumable_and_leaves_output_alone(tiny: Path, existing_out: Path,
+def test_disk_full_is_clear_resumable_and_leaves_output_alone(tiny: Path, earlier_out: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     real_write = FolderWriter.write_shard
 
@@ -439,24 +480,26 @@ def test_disk_full_is_clear_resumable_and_leaves_output_alone(tiny: Path, existi
         return real_write(self, index, *args, **kwargs)
 
     monkeypatch.setattr(FolderWriter, "write_shard", full_disk)
-    with pytest.raises(ConversionError, match=r"disk full while writing .*shard-00002.*existing\.partial.*can be "
-                       r"resumed.*existing was not touched"):
-        convert(options(tiny, existing_out, overwrite=True))
-    assert_untouched(existing_out)
+    before = folder_bytes(earlier_out)
+    with pytest.raises(ConversionError, match=r"disk full while writing .*shard-00002.*previous\.partial.*can be "
+                       r"resumed.*previous was not touched"):
+        convert(options(tiny, earlier_out, overwrite=True))
+    assert folder_bytes(earlier_out) == before
     monkeypatch.setattr(FolderWriter, "write_shard", real_write)
-    result = convert(options(tiny, existing_out, overwrite=True))
+    result = convert(options(tiny, earlier_out, overwrite=True))
     assert result.summary.resumed_blocks == 2
-    verify_folder(existing_out)
+    verify_folder(earlier_out)
 
 
-def test_disk_full_while_finalizing(tiny: Path, existing_out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disk_full_while_finalizing(tiny: Path, earlier_out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(FolderWriter, "finalize", full_disk)
+    before = folder_bytes(earlier_out)
     with pytest.raises(ConversionError, match="disk full"):
-        convert(options(tiny, existing_out, "rtn", overwrite=True))
-    assert_untouched(existing_out)
+        convert(options(tiny, earlier_out, "rtn", overwrite=True))
+    assert folder_bytes(earlier_out) == before
 
 
 def test_calibration_windows_are_seeded_and_disjoint() -> None:

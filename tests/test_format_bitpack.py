@@ -30,6 +30,14 @@ def test_pack_matches_spec_definition_and_round_trips(bits, cols, rng):
     np.testing.assert_array_equal(packed, naive_pack(codes, bits))
     np.testing.assert_array_equal(bitpack.unpack_codes(packed, bits, cols), codes)
     assert bitpack.padding_bits_are_zero(packed, bits, cols)
+    narrow = bitpack.unpack_codes(packed, bits, cols, bitpack.code_dtype(bits))  # what the reference decoder uses
+    assert narrow.dtype == (np.uint8 if bits <= 8 else np.uint16) and narrow.flags.c_contiguous
+    np.testing.assert_array_equal(narrow, codes)
+    planes = bitpack.pack_bitplanes(codes, bits)
+    for keep in {1, bits}:
+        wide = bitpack.unpack_bitplanes(planes, cols, keep)
+        assert wide.dtype == np.int64
+        np.testing.assert_array_equal(bitpack.unpack_bitplanes(planes, cols, keep, bitpack.code_dtype(bits)), wide)
 
 
 def test_known_bytes():

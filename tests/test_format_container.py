@@ -129,6 +129,17 @@ def snapshot(folder: Path) -> dict[str, str]:
     return {p.name: sha256_file(p) for p in folder.iterdir()}
 
 
+def leave_backup(folder: Path, copy: bool = False) -> Path:
+    """``<folder>.old`` as an interrupted swap leaves it: ``folder`` (or a copy of it) marked as qformat's backup of
+    ``folder``. Any other ``.old`` is the user's and is never renamed or deleted."""
+    from qformat.format import container
+
+    backup = folder.with_name(folder.name + ".old")
+    shutil.copytree(folder, backup) if copy else folder.rename(backup)
+    container._mark_as_backup(backup, folder.name, "test-run")
+    return backup
+
+
 def new_writer_for(out: Path, tmp_path: Path) -> FolderWriter:
     """The next run after a killed finalize: a writer for the same output, told to overwrite (as the killed run was)."""
     return FolderWriter(out, tmp_path / "work2", overwrite=True)
@@ -136,8 +147,7 @@ def new_writer_for(out: Path, tmp_path: Path) -> FolderWriter:
 
 def test_kill_between_the_renames_restores_the_previous_output(folder, tmp_path):
     before = snapshot(folder)
-    backup = folder.with_name(folder.name + ".old")
-    folder.rename(backup)  # the state after `out -> out.old` and before `staging -> out`
+    backup = leave_backup(folder)  # the state after `out -> out.old` and before `staging -> out`
     with pytest.raises(FormatError) as info:
         FolderWriter(folder)  # no overwrite: the restored output is refused, not replaced
     assert info.value.code == "output_exists"
@@ -146,7 +156,7 @@ def test_kill_between_the_renames_restores_the_previous_output(folder, tmp_path)
 
 
 def test_kill_between_the_renames_then_a_new_finalize_replaces_the_output(folder, tmp_path):
-    folder.rename(folder.with_name(folder.name + ".old"))
+    leave_backup(folder)
     writer = new_writer_for(folder, tmp_path)
     assert folder.is_dir()
     writer.write_shard(0, {"only": np.ones(3, np.float32)})
@@ -156,8 +166,7 @@ def test_kill_between_the_renames_then_a_new_finalize_replaces_the_output(folder
 
 def test_kill_while_deleting_the_backup_removes_the_stale_backup(folder, tmp_path):
     before = snapshot(folder)
-    backup = folder.with_name(folder.name + ".old")
-    shutil.copytree(folder, backup)
+    backup = leave_backup(folder, copy=True)
     (backup / "config.json").unlink()  # half deleted
     new_writer_for(folder, tmp_path)
     assert not backup.exists() and snapshot(folder) == before
@@ -165,8 +174,7 @@ def test_kill_while_deleting_the_backup_removes_the_stale_backup(folder, tmp_pat
 
 @pytest.mark.parametrize("damage", ["no_config", "missing_shard", "size_differs", "not_qformat"])
 def test_an_incomplete_output_beside_a_backup_is_left_for_the_user(folder, tmp_path, damage):
-    backup = folder.with_name(folder.name + ".old")
-    shutil.copytree(folder, backup)
+    backup = leave_backup(folder, copy=True)
     shard = folder / "model-00002-of-00002.safetensors"
     if damage == "no_config":
         (folder / "config.json").unlink()
@@ -184,6 +192,29 @@ def test_an_incomplete_output_beside_a_backup_is_left_for_the_user(folder, tmp_p
             FolderWriter(folder, tmp_path / "work2", overwrite=overwrite)
         assert info.value.code == "output_exists" and ".old" in str(info.value)
     assert snapshot(folder) == before and snapshot(backup) == kept  # nothing deleted either side
+
+
+def test_a_users_old_folder_is_never_renamed_or_deleted(folder, tmp_path):
+    backup = folder.with_name(folder.name + ".old")
+    shutil.copytree(folder, backup)  # a copy the user made: no marker
+    kept = snapshot(backup)
+    with pytest.raises(FormatError, match="model.old exists and was not made by qformat"):
+        new_writer_for(folder, tmp_path)  # overwriting would need the .old name
+    folder.rename(tmp_path / "moved")
+    FolderWriter(folder).write_shard(0, {"only": np.ones(3, np.float32)})  # not renamed back to the output
+    assert not folder.exists() and snapshot(backup) == kept
+
+
+def test_overwrite_replaces_only_a_qformat_output(folder, tmp_path):
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(FormatError, match=r"holds files a qformat output does not have \(notes.txt\)"):
+        new_writer_for(folder, tmp_path)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text("{}")
+    with pytest.raises(FormatError, match="is not a qformat output"):
+        FolderWriter(mine, tmp_path / "work3", overwrite=True)
+    assert (folder / "notes.txt").is_file() and (mine / "config.json").is_file()
 
 
 def test_finalize_never_deletes_a_backup_it_cannot_prove_stale(folder, tmp_path):

@@ -765,6 +765,11 @@ def test_limits_in_record_md_match_the_reference():
     assert f"| {codecs.MAX_DEPTH} |" in text and f"| {codecs.MAX_NODES} |" in text
     assert codecs.MAX_ELEMENTS == 1 << 34 and "2^34" in text
     assert f"| {record.MAX_EXPANSION} |" in text
+    limits = text[text.index("## Limits"):]
+    assert codecs.MAX_WORK == 1 << 36 and "| decode work of a record (below) | 2^36 |" in limits
+    assert record.FREE_WORK == 1 << 24 and "decode work exceeds 2^24 | 256 |" in limits
+    assert codecs.MAX_DIM == 1 << 40 and "< 2^40 (`bad_field`)" in limits
+    assert SCHEMA["$defs"]["dims2"]["items"]["maximum"] == codecs.MAX_DIM - 1
     assert safetensors_io.MAX_HEADER_BYTES == 100 * 1024 * 1024 and "100 MiB" in text
     assert qfile.MAX_METADATA_BYTES == 64 * 1024 * 1024 and container.MAX_JSON_BYTES == 64 * 1024 * 1024
     assert f"{safetensors_io.MAX_TENSORS:,}" in text
@@ -815,11 +820,25 @@ def affine_over(codes: dict, **fields: Any) -> dict:
     pytest.param(affine_over({"codec": "ternary", "version": 1, "tensor": "w.t", "shape": [2, 2]}),
                  {"t": np.array([[0], [8]], np.uint8)}, "code_out_of_range", "weight/codes",
                  id="ternary_minus_one_as_codes"),
+    pytest.param(affine_over(tensor_node("c"), group_shape=[1 << 40, 1]), ONES_U8, "bad_field",
+                 "weight/group_shape", id="dims_entry_2_40"),
+    pytest.param({"codec": "sparse_csr", "version": 1, "shape": [2, 1 << 40], "row_ptr": "w.p", "col_idx": "w.i",
+                  "values": tensor_node("v")}, {"p": np.zeros(3, np.int32), "i": np.zeros(0, np.int32),
+                                                "v": np.zeros(0, F16)}, "bad_field", "weight/shape", id="dims_shape_2_40"),
 ])
 def test_error_cases_stated_in_components_md(weight: dict, arrays: dict, code: str, fld: str):
     with pytest.raises(FormatError) as error:
         decode_small(weight, arrays)
     assert (error.value.code, error.value.field) == (code, fld), str(error.value)
+
+
+def test_group_larger_than_the_output_is_one_tile_in_components_md():
+    codes = {"c": np.array([[0, 1, 2], [3, 2, 1]], np.uint8), "s": np.array([[0.5, 2.0]], F16)}
+    want = decode_small(affine_over(tensor_node("c"), scale=tensor_node("s"), group_shape=[2, 2]), codes, (2, 3))
+    for group in ([3, 2], [1 << 39, 2]):
+        got = decode_small(affine_over(tensor_node("c"), scale=tensor_node("s"), group_shape=group), codes, (2, 3))
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(want, [[0, 0.5, 4], [1.5, 1, 2]])
 
 
 def test_value_conversion_edge_cases_in_components_md():

@@ -7,7 +7,7 @@ import importlib
 import os
 import sys
 
-from ..errors import QformatError
+from ..errors import QformatError, shorten
 
 # Modules contributing subcommands; each defines add_parsers(subparsers) and sets `func` on its parsers.
 COMMAND_MODULES = ("format_cmds", "convert_cmds", "runtime_cmds", "kernel_cmds", "hub_cmds")
@@ -25,12 +25,6 @@ def build_parser() -> argparse.ArgumentParser:
             raise
         module.add_parsers(sub)
     return parser
-
-
-def shorten(text: object, limit: int = 120) -> str:
-    """A path or name as a message shows it: at most about ``limit`` characters, the middle elided."""
-    text = str(text)
-    return text if len(text) <= limit else f"{text[:limit // 2]}...({len(text)} characters)...{text[-limit // 4:]}"
 
 
 def describe_os_error(exc: OSError) -> str:

@@ -6,9 +6,13 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ParameterError
+
+if TYPE_CHECKING:
+    from ..convert.pipeline import Converter
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -98,6 +102,16 @@ def method_params(method: Any, args: argparse.Namespace) -> dict[str, str]:
     return values
 
 
+MAX_EVAL = 1 << 20  # windows or tokens per window: far beyond any evaluation a CPU finishes
+
+
+def check_eval_options(args: argparse.Namespace) -> None:
+    """--eval-windows and --eval-seqlen in range, with the option named (before any work)."""
+    for flag, value, low in (("--eval-windows", args.eval_windows, 0), ("--eval-seqlen", args.eval_seqlen, 2)):
+        if not low <= value <= MAX_EVAL:
+            raise ParameterError(f"{flag} must be an integer from {low} to {MAX_EVAL} (got {value})")
+
+
 def quiet_openmp_waits() -> bool:
     """Make torch's OpenMP threads sleep at barriers instead of spinning, unless the user chose a policy. On a
     machine where another process holds a core, spinning threads wait for a descheduled peer at every parallel op:
@@ -112,12 +126,12 @@ def quiet_openmp_waits() -> bool:
 def run_convert(args: argparse.Namespace) -> int:
     quiet_openmp_waits()
     from ..convert.pipeline import Converter, ConvertOptions
-    from ..convert.quality import DEFAULT_PROMPT, add_results_to_card, evaluate_conversion, resolve_eval_text
-    from ..convert.report import print_summary
+    from ..convert.quality import resolve_eval_text
     from ..plugins import get_method
 
     method = get_method(args.method)
     params = method_params(method, args)
+    check_eval_options(args)
     eval_text = resolve_eval_text(args.eval) if args.eval else None
     options = ConvertOptions(
         source=args.source, out=args.out, method=args.method, params=params, revision=args.revision,
@@ -126,9 +140,19 @@ def run_convert(args: argparse.Namespace) -> int:
         restart=args.restart, quiet=args.quiet)
     converter = Converter(options)
     converter.prepare()
+    try:
+        return _convert_and_publish(converter, args, eval_text)
+    finally:
+        converter.close()  # held through evaluation and pushing: no other convert replaces the folder meanwhile
+
+
+def _convert_and_publish(converter: Converter, args: argparse.Namespace, eval_text: Path | None) -> int:
+    from ..convert.quality import DEFAULT_PROMPT, add_results_to_card, evaluate_conversion
+    from ..convert.report import print_summary
+
     if converter.resuming and not args.quiet:
         print(f"qformat: resuming the partial conversion in {converter.work_dir}", file=sys.stderr)
-    result = converter.run()
+    result = converter.run(keep_lock=True)
     if not args.quiet:
         print_summary(result.summary, str(result.out))
     output: dict[str, Any] = {"out": str(result.out), "summary": result.summary.as_dict()}

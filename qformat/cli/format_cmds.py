@@ -13,6 +13,7 @@ import numpy as np
 
 from ..errors import FormatError
 from ..format import bits_by_layer_type, open_folder, signature, verify_folder
+from ..format.safetensors_io import safe_text
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -59,7 +60,9 @@ def _console() -> Any:
 def _esc(value: Any) -> str:
     from rich.markup import escape
 
-    return escape(str(value))  # names like "terms[1]" or "[bad_header]" are text, not rich markup
+    # Names like "terms[1]" or "[bad_header]" are text, not rich markup; a path from the command line may hold bytes
+    # that are not UTF-8 (decoded as lone surrogates), which stdout cannot encode: they print as \udcff escapes.
+    return escape(safe_text(str(value)))
 
 
 def _natural(name: str) -> list[Any]:
@@ -189,10 +192,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(json.dumps({"ok": True, **summary}, indent=1))
         return 0
     bits = summary["bits_per_weight"]
-    checks = "structure, checksums" + ("" if args.shallow else ", every decode")
+    checks = "structure" + (", checksums" if summary["checksums_available"] else "") + (
+        "; data not decoded: run without --shallow to check it" if args.shallow else ", every decode")
+    checksums = (f"{summary['checksums_verified']} checksum(s) verified" if summary["checksums_available"]
+                 else "no checksums to verify (a single file carries none; verify its model folder for them)")
     _console().print(
         f"[bold green]OK[/] {_esc(args.path)}: {summary['shards']} shard(s), {summary['records']} quantized record(s), "
-        f"{summary['plain']} plain tensor(s), {summary['checksums_verified']} checksum(s) verified, "
+        f"{summary['plain']} plain tensor(s), {checksums}, "
         f"bits/weight {'-' if bits is None else f'{bits:.4f}'} ({checks})", highlight=False, soft_wrap=True)
     return 0
 
@@ -231,5 +237,6 @@ def _list_vectors(manifest: dict[str, Any], impls: dict[str, str], as_json: bool
     console.print(table)
     kinds = [v["kind"] for v in vectors]
     console.print(f"{kinds.count('valid')} valid, {kinds.count('invalid')} invalid vectors")
-    console.print("implementations: " + ", ".join(f"{name} ({what})" for name, what in impls.items()), markup=False)
+    console.print(safe_text("implementations: " + ", ".join(f"{name} ({what})" for name, what in impls.items())),
+                  markup=False)
     return 0

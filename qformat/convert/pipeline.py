@@ -6,10 +6,14 @@ reference decode of the record (so the next block sees exactly what the file hol
 next block's inputs, write the block's shard, and drop the block. Only one block's weights and its activations are in
 memory at a time. Tensors outside the blocks (embeddings, final norm, lm_head) go into a last shard.
 
-Shards go to ``<out>.partial/`` with a ``state.json`` of the exact options; a run killed at any point and started
-again with the same options checks the finished shards, recomputes the block inputs through them, and continues; the
-output is byte-identical to an uninterrupted run (on the same machine and thread count). The finished folder is moved
-into place in one rename.
+Shards go to ``<out>.partial/`` with a ``state.json`` of the exact options and ``source-digests.json``, the sha256
+of every source tensor read so far (hashed as it streams); a run killed at any point and started again with the same
+options checks the finished shards, re-reads (and so re-hashes) the source tensors they were made from, refusing to
+continue if any differs, recomputes the block inputs through them, and continues; the output is byte-identical to an
+uninterrupted run (on the same machine and thread count). The finished folder is moved into place in one rename.
+
+One conversion at a time writes an output (:mod:`.lock`), and qformat deletes or moves only folders it can prove it
+wrote (see ``qformat.format.container``: the work folder's marker, a qformat output's own files).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import gc
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -36,11 +41,18 @@ from torch import nn
 
 from ..errors import ConversionError, FormatError, PluginError
 from ..format import FolderWriter, QFile, QuantizedTensor, bits_by_layer_type
-from ..format.container import recover_interrupted_swap
+from ..format.container import (
+    RUN_MARKER,
+    output_replace_problem,
+    read_run_marker,
+    recover_interrupted_swap,
+    remove_marked_folder,
+)
 from ..format.dtypes import WEIGHT_DTYPES
 from ..methods import LayerInput, Method
 from . import calibration as calib_data
 from .activations import BlockCalls, LinearStats, capture_block_inputs, input_groups, run_block
+from .lock import OutputLock
 from .report import (
     Progress,
     Summary,
@@ -55,8 +67,13 @@ from .selection import Selection, select_modules
 from .source import ModelSource, Skeleton, build_skeleton, open_source, release, set_tensor, tied_source
 
 STATE_NAME = "state.json"
-STATE_VERSION = 1
+DIGESTS_NAME = "source-digests.json"
+STATE_VERSION = 2  # 2: per-tensor source digests, work-folder marker
 CALIBRATED = frozenset({"hessian", "act_norms"})
+MAX_SEED = 2**32 - 1
+MAX_CALIB = 1 << 20  # samples or tokens per window: beyond any text a CPU conversion calibrates on
+# What a partial conversion of qformat < STATE_VERSION 2 (no marker) holds; only such a folder is deleted by --restart.
+LEGACY_WORK_ENTRY = re.compile(r"(state\.json|\.state\.json\..+|shard-\d{5}\.safetensors|\.shard-\d{5}\.safetensors\..+|final)")
 
 
 @dataclass
@@ -112,6 +129,25 @@ def json_params(params: Mapping[str, Any]) -> dict[str, Any]:
     return {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v for k, v in params.items()}
 
 
+def _check_int(option: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConversionError(f"{option} must be an integer from {low} to {high} (got {value!r})")
+
+
+def _is_legacy_work_dir(work: Path) -> bool:
+    """A partial conversion written by qformat before work folders had a marker: a state.json of state version 1
+    and nothing but shards, their temp files and the finalize staging folder."""
+    if work.is_symlink() or not work.is_dir():
+        return False
+    try:
+        state = json.loads((work / STATE_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(state, dict) or state.get("state_version") != 1:
+        return False
+    return all(LEGACY_WORK_ENTRY.fullmatch(p.name) and not p.is_symlink() for p in work.iterdir())
+
+
 @contextlib.contextmanager
 def deterministic(seed: int) -> Iterator[None]:
     previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
@@ -126,13 +162,31 @@ def deterministic(seed: int) -> Iterator[None]:
 class Converter:
     def __init__(self, options: ConvertOptions) -> None:
         self.options = options
-        self.out = Path(options.out)
-        self.work_dir = self.out.with_name(self.out.name + ".partial")
+        self.out = Path(os.path.normpath(os.fspath(options.out) or "."))
+        self.lock: OutputLock | None = None
+        self.resuming = False
+
+    @property
+    def work_dir(self) -> Path:
+        return self.out.with_name(self.out.name + ".partial")
 
     # ================================================================================================ validation
     def prepare(self) -> None:
         """Every check that can fail before heavy work: method, parameters, output, source, architecture, modules,
-        calibration text length, resumable state."""
+        calibration text length, resumable state. Takes the output's lock, held until :meth:`run` ends (or
+        :meth:`close`)."""
+        try:
+            self._prepare()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the output's lock (:meth:`run` does this when it ends)."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def _prepare(self) -> None:
         from ..plugins import get_method, get_plugins
 
         opts = self.options
@@ -142,27 +196,41 @@ class Converter:
         info = get_plugins().info.get(owner) if owner else None
         self.plugin_label = f"{info.package} {info.version}" if info else "?"
         self.needs_calibration = bool(self.method.calibration & CALIBRATED)
+        _check_int("--seed", opts.seed, 0, MAX_SEED)
+        if self.needs_calibration:
+            _check_int("--calib-samples", opts.calib_samples, 1, MAX_CALIB)
+            _check_int("--calib-seqlen", opts.calib_seqlen, 2, MAX_CALIB)
+        self._check_out_path()
+        self.lock = OutputLock(self.out)
+        self.lock.acquire()  # before anything below moves or deletes a folder
         # A finalize killed midway may have left <out>.old (the previous output) and no <out>: restore it first, so
         # that a rerun without --overwrite refuses instead of replacing the only copy.
         try:
             recover_interrupted_swap(self.out)
         except FormatError as exc:
             raise ConversionError(str(exc)) from None
-        if self.out.exists() and not opts.overwrite:
-            raise ConversionError(f"the output folder {self.out} exists; choose another --out or pass --overwrite "
-                                  "(the old folder is replaced only once the new one is complete)")
-        if self.out.exists() and not self.out.is_dir():
-            raise ConversionError(f"the output {self.out} exists and is not a folder")
+        if self.out.exists() or self.out.is_symlink():
+            if not opts.overwrite:
+                raise ConversionError(f"the output folder {self.out} exists; choose another --out or pass "
+                                      "--overwrite (the old folder is replaced only once the new one is complete)")
+            problem = output_replace_problem(self.out)
+            if problem is not None:
+                raise ConversionError(f"--overwrite replaces only a folder qformat wrote, and {problem}; choose "
+                                      "another --out, or move or remove it yourself")
+            backup = self.out.with_name(self.out.name + ".old")
+            if backup.exists() or backup.is_symlink():
+                raise ConversionError(f"{backup} exists and was not made by qformat; --overwrite moves the old "
+                                      "output there until the new one is in place, so move it away first")
         self.calib_text = None
         if self.needs_calibration:
-            if opts.calib_samples < 1 or opts.calib_seqlen < 2:
-                raise ConversionError(f"--calib-samples must be >= 1 and --calib-seqlen >= 2 (got "
-                                      f"{opts.calib_samples}, {opts.calib_seqlen})")
             self.calib_text = calib_data.read_text(opts.calib)
         self.source = open_source(opts.source, opts.revision, quiet=opts.quiet)
-        resolved_out = self.out.resolve()
-        if resolved_out == self.source.folder.resolve() or self.source.folder.resolve() in resolved_out.parents:
+        resolved_out, source_dir = self.out.resolve(), self.source.folder.resolve()
+        if resolved_out == source_dir or source_dir in resolved_out.parents:
             raise ConversionError(f"--out {self.out} is inside the source model folder {self.source.folder}")
+        if resolved_out in source_dir.parents:
+            raise ConversionError(f"--out {self.out} contains the source model folder {self.source.folder}; give a "
+                                  "new folder's name")
         self.skeleton: Skeleton = build_skeleton(self.source)
         self.selection: Selection = select_modules(self.skeleton, opts.include, opts.exclude)
         self._plan_tensors()
@@ -178,6 +246,24 @@ class Converter:
                                                 source=f"the calibration text {self.calib_text.path.name}")
         self.state = self._state()
         self._check_work_dir()
+
+    def _check_out_path(self) -> None:
+        """--out must name a folder to create or replace: not '.', '..', the filesystem root, the current folder or
+        one of its parents, and not a symbolic link."""
+        given = os.fspath(self.options.out)
+        if self.out.name in ("", ".", ".."):
+            raise ConversionError(f"--out {given!r} is the current folder, a parent folder or the filesystem root; "
+                                  "give the name of a new folder, e.g. --out model-q")
+        resolved, cwd = self.out.resolve(), Path.cwd().resolve()
+        if resolved == cwd or resolved in cwd.parents or resolved.parent == resolved:
+            raise ConversionError(f"--out {given} is the current folder or one of its parents; give the name of a "
+                                  "new folder")
+        if self.out.is_symlink():
+            raise ConversionError(f"--out {given} is a symbolic link; give the folder itself")
+        source = Path(self.options.source).expanduser()
+        if source.exists() and (resolved == source.resolve() or resolved in source.resolve().parents):
+            raise ConversionError(f"--out {given} is or contains the source {self.options.source}; give the name of a "
+                                  "new folder")
 
     def _plan_tensors(self) -> None:
         """Which tensors each shard holds, checked against the checkpoint before any work."""
@@ -209,6 +295,8 @@ class Converter:
             if self.needs_calibration and not isinstance(getattr(sk.model.base_model, "norm", None), nn.Module):
                 raise ConversionError(f"cannot collect calibration statistics for {module_name}: the model has no "
                                       "final norm at base_model.norm")
+        # Parameters must hold finite, plausible floats; checked as each is read, before any is quantized.
+        src.checked_values = frozenset(n for n in self._param_names(sk.model) if n in src.weight_file)
         for name in self.selected_weights():
             dtype = src.dtypes[self.tied.get(name, name)]
             if dtype not in WEIGHT_DTYPES:
@@ -248,38 +336,88 @@ class Converter:
                 "torch": torch.__version__, "threads": torch.get_num_threads()}
 
     def _check_work_dir(self) -> None:
-        """Resume only with identical options; ``--restart`` discards an earlier partial conversion."""
+        """Resume only with identical options; ``--restart`` discards an earlier partial conversion. Only a work
+        folder qformat can prove it made (its marker, or an earlier version's state.json and shards) is ever
+        deleted."""
         work = self.work_dir
         self.resuming = False
-        if not work.exists():
+        self.recorded_digests: dict[str, str] = {}
+        if not work.exists() and not work.is_symlink():
             return
-        if self.options.restart:
-            shutil.rmtree(work)
-            return
+        marker = read_run_marker(work)
+        ours = marker is not None and marker.get("qformat") == "work"
+        legacy = not ours and _is_legacy_work_dir(work)
+        empty = not ours and not legacy and work.is_dir() and not work.is_symlink() and not any(work.iterdir())
+        if not (ours or legacy or empty):
+            raise ConversionError(f"{work} exists and was not made by qformat (it has no {RUN_MARKER}); qformat "
+                                  "does not delete it: move it away or remove it, then run again")
         state_path = work / STATE_NAME
-        if not state_path.is_file():
-            if any(p for p in work.iterdir() if not p.name.startswith(("shard-", ".shard-", "final"))):
-                raise ConversionError(f"{work} exists and is not a qformat partial conversion; remove it")
-            shutil.rmtree(work)
+        if self.options.restart or empty or not state_path.is_file():  # no state: killed before any work
+            self._discard_work_dir(ours, legacy)
             return
         try:
             previous = json.loads(state_path.read_text())
         except (OSError, ValueError):
             previous = None
-        if previous != json.loads(json.dumps(self.state)):
-            changed = sorted(k for k in set(self.state) | set(previous or {})
-                             if (previous or {}).get(k) != json.loads(json.dumps(self.state)).get(k))
+        current = json.loads(json.dumps(self.state))
+        if previous != current:
+            if not isinstance(previous, dict) or previous.get("state_version") != STATE_VERSION:
+                raise ConversionError(f"{work} holds a partial conversion made by another version of qformat; pass "
+                                      "--restart to discard it and convert from scratch")
+            changed = sorted(k for k in set(current) | set(previous) if previous.get(k) != current.get(k))
             raise ConversionError(f"{work} holds a partial conversion made with different options ("
                                   f"{', '.join(changed) or 'unreadable state'}); rerun with the same options to resume, "
                                   "or pass --restart to discard it")
         self.resuming = True
+        self.recorded_digests = self._read_digests()
+        self.source.expected_digests = dict(self.recorded_digests)
+
+    def _discard_work_dir(self, ours: bool, legacy: bool) -> None:
+        work = self.work_dir
+        try:
+            if ours:
+                remove_marked_folder(work)
+            elif legacy:
+                shutil.rmtree(work)
+            else:
+                work.rmdir()  # empty
+        except (OSError, FormatError) as exc:
+            raise ConversionError(f"cannot remove the earlier partial conversion {work}: {exc}") from None
+
+    def _read_digests(self) -> dict[str, str]:
+        """The source digests recorded by the interrupted run ({} when missing or unreadable: nothing is resumed)."""
+        try:
+            recorded = json.loads((self.work_dir / DIGESTS_NAME).read_text()).get("sha256")
+        except (OSError, ValueError, AttributeError):
+            return {}
+        if not isinstance(recorded, dict):
+            return {}
+        return {k: v for k, v in recorded.items() if isinstance(k, str) and isinstance(v, str)}
+
+    def _save_digests(self) -> None:
+        self._write_text(self.work_dir / DIGESTS_NAME,
+                         json.dumps({"sha256": self.source.digests}, indent=0, sort_keys=True) + "\n")
 
     # ================================================================================================ running
-    def run(self, on_block_done: BlockHook | None = None) -> ConvertResult:
+    def run(self, on_block_done: BlockHook | None = None, *, keep_lock: bool = False) -> ConvertResult:
+        """Convert and finalize. The output's lock is released at the end unless ``keep_lock`` (then the caller
+        calls :meth:`close`, e.g. after evaluating or pushing the output) or when this raises."""
+        ok = False
+        try:
+            result = self._run(on_block_done)
+            ok = True
+            return result
+        finally:
+            if not (ok and keep_lock):
+                self.close()
+
+    def _run(self, on_block_done: BlockHook | None) -> ConvertResult:
         start = time.perf_counter()
         try:
             writer = FolderWriter(self.out, self.work_dir, overwrite=True)
             self._write_text(self.work_dir / STATE_NAME, json.dumps(self.state, indent=2, sort_keys=True) + "\n")
+        except FormatError as exc:
+            raise ConversionError(str(exc)) from None
         except OSError as exc:
             raise self._write_error(exc, self.work_dir / STATE_NAME) from None
         self.writer = writer
@@ -291,6 +429,7 @@ class Converter:
         # gc.collect of return_freed_memory from rescanning them each time (~0.2 s a block).
         gc.freeze()
         try:
+            self._verify_finished_sources(done, progress)
             with deterministic(self.options.seed):
                 self._run_blocks(done, progress, on_block_done)
         finally:
@@ -308,15 +447,36 @@ class Converter:
         extra = {"README.md": from_card} if from_card else None
         try:
             writer.finalize(config, qconfig, self.source.extra_files(), extra)
+        except FormatError as exc:
+            raise ConversionError(f"{exc}; the converted model is in {self.work_dir} and is finished by running the "
+                                  "same command again") from None
         except OSError as exc:
             raise self._write_error(exc, self.out) from None
         return ConvertResult(self.out, summary, qconfig, self.source)
+
+    def _replays(self, done: int) -> bool:
+        blocks = len(self.skeleton.blocks)
+        return self.needs_calibration and (done < blocks or (done == blocks and self.need_final_hidden))
+
+    def _verify_finished_sources(self, done: int, progress: Progress) -> None:
+        """Re-hash the source tensors the finished shards were made from that this run will not read anyway (a
+        calibrated run re-reads the finished blocks to replay them): a source replaced since the interrupted run is
+        refused instead of being mixed with the shards made from the old one."""
+        if not self.recorded_digests:
+            return
+        replayed: set[str] = set()
+        if self._replays(done):
+            for index in range(min(done, len(self.skeleton.blocks))):
+                prefix = self.skeleton.block_prefix(index)
+                replayed.update(prefix + n for n in self.block_names[index])
+        progress.note("checking the source against the partial conversion")
+        self.source.verify(sorted(set(self.recorded_digests) - replayed))
 
     def _run_blocks(self, done: int, progress: Progress, on_block_done: BlockHook | None) -> None:
         blocks = len(self.skeleton.blocks)
         inputs: list[torch.Tensor] = []
         calls: BlockCalls | None = None
-        if self.needs_calibration and (done < blocks or (done == blocks and self.need_final_hidden)):
+        if self._replays(done):
             calls = self._capture()
             inputs = calls.first_inputs
             calls.first_inputs = []
@@ -483,13 +643,21 @@ class Converter:
             plain = set(self.outside_names) - records
         return records, plain
 
+    def _source_names(self, index: int) -> set[str]:
+        """The source tensors shard ``index`` is made from."""
+        if index < len(self.skeleton.blocks):
+            prefix = self.skeleton.block_prefix(index)
+            return {prefix + n for n in self.block_names[index]}
+        return set(self.outside_names) | {self.tied[w] for w in self.outside_quantized if w in self.tied}
+
     def _finished_shards(self) -> int:
-        """Number of leading shards already written and intact; later or damaged shards are removed."""
+        """Number of leading shards already written, intact, and with the digests of the source tensors they were
+        made from on record; later or damaged shards are removed."""
         total = len(self.skeleton.blocks) + 1
         done = 0
         for index in range(total):
             path = self.writer.shard_path(index)
-            if not path.is_file():
+            if not path.is_file() or not self._source_names(index) <= self.recorded_digests.keys():
                 break
             try:
                 qfile = QFile(path)
@@ -514,6 +682,7 @@ class Converter:
         path = self.writer.shard_path(index)
         try:
             self.writer.write_shard(index, plain, records)
+            self._save_digests()  # a shard without its sources' digests on record counts as unfinished
         except OSError as exc:
             raise self._write_error(exc, path) from None
 

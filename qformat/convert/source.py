@@ -3,12 +3,19 @@
 Only the model's skeleton is built up front (parameters on the ``meta`` device, buffers real); weights are read from
 the safetensors files when a block needs them and dropped afterwards, each file opened per read so that no mapping
 keeps earlier blocks' pages resident.
+
+Every file a source names is read only from inside the source folder: plain file names (no paths, no ``..``, not
+hidden), and a symbolic link only when its target stays in the folder (or, for a Hugging Face cache snapshot, in the
+repository's ``blobs``). Each tensor read is hashed as it streams (sha256 of its bytes) and its floats checked, so a
+resumed conversion can prove it reads the same weights and a corrupt checkpoint is named before it is quantized.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import sys
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -19,14 +26,44 @@ import torch
 from torch import nn
 
 from ..errors import ConversionError, FormatError
+from ..format.container import SIDE_FILES
 from ..format.safetensors_io import SafetensorsFile
 
 INDEX_NAME = "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "spiece.model", "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json", "chat_template.jinja",
-                   "chat_template.json", "generation_config.json")
+TOKENIZER_FILES = SIDE_FILES  # tokenizer, chat template and generation files copied next to the weights
 TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 SUPPORTED = "decoder-only causal language models whose blocks are at model.layers (Llama, Mistral, Qwen2, ...)"
+# No trained model holds a weight this large (activations would overflow fp32 at once); random bytes read as floats
+# exceed it in about a quarter of the values.
+MAX_PLAUSIBLE_WEIGHT = 1e20
+
+
+def source_roots(folder: Path) -> list[Path]:
+    """Where files of ``folder`` may live after following symbolic links: the folder itself and, for a Hugging Face
+    cache snapshot (``models--x--y/snapshots/<commit>``, whose files link into ``../../blobs``), that repo's blobs."""
+    root = folder.resolve()
+    roots = [root]
+    repo = root.parent.parent
+    if root.parent.name == "snapshots" and repo.name.startswith("models--") and (repo / "blobs").is_dir():
+        roots.append((repo / "blobs").resolve())
+    return roots
+
+
+def source_file_problem(folder: Path, name: object) -> str | None:
+    """Why ``folder/name`` must not be read as part of the source (None when it may): the reader's name rules (a plain
+    file name: no path, no ``..``, not hidden) plus no symbolic link leaving the folder, and a regular file."""
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or "\0" in name or name.startswith("."):
+        return f"{name!r} is not a plain file name"
+    path = folder / name
+    if not path.is_symlink():
+        return None if path.is_file() or not path.exists() else f"{name} is not a regular file"
+    try:
+        target = path.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return f"{name} is a broken symbolic link"
+    if not any(target == root or root in target.parents for root in source_roots(folder)):
+        return f"{name} is a symbolic link to {target}, outside the source folder"
+    return None if target.is_file() else f"{name} is not a regular file"
 
 
 @dataclass
@@ -42,6 +79,11 @@ class ModelSource:
     revision: str | None = None
     gguf_file: Path | None = None
     _fingerprint: str | None = field(default=None, repr=False)
+    # sha256 of the bytes of every tensor read so far, and those a resumed conversion was made from (checked on read)
+    digests: dict[str, str] = field(default_factory=dict, repr=False)
+    expected_digests: dict[str, str] = field(default_factory=dict, repr=False)
+    # tensors that must hold finite, plausible floats (the model's parameters; buffers may hold anything)
+    checked_values: frozenset[str] = field(default=frozenset(), repr=False)
 
     # -- description ----------------------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
@@ -58,7 +100,8 @@ class ModelSource:
         return info
 
     def fingerprint(self) -> str:
-        """Identifies the source content cheaply: config.json bytes and every safetensors header and size."""
+        """Identifies the source cheaply: config.json bytes and every safetensors header and size. The weights' bytes
+        are identified per tensor as they are read (:attr:`digests`)."""
         if self._fingerprint is None:
             digest = hashlib.sha256((self.folder / "config.json").read_bytes())
             for file in sorted(set(self.weight_file.values())):
@@ -71,7 +114,8 @@ class ModelSource:
 
     # -- reading ----------------------------------------------------------------------------------------------------
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        """The named tensors as stored (original dtype), each file opened only for this call."""
+        """The named tensors as stored (original dtype), each file opened only for this call. Each is hashed
+        (:attr:`digests`) and checked against :attr:`expected_digests` and, for parameters, for NaN, Inf and garbage."""
         from safetensors import safe_open
 
         by_file: dict[Path, list[str]] = {}
@@ -85,9 +129,38 @@ class ModelSource:
                 with safe_open(str(file), framework="pt") as handle:
                     for name in file_names:
                         out[name] = handle.get_tensor(name)
+                        self._check(name, file, out[name])
             except (OSError, RuntimeError, ValueError) as exc:
                 raise ConversionError(f"cannot read {', '.join(file_names[:3])} from {file}: {exc}") from None
         return out
+
+    def verify(self, names: Iterable[str]) -> None:
+        """Read and hash the named tensors one at a time, only to compare them with :attr:`expected_digests`."""
+        for name in names:
+            self.read([name])
+
+    def _check(self, name: str, file: Path, tensor: torch.Tensor) -> None:
+        digest = tensor_digest(tensor)
+        where = f"{name} in {file.name}"
+        if self.digests.get(name, digest) != digest:
+            raise ConversionError(f"the source changed while it was being converted: {where} no longer holds the bytes "
+                                  "read earlier in this run")
+        expected = self.expected_digests.get(name)
+        if expected is not None and expected != digest:
+            raise ConversionError(f"the source changed since the partial conversion was made: {where} differs from "
+                                  f"the tensor converted then (sha256 {digest[:12]}..., was {expected[:12]}...); "
+                                  "resuming would mix two models: pass --restart to convert from scratch")
+        self.digests[name] = digest
+        if name in self.checked_values and tensor.is_floating_point() and tensor.numel():
+            low, high = (float(v) for v in torch.aminmax(tensor))  # one pass; NaN propagates to both
+            peak = max(-low, high)
+            if math.isnan(low) or math.isnan(high) or math.isinf(peak):
+                raise ConversionError(f"the source model is corrupt: {where} ({self.folder}) holds NaN or Inf "
+                                      "values; re-download or re-export the checkpoint")
+            if peak > MAX_PLAUSIBLE_WEIGHT:
+                raise ConversionError(f"the source model is corrupt: {where} ({self.folder}) holds values of "
+                                      f"magnitude {peak:.3g}, which no trained model has (bytes that are not "
+                                      "weights?); re-download or re-export the checkpoint")
 
     def tokenizer(self) -> Any:
         from transformers import AutoTokenizer
@@ -99,12 +172,23 @@ class ModelSource:
                                   f"{type(exc).__name__}: {exc}") from None
 
     def extra_files(self) -> list[Path]:
-        """Tokenizer and generation files to copy next to the converted weights."""
-        return [self.folder / name for name in TOKENIZER_FILES if (self.folder / name).is_file()]
+        """Tokenizer and generation files to copy next to the converted weights: regular files inside the source
+        folder only (a symbolic link leaving it is not followed, so no file from elsewhere is copied or published)."""
+        files = []
+        for name in TOKENIZER_FILES:
+            path = self.folder / name
+            if not path.exists() and not path.is_symlink():
+                continue
+            problem = source_file_problem(self.folder, name)
+            if problem is None:
+                files.append(path)
+            else:
+                print(f"qformat: warning: not copying {name} from {self.spec}: {problem}", file=sys.stderr)
+        return files
 
     def card_metadata(self) -> dict[str, Any] | None:
         card = self.folder / "README.md"
-        if not card.is_file():
+        if not card.is_file() or source_file_problem(self.folder, card.name) is not None:
             return None
         try:
             from huggingface_hub import ModelCard
@@ -152,8 +236,17 @@ def open_source(spec: str, revision: str | None = None, *, quiet: bool = False) 
     return ModelSource(spec, folder, kind, config, weight_file, dtypes, shapes, hub_id, revision, gguf_file)
 
 
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes as stored (the bytes of its safetensors entry)."""
+    raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+    return hashlib.sha256(memoryview(raw.numpy())).hexdigest()
+
+
 def _read_config(folder: Path, spec: str) -> dict[str, Any]:
     path = folder / "config.json"
+    problem = source_file_problem(folder, path.name)
+    if problem is not None:
+        raise ConversionError(f"{spec}: refusing to read {problem}")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -172,13 +265,16 @@ def _read_config(folder: Path, spec: str) -> dict[str, Any]:
 
 def _scan_weights(folder: Path, spec: str) -> tuple[dict[str, Path], dict[str, str], dict[str, tuple[int, ...]]]:
     index = folder / INDEX_NAME
-    if index.is_file():
+    if index.is_file() or index.is_symlink():
+        problem = source_file_problem(folder, INDEX_NAME)
+        if problem is not None:
+            raise ConversionError(f"{spec}: refusing to read {problem}")
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             files = sorted(set(weight_map.values()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ConversionError(f"cannot read {index}: {exc}") from None
-    elif (folder / "model.safetensors").is_file():
+    elif (folder / "model.safetensors").is_file() or (folder / "model.safetensors").is_symlink():
         files = ["model.safetensors"]
     else:
         others = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.gguf"))
@@ -188,6 +284,9 @@ def _scan_weights(folder: Path, spec: str) -> tuple[dict[str, Path], dict[str, s
     dtypes: dict[str, str] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     for name in files:
+        problem = source_file_problem(folder, name)
+        if problem is not None:  # an index naming /abs/path or ../x would make qformat read (and publish) that file
+            raise ConversionError(f"{spec}: the weights must be files inside the model folder, but {problem}")
         path = folder / name
         try:
             header = SafetensorsFile(path)  # validates header and layout: catches truncated files up front

@@ -8,6 +8,7 @@ significant bit comes first.
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 TRITS_PER_BYTE = 5
 _POW3 = np.array([1, 3, 9, 27, 81], dtype=np.uint8)
@@ -34,14 +35,34 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     return np.packbits(bit_matrix, axis=1, bitorder="little")
 
 
-def unpack_codes(packed: np.ndarray, bits: int, cols: int) -> np.ndarray:
-    """Inverse of :func:`pack_codes`: uint8 [R, row_bytes] -> int64 codes [R, cols]."""
+def code_dtype(bits: int) -> np.dtype:
+    """The narrowest unsigned dtype that holds ``bits``-bit codes (the reference decoder's working type)."""
+    return np.dtype(np.uint8 if bits <= 8 else np.uint16 if bits <= 16 else np.uint32)
+
+
+def unpack_codes(packed: np.ndarray, bits: int, cols: int, dtype: DTypeLike = np.int64) -> np.ndarray:
+    """Inverse of :func:`pack_codes`: uint8 [R, row_bytes] -> codes [R, cols] (int64 unless ``dtype`` says otherwise).
+
+    Works at about one byte per code plus the result: a 4096 x 14336 matrix must not need gigabytes of bit matrices.
+    """
+    packed = np.asarray(packed, dtype=np.uint8)
     rows = packed.shape[0]
     if bits == 8:
-        return np.asarray(packed, dtype=np.int64)[:, :cols]
-    bit_matrix = np.unpackbits(np.asarray(packed, dtype=np.uint8), axis=1, count=cols * bits, bitorder="little")
-    weights = (1 << np.arange(bits, dtype=np.int64))
-    return bit_matrix.reshape(rows, cols, bits).astype(np.int64) @ weights
+        codes = packed[:, :cols].copy()  # never a view of the stored tensor
+    elif 8 % bits == 0:  # 1, 2, 4 bits: whole codes per byte, LSB first
+        shifts = np.arange(0, 8, bits, dtype=np.uint8)
+        codes = ((packed[:, :, None] >> shifts) & np.uint8((1 << bits) - 1)).reshape(rows, -1)[:, :cols]
+    else:  # a code spans at most 3 bytes (shift <= 7, width <= 16): gather them into a 32-bit window
+        start = np.arange(cols, dtype=np.int64) * bits
+        first, shift = start // 8, (start % 8).astype(np.uint32)
+        padded = np.zeros((rows, packed.shape[1] + 2), dtype=np.uint8)
+        padded[:, :packed.shape[1]] = packed
+        window = np.take(padded, first, axis=1).astype(np.uint32)  # take: C order, unlike padded[:, first]
+        window |= np.take(padded, first + 1, axis=1).astype(np.uint32) << 8
+        if bits > 9:  # shift + bits > 16 is possible: the code reaches into a third byte
+            window |= np.take(padded, first + 2, axis=1).astype(np.uint32) << 16
+        codes = (window >> shift) & np.uint32((1 << bits) - 1)
+    return np.ascontiguousarray(codes, dtype=dtype)
 
 
 def padding_bits_are_zero(packed: np.ndarray, bits: int, cols: int) -> bool:
@@ -62,18 +83,20 @@ def pack_bitplanes(codes: np.ndarray, bits: int) -> np.ndarray:
     return np.stack(planes)
 
 
-def unpack_bitplanes(planes: np.ndarray, cols: int, use_planes: int | None = None) -> np.ndarray:
+def unpack_bitplanes(planes: np.ndarray, cols: int, use_planes: int | None = None,
+                     dtype: DTypeLike = np.int64) -> np.ndarray:
     """Rebuild codes from the first ``use_planes`` planes; dropped low bits decode to the middle of their interval."""
     bits = planes.shape[0]
     keep = bits if use_planes is None else use_planes
     if not 1 <= keep <= bits:
         raise ValueError(f"use_planes must be in 1..{bits}, got {use_planes}")
-    codes = np.zeros((planes.shape[1], cols), dtype=np.int64)
+    work = code_dtype(bits)
+    codes = np.zeros((planes.shape[1], cols), dtype=work)
     for p in range(keep):
-        codes |= unpack_codes(planes[p], 1, cols) << (bits - 1 - p)
+        codes |= unpack_codes(planes[p], 1, cols, work) << work.type(bits - 1 - p)
     if keep < bits:
-        codes |= 1 << (bits - keep - 1)
-    return codes
+        codes |= work.type(1 << (bits - keep - 1))
+    return codes if codes.dtype == np.dtype(dtype) else codes.astype(dtype)
 
 
 def pack_ternary(values: np.ndarray) -> np.ndarray:

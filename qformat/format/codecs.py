@@ -3,6 +3,8 @@
 A record's weight is a tree of nodes. Each node names its codec and codec version; leaves reference tensors stored
 in the same safetensors file. ``infer`` checks a node without reading tensor data and returns its output shape and
 kind; ``decode`` reads data, checks what only data can tell (code ranges, indices, padding) and returns the array.
+Core codecs also decode a range of rows, so a record is decoded a few MiB at a time (record.py), and apply per-tile
+parameters by broadcasting over tile views: memory never grows with ``group_shape``.
 Plugins add codecs by registering a :class:`Codec` subclass (see spec/extending.md).
 """
 
@@ -16,12 +18,15 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..errors import FormatError, UnknownCodecError
-from . import bitpack
+from . import bitpack, sparse
 from .dtypes import FLOAT_NAMES, INT_NAMES, NUMPY_BY_NAME
 
 MAX_DEPTH = 16
 MAX_NODES = 256
 MAX_ELEMENTS = 1 << 34
+# Decode work of a record: output elements summed over every node occurrence (spec/record.md#limits).
+MAX_WORK = 1 << 36
+MAX_DIM = 1 << 40  # dims fields (shape, group_shape) lie in [1, 2^40), like tensor dimensions
 _PLUGIN_CODEC_NAME = re.compile(r"[a-z][a-z0-9_]*\.[a-z][a-z0-9_]*")
 
 
@@ -45,7 +50,11 @@ class Context:
     """Walks a record's node tree; collects the tensors it references.
 
     ``tensor_info`` answers structural questions (dtype, shape) and ``load`` returns data; both raise ``missing_tensor``
-    for names the file does not hold.
+    for names the file does not hold. ``infer`` also adds up the decode work (every node occurrence's output
+    elements) and remembers each node's shape, so a record can then be decoded by row ranges (``decode(..., rows)``).
+
+    Ownership rule for decoded arrays: a writable fp32 array returned by ``decode`` belongs to the caller, who may
+    overwrite it; stored tensors, cached and plugin results are handed out read-only.
     """
 
     def __init__(self, registry: CodecRegistry, tensor_info: Callable[[str], TensorInfo | None],
@@ -56,8 +65,16 @@ class Context:
         self.options = options or {}
         self.referenced: dict[str, TensorInfo] = {}
         self.nodes = 0
+        self.work = 0
+        self.largest: tuple[int, str] = (0, "weight")  # the node with the most output elements, and its path
         self._depth = 0
         self.path: list[str] = []
+        self._infos: dict[int, NodeInfo] = {}  # id(node) -> its inferred output
+        # While a record is decoded by row ranges: whole-node results reused by every range (read-only), and the
+        # data checks already run on whole tensors (a row_ptr, a perm).
+        self.ranged = False
+        self._whole: dict[int, np.ndarray] = {}
+        self._checked: set[tuple[int, str]] = set()
 
     # -- errors -------------------------------------------------------------------------------------------------
     def error(self, code: str, message: str, fld: str | None = None) -> FormatError:
@@ -65,10 +82,10 @@ class Context:
         return FormatError(code, message, field=where or None)
 
     # -- tree walking -------------------------------------------------------------------------------------------
-    def _enter(self, node: Any, fld: str) -> Codec:
+    def _enter(self, node: Any, fld: str, count: bool = True) -> Codec:
         self.path.append(fld)
         self._depth += 1
-        self.nodes += 1
+        self.nodes += count
         if self._depth > MAX_DEPTH:
             raise self.error("limit_exceeded", f"node tree deeper than {MAX_DEPTH}")
         if self.nodes > MAX_NODES:
@@ -86,18 +103,65 @@ class Context:
         try:
             codec.check_fields(node, self)
             info = codec.infer(node, self)
-            if len(info.shape) and int(np.prod(info.shape, dtype=object)) > MAX_ELEMENTS:
+            elements = int(np.prod(info.shape, dtype=object)) if len(info.shape) else 1
+            if elements > MAX_ELEMENTS:
                 raise self.error("limit_exceeded", f"node output {info.shape} exceeds {MAX_ELEMENTS} elements")
+            self.work += elements
+            if elements > self.largest[0]:
+                self.largest = (elements, "/".join(self.path))
+            if self.work > MAX_WORK:
+                raise self.error("limit_exceeded", f"decoding the record needs over {MAX_WORK} output elements "
+                                 "(summed over every node, each use counted)")
+            self._infos[id(node)] = info
             return info
         finally:
             self._leave()
 
-    def decode(self, node: dict, fld: str) -> np.ndarray:
-        codec = self._enter(node, fld)
+    def decode(self, node: dict, fld: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The node's output, or only its rows ``[lo, hi)`` (for a 1-D output: elements ``[lo, hi)``)."""
+        codec = self._enter(node, fld, count=False)
         try:
-            return codec.decode(node, self)
+            if codec.row_ranges:
+                return codec.decode(node, self, rows) if rows is not None else codec.decode(node, self)
+            if rows is None:
+                return _read_only(codec.decode(node, self))
+            return self._whole_of(node, codec)[rows[0]:rows[1]]  # a codec without row ranges: decode it once
         finally:
             self._leave()
+
+    def whole(self, node: dict, fld: str) -> np.ndarray:
+        """The node's whole output, decoded once per record while row ranges are decoded (codebooks, tables, b)."""
+        if not self.ranged:
+            return self.decode(node, fld)
+        codec = self._enter(node, fld, count=False)
+        try:
+            return self._whole_of(node, codec)
+        finally:
+            self._leave()
+
+    def _whole_of(self, node: dict, codec: Codec) -> np.ndarray:
+        key = id(node)
+        if key not in self._whole:
+            self._whole[key] = _read_only(codec.decode(node, self))
+        return self._whole[key]
+
+    def first_time(self, node: dict, check: str) -> bool:
+        """Whether a whole-tensor data check of ``node`` still has to run (once per record, not per row range)."""
+        key = (id(node), check)
+        if key in self._checked:
+            return False
+        if self.ranged:
+            self._checked.add(key)
+        return True
+
+    def info_of(self, node: dict, fld: str) -> NodeInfo:
+        """The inferred output of a node (inferred now, without counting, if this context has not seen it)."""
+        info = self._infos.get(id(node))
+        if info is None:
+            scratch = Context(self.registry, self._tensor_info)
+            scratch.path = list(self.path)
+            info = scratch.infer(node, fld)
+        return info
 
     # -- field helpers ------------------------------------------------------------------------------------------
     def tensor(self, node: dict, key: str) -> TensorInfo:
@@ -124,9 +188,9 @@ class Context:
     def shape_field(self, node: dict, key: str, rank: int) -> tuple[int, ...]:
         value = node.get(key)
         if (not isinstance(value, list) or len(value) != rank
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)):
-            raise self.error("bad_field", f"field {key!r} must be a list of {rank} positive integers, got {value!r}",
-                             key)
+                or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v < MAX_DIM for v in value)):
+            raise self.error("bad_field", f"field {key!r} must be a list of {rank} integers in [1, 2**40), got "
+                             f"{value!r}", key)
         return tuple(value)
 
 
@@ -137,6 +201,12 @@ class Codec:
     versions: ClassVar[frozenset[int]] = frozenset({1})
     required: ClassVar[frozenset[str]] = frozenset()
     optional: ClassVar[frozenset[str]] = frozenset()
+    # Core codecs decode any row range: ``decode(node, ctx, rows)``. A codec without (plugin codecs) is decoded
+    # whole, once per record, and sliced.
+    row_ranges: ClassVar[bool] = False
+    # Matrix products: their fp32 result may depend on the row range (BLAS blocking), so the record decoder does
+    # not split records that contain one (verification, which discards values, does).
+    products: ClassVar[bool] = False
 
     def check_fields(self, node: dict, ctx: Context) -> None:
         allowed = self.required | self.optional | {"codec", "version"}
@@ -223,17 +293,24 @@ def _value_or_number(ctx: Context, node: dict, key: str) -> NodeInfo | None:
     return ctx.infer(value, key)
 
 
-def _decode_value(ctx: Context, node: dict, key: str) -> np.ndarray | None:
-    value = node.get(key)
-    if value is None:
-        return None
-    if isinstance(value, (int, float)):
-        return np.full((1, 1), value, dtype=np.float32)
-    return _as_float(ctx.decode(value, key))
-
-
 def _as_float(array: np.ndarray) -> np.ndarray:
     return np.asarray(array, dtype=np.float32)
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    """A view the caller cannot overwrite (stored tensors, cached and plugin results)."""
+    array = np.asarray(array)
+    if array.flags.writeable:
+        array = array.view()
+        array.flags.writeable = False
+    return array
+
+
+def _own_float(array: np.ndarray) -> np.ndarray:
+    """An fp32 C-contiguous array to overwrite in place: the array itself when the caller owns it, else a copy."""
+    if array.dtype == np.float32 and array.flags.writeable and array.flags.c_contiguous:
+        return array
+    return np.array(array, dtype=np.float32, order="C")
 
 
 def _group_grid(ctx: Context, node: dict, out_shape: tuple[int, int], param_shape: tuple[int, ...], fld: str,
@@ -249,13 +326,51 @@ def _group_grid(ctx: Context, node: dict, out_shape: tuple[int, int], param_shap
     return gr, gc
 
 
-def expand_groups(params: np.ndarray, group_shape: tuple[int, int], out_shape: tuple[int, int]) -> np.ndarray:
-    """Broadcast per-tile parameters to the full output: out[r, c] = params[r // gr, c // gc]."""
-    gr, gc = group_shape
+def _grid_rows(rows: tuple[int, int], gr: int) -> tuple[int, int]:
+    """The parameter-grid rows that output rows [lo, hi) use."""
+    return rows[0] // gr, (rows[1] - 1) // gr + 1
+
+
+def _param(ctx: Context, node: dict, key: str, rows: tuple[int, int] | None) -> np.ndarray | None:
+    """A per-tile parameter (a node or a JSON number) as fp32: all of it, or the grid rows that ``rows`` use."""
+    value = node.get(key)
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return np.full((1, 1), value, dtype=np.float32)
+    if rows is None:
+        return _as_float(ctx.decode(value, key))
+    if ctx.info_of(value, key).shape == (1, 1):
+        return _as_float(ctx.whole(value, key))
+    return _as_float(ctx.decode(value, key, _grid_rows(rows, node["group_shape"][0])))
+
+
+def apply_tiles(values: np.ndarray, params: np.ndarray, group_shape: tuple[int, int], first_row: int,
+                op: np.ufunc) -> None:
+    """In place: values[i, j] = op(values[i, j], params[(first_row + i) // gr - first_row // gr, j // gc]).
+
+    ``values`` holds output rows from ``first_row`` on; ``params`` the grid rows they use (or one [1, 1] value).
+    Parameters are broadcast over tile views instead of being repeated to the output's size, so the memory needed
+    never depends on ``group_shape`` (a group larger than the output is one tile along that axis).
+    """
     if params.shape == (1, 1):
-        return params
-    expanded = np.repeat(np.repeat(params, gr, axis=0), gc, axis=1)
-    return expanded[: out_shape[0], : out_shape[1]]
+        op(values, params, out=values)
+        return
+    height, cols = values.shape
+    gr, gc = group_shape
+    per_row = params if gr == 1 else params[np.arange(first_row, first_row + height) // gr - first_row // gr]
+    gc = min(gc, cols)
+    if gc == 1:
+        op(values, per_row, out=values)
+        return
+    full = cols // gc
+    if full:
+        step = values.strides[1]
+        tiles = np.lib.stride_tricks.as_strided(values, (height, full, gc), (values.strides[0], gc * step, step))
+        op(tiles, per_row[:, :full, None], out=tiles)
+    if full * gc < cols:
+        tail = values[:, full * gc:]
+        op(tail, per_row[:, full:full + 1], out=tail)
 
 
 def _codes_within(ctx: Context, codes: np.ndarray, bound: int, fld: str, what: str) -> None:
@@ -273,6 +388,7 @@ class TensorCodec(Codec):
 
     name = "tensor"
     required = frozenset({"tensor"})
+    row_ranges = True
 
     def infer(self, node: dict, ctx: Context) -> NodeInfo:
         info = ctx.tensor(node, "tensor")
@@ -282,13 +398,13 @@ class TensorCodec(Codec):
             return NodeInfo(info.shape, "int")
         raise ctx.error("bad_dtype", f"tensor dtype {info.dtype} cannot be a value or code", "tensor")
 
-    def decode(self, node: dict, ctx: Context) -> np.ndarray:
+    def decode(self, node: dict, ctx: Context, rows: tuple[int, int] | None = None) -> np.ndarray:
         data = ctx.load(node, "tensor")
+        if rows is not None:
+            data = data[rows[0]:rows[1]]
         if data.dtype.kind == "f" or data.dtype == NUMPY_BY_NAME["BF16"]:
-            return _as_float(data)
-        if data.dtype == np.uint64:  # int64 would wrap values >= 2^63; they convert from their exact value
-            return np.asarray(data)
-        return np.asarray(data, dtype=np.int64)
+            return _read_only(_as_float(data)) if data.dtype == np.float32 else _as_float(data)
+        return _read_only(data)  # integers as stored: every consumer range-checks, then converts or indexes
 
 
 def _check_u8(ctx: Context, node: dict, expected: tuple[int, ...], what: str) -> None:
@@ -306,6 +422,7 @@ class PackedCodec(Codec):
 
     name = "packed"
     required = frozenset({"tensor", "bits", "shape"})
+    row_ranges = True
 
     def infer(self, node: dict, ctx: Context) -> NodeInfo:
         bits = ctx.int_field(node, "bits", 1, 16)
@@ -313,12 +430,14 @@ class PackedCodec(Codec):
         _check_u8(ctx, node, (rows, bitpack.packed_row_bytes(cols, bits)), f"{rows}x{cols} codes of {bits} bits")
         return NodeInfo((rows, cols), "int", 1 << bits)
 
-    def decode(self, node: dict, ctx: Context) -> np.ndarray:
+    def decode(self, node: dict, ctx: Context, rows: tuple[int, int] | None = None) -> np.ndarray:
         packed = ctx.load(node, "tensor")
+        if rows is not None:
+            packed = packed[rows[0]:rows[1]]
         bits, cols = node["bits"], node["shape"][1]
         if not bitpack.padding_bits_are_zero(packed, bits, cols):
             raise ctx.error("nonzero_padding", "padding bits after the last code of a row must be zero", "tensor")
-        return bitpack.unpack_codes(packed, bits, cols)
+        return bitpack.unpack_codes(packed, bits, cols, bitpack.code_dtype(bits))
 
 
 @register
@@ -327,6 +446,7 @@ class BitplanesCodec(Codec):
 
     name = "bitplanes"
     required = frozenset({"tensor", "bits", "shape"})
+    row_ranges = True
 
     def infer(self, node: dict, ctx: Context) -> NodeInfo:
         bits = ctx.int_field(node, "bits", 1, 16)
@@ -334,14 +454,17 @@ class BitplanesCodec(Codec):
         _check_u8(ctx, node, (bits, rows, bitpack.packed_row_bytes(cols, 1)), f"{bits} planes of {rows}x{cols}")
         return NodeInfo((rows, cols), "int", 1 << bits)
 
-    def decode(self, node: dict, ctx: Context) -> np.ndarray:
+    def decode(self, node: dict, ctx: Context, rows: tuple[int, int] | None = None) -> np.ndarray:
         planes = ctx.load(node, "tensor")
+        if rows is not None:
+            planes = planes[:, rows[0]:rows[1]]
         cols = node["shape"][1]
         for p in range(planes.shape[0]):
             if not bitpack.padding_bits_are_zero(planes[p], 1, cols):
                 raise ctx.error("nonzero_padding", f"padding bits of plane {p} must be zero", "tensor")
         use = ctx.options.get("use_planes")
-        return bitpack.unpack_bitplanes(planes, cols, min(use, planes.shape[0]) if use else None)
+        bits = planes.shape[0]
+        return bitpack.unpack_bitplanes(planes, cols, min(use, bits) if use else None, bitpack.code_dtype(bits))
 
 
 @register
@@ -350,17 +473,21 @@ class TernaryCodec(Codec):
 
     name = "ternary"
     required = frozenset({"tensor", "shape"})
+    row_ranges = True
 
     def infer(self, node: dict, ctx: Context) -> NodeInfo:
         rows, cols = ctx.shape_field(node, "shape", 2)
         _check_u8(ctx, node, (rows, -(-cols // bitpack.TRITS_PER_BYTE)), f"{rows}x{cols} trits")
         return NodeInfo((rows, cols), "int")
 
-    def decode(self, node: dict, ctx: Context) -> np.ndarray:
-        values, valid = bitpack.unpack_ternary(ctx.load(node, "tensor"), node["shape"][1])
+    def decode(self, node: dict, ctx: Context, rows: tuple[int, int] | None = None) -> np.ndarray:
+        packed = ctx.load(node, "tensor")
+        if rows is not None:
+            packed = packed[rows[0]:rows[1]]
+        values, valid = bitpack.unpack_ternary(packed, node["shape"][1])
         if not valid:
             raise ctx.error("code_out_of_range", "ternary bytes must be < 243 with zero pad digits", "tensor")
-        return values.astype(np.int64)
+        return values
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -373,6 +500,7 @@ class AffineCodec(Codec):
     name = "affine"
     required = frozenset({"codes", "bits", "scale", "group_shape"})
     optional = frozenset({"zero"})
+    row_ranges = True
 
     def infer(self, node: dict, ctx: Context) -> NodeInfo:
         bits = ctx.int_field(node, "bits", 1, 16)
@@ -391,16 +519,19 @@ class AffineCodec(Codec):
                 _group_grid(ctx, node, codes.shape, info.shape, key)
         return NodeInfo(codes.shape, "float")
 
-    def decode(self, node: dict, ctx: Context) -> np.ndarray:
-        q = ctx.decode(node["codes"], "codes")
+    def decode(self, node: dict, ctx: Context, rows: tuple[int, int] | None = None) -> np.ndarray:
+        q = ctx.decode(node["codes"], "codes", rows)
         _codes_within(ctx, q, 1 << node["bits"], "codes", f"affine codes of {node['bits']} bits")
         group = tuple(node["group_shape"])
-        scale = expand_groups(_decode_value(ctx, node, "scale"), group, q.shape)
-        zero = _decode_value(ctx, node, "zero")
-        values = q.astype(np.float32)
-        if zero is not None:
-            values = values - expand_groups(zero, group, q.shape)
-        return values * scale
+        first = rows[0] if rows else 0
+        scale = _param(ctx, node, "scale", rows)
+        zero = _param(ctx, node, "zero", rows)
+        values = q.astype(np.float32, order="C")
+        del q
+        if zero is not None:  # (q - zero) * scale, two fp32 roundings, as the spec fixes
+            apply_tiles(values, zero, group, first, np.subtract)
+        apply_tiles(values, scale, group, first, np.multiply)
+        return values
 
 
 @register
@@ -410,6 +541,7 @@ class LutCodec(Codec):
     name = "lut"
     required = frozenset({"codes", "table"})
     optional = frozenset({"group_shape"})
+    row_ranges = True
 
     def infer(self, node: dict, ctx: Context) -> NodeInfo:
         codes = ctx.infer(node["codes"], "codes")
@@ -432,18 +564,24 @@ class LutCodec(Codec):
                             f"{table.shape[-1]} entries", "codes")
         return NodeInfo(codes.shape, "float")
 
-    def decode(self, node: dict, ctx: Context) -> np.ndarray:
-        q = ctx.decode(node["codes"], "codes")
-        table = _as_float(ctx.decode(node["table"], "table"))
+    def decode(self, node: dict, ctx: Context, rows: tuple[int, int] | None = None) -> np.ndarray:
+        q = ctx.decode(node["codes"], "codes", rows)
+        table_shape = ctx.info_of(node["table"], "table").shape if rows is not None else ()
+        per_tile = len(table_shape) == 3 and table_shape[:2] != (1, 1)
+        if per_tile:
+            table = _as_float(ctx.decode(node["table"], "table", _grid_rows(rows, node["group_shape"][0])))
+        else:
+            table = _as_float(ctx.whole(node["table"], "table"))
         _codes_within(ctx, q, table.shape[-1], "codes", f"lut with {table.shape[-1]} entries")
         if table.ndim == 1:
             return table[q]
-        if table.shape[:2] == (1, 1):  # one table for the whole tensor, like a [1, 1] scale
+        if table.shape[:2] == (1, 1) and not per_tile:  # one table for the whole tensor, like a [1, 1] scale
             return table[0, 0][q]
         gr, gc = node["group_shape"]
-        rows = np.arange(q.shape[0])[:, None] // gr
-        cols = np.arange(q.shape[1])[None, :] // gc
-        return table[rows, cols, q]
+        first = rows[0] if rows else 0
+        tile_rows = (np.arange(first, first + q.shape[0]) // gr - first // gr)[:, None]
+        tile_cols = np.arange(q.shape[1])[None, :] // gc
+        return table[tile_rows, tile_cols, q]
 
 
 @register
@@ -452,6 +590,7 @@ class ScaleCodec(Codec):
 
     name = "scale"
     required = frozenset({"input", "factor", "group_shape"})
+    row_ranges = True
 
     def infer(self, node: dict, ctx: Context) -> NodeInfo:
         inner = ctx.infer(node["input"], "input")
@@ -463,10 +602,11 @@ class ScaleCodec(Codec):
         _group_grid(ctx, node, inner.shape, factor.shape, "factor")
         return NodeInfo(inner.shape, "float")
 
-    def decode(self, node: dict, ctx: Context) -> np.ndarray:
-        inner = _as_float(ctx.decode(node["input"], "input"))
-        factor = _as_float(ctx.decode(node["factor"], "factor"))
-        return inner * expand_groups(factor, tuple(node["group_shape"]), inner.shape)
+    def decode(self, node: dict, ctx: Context, rows: tuple[int, int] | None = None) -> np.ndarray:
+        values = _own_float(ctx.decode(node["input"], "input", rows))
+        factor = _param(ctx, node, "factor", rows)
+        apply_tiles(values, factor, tuple(node["group_shape"]), rows[0] if rows else 0, np.multiply)
+        return values
 
 
 @register
@@ -475,6 +615,7 @@ class VqCodec(Codec):
 
     name = "vq"
     required = frozenset({"codes", "codebooks", "shape"})
+    row_ranges = True
 
     def infer(self, node: dict, ctx: Context) -> NodeInfo:
         rows, cols = ctx.shape_field(node, "shape", 2)
@@ -499,17 +640,17 @@ class VqCodec(Codec):
                             "entries", "codes")
         return NodeInfo((rows, cols), "float")
 
-    def decode(self, node: dict, ctx: Context) -> np.ndarray:
-        books = _as_float(ctx.decode(node["codebooks"], "codebooks"))
+    def decode(self, node: dict, ctx: Context, rows: tuple[int, int] | None = None) -> np.ndarray:
+        books = _as_float(ctx.whole(node["codebooks"], "codebooks"))
         m, k, d = books.shape
-        q = ctx.decode(node["codes"], "codes")
+        q = ctx.decode(node["codes"], "codes", rows)
         _codes_within(ctx, q, k, "codes", f"vq with {k} entries per codebook")
-        rows = q.shape[0]
-        q = q.reshape(rows, -1, m)
+        height = q.shape[0]
+        q = q.reshape(height, -1, m)
         out = books[0][q[:, :, 0]]
         for i in range(1, m):  # fixed order m = 0, 1, ... keeps fp32 sums reproducible
-            out = out + books[i][q[:, :, i]]
-        return out.reshape(rows, -1)
+            out += books[i][q[:, :, i]]
+        return out.reshape(height, -1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -521,6 +662,7 @@ class SparseCsrCodec(Codec):
 
     name = "sparse_csr"
     required = frozenset({"row_ptr", "col_idx", "values", "shape"})
+    row_ranges = True
 
     def infer(self, node: dict, ctx: Context) -> NodeInfo:
         rows, cols = ctx.shape_field(node, "shape", 2)
@@ -538,24 +680,20 @@ class SparseCsrCodec(Codec):
                             "values")
         return NodeInfo((rows, cols), "float")
 
-    def decode(self, node: dict, ctx: Context) -> np.ndarray:
-        rows, cols = node["shape"]
-        ptr = np.asarray(ctx.load(node, "row_ptr"), dtype=np.int64)
-        idx = np.asarray(ctx.load(node, "col_idx"), dtype=np.int64)
-        values = _as_float(ctx.decode(node["values"], "values"))
-        nnz = idx.shape[0]
-        if ptr[0] != 0 or ptr[-1] != nnz or np.any(np.diff(ptr) < 0):
-            raise ctx.error("bad_index", f"row_ptr must start at 0, never decrease, and end at nnz={nnz}", "row_ptr")
-        if nnz and (idx.min() < 0 or idx.max() >= cols):
-            raise ctx.error("index_out_of_range", f"col_idx must lie in [0, {cols}), found "
-                            f"[{int(idx.min())}, {int(idx.max())}]", "col_idx")
-        row_of = np.repeat(np.arange(rows), np.diff(ptr))
-        if nnz > 1:
-            same_row = row_of[1:] == row_of[:-1]
-            if np.any(same_row & (idx[1:] <= idx[:-1])):
-                raise ctx.error("bad_index", "col_idx must strictly increase within a row", "col_idx")
-        out = np.zeros((rows, cols), dtype=np.float32)
-        out[row_of, idx] = values
+    def decode(self, node: dict, ctx: Context, rows: tuple[int, int] | None = None) -> np.ndarray:
+        n_rows, cols = node["shape"]
+        first, end = rows if rows is not None else (0, n_rows)
+        ptr = ctx.load(node, "row_ptr")
+        idx = ctx.load(node, "col_idx")
+        if ctx.first_time(node, "row_ptr"):  # before any arithmetic on row_ptr (see qformat.format.sparse)
+            sparse.check_row_ptr(ptr, idx.shape[0], ctx.error)
+        lo, hi = int(ptr[first]), int(ptr[end])
+        row_of = sparse.rows_of(ptr[first:end + 1], first)
+        idx = idx[lo:hi]
+        sparse.check_col_idx(idx, row_of, cols, ctx.error)
+        values = _as_float(ctx.decode(node["values"], "values", (lo, hi) if rows is not None else None))
+        out = np.zeros((end - first, cols), dtype=np.float32)
+        out[row_of - first, idx] = values
         return out
 
 
@@ -565,6 +703,8 @@ class LowRankCodec(Codec):
 
     name = "lowrank"
     required = frozenset({"a", "b"})
+    row_ranges = True
+    products = True
 
     def infer(self, node: dict, ctx: Context) -> NodeInfo:
         a = ctx.infer(node["a"], "a")
@@ -573,9 +713,9 @@ class LowRankCodec(Codec):
             raise ctx.error("shape_mismatch", f"a {list(a.shape)} and b {list(b.shape)} do not multiply", "b")
         return NodeInfo((a.shape[0], b.shape[1]), "float")
 
-    def decode(self, node: dict, ctx: Context) -> np.ndarray:
-        a = _as_float(ctx.decode(node["a"], "a"))
-        b = _as_float(ctx.decode(node["b"], "b"))
+    def decode(self, node: dict, ctx: Context, rows: tuple[int, int] | None = None) -> np.ndarray:
+        a = _as_float(ctx.decode(node["a"], "a", rows))
+        b = _as_float(ctx.whole(node["b"], "b"))
         return a @ b
 
 
@@ -585,6 +725,8 @@ class SignLowRankCodec(Codec):
 
     name = "sign_lowrank"
     required = frozenset({"sign", "u", "v"})
+    row_ranges = True
+    products = True
 
     def infer(self, node: dict, ctx: Context) -> NodeInfo:
         sign = ctx.infer(node["sign"], "sign")
@@ -600,10 +742,11 @@ class SignLowRankCodec(Codec):
                             f"{list(sign.shape)}", "sign")
         return NodeInfo(sign.shape, "float")
 
-    def decode(self, node: dict, ctx: Context) -> np.ndarray:
-        sign = ctx.decode(node["sign"], "sign")
-        magnitude = _as_float(ctx.decode(node["u"], "u")) @ _as_float(ctx.decode(node["v"], "v"))
-        return np.where(sign == 1, magnitude, -magnitude).astype(np.float32)
+    def decode(self, node: dict, ctx: Context, rows: tuple[int, int] | None = None) -> np.ndarray:
+        sign = ctx.decode(node["sign"], "sign", rows)
+        values = _own_float(_as_float(ctx.decode(node["u"], "u", rows)) @ _as_float(ctx.whole(node["v"], "v")))
+        np.negative(values, out=values, where=sign != 1)
+        return values
 
 
 @register
@@ -612,6 +755,7 @@ class SumCodec(Codec):
 
     name = "sum"
     required = frozenset({"terms"})
+    row_ranges = True
 
     def infer(self, node: dict, ctx: Context) -> NodeInfo:
         terms = node["terms"]
@@ -624,10 +768,10 @@ class SumCodec(Codec):
                                 f"{list(infos[0].shape)}", f"terms[{i}]")
         return NodeInfo(infos[0].shape, "float")
 
-    def decode(self, node: dict, ctx: Context) -> np.ndarray:
-        out = _as_float(ctx.decode(node["terms"][0], "terms[0]"))
+    def decode(self, node: dict, ctx: Context, rows: tuple[int, int] | None = None) -> np.ndarray:
+        out = _own_float(ctx.decode(node["terms"][0], "terms[0]", rows))
         for i, term in enumerate(node["terms"][1:], start=1):
-            out = out + _as_float(ctx.decode(term, f"terms[{i}]"))
+            out += _as_float(ctx.decode(term, f"terms[{i}]", rows))  # left to right, one fp32 rounding each
         return out
 
 
@@ -637,6 +781,7 @@ class PermuteCodec(Codec):
 
     name = "permute"
     required = frozenset({"input", "perm"})
+    row_ranges = True
 
     def infer(self, node: dict, ctx: Context) -> NodeInfo:
         inner = ctx.infer(node["input"], "input")
@@ -648,18 +793,19 @@ class PermuteCodec(Codec):
                             f"{perm.dtype} {list(perm.shape)}", "perm")
         return NodeInfo(inner.shape, "float")
 
-    def decode(self, node: dict, ctx: Context) -> np.ndarray:
-        inner = _as_float(ctx.decode(node["input"], "input"))
-        perm = np.asarray(ctx.load(node, "perm"), dtype=np.int64)
-        check_permutation(ctx, perm)
-        out = np.empty_like(inner)
+    def decode(self, node: dict, ctx: Context, rows: tuple[int, int] | None = None) -> np.ndarray:
+        inner = _as_float(ctx.decode(node["input"], "input", rows))
+        perm = ctx.load(node, "perm")
+        if ctx.first_time(node, "perm"):
+            check_permutation(ctx, perm)
+        out = np.empty(inner.shape, dtype=np.float32)
         out[:, perm] = inner
         return out
 
 
 def check_permutation(ctx: Context, perm: np.ndarray) -> None:
     n = perm.shape[0]
-    if n and (perm.min() < 0 or perm.max() >= n or np.unique(perm).shape[0] != n):
+    if n and (int(perm.min()) < 0 or int(perm.max()) >= n or np.unique(perm).shape[0] != n):
         raise ctx.error("bad_permutation", f"perm must hold each of 0..{n - 1} exactly once", "perm")
 
 

@@ -13,8 +13,15 @@ import numpy as np
 
 from ..errors import FormatError
 from .codecs import REGISTRY, CodecRegistry
-from .record import FORMAT_VERSION, SUPPORTED_FORMAT_VERSIONS, bits_per_weight, decode_record, validate_record
-from .safetensors_io import QFORMAT_METADATA_KEY, SafetensorsFile, parse_json, write_safetensors
+from .record import (
+    FORMAT_VERSION,
+    SUPPORTED_FORMAT_VERSIONS,
+    bits_per_weight,
+    check_record,
+    decode_record,
+    validate_record,
+)
+from .safetensors_io import QFORMAT_METADATA_KEY, SafetensorsFile, parse_json, safe_text, write_safetensors
 
 MAX_METADATA_BYTES = 64 * 1024 * 1024
 
@@ -105,6 +112,13 @@ class QFile:
         except FormatError as exc:
             raise exc.at(file=str(self.path)) from None
 
+    def check(self, name: str, **options: Any) -> None:
+        """Every check :meth:`decode` makes on a record, without keeping the weight (memory: one row range)."""
+        try:
+            check_record(name, self.records[name], self.st.info, self.st.get, self.registry, options)
+        except FormatError as exc:
+            raise exc.at(file=str(self.path)) from None
+
     def quantized(self, name: str) -> QuantizedTensor:
         return QuantizedTensor(name, self.records[name], {t: self.st.get(t) for t in self.owned_tensors(name)})
 
@@ -116,6 +130,14 @@ def open_file(path: str | os.PathLike, registry: CodecRegistry = REGISTRY) -> QF
     return QFile(path, registry)
 
 
+def _check_name(name: str, path: str | os.PathLike) -> None:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FormatError("bad_tensor_name", "a name must be Unicode text; this one holds a lone surrogate",
+                          file=str(path), tensor=safe_text(name)) from None
+
+
 def write_file(path: str | os.PathLike, plain: Mapping[str, np.ndarray] | None = None,
                quantized: Iterable[QuantizedTensor] = (), metadata: Mapping[str, str] | None = None) -> Path:
     """Write plain tensors and quantized records into one qformat file, deterministically and atomically."""
@@ -123,6 +145,7 @@ def write_file(path: str | os.PathLike, plain: Mapping[str, np.ndarray] | None =
     records: dict[str, dict] = {}
 
     def add(name: str, array: np.ndarray, owner: str | None) -> None:
+        _check_name(name, path)
         if name in tensors or name in records:
             raise FormatError("duplicate_name", f"{name!r} is written twice", file=str(path), tensor=owner or name)
         tensors[name] = array
@@ -130,6 +153,7 @@ def write_file(path: str | os.PathLike, plain: Mapping[str, np.ndarray] | None =
     for name, array in (plain or {}).items():
         add(name, np.asarray(array), None)
     for qt in quantized:
+        _check_name(qt.name, path)
         if qt.name in tensors or qt.name in records:
             raise FormatError("duplicate_name", f"{qt.name!r} is written twice", file=str(path), tensor=qt.name)
         records[qt.name] = qt.record

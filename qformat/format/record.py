@@ -13,9 +13,13 @@ from .dtypes import WEIGHT_DTYPES
 
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = frozenset({1})
-# A record may expand its stored bytes (a rank-1 sidecar, an empty sparse part) but not without bound: a hostile
-# 1 MB file must not make a reader allocate tens of GiB.
-MAX_EXPANSION = 65536
+# Decode work (output elements summed over every node occurrence, spec/record.md#limits) per stored byte, for
+# records whose work exceeds FREE_WORK. Real records need at most a few dozen (4-bit affine: ~4; SpQR at 1 bit with
+# permute, sum and outliers: ~40); a hostile 1 MB file must not make a reader allocate tens of GiB.
+MAX_EXPANSION = 256
+FREE_WORK = 1 << 24
+# The reference decoder works through a record this many output elements (whole rows) at a time.
+CHUNK_ELEMENTS = 1 << 20
 RECORD_FIELDS = frozenset({"shape", "dtype", "storage_bytes", "weight", "info"})
 
 
@@ -58,10 +62,14 @@ def validate_record(name: str, record: Any, tensor_info: Callable[[str], TensorI
     """Check a record's structure against the tensors available; return the tensors it references.
 
     Checks field types, every node's codec and version, shapes through the tree, that referenced tensors exist and
-    are named ``<record name>.<suffix>``, and that ``storage_bytes`` equals the bytes of those tensors.
+    are named ``<record name>.<suffix>``, the decode-work limits, and that ``storage_bytes`` equals the bytes of
+    those tensors.
     """
+    return _validate(name, record, Context(registry, tensor_info))
+
+
+def _validate(name: str, record: Any, ctx: Context) -> dict[str, TensorInfo]:
     shape = _check_top_level(name, record)
-    ctx = Context(registry, tensor_info)
     try:
         info: NodeInfo = ctx.infer(record["weight"], "weight")
     except FormatError as exc:
@@ -78,27 +86,77 @@ def validate_record(name: str, record: Any, tensor_info: Callable[[str], TensorI
             raise FormatError("bad_tensor_name", f"tensor {ref!r} must be named {name!r} + '.<part>'", tensor=name,
                               field="weight")
     actual = sum(t.nbytes for t in ctx.referenced.values())
-    rows, cols = matrix_shape(shape)
-    if rows * cols > 1 << 24 and rows * cols > MAX_EXPANSION * max(actual, 1):
-        raise FormatError("limit_exceeded", f"{rows * cols} weights from {actual} stored bytes exceeds the "
-                          f"{MAX_EXPANSION} weights-per-byte limit", tensor=name, field="shape")
+    if ctx.work > FREE_WORK and ctx.work > MAX_EXPANSION * max(actual, 1):
+        elements, where = ctx.largest
+        raise FormatError("limit_exceeded", f"decoding needs {ctx.work} output elements (every node, each use "
+                          f"counted; the largest, {where}, has {elements}) from {actual} stored bytes: over the "
+                          f"limit of {MAX_EXPANSION} per byte", tensor=name, field=where)
     if actual != record["storage_bytes"]:
         raise FormatError("bad_accounting", f"storage_bytes says {record['storage_bytes']} but the referenced "
                           f"tensors hold {actual} bytes", tensor=name, field="storage_bytes")
     return ctx.referenced
 
 
+def _row_ranges(ctx: Context, node: Any, shape: tuple[int, int], split_products: bool) -> list[tuple[int, int]]:
+    """Row ranges of about CHUNK_ELEMENTS each, or one range when the tree cannot be split (or need not be)."""
+    rows, cols = shape
+    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+    if rows <= step or not _splittable(ctx, node, split_products):
+        return [(0, rows)]
+    return [(lo, min(lo + step, rows)) for lo in range(0, rows, step)]
+
+
+def _splittable(ctx: Context, node: Any, split_products: bool) -> bool:
+    """Every node of the (validated) tree decodes by row ranges; matrix products only if ``split_products``."""
+    codec = ctx.registry.lookup(node, ctx)
+    if not codec.row_ranges or (codec.products and not split_products):
+        return False
+    children = [v for v in node.values() if isinstance(v, dict)] + [t for t in node.get("terms", ())]
+    return all(_splittable(ctx, child, split_products) for child in children)
+
+
+def _decode_ranges(name: str, record: dict, tensor_info: Callable[[str], TensorInfo | None],
+                   load: Callable[[str], np.ndarray], registry: CodecRegistry, options: Mapping[str, Any] | None,
+                   keep: bool) -> np.ndarray | None:
+    """Validate, then decode the record range by range: into one fp32 matrix (``keep``) or only to check the data."""
+    ctx = Context(registry, tensor_info, load, dict(options or {}))
+    _validate(name, record, ctx)
+    shape = matrix_shape(tuple(record["shape"]))
+    # Decoding keeps whole-record matrix products (BLAS results may depend on the split); checking may split them.
+    ranges = _row_ranges(ctx, record["weight"], shape, split_products=not keep)
+    try:
+        if len(ranges) == 1:
+            matrix = ctx.decode(record["weight"], "weight")
+            return np.asarray(matrix, dtype=np.float32).reshape(record["shape"]) if keep else None
+        ctx.ranged = True
+        out = np.empty(shape, dtype=np.float32) if keep else None
+        for lo, hi in ranges:
+            part = ctx.decode(record["weight"], "weight", (lo, hi))
+            if out is not None:
+                out[lo:hi] = part
+            del part
+        return out.reshape(record["shape"]) if out is not None else None
+    except FormatError as exc:
+        raise exc.at(tensor=name) from None
+
+
 def decode_record(name: str, record: dict, tensor_info: Callable[[str], TensorInfo | None],
                   load: Callable[[str], np.ndarray], registry: CodecRegistry = REGISTRY,
                   options: Mapping[str, Any] | None = None) -> np.ndarray:
-    """Validate then decode a record to its fp32 weight, in the record's declared shape."""
-    validate_record(name, record, tensor_info, registry)
-    ctx = Context(registry, tensor_info, load, dict(options or {}))
-    try:
-        matrix = ctx.decode(record["weight"], "weight")
-    except FormatError as exc:
-        raise exc.at(tensor=name) from None
-    return np.asarray(matrix, dtype=np.float32).reshape(record["shape"])
+    """Validate then decode a record to its fp32 weight, in the record's declared shape.
+
+    Peak memory is the result plus about CHUNK_ELEMENTS working elements for trees without matrix products.
+    """
+    out = _decode_ranges(name, record, tensor_info, load, registry, options, keep=True)
+    assert out is not None
+    return out
+
+
+def check_record(name: str, record: dict, tensor_info: Callable[[str], TensorInfo | None],
+                 load: Callable[[str], np.ndarray], registry: CodecRegistry = REGISTRY,
+                 options: Mapping[str, Any] | None = None) -> None:
+    """Run every structural and data check of :func:`decode_record` without keeping the weight (bounded memory)."""
+    _decode_ranges(name, record, tensor_info, load, registry, options, keep=False)
 
 
 def bits_per_weight(record: dict) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import sys
 import tempfile
@@ -65,18 +66,62 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# A JSON string may escape a lone UTF-16 surrogate ("\\ud800"): valid JSON syntax, but not a Unicode string, so
+# not UTF-8 encodable (printing or re-writing such a name fails). Surrogates only enter through such escapes.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _find_surrogate(value: Any, path: list[str]) -> list[str] | None:
+    """The path to the first key or string value that holds a lone surrogate (keys shown escaped)."""
+    if isinstance(value, str):
+        return None if _is_unicode(value) else path
+    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in children:
+        where = [*path, safe_text(key) if isinstance(key, str) else str(key)]
+        if isinstance(key, str) and not _is_unicode(key):
+            return where
+        if isinstance(child, (str, dict, list)) and (found := _find_surrogate(child, where)):
+            return found
+    return None
+
+
+def safe_text(text: str) -> str:
+    """``text`` with anything UTF-8 cannot encode (lone surrogates) written as a backslash escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def parse_json(text: str | bytes, what: str, file: str, tensor_level: int | None = None) -> Any:
     """Strict JSON: no NaN/Infinity, no key named twice in one object, bounded nesting.
 
     ``tensor_level``: the depth at which keys are tensor (or record) names, so a duplicate can be reported as
     belonging to one.
     """
+    given_text = isinstance(text, str)  # may hold surrogates as such; decoded bytes only through escapes
+    if isinstance(text, bytes):
+        try:  # strictly: json.loads(bytes) would accept UTF-16/32 and UTF-8-encoded surrogates ("surrogatepass")
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise FormatError("bad_header", f"{what} is not valid UTF-8: {exc}", file=file) from None
     try:
         value = json.loads(text, object_pairs_hook=_keep_duplicates, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except ValueError as exc:
         raise FormatError("bad_header", f"{what} is not valid JSON: {exc}", file=file) from None
     except RecursionError:
         raise FormatError("bad_header", f"{what} nests too deeply", file=file) from None
+    if _SURROGATE_ESCAPE.search(text) or (given_text and not _is_unicode(text)):
+        bad = _find_surrogate(value, [])
+        if bad is not None:
+            raise FormatError("bad_header", f"{what} holds a string that is not valid Unicode (a lone surrogate "
+                              "such as \\ud800): names and values must be UTF-8 text", file=file,
+                              field="/".join(bad) or None)
     path = _find_duplicate(value, [])
     if path is not None:
         tensor = path[tensor_level] if tensor_level is not None and len(path) > tensor_level else None
@@ -151,7 +196,12 @@ class SafetensorsFile:
                 or offsets[0] > offsets[1]):
             raise fail("bad_header", f"data_offsets must be [begin, end] with begin <= end, got {offsets!r}",
                        "data_offsets")
-        expected = int(np.prod(shape, dtype=object)) * NUMPY_BY_NAME[dtype].itemsize
+        itemsize = NUMPY_BY_NAME[dtype].itemsize
+        if int(np.prod([d for d in shape if d], dtype=object)) * itemsize >= 1 << 63:
+            # an empty tensor may still have huge dims: no array library can represent [2^40 - 1, 0, 2^40 - 1]
+            raise fail("bad_header", f"shape {shape!r}: its non-zero dims times the item size reach 2**63 bytes",
+                       "shape")
+        expected = int(np.prod(shape, dtype=object)) * itemsize
         if offsets[1] - offsets[0] != expected:
             raise fail("shape_mismatch", f"{dtype} {shape} needs {expected} bytes, data_offsets cover "
                        f"{offsets[1] - offsets[0]}", "data_offsets")
