@@ -596,3 +596,28 @@ def test_an_empty_tensor_with_huge_dims_is_a_bad_header(tmp_path):
     p.entries[-1][1]["shape"] = [(1 << 40) - 1, 0, 1 << 20]  # 2^62 bytes: representable
     path.write_bytes(p.to_bytes())
     assert open_file(path).tensor("empty").shape == ((1 << 40) - 1, 0, 1 << 20)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_an_index_that_is_not_a_regular_file_is_refused_at_once(tmp_path, kind):
+    """A FIFO would block the reader forever and a link to /dev/zero would be read without end (st_size is 0):
+    both are `unreadable`, in a child process with a timeout so a regression fails instead of hanging pytest."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "qformat",
+                                                                            "format_version": 1}}))
+    index = folder / "model.safetensors.index.json"
+    if kind == "fifo":
+        os.mkfifo(index)
+    else:
+        os.symlink("/dev/zero", index)
+    code = textwrap.dedent(f"""
+        from qformat.errors import FormatError
+        from qformat.format import open_folder
+        try:
+            open_folder({str(folder)!r})
+        except FormatError as exc:
+            print(exc.code)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "unreadable", result.stderr[-2000:]

@@ -19,6 +19,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -48,12 +49,19 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 
 def read_json(path: Path) -> Any:
+    """A JSON file of at most MAX_JSON_BYTES. Only regular files: a FIFO would block forever and a device (a link to
+    /dev/zero) would be read without end, so the size is checked on the open descriptor and the read is bounded."""
     try:
-        if path.stat().st_size > MAX_JSON_BYTES:
-            raise FormatError("limit_exceeded", f"JSON file over {MAX_JSON_BYTES} bytes", file=str(path))
-        return parse_json(path.read_bytes(), path.name, str(path))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise FormatError("unreadable", "not a regular file", file=str(path))
+            data = handle.read(MAX_JSON_BYTES + 1)
     except OSError as exc:
         raise FormatError("unreadable", f"cannot read: {exc.strerror or exc}", file=str(path)) from None
+    if len(data) > MAX_JSON_BYTES:
+        raise FormatError("limit_exceeded", f"JSON file over {MAX_JSON_BYTES} bytes", file=str(path))
+    return parse_json(data, path.name, str(path))
 
 
 def _check_quantization_config(config: dict, path: Path) -> None:
