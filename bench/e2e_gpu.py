@@ -128,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM
 
     import qformat
-    from qformat.convert import ConvertOptions, convert
-    from qformat.convert.tiny import make_tiny_llama
+    from qformat.conversion import ConvertOptions, convert
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test model factory (not shipped)
+    from tiny_model import make_tiny_llama
 
     work = Path(tempfile.mkdtemp(prefix="qformat-e2e-gpu-"))
     source = Path(args.folder) if args.folder else make_tiny_llama(work / "source", **SMOLLM2)

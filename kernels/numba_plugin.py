@@ -1,7 +1,7 @@
 """The Numba CPU kernel family, registered through the ``qformat`` entry point ``numba_kernels``.
 
 Fused dequantize-and-multiply for batches up to ``max_batch`` rows; above that, callers dequantize and run a dense
-matmul (``qformat_kernels.dispatch.linear``). What it supports is decided from the record alone: see
+matmul (``qformat.runtime.dispatch.linear``). What it supports is decided from the record alone: see
 ``numba_plan`` for the grammar.
 """
 

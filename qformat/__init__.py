@@ -14,10 +14,10 @@ import sys
 import warnings
 from typing import Any
 
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 _REGISTRY_MODULE = "transformers.quantizers.auto"  # where transformers keeps quant_method -> quantizer
-_LAZY = {"load": "loader", "load_dequantized": "loader", "QLinear": "nn"}
+_LAZY = {"load": "api", "load_dequantized": "api", "load_any": "api", "convert": "api", "QLinear": "runtime.nn"}
 
 
 def __getattr__(name: str) -> Any:
@@ -28,8 +28,11 @@ def __getattr__(name: str) -> Any:
 
 
 def _register_with_transformers() -> None:
+    integration = sys.modules.get(f"{__name__}.runtime.hf_integration")
+    if integration is not None and not hasattr(integration, "register"):
+        return  # that module is being imported (it imports transformers): it registers itself once it has executed
     try:
-        from .hf_integration import register
+        from .runtime.hf_integration import register
 
         register()
     except Exception as exc:  # never break transformers' own import because of us

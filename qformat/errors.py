@@ -47,5 +47,9 @@ class ParameterError(QformatError):
     """A method parameter is unknown, of the wrong type, or out of range."""
 
 
+class LoadError(QformatError):
+    """The folder cannot be turned into a model (unknown architecture, names or shapes that do not fit it)."""
+
+
 class ConversionError(QformatError):
     """Conversion cannot proceed (bad model, unsupported architecture, calibration problems, disk full)."""

@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+from tiny_model import make_tiny_llama
 
 from qformat.cli import main
-from qformat.convert.calibration import DEFAULT_CALIBRATION
-from qformat.convert.tiny import make_tiny_llama
 from qformat.format import open_folder
+from qformat.text import DEFAULT_CALIBRATION
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +170,7 @@ def test_push_to_calls_the_hub_after_finalizing(tiny: Path, tmp_path: Path, caps
 
 def test_resume_message(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
                         monkeypatch: pytest.MonkeyPatch) -> None:
-    from qformat.convert import pipeline
+    from qformat.conversion import pipeline
 
     def killed(self, *args, **kwargs):
         raise KeyboardInterrupt

@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_model import make_tiny_llama
 
-from qformat.convert.calibration import DEFAULT_CALIBRATION
-from qformat.convert.pipeline import Converter, ConvertOptions, convert
-from qformat.convert.tiny import make_tiny_llama
+from qformat.conversion.pipeline import Converter, ConvertOptions, convert
 from qformat.errors import ConversionError, ParameterError, PluginError, QformatError
 from qformat.format import FolderWriter, open_folder, verify_folder
+from qformat.hub import resolve_model_source
+from qformat.text import DEFAULT_CALIBRATION
 
 CALIB = {"calib_samples": 8, "calib_seqlen": 64}
 
@@ -33,7 +34,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def options(source: Path, out: Path, method: str = "gptq", **kw) -> ConvertOptions:
     calib = {"calib": source.parent / "calib.txt"} if (source.parent / "calib.txt").is_file() else {}
-    return ConvertOptions(str(source), out, method, quiet=True, **{**CALIB, **calib, **kw})
+    return ConvertOptions(str(source), out, method, quiet=True, resolve_hub=resolve_model_source, **{**CALIB, **calib, **kw})
 
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:
@@ -122,7 +123,7 @@ def test_infinite_parameter_is_written_as_strict_json(tiny: Path, tmp_path: Path
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the peak can be reset only on Linux")
 def test_summary_peak_is_this_conversions_not_the_process(tiny: Path, tmp_path: Path) -> None:
     """A conversion inside a program that once held much more memory reports its own peak, not the program's."""
-    from qformat.convert.report import peak_rss_bytes
+    from qformat.conversion.report import peak_rss_bytes
 
     ballast = np.ones(600 * 2**20 // 8)  # 600 MiB, touched: the process peak now exceeds anything the tiny model needs
     process_peak = peak_rss_bytes()
@@ -258,7 +259,7 @@ def test_tied_lm_head_is_untied_when_quantized(tmp_path: Path) -> None:
 
 
 def test_true_sequential_groups_linears_by_shared_input(tiny: Path) -> None:
-    from qformat.convert.activations import capture_block_inputs, input_groups
+    from qformat.conversion.activations import capture_block_inputs, input_groups
 
     converter = Converter(options(tiny, tiny.parent / "unused", true_sequential=True))
     converter.prepare()
@@ -274,7 +275,7 @@ def test_true_sequential_groups_linears_by_shared_input(tiny: Path) -> None:
 
 @pytest.mark.parametrize("width", [5, 192, 500])
 def test_hessian_upper_triangle_accumulation(width: int) -> None:
-    from qformat.convert.activations import accumulate_xtx_upper, symmetric_from_upper
+    from qformat.conversion.activations import accumulate_xtx_upper, symmetric_from_upper
 
     x = torch.randn(300, width, generator=torch.Generator().manual_seed(width))
     acc = torch.zeros(width, width)
@@ -289,8 +290,8 @@ def test_hessian_upper_triangle_accumulation(width: int) -> None:
 def test_statistics_pass_stops_after_the_last_hooked_linear(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The statistics pass skips what follows the last hooked linear, and its Hessians (accumulated as the upper
     triangle) equal full forwards' sum(x xᵀ), symmetric."""
-    from qformat.convert import activations
-    from qformat.convert.activations import LinearStats, run_block
+    from qformat.conversion import activations
+    from qformat.conversion.activations import LinearStats, run_block
 
     monkeypatch.setattr(activations, "TOKENS_PER_FORWARD", 128)  # 2 windows of 64 tokens per micro-batch
     converter = Converter(options(tiny, tiny.parent / "unused"))
@@ -503,7 +504,7 @@ def test_disk_full_while_finalizing(tiny: Path, earlier_out: Path, monkeypatch: 
 
 
 def test_calibration_windows_are_seeded_and_disjoint() -> None:
-    from qformat.convert.calibration import sample_windows
+    from qformat.conversion.calibration import sample_windows
 
     ids = torch.arange(1000)
     a = sample_windows(ids, 10, 50, seed=3)
@@ -520,7 +521,7 @@ def test_calibration_windows_are_seeded_and_disjoint() -> None:
 
 MEASURE = textwrap.dedent("""
     import json, sys
-    from qformat.convert.pipeline import ConvertOptions, convert
+    from qformat.conversion.pipeline import ConvertOptions, convert
     result = convert(ConvertOptions(sys.argv[1], sys.argv[2], "gptq", calib=sys.argv[3], calib_samples=4,
                                     calib_seqlen=64, quiet=True))
     print(json.dumps({"peak": result.summary.peak_rss_bytes, "trace": result.summary.extra["rss_after_block"]}))

@@ -10,8 +10,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from qformat_kernels import dispatch
-from qformat_kernels.dispatch import (
+
+from qformat.cli import main
+from qformat.format import QuantizedTensor, RecordBuilder, write_file
+from qformat.kernel_api import Kernel, PreparedWeight
+from qformat.runtime import dispatch
+from qformat.runtime.dispatch import (
     ENV_KERNEL,
     REFERENCE,
     KernelSelectionError,
@@ -19,11 +23,7 @@ from qformat_kernels.dispatch import (
     prepare_weight,
     select_kernel,
 )
-from qformat_kernels.torch_reference import TorchReferencePrepared
-
-from qformat.cli import main
-from qformat.format import QuantizedTensor, RecordBuilder, write_file
-from qformat.kernel_api import Kernel, PreparedWeight
+from qformat.runtime.reference import TorchReferencePrepared
 
 NAME = "model.layers.0.self_attn.q_proj.weight"
 

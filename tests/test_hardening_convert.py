@@ -16,15 +16,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_hub import hub_env, hub_server  # noqa: F401  (fixtures: a local Hub-protocol server)
+from tiny_model import make_tiny_llama
 
 from qformat.cli import main
-from qformat.convert import gguf
-from qformat.convert.calibration import DEFAULT_CALIBRATION
-from qformat.convert.pipeline import DIGESTS_NAME, Converter, ConvertOptions, convert
-from qformat.convert.tiny import make_tiny_llama
+from qformat.conversion import gguf
+from qformat.conversion.pipeline import DIGESTS_NAME, Converter, ConvertOptions, convert
 from qformat.errors import ConversionError
 from qformat.format import verify_folder
 from qformat.format.safetensors_io import SafetensorsFile
+from qformat.hub import resolve_model_source
+from qformat.text import DEFAULT_CALIBRATION
 
 CALIB = {"calib_samples": 8, "calib_seqlen": 64}
 SECRET = "TOP-SECRET-LOCAL-FILE"
@@ -41,7 +42,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def options(source: Path | str, out: Path, method: str = "rtn", **kw) -> ConvertOptions:
-    return ConvertOptions(str(source), out, method, quiet=True, calib=SHORT_CALIB[0], **{**CALIB, **kw})
+    return ConvertOptions(str(source), out, method, quiet=True, calib=SHORT_CALIB[0], resolve_hub=resolve_model_source,
+                          **{**CALIB, **kw})
 
 
 def copy_source(tiny: Path, dest: Path) -> Path:
@@ -398,7 +400,7 @@ def test_shard_without_recorded_digests_is_redone(tiny: Path, tmp_path: Path, mo
 HOLDER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from qformat.convert.pipeline import ConvertOptions, convert
+    from qformat.conversion.pipeline import ConvertOptions, convert
     ready, go = Path(sys.argv[3]), Path(sys.argv[4])
 
     def hold(index):
@@ -443,7 +445,7 @@ def test_the_lock_is_held_until_the_output_is_pushed(tiny: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """No other convert can replace the folder between its finalize and the end of --eval/--push-to."""
     from qformat import hub
-    from qformat.convert.lock import OutputLock, lock_path
+    from qformat.conversion.lock import OutputLock, lock_path
 
     pushed = []
 

@@ -96,16 +96,16 @@ class HashCounter:
     """Counts the shard hashes the loader computes."""
 
     def __init__(self, monkeypatch) -> None:
-        import qformat.loader
+        import qformat.runtime.checksums
 
         self.calls = 0
-        real = qformat.loader.sha256_file
+        real = qformat.runtime.checksums.sha256_file
 
         def counting(path, *args, **kwargs):
             self.calls += 1
             return real(path, *args, **kwargs)
 
-        monkeypatch.setattr(qformat.loader, "sha256_file", counting)
+        monkeypatch.setattr(qformat.runtime.checksums, "sha256_file", counting)
 
     def take(self) -> int:
         calls, self.calls = self.calls, 0
@@ -253,7 +253,7 @@ def test_an_unwritable_cache_only_costs_a_rehash(good, tmp_path, monkeypatch):
 
 def test_folder_without_checksums_warns_or_refuses_verify_true(good, tmp_path):
     import qformat
-    from qformat.loader import LoadError
+    from qformat.errors import LoadError
 
     folder = copy_folder(good, tmp_path / "old")
     config = json.loads((folder / "config.json").read_text())
@@ -304,7 +304,7 @@ def test_incomplete_folder_is_refused_by_every_loader(good, tmp_path, missing):
     from transformers import AutoModelForCausalLM
 
     import qformat
-    from qformat.loader import LoadError
+    from qformat.errors import LoadError
 
     folder = copy_folder(good, tmp_path / "incomplete")
     shard = next(s for s in shards(folder) if missing in open_file(s).plain_names)
@@ -321,7 +321,7 @@ def test_incomplete_folder_is_refused_by_every_loader(good, tmp_path, missing):
 def test_untied_output_layer_must_be_stored(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from qformat.loader import LoadError
+    from qformat.errors import LoadError
 
     folder = write_folder(tiny_model(tie_word_embeddings=False), tmp_path / "untied")
     shard = next(s for s in shards(folder) if "lm_head.weight" in open_file(s).plain_names)

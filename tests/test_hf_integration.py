@@ -23,8 +23,8 @@ def test_from_pretrained_matches_qformat_load(tiny_folder):
     from transformers import AutoModelForCausalLM
 
     import qformat
-    from qformat.hf_integration import QformatConfig
-    from qformat.nn import QLinear
+    from qformat.runtime.hf_integration import QformatConfig
+    from qformat.runtime.nn import QLinear
 
     model, info = AutoModelForCausalLM.from_pretrained(tiny_folder, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
@@ -69,7 +69,7 @@ def test_save_pretrained_is_refused_and_dequantize_works(tiny_folder, tmp_path):
     from transformers import AutoModelForCausalLM
 
     import qformat
-    from qformat.nn import QLinear
+    from qformat.runtime.nn import QLinear
 
     model = AutoModelForCausalLM.from_pretrained(tiny_folder)
     with pytest.raises(ValueError, match="not serializable"):
@@ -112,7 +112,7 @@ def _run(code: str) -> str:
 
 
 CHECK = """
-    from qformat.nn import QLinear
+    from qformat.runtime.nn import QLinear
     model = AutoModelForCausalLM.from_pretrained({folder!r})
     print(sum(isinstance(m, QLinear) for m in model.modules()))
 """

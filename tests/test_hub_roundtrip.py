@@ -8,8 +8,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard, hf_hub_download
 from test_hub import hub_env, hub_server  # noqa: F401  (fixtures: a local Hub-protocol server)
-
-from qformat.convert.tiny import make_tiny_llama
+from tiny_model import make_tiny_llama
 
 DATA = Path(__file__).resolve().parent.parent / "qformat" / "data" / "calibration.txt"
 
@@ -17,7 +16,7 @@ DATA = Path(__file__).resolve().parent.parent / "qformat" / "data" / "calibratio
 @pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
 def test_convert_push_load_by_id_same_logits(tmp_path, hub_env):  # noqa: F811 (fixture imported above)
     import qformat
-    from qformat.convert.pipeline import ConvertOptions, convert
+    from qformat.conversion.pipeline import ConvertOptions, convert
     from qformat.hub import push_folder
 
     source = make_tiny_llama(tmp_path / "tiny", layers=2)

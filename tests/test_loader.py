@@ -104,7 +104,7 @@ def input_ids(n: int = 24, seed: int = 1) -> torch.Tensor:
 
 def test_logits_match_reference_decode(tiny_folder):
     import qformat
-    from qformat.nn import QLinear
+    from qformat.runtime.nn import QLinear
 
     model = qformat.load(tiny_folder)
     reference = qformat.load_dequantized(tiny_folder)
@@ -129,8 +129,8 @@ def test_logits_match_reference_decode(tiny_folder):
 def test_no_full_precision_weight_is_held(tiny_folder):
     import qformat
     from qformat.format import open_folder
-    from qformat.loader import model_summary
-    from qformat.nn import QLinear
+    from qformat.runtime.loader import model_summary
+    from qformat.runtime.nn import QLinear
 
     model = qformat.load(tiny_folder)
     records = open_folder(tiny_folder).records
@@ -152,7 +152,7 @@ def test_no_full_precision_weight_is_held(tiny_folder):
 
 def test_packed_pages_are_released_after_preparing(tiny_folder):
     from qformat.format import open_folder
-    from qformat.loader import release_record_pages
+    from qformat.runtime.loader import release_record_pages
 
     folder = open_folder(tiny_folder)
     names = list(folder.records)
@@ -287,7 +287,7 @@ def test_bad_header_is_a_format_error(tmp_path):
 
 def test_not_a_qformat_folder(tmp_path):
     import qformat
-    from qformat.loader import LoadError
+    from qformat.errors import LoadError
 
     model = tiny_model()
     model.save_pretrained(tmp_path / "plain")
@@ -342,7 +342,7 @@ def test_load_from_hub_id(tiny_folder, hub_env):  # noqa: F811 (the fixture impo
 
 def _groups(model) -> list[str]:
     """The fused sibling groups, each as its members' names (sorted), in sorted order."""
-    from qformat.nn import QLinear
+    from qformat.runtime.nn import QLinear
 
     out: dict[int, list[str]] = {}
     for name, m in model.named_modules():
@@ -353,7 +353,7 @@ def _groups(model) -> list[str]:
 
 def test_fused_siblings_match_unfused(tiny_folder):
     import qformat
-    from qformat.loader import model_summary
+    from qformat.runtime.loader import model_summary
 
     fused = qformat.load(tiny_folder)
     plain = qformat.load(tiny_folder, fuse=False)
@@ -450,7 +450,7 @@ def test_converted_smollm2_kernels_match_reference(tmp_path):
 
     import qformat
     from qformat.cli import main
-    from qformat.evaluate import perplexity
+    from qformat.runtime.evaluate import perplexity
 
     gguf = _smollm2_gguf()
     if gguf is None:
@@ -484,7 +484,7 @@ def test_moving_a_loaded_model_warns_that_packed_weights_stay(tiny_folder, monke
     import warnings
 
     import qformat
-    from qformat.nn import QLinear
+    from qformat.runtime.nn import QLinear
 
     model = qformat.load(tiny_folder)
     monkeypatch.setattr(QLinear, "_warned_move", False)

@@ -52,8 +52,9 @@ def test_no_source_at_all() -> None:
 
 
 def test_converting_a_local_folder_by_absolute_path_writes_a_card_without_it(tmp_path: Path) -> None:
-    from qformat.convert import ConvertOptions, convert
-    from qformat.convert.tiny import make_tiny_llama
+    from tiny_model import make_tiny_llama
+
+    from qformat.conversion import ConvertOptions, convert
 
     folder = make_tiny_llama(tmp_path / "deep" / "where" / "tiny", layers=1)
     convert(ConvertOptions(str(folder.resolve()), str(tmp_path / "out"), "rtn", quiet=True))

@@ -28,10 +28,10 @@ def test_smollm2_spqr_from_gguf(gguf: Path, tmp_path: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qformat.convert.pipeline import ConvertOptions, convert
-    from qformat.evaluate import perplexity, tokenize_file
+    from qformat.conversion.pipeline import ConvertOptions, convert
     from qformat.format import verify_folder
-    from qformat.loader import load_dequantized
+    from qformat.runtime.evaluate import perplexity, tokenize_file
+    from qformat.runtime.loader import load_dequantized
 
     out = tmp_path / "smollm2-spqr"
     result = convert(ConvertOptions(str(gguf), out, "spqr", params={"bits": 4}, calib_samples=16,
@@ -49,7 +49,7 @@ def test_smollm2_spqr_from_gguf(gguf: Path, tmp_path: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     text = DATA / "wiki_eval.txt" if (DATA / "wiki_eval.txt").is_file() else None
     if text is None:
-        from qformat.convert.calibration import DEFAULT_EVAL as text
+        from qformat.text import DEFAULT_EVAL as text
     ids = tokenize_file(tokenizer, text)
     source = AutoModelForCausalLM.from_pretrained(str(result.source.folder), dtype=torch.float32).eval()
     before = perplexity(source, ids, 1024, limit=4).ppl

@@ -221,7 +221,8 @@ def tiny_converted_folder(cache: Path | None = None) -> Path:
     src = cache / "tiny_src"
     shutil.rmtree(src, ignore_errors=True)
     env = {**os.environ, "TQDM_DISABLE": "1"}
-    subprocess.run([sys.executable, "-m", "qformat.convert.tiny", str(src), "--layers", "1"], check=True, env=env,
+    tiny = Path(__file__).resolve().parents[2] / "tests" / "tiny_model.py"  # the test model factory (not shipped)
+    subprocess.run([sys.executable, str(tiny), str(src), "--layers", "1"], check=True, env=env,
                    stdout=subprocess.DEVNULL)
     partial = cache / "tiny_rtn_l1.tmp"
     shutil.rmtree(partial, ignore_errors=True)

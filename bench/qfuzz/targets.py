@@ -97,7 +97,7 @@ def preload(target: str) -> None:
     if target == "load":
         import transformers  # noqa: F401
 
-        import qformat.loader  # noqa: F401
+        import qformat.runtime.loader  # noqa: F401
     if target == "kernel":
         import qformat_kernels.numba_prepared  # noqa: F401
         import torch  # noqa: F401

@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any
 from ..errors import ParameterError
 
 if TYPE_CHECKING:
-    from ..convert.pipeline import Converter
+    from ..conversion.pipeline import Converter
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    from ..convert.calibration import DEFAULT_SAMPLES, DEFAULT_SEQLEN
+    from ..conversion.calibration import DEFAULT_SAMPLES, DEFAULT_SEQLEN
 
     conv = sub.add_parser(
         "convert", help="quantize a Hugging Face model (folder, Hub id or .gguf) into a qformat folder",
@@ -125,8 +125,9 @@ def quiet_openmp_waits() -> bool:
 
 def run_convert(args: argparse.Namespace) -> int:
     quiet_openmp_waits()
-    from ..convert.pipeline import Converter, ConvertOptions
-    from ..convert.quality import resolve_eval_text
+    from ..conversion.pipeline import Converter, ConvertOptions
+    from ..conversion.quality import resolve_eval_text
+    from ..hub import resolve_model_source
     from ..plugins import get_method
 
     method = get_method(args.method)
@@ -137,7 +138,7 @@ def run_convert(args: argparse.Namespace) -> int:
         source=args.source, out=args.out, method=args.method, params=params, revision=args.revision,
         calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
         include=args.include, exclude=args.exclude, true_sequential=args.true_sequential, overwrite=args.overwrite,
-        restart=args.restart, quiet=args.quiet)
+        restart=args.restart, quiet=args.quiet, resolve_hub=resolve_model_source)
     converter = Converter(options)
     converter.prepare()
     try:
@@ -147,8 +148,8 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def _convert_and_publish(converter: Converter, args: argparse.Namespace, eval_text: Path | None) -> int:
-    from ..convert.quality import DEFAULT_PROMPT, add_results_to_card, evaluate_conversion
-    from ..convert.report import print_summary
+    from ..conversion.quality import DEFAULT_PROMPT, add_results_to_card, evaluate_conversion
+    from ..conversion.report import print_summary
 
     if converter.resuming and not args.quiet:
         print(f"qformat: resuming the partial conversion in {converter.work_dir}", file=sys.stderr)

@@ -20,9 +20,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _kernel_rows() -> list[dict[str, Any]]:
-    from qformat_kernels.dispatch import available_kernels
-
     from qformat.plugins import get_plugins
+    from qformat.runtime.dispatch import available_kernels
 
     plugins = get_plugins()
     rows = []
@@ -31,7 +30,7 @@ def _kernel_rows() -> list[dict[str, Any]]:
         info = plugins.info.get(owner) if owner else None
         rows.append({"name": name, "device": kernel.device, "priority": kernel.priority,
                      "max_batch": kernel.max_batch if kernel.max_batch < 1 << 30 else None,
-                     "provider": f"{info.package} {info.version} ({owner})" if info else "qformat_kernels.dispatch",
+                     "provider": f"{info.package} {info.version} ({owner})" if info else "qformat.runtime.dispatch",
                      "supports": list(getattr(kernel, "supported", ()) or [(kernel.__doc__ or "").strip()])})
     return rows
 
@@ -44,10 +43,9 @@ def _records(path: Path) -> tuple[dict[str, dict], Any]:
 
 
 def _signature_rows(path: Path, device: str, batch: int) -> list[dict[str, Any]]:
-    from qformat_kernels.dispatch import available_kernels, runs_on, select_kernel
-
     from qformat.errors import QformatError
     from qformat.format import signature
+    from qformat.runtime.dispatch import available_kernels, runs_on, select_kernel
 
     records, source = _records(path)
     try:

@@ -73,9 +73,11 @@ def _setup(args: argparse.Namespace) -> Any:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from ..api import load_any
     from ..errors import QformatError
-    from ..evaluate import compare_to_source, perplexity, read_text_file, tokenize_text
-    from ..loader import load_any, model_summary
+    from ..runtime.evaluate import compare_to_source, perplexity, tokenize_text
+    from ..runtime.loader import model_summary
+    from ..text import read_text_file
 
     text = read_text_file(args.text)  # a missing or binary text fails before the (slow) model load
     dtype = _setup(args)
@@ -117,7 +119,7 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from ..loader import load_any
+    from ..api import load_any
 
     dtype = _setup(args)
     model, tokenizer = load_any(args.model, args.device, revision=args.revision, kernel=args.kernel, dtype=dtype)

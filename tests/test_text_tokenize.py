@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qformat.convert.calibration import DEFAULT_CALIBRATION, clean_cuts, tokenize
+from qformat.text import DEFAULT_CALIBRATION, clean_cuts, tokenize
 
 TEXT = DEFAULT_CALIBRATION.read_text(encoding="utf-8")  # ~600 kB of Wikipedia paragraphs
 

@@ -1,6 +1,6 @@
 """A tiny random-weight Llama model folder (config, safetensors, tokenizer), for tests and quick experiments.
 
-    python -m qformat.convert.tiny /tmp/tiny --layers 2
+    python tests/tiny_model.py /tmp/tiny --layers 2
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .calibration import DEFAULT_CALIBRATION
+from qformat.text import DEFAULT_CALIBRATION
 
 TOKENIZER_TEXT_BYTES = 20_000
 

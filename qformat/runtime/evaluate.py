@@ -11,36 +11,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .errors import QformatError
-
-
-class TextFileError(QformatError):
-    """An evaluation text cannot be used: missing, unreadable, or not UTF-8 text."""
-
-
-def read_text_file(path: str | Path) -> str:
-    """A UTF-8 text file's contents; a missing, unreadable or binary file is a :class:`TextFileError` naming it."""
-    from .loader import shorten
-
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise TextFileError(f"cannot read the text file {shorten(path)}: {exc.strerror or exc}") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise TextFileError(f"{shorten(path)} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start} "
-                            "cannot be decoded); give a UTF-8 text file") from None
-    if "\0" in text:
-        raise TextFileError(f"{shorten(path)} contains NUL bytes, so it is binary, not text; give a UTF-8 text file")
-    return text
+from ..text import read_text_file, tokenize
 
 
 def tokenize_text(tokenizer: Any, text: str) -> torch.Tensor:
     """The ids of a whole text (no special tokens) as the protocol prescribes: one tokenization of the whole text,
-    computed in pieces checked to concatenate to it (less memory; see ``calibration.tokenize``)."""
-    from .convert.calibration import tokenize
-
+    computed in pieces checked to concatenate to it (less memory; see :func:`qformat.text.tokenize`)."""
     return tokenize(tokenizer, text)
 
 

@@ -12,10 +12,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from qformat.format import REGISTRY, QuantizedTensor, TensorInfo, signature, validate_record
-from qformat.format.dtypes import dtype_name
-from qformat.format.record import matrix_shape
-from qformat.kernel_api import Kernel, PreparedWeight
+from ..format import REGISTRY, QuantizedTensor, TensorInfo, signature, validate_record
+from ..format.dtypes import dtype_name
+from ..format.record import matrix_shape
+from ..kernel_api import Kernel, PreparedWeight
 
 log = logging.getLogger("qformat.kernels")
 

@@ -17,7 +17,7 @@ import json
 import math
 import sys
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,8 +198,15 @@ class ModelSource:
             return None
 
 
-def open_source(spec: str, revision: str | None = None, *, quiet: bool = False) -> ModelSource:
-    """Resolve and check a source: local folder, ``.gguf`` file or Hub id. Raises a QformatError naming the problem."""
+HubResolver = Callable[[str, "str | None"], Path]
+
+
+def open_source(spec: str, revision: str | None = None, *, quiet: bool = False,
+                resolve_hub: HubResolver | None = None) -> ModelSource:
+    """Resolve and check a source: local folder, ``.gguf`` file or Hub id. Raises a QformatError naming the problem.
+
+    Hub ids are downloaded by ``resolve_hub`` (``qformat.hub.resolve_model_source``, passed in by the layer above:
+    :func:`qformat.conversion` and the CLI); without one, only local sources are accepted."""
     path = Path(spec).expanduser()
     hub_id = None
     gguf_file = None
@@ -223,11 +230,10 @@ def open_source(spec: str, revision: str | None = None, *, quiet: bool = False) 
     elif path.exists():
         raise ConversionError(f"{spec} is neither a folder nor a .gguf file")
     else:
-        try:
-            from ..hub import resolve_model_source
-        except ImportError:
-            raise ConversionError(f"no such model folder or file: {spec}") from None
-        folder = Path(resolve_model_source(spec, revision))
+        if resolve_hub is None:
+            raise ConversionError(f"no such model folder or file: {spec} (Hub ids are downloaded by qformat.convert() "
+                                  "and `qformat convert`)")
+        folder = Path(resolve_hub(spec, revision))
         if folder != path:
             hub_id, kind = spec, "hub"
             revision = folder.name if len(folder.name) == 40 else revision

@@ -5,7 +5,7 @@ is deliberately not a parameter or buffer: transformers re-creates missing buffe
 consumers would expect a dense weight, neither of which fits a packed record.
 
 Decoding runs a few hundred of these per token, so the per-call path is resolved when the weight is attached
-(``qformat_kernels.dispatch.bind``): ``forward`` is one call into a function that already holds the kernel.
+(``qformat.runtime.dispatch.bind``): ``forward`` is one call into a function that already holds the kernel.
 
 :func:`fuse_shared_inputs` (run by the loaders) stacks sibling layers that read the same input (q/k/v, gate/up) into
 one kernel call per input; see :class:`SharedInput`.
@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .format import bits_per_weight, signature
-from .kernel_api import PreparedWeight
+from ..format import bits_per_weight, signature
+from ..kernel_api import PreparedWeight
 
 LinearFn = Callable[[PreparedWeight, torch.Tensor, torch.Tensor | None], torch.Tensor]
 BoundLinear = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -35,7 +35,7 @@ SHARED_INPUT_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"
 
 
 def _bind(prepared: PreparedWeight) -> BoundLinear:
-    from qformat_kernels.dispatch import bind  # the kernels package is a plugin layer above qformat
+    from .dispatch import bind
 
     return bind(prepared)
 
@@ -198,7 +198,7 @@ def fuse_shared_inputs(model: nn.Module) -> int:
     weight. ``QFORMAT_FUSE=0`` turns it off."""
     if not fusion_enabled():
         return 0
-    from qformat_kernels.dispatch import fuse_rows
+    from .dispatch import fuse_rows
 
     groups = 0
     for parent in model.modules():

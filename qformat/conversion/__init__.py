@@ -1,6 +1,6 @@
 """The conversion pipeline: load a model, calibrate, quantize block by block, write the format.
 
-    from qformat.convert import ConvertOptions, convert
+    from qformat.conversion import ConvertOptions, convert
     result = convert(ConvertOptions("path/or/hub-id/or/model.gguf", "out-folder", "spqr", params={"bits": 3}))
 
 Modules: ``source`` (folder / Hub / GGUF input, meta-device skeleton), ``calibration`` (seeded token windows),

@@ -23,12 +23,11 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from qformat.errors import PluginError, QformatError
-from qformat.format import QuantizedTensor, signature
-from qformat.kernel_api import Kernel, PreparedWeight
-from qformat.plugins import get_plugins
-
-from .torch_reference import TorchReferenceKernel
+from ..errors import PluginError, QformatError
+from ..format import QuantizedTensor, signature
+from ..kernel_api import Kernel, PreparedWeight
+from ..plugins import get_plugins
+from .reference import TorchReferenceKernel
 
 ENV_KERNEL = "QFORMAT_KERNEL"
 log = logging.getLogger("qformat.kernels")

@@ -1,6 +1,6 @@
 """``qformat convert --eval``: perplexity of the source and the converted model on a text, and a short generation.
 
-The converted model is loaded through :func:`qformat.loader.load_dequantized` (the format's reference decode), so the
+The converted model is loaded through :func:`qformat.runtime.loader.load_dequantized` (the format's reference decode), so the
 numbers describe what the written folder holds. Both models are loaded whole: this runs after the streaming
 conversion and its peak memory is reported separately.
 """
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import ConversionError
-from .calibration import DEFAULT_EVAL
+from ..text import DEFAULT_EVAL
 from .source import ModelSource
 
 DEFAULT_PROMPT = "The history of the city begins"
@@ -57,8 +57,8 @@ def evaluate_conversion(source: ModelSource, out: Path, text: Path, *, windows: 
                         prompt: str = DEFAULT_PROMPT, new_tokens: int = 32) -> EvalReport:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..evaluate import perplexity, tokenize_file
-    from ..loader import load_dequantized
+    from ..runtime.evaluate import perplexity, tokenize_file
+    from ..runtime.loader import load_dequantized
 
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     seqlen = min(seqlen, int(source.config.get("max_position_embeddings") or seqlen))

@@ -5,7 +5,7 @@ conversion's own peak memory stays that of one block. The cache key is the sha25
 share a prefix and a size are different models); the folder is written under a temporary name and renamed into place,
 so an interrupted expansion is redone.
 
-Run as ``python -m qformat.convert.gguf FILE DEST`` (that is what :func:`expand_gguf` does).
+Run as ``python -m qformat.conversion.gguf FILE DEST`` (that is what :func:`expand_gguf` does).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def expand_gguf(path: Path, *, quiet: bool = False) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     if not quiet:
         print(f"qformat: expanding {path.name} with transformers into {dest} (once; cached)", file=sys.stderr)
-    proc = subprocess.run([sys.executable, "-m", "qformat.convert.gguf", str(path), str(dest)],
+    proc = subprocess.run([sys.executable, "-m", "qformat.conversion.gguf", str(path), str(dest)],
                           capture_output=True, text=True)
     if proc.returncode != 0 or not (dest / MARKER).is_file():
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])

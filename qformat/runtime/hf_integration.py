@@ -13,7 +13,7 @@ records itself from the checkpoint files transformers resolved (local or downloa
   transformers to ignore the record tensors it will find unexpected;
 - transformers then loads the plain tensors (embeddings, norms, biases) and ties weights as usual;
 - ``_process_model_after_weight_loading``: prepare every QLinear's kernel weight from the memory-mapped records, and
-  stack siblings that read the same input (:func:`qformat.nn.fuse_shared_inputs`), as :func:`qformat.load` does.
+  stack siblings that read the same input (:func:`qformat.runtime.nn.fuse_shared_inputs`), as :func:`qformat.load` does.
 
 This uses only the documented hooks plus ``_keys_to_ignore_on_load_unexpected``, so it survives changes to the
 converter API. Saving a loaded model back with ``save_pretrained`` is not supported (``is_serializable`` is False):
@@ -23,6 +23,7 @@ the folder already is the serialized form.
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,9 @@ import torch
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .format.container import QUANT_METHOD
-from .loader import attach_prepared, check_complete, open_model_folder, release_record_pages, swap_in_qlinears
+from ..format.container import QUANT_METHOD
+from .assemble import attach_prepared, check_complete, release_record_pages, swap_in_qlinears
+from .model_folder import open_model_folder
 from .nn import fuse_shared_inputs, qlinear_modules
 
 
@@ -71,10 +73,6 @@ class QformatHfQuantizer(HfQuantizer):
         device_map = kwargs.get("device_map")
         if isinstance(device_map, dict) and "disk" in {str(d) for d in device_map.values()}:
             raise ValueError("qformat models cannot be offloaded to disk; they are already memory-mapped")
-        try:
-            import qformat_kernels.dispatch  # noqa: F401
-        except ImportError as exc:
-            raise ImportError(f"qformat's kernels are not importable ({exc}); reinstall qformat") from exc
 
     def _process_model_before_weight_loading(self, model: Any, checkpoint_files: list[str] | None = None,
                                              **kwargs: Any) -> Any:
@@ -160,3 +158,7 @@ def register() -> None:
         register_quantization_config(QUANT_METHOD)(QformatConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(QformatHfQuantizer)
+
+
+if "transformers.quantizers.auto" in sys.modules:  # imported before transformers' registry was: qformat's hook waited
+    register()

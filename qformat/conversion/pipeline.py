@@ -50,6 +50,7 @@ from ..format.container import (
 )
 from ..format.dtypes import WEIGHT_DTYPES
 from ..methods import LayerInput, Method
+from ..text import tokenize
 from . import calibration as calib_data
 from .activations import BlockCalls, LinearStats, capture_block_inputs, input_groups, run_block
 from .lock import OutputLock
@@ -64,7 +65,7 @@ from .report import (
     summarize,
 )
 from .selection import Selection, select_modules
-from .source import ModelSource, Skeleton, build_skeleton, open_source, release, set_tensor, tied_source
+from .source import HubResolver, ModelSource, Skeleton, build_skeleton, open_source, release, set_tensor, tied_source
 
 STATE_NAME = "state.json"
 DIGESTS_NAME = "source-digests.json"
@@ -93,6 +94,8 @@ class ConvertOptions:
     overwrite: bool = False
     restart: bool = False
     quiet: bool = False
+    # Downloads Hub ids (qformat.hub.resolve_model_source); the layer above passes it in. Not part of the state.
+    resolve_hub: HubResolver | None = None
 
 
 @dataclass
@@ -224,7 +227,7 @@ class Converter:
         self.calib_text = None
         if self.needs_calibration:
             self.calib_text = calib_data.read_text(opts.calib)
-        self.source = open_source(opts.source, opts.revision, quiet=opts.quiet)
+        self.source = open_source(opts.source, opts.revision, quiet=opts.quiet, resolve_hub=opts.resolve_hub)
         resolved_out, source_dir = self.out.resolve(), self.source.folder.resolve()
         if resolved_out == source_dir or source_dir in resolved_out.parents:
             raise ConversionError(f"--out {self.out} is inside the source model folder {self.source.folder}")
@@ -237,7 +240,7 @@ class Converter:
         self.windows = None
         if self.needs_calibration:
             tokenizer = self.source.tokenizer()
-            ids = calib_data.tokenize(tokenizer, self.calib_text.text)
+            ids = tokenize(tokenizer, self.calib_text.text)
             vocab = self.skeleton.model.get_input_embeddings().num_embeddings
             if ids.numel() and int(ids.max()) >= vocab:
                 raise ConversionError(f"the tokenizer of {opts.source} produces id {int(ids.max())}, beyond the "
@@ -721,9 +724,9 @@ class Converter:
         return records, outliers
 
     def _quantization_config(self, records: Mapping[str, dict]) -> dict[str, Any]:
-        from .. import __version__
         from ..format import REGISTRY
         from ..plugins import get_plugins
+        from ..version import __version__
 
         source = {"id": self.source.hub_id or self._local_name(), "revision": self.source.revision,
                   **{k: v for k, v in self.source.describe().items() if k not in ("id", "revision")}}
