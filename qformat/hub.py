@@ -31,17 +31,14 @@ from huggingface_hub.errors import (
 from huggingface_hub.hf_api import RepoFile
 
 from qformat.errors import QformatError, shorten
+from qformat.format.container import INDEX_NAME, QUANT_METHOD, SIDE_FILES
 from qformat.model_card import render_model_card
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # What loading a qformat (or plain HF) model needs; weights are added from the index once it is known.
-MODEL_FILE_PATTERNS = [
-    "config.json", "generation_config.json", "model.safetensors.index.json", "README.md",
-    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "special_tokens_map.json",
-    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.json", "chat_template.jinja",
-]
+MODEL_FILE_PATTERNS = sorted({"config.json", INDEX_NAME, "README.md", *SIDE_FILES})
 TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 BACKOFF_S = 2.0  # first retry delay; doubles per attempt (bounded by max_attempts)
 _COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
@@ -107,10 +104,10 @@ def _validate_model_folder(folder: Path) -> list[str]:
         raise HubError(f"{shorten(folder)} is not a model folder: config.json is missing")
     qc = _read_json_object(cfg_path).get("quantization_config")
     method = qc.get("quant_method") if isinstance(qc, dict) else None
-    if method != "qformat":
+    if method != QUANT_METHOD:
         raise HubError(f"{shorten(cfg_path)}: quantization_config.quant_method is {shorten(repr(method), 60)}, "
                        "expected 'qformat'; convert the model with `qformat convert` before pushing")
-    index = folder / "model.safetensors.index.json"
+    index = folder / INDEX_NAME
     if index.is_file():
         weight_map = _read_json_object(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in
@@ -332,7 +329,7 @@ def download_model(
         meta = Path(snapshot_download(repo_id, revision=revision, allow_patterns=MODEL_FILE_PATTERNS, **kw))
         # Pin the second call to the commit just resolved so metadata and weights come from the same revision.
         pinned = meta.name if _COMMIT_SHA.fullmatch(meta.name) else revision
-        index = meta / "model.safetensors.index.json"
+        index = meta / INDEX_NAME
         weights = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
             else ["*.safetensors"]
         return Path(snapshot_download(repo_id, revision=pinned, allow_patterns=weights, **kw))

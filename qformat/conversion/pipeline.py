@@ -40,13 +40,15 @@ import torch
 from torch import nn
 
 from ..errors import ConversionError, FormatError, PluginError
-from ..format import FolderWriter, QFile, QuantizedTensor, bits_by_layer_type
+from ..format import FORMAT_VERSION, FolderWriter, QFile, QuantizedTensor, bits_by_layer_type, iter_nodes
 from ..format.container import (
+    QUANT_METHOD,
     RUN_MARKER,
     output_replace_problem,
     read_run_marker,
     recover_interrupted_swap,
     remove_marked_folder,
+    rounded_bits,
 )
 from ..format.dtypes import WEIGHT_DTYPES
 from ..methods import LayerInput, Method
@@ -730,20 +732,7 @@ class Converter:
 
         source = {"id": self.source.hub_id or self._local_name(), "revision": self.source.revision,
                   **{k: v for k, v in self.source.describe().items() if k not in ("id", "revision")}}
-        used = set()
-
-        def walk(node: Any) -> None:
-            if isinstance(node, dict):
-                if isinstance(node.get("codec"), str):
-                    used.add(node["codec"])
-                for value in node.values():
-                    walk(value)
-            elif isinstance(node, list):
-                for value in node:
-                    walk(value)
-
-        for record in records.values():
-            walk(record["weight"])
+        used = {node["codec"] for record in records.values() for node in iter_nodes(record["weight"])}
         providers = {}
         for codec in sorted(used):
             owner = REGISTRY.names().get(codec, (None, "qformat"))[1]
@@ -785,8 +774,6 @@ class Converter:
             from ..model_card import render_model_card
         except ImportError:  # the card is documentation; a conversion does not depend on it
             return None
-        weights = sum(int(np.prod(r["shape"])) for r in records.values())
-        bits = round(sum(r["storage_bytes"] * 8 for r in records.values()) / weights, 4) if weights else None
-        full = {**config, "quantization_config": {"quant_method": "qformat", "format_version": 1, **qconfig,
-                                                  "bits_per_weight": bits}}
+        full = {**config, "quantization_config": {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
+                                                  **qconfig, "bits_per_weight": rounded_bits(records.values())}}
         return render_model_card(full, source_card_metadata=self.source.card_metadata())

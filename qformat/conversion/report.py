@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from ..format import bits_by_layer_type
+from ..format import iter_nodes
+from ..format.container import bits_by_layer_type, layer_type, rounded_bits
 
 
 def reset_peak_rss() -> bool:
@@ -105,12 +106,7 @@ class Progress:
 
 def outlier_count(node: Any, tensor_len: Callable[[str], int]) -> int:
     """Stored outliers in a record's node tree: the entries of every ``sparse_csr`` node (length of its col_idx)."""
-    if isinstance(node, list):
-        return sum(outlier_count(v, tensor_len) for v in node)
-    if not isinstance(node, dict):
-        return 0
-    count = tensor_len(node["col_idx"]) if node.get("codec") == "sparse_csr" and "col_idx" in node else 0
-    return count + sum(outlier_count(v, tensor_len) for v in node.values() if isinstance(v, (dict, list)))
+    return sum(tensor_len(n["col_idx"]) for n in iter_nodes(node) if n.get("codec") == "sparse_csr" and "col_idx" in n)
 
 
 @dataclass
@@ -136,16 +132,13 @@ def summarize(method: str, records: Mapping[str, dict], outliers: Mapping[str, i
     by_type = bits_by_layer_type(records)
     numel = {name: int(np.prod(r["shape"], dtype=np.int64)) for name, r in records.items()}
     total = sum(numel.values())
-    bits = sum(r["storage_bytes"] * 8 for r in records.values())
     share: dict[str, list[int]] = {}
     for name in records:
-        parts = name.split(".")
-        kind = parts[-2] if parts[-1] == "weight" and len(parts) > 1 else parts[-1]
-        acc = share.setdefault(kind, [0, 0])
+        acc = share.setdefault(layer_type(name), [0, 0])
         acc[0] += outliers.get(name, 0)
         acc[1] += numel[name]
     any_outliers = any(outliers.values())
-    return Summary(method, by_type, round(bits / total, 4) if total else None,
+    return Summary(method, by_type, rounded_bits(records.values()),
                    {k: a / n for k, (a, n) in sorted(share.items())} if any_outliers else {},
                    sum(outliers.values()) / total if any_outliers and total else None,
                    total, len(records), seconds, peak, resumed_blocks)

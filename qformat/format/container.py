@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import FormatError, shorten
 from .codecs import REGISTRY, CodecRegistry
 from .qfile import QFile, QuantizedTensor, write_file
-from .record import FORMAT_VERSION, bits_per_weight
+from .record import FORMAT_VERSION, bits_per_weight, total_bits_per_weight
 from .safetensors_io import parse_json
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -270,11 +270,9 @@ def _verify(folder: ModelFolder, deep: bool) -> dict[str, Any]:
                 qfile.check(name)
                 qfile.close()  # unmap: the pages this record touched leave the process (they stay in the page cache)
     records = folder.records
-    total_bits = sum(r["storage_bytes"] * 8 for r in records.values())
-    total_weights = sum(int(np.prod(r["shape"], dtype=object)) for r in records.values())
     return {"shards": len(folder.shards), "records": len(records), "plain": len(folder.plain_names),
             "checksums_verified": checked, "checksums_available": is_folder,
-            "bits_per_weight": total_bits / total_weights if total_weights else None}
+            "bits_per_weight": total_bits_per_weight(records.values())}
 
 
 class FolderWriter:
@@ -336,7 +334,7 @@ class FolderWriter:
                  "weight_map": dict(sorted(weight_map.items()))}
         (staging / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         qconfig = {**quantization_config, "quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
-                   "bits_per_weight": _overall_bits(record_bits),
+                   "bits_per_weight": rounded_bits(r for _, r in record_bits),
                    "bits_by_layer_type": bits_by_layer_type(dict(record_bits)), "files": files}
         full_config = {**config, "quantization_config": qconfig}
         (staging / "config.json").write_text(json.dumps(full_config, indent=2, sort_keys=True) + "\n")
@@ -527,21 +525,24 @@ def _same_device(a: Path, b: Path) -> bool:
     return a.stat().st_dev == b.stat().st_dev
 
 
-def _overall_bits(records: list[tuple[str, dict]]) -> float | None:
-    weights = sum(int(np.prod(r["shape"])) for _, r in records)
-    return round(sum(r["storage_bytes"] * 8 for _, r in records) / weights, 4) if weights else None
+def rounded_bits(records: Iterable[dict]) -> float | None:
+    """Overall bits per weight as config.json and the model card record it (4 decimals)."""
+    bits = total_bits_per_weight(records)
+    return None if bits is None else round(bits, 4)
+
+
+def layer_type(name: str) -> str:
+    """A weight's layer type: its module's last name part (``...mlp.down_proj.weight`` -> ``down_proj``)."""
+    parts = name.split(".")
+    return parts[-2] if parts[-1] == "weight" and len(parts) > 1 else parts[-1]
 
 
 def bits_by_layer_type(records: Mapping[str, dict]) -> dict[str, float]:
-    """Bits per weight grouped by the module's last name part (q_proj, down_proj, ...)."""
-    totals: dict[str, list[int]] = {}
+    """Bits per weight grouped by layer type (q_proj, down_proj, ...)."""
+    groups: dict[str, list[dict]] = {}
     for name, record in records.items():
-        parts = name.split(".")
-        kind = parts[-2] if parts[-1] == "weight" and len(parts) > 1 else parts[-1]
-        acc = totals.setdefault(kind, [0, 0])
-        acc[0] += record["storage_bytes"] * 8
-        acc[1] += int(np.prod(record["shape"]))
-    return {k: round(bits / n, 4) for k, (bits, n) in sorted(totals.items())}
+        groups.setdefault(layer_type(name), []).append(record)
+    return {kind: rounded_bits(group) for kind, group in sorted(groups.items())}
 
 
 __all__ = ["FolderWriter", "ModelFolder", "bits_by_layer_type", "bits_per_weight", "open_folder", "sha256_file",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -162,3 +162,25 @@ def check_record(name: str, record: dict, tensor_info: Callable[[str], TensorInf
 def bits_per_weight(record: dict) -> float:
     rows, cols = matrix_shape(tuple(record["shape"]))
     return record["storage_bytes"] * 8 / (rows * cols)
+
+
+def total_bits_per_weight(records: Iterable[dict]) -> float | None:
+    """Stored bits per weight over several records (each weighted by its size); None for no records."""
+    bits = weights = 0
+    for record in records:
+        rows, cols = matrix_shape(tuple(record["shape"]))
+        bits += record["storage_bytes"] * 8
+        weights += rows * cols
+    return bits / weights if weights else None
+
+
+def iter_nodes(node: Any) -> Iterator[dict]:
+    """Every codec node of a (possibly unvalidated) tree, depth first, parents before children."""
+    if isinstance(node, dict):
+        if "codec" in node:
+            yield node
+        for value in node.values():
+            yield from iter_nodes(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from iter_nodes(item)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import FormatError, LoadError, PluginError, UnknownCodecError, shorten
-from ..format import REGISTRY, ModelFolder, open_folder
+from ..format import REGISTRY, ModelFolder, iter_nodes, open_folder
 from ..format.container import INDEX_NAME, QUANT_METHOD, SINGLE_NAME
 from ..format.safetensors_io import QFORMAT_METADATA_KEY, SafetensorsFile
 from .checksums import VerifyMode, verify_shards
@@ -67,17 +67,6 @@ def open_model_folder(path: str | os.PathLike, verify: VerifyMode = "auto") -> M
     return folder
 
 
-def _walk_nodes(node: Any) -> Iterator[dict]:
-    if isinstance(node, dict):
-        if "codec" in node:
-            yield node
-        for value in node.values():
-            yield from _walk_nodes(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _walk_nodes(item)
-
-
 def _record_headers(root: Path) -> Iterator[tuple[str, dict]]:
     """(name, record) from every shard header, unvalidated: used only to explain a failed open."""
     if root.is_file():
@@ -124,7 +113,7 @@ def missing_codec_message(root: Path, exc: UnknownCodecError) -> str:
         providers = {}
     for name, record in _record_headers(root):
         info = record.get("info") if isinstance(record.get("info"), dict) else {}
-        for node in _walk_nodes(record.get("weight")):
+        for node in iter_nodes(record.get("weight")):
             codec, version = node.get("codec"), node.get("version")
             if not isinstance(codec, str) or (codec in known and version in known[codec][0]):
                 continue
