@@ -62,8 +62,8 @@ def warm_up() -> None:
     """Import everything both runs use and compile (or load from numba's cache) the kernels on a small layer, so
     that neither imports nor JIT compilation count as a model's memory."""
     import torch
-    import transformers.generation.utils  # noqa: F401
-    import transformers.modeling_utils  # noqa: F401  (also imports the quantizer registry: qformat registers)
+    import transformers.generation.utils
+    import transformers.modeling_utils  # also imports the quantizer registry: qformat registers
     import transformers.models.llama.modeling_llama  # noqa: F401
 
     import qformat.runtime.hf_integration  # noqa: F401

@@ -120,7 +120,7 @@ class CaseFactory:
                 mutations = FileMutator(rng, sample).run(count)
             else:
                 mutations = FolderMutator(rng, sample, self.options.fs_special).run(count)
-        except Exception as exc:  # noqa: BLE001 - reported as a fuzzer error, the campaign goes on
+        except Exception as exc:
             return Case(case_id, label, mutations, None, f"{type(exc).__name__}: {exc}"[:300])
         return Case(case_id, label, mutations, sample, expect_ok=count == 0)
 
@@ -164,7 +164,7 @@ def classify(exc: BaseException) -> tuple[str, dict[str, Any]]:
 def _safe_text(exc: BaseException) -> str:
     try:
         return str(exc).encode("utf-8", "backslashreplace").decode()
-    except Exception:  # noqa: BLE001 - a message that cannot even be printed is still a finding
+    except Exception:
         return f"<unprintable {type(exc).__name__}>"
 
 
@@ -183,7 +183,7 @@ def child_main(target: str, path: Path, report_fd: int, mem_mb: int, quiet: bool
         try:
             detail = TARGET_FUNCTIONS[target](path)
             outcome = f"mismatch:{detail['mismatch']}" if "mismatch" in detail else "ok"
-        except BaseException as exc:  # noqa: BLE001 - every outcome is reported, none escapes
+        except BaseException as exc:
             outcome, detail = classify(exc)
             if not quiet and not is_clean(outcome):
                 traceback.print_exc()
@@ -268,7 +268,7 @@ class ForkServer:
             if case.error:
                 raise RuntimeError(case.error)
             path = case.write(workdir)
-        except Exception as exc:  # noqa: BLE001 - the fuzzer could not build the case; say so, go on
+        except Exception as exc:
             shutil.rmtree(workdir, ignore_errors=True)
             return Result(case.case_id, case.seed_label, case.mutations, f"fuzzer-error:{type(exc).__name__}",
                           {"message": _safe_text(exc)[:300]})

@@ -92,7 +92,7 @@ TARGET_FUNCTIONS: dict[str, Callable[[Path], dict[str, Any]]] = {
 
 def preload(target: str) -> None:
     """Import what the target needs in the parent, so children start warm (fork copies the imports)."""
-    import qformat.format  # noqa: F401
+    import qformat.format
 
     if target == "load":
         import transformers  # noqa: F401
