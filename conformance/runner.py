@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from qformat.errors import PluginError
+from qformat.format import CORE_CODECS, CodecRegistry
 
 VECTORS_DIR = Path(__file__).resolve().parent / "vectors"
 PASS, FAIL, NA, SKIP = "PASS", "FAIL", "n/a", "SKIP"
@@ -116,12 +118,14 @@ def compare(got: np.ndarray, expected: np.ndarray, tolerance: np.ndarray | None 
 # ---------------------------------------------------------------------------------------------------------------
 # decoder implementations
 
-def reference_decode(path: Path, options: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def reference_decode(path: Path, options: Mapping[str, Any],
+                     registry: CodecRegistry = CORE_CODECS) -> dict[str, np.ndarray]:
+    """qformat's reader and decoder, with the codecs of ``registry`` (plugin vectors need the plugin's codecs)."""
     from qformat.errors import FormatError
     from qformat.format import open_file
 
     try:
-        qfile = open_file(path)
+        qfile = open_file(path, registry)
     except FormatError as exc:
         raise Rejected(exc.code, exc.tensor, exc.field, "open", str(exc)) from exc
     try:
@@ -246,7 +250,8 @@ def _cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def check_kernel(kernel: Any, entry: Mapping[str, Any], folder: Path, rtol: float, seed: int = 0) -> Result:
+def check_kernel(kernel: Any, entry: Mapping[str, Any], folder: Path, rtol: float, seed: int = 0,
+                 registry: CodecRegistry = CORE_CODECS) -> Result:
     import torch
 
     from qformat.format import open_file
@@ -264,7 +269,7 @@ def check_kernel(kernel: Any, entry: Mapping[str, Any], folder: Path, rtol: floa
         return Result(impl, vid, "valid", FAIL, label, "-", problem)
     expected = _load_expected(folder, entry)
     tolerance = _load_tolerance(folder, entry)
-    qfile = open_file(folder / entry["file"])
+    qfile = open_file(folder / entry["file"], registry)
     try:
         names = [n for n in sorted(qfile.records) if kernel.supports(qfile.records[n])]
         if not names:
@@ -318,21 +323,28 @@ def implementations() -> dict[str, str]:
 
 
 def run(impl: str = "reference", vectors_dir: str | Path | None = None, *, rtol: float | None = None,
-        seed: int = 0, only: list[str] | None = None) -> list[Result]:
-    """Run one implementation (or ``all``) against every vector (or the ids in ``only``) and return the results."""
+        seed: int = 0, only: list[str] | None = None, registry: CodecRegistry | None = None) -> list[Result]:
+    """Run one implementation (or ``all``) against every vector (or the ids in ``only``) and return the results.
+
+    ``registry``: the codecs the reference reader knows (default: the installed plugin set's, core + plugins).
+    """
     manifest = load_manifest(vectors_dir)
     folder = Path(manifest["_dir"])
     entries = [e for e in manifest["vectors"] if only is None or e["id"] in only]
+    if registry is None:
+        from qformat.plugins import get_plugins
+
+        registry = get_plugins().codecs
     if impl == "all":
-        results = run("reference", folder, only=only)
+        results = run("reference", folder, only=only, registry=registry)
         from qformat.plugins import get_plugins
 
         for name in sorted(get_plugins().kernels):
-            results += run(name, folder, rtol=rtol, seed=seed, only=only)
+            results += run(name, folder, rtol=rtol, seed=seed, only=only, registry=registry)
         return results
     decoder: Decoder | None = None
     if impl == "reference":
-        decoder = reference_decode
+        decoder = partial(reference_decode, registry=registry)
     elif impl.startswith("py:"):
         decoder = python_decoder(impl[3:])
     elif impl.startswith("exec:"):
@@ -349,7 +361,7 @@ def run(impl: str = "reference", vectors_dir: str | Path | None = None, *, rtol:
     if kernel.device == "cuda" and not _cuda_available():
         return [Result(impl, "*", "-", SKIP, "-", "no CUDA device available")]
     tol = rtol if rtol is not None else DEFAULT_KERNEL_RTOL.get(kernel.device, 1e-3)
-    return [check_kernel(kernel, e, folder, tol, seed) for e in entries]
+    return [check_kernel(kernel, e, folder, tol, seed, registry) for e in entries]
 
 
 def summarize(results: list[Result]) -> dict[str, int]:

@@ -1,17 +1,15 @@
 """The Numba CPU kernel family, registered through the ``qformat`` entry point ``numba_kernels``.
 
 Fused dequantize-and-multiply for batches up to ``max_batch`` rows; above that, callers dequantize and run a dense
-matmul (``qformat.runtime.dispatch.linear``). What it supports is decided from the record alone: see
-``numba_plan`` for the grammar.
+matmul (``qformat.runtime.dispatch.linear``). What it supports is decided from the record alone: the tree is
+lowered by ``qformat.lowering`` (the grammar), ``numba_plan`` says which lowered trees these kernels run.
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
 
-from qformat.format import QuantizedTensor
-from qformat.hookspecs import hookimpl
-from qformat.kernel_api import Kernel
+from qformat.plugin import Kernel, QuantizedTensor, hookimpl
 
 from .numba_plan import why_unsupported
 
@@ -34,9 +32,6 @@ class NumbaKernel(Kernel):
         "sum(...) of any of these with sparse_csr outliers, lowrank sidecars and sign_lowrank (BitStack) terms",
         "permute(...) around any of these",
     )
-
-    def supports(self, record: dict) -> bool:
-        return why_unsupported(record) is None
 
     def why_unsupported(self, record: dict) -> str | None:
         return why_unsupported(record)

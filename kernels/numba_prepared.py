@@ -1,8 +1,8 @@
 """Prepared weights for the Numba kernels: a record's terms repacked in memory, and y = x @ W.T computed from them.
 
-Built from the plan in ``numba_plan``. Statistics are decoded once with the reference decoder and folded into fp32
-arrays on a [rows, column groups] grid (a few percent of the packed size); codes become sliced words; sparse
-outliers become int64/int32/fp32 CSR arrays. Nothing full-size is kept.
+Built from the record lowered by ``qformat.lowering`` (statistics decoded, data checked once there). Here the terms
+are only repacked: statistics folded into fp32 arrays on a [rows, column groups] grid (a few percent of the packed
+size), codes into sliced words, sparse outliers into int64/int32/fp32 CSR arrays. Nothing full-size is kept.
 """
 
 from __future__ import annotations
@@ -16,48 +16,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from qformat.errors import FormatError
-from qformat.format import REGISTRY, QuantizedTensor, TensorInfo, bitpack, signature, validate_record
-from qformat.format.codecs import Context, check_permutation
-from qformat.format.dtypes import dtype_name
+from qformat.format import CORE_CODECS, QuantizedTensor, signature
 from qformat.format.record import matrix_shape
-from qformat.format.sparse import validate_csr
 from qformat.kernel_api import PreparedWeight
+from qformat.lowering import Codes, Param, Permute, Scale, Term, Unsupported, lower
 
 from . import numba_gemv as K
 from . import numba_repack as repack
-from .numba_plan import Factor, TermSpec, Unsupported, plan_terms
+from .numba_plan import refusal
 from .numba_threads import GOVERNOR, stall_budget
 
 _EMPTY_TABLE = np.zeros((1, 1), dtype=np.float32)
 LOOKUP_TABLE_LIMIT = 1 << 20  # vq: precompute codebook . x tables when M*V*K stays under this many floats per row of x
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# reading statistics and codes from a QuantizedTensor
-
-class _Reader:
-    def __init__(self, qt: QuantizedTensor) -> None:
-        def info(key: str) -> TensorInfo | None:
-            array = qt.tensors.get(key)
-            return None if array is None else TensorInfo(dtype_name(array), tuple(array.shape), array.nbytes)
-
-        self.ctx = Context(REGISTRY, info, qt.tensors.__getitem__)
-
-    def value(self, value: Any, path: str) -> np.ndarray:
-        """A statistic (number or node, any tree) as fp32."""
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return np.full((1, 1), value, dtype=np.float32)
-        return np.asarray(self.ctx.decode(value, path), dtype=np.float32)
-
-    def ints(self, node: dict, path: str) -> np.ndarray:
-        return np.asarray(self.ctx.decode(node, path))
-
-    def tensor(self, node: dict, key: str) -> np.ndarray:
-        return np.asarray(self.ctx.load(node, key))
-
-    def error(self, code: str, message: str, path: str) -> FormatError:
-        return FormatError(code, message, field=path)
 
 
 def _regrid(param: np.ndarray, group: tuple[int, int], rows: int, cols: int, gc: int, ngroups: int) -> np.ndarray:
@@ -96,11 +66,10 @@ class _Grid:
         return np.minimum(np.arange(self.cols) // self.width, self.count - 1).astype(np.int32)
 
 
-def _row_factor(reader: _Reader, factors: list[Factor], rows: int, cols: int) -> np.ndarray | None:
+def _row_factor(factors: list[Scale], rows: int, cols: int) -> np.ndarray | None:
     if not factors:
         return None
-    params = [(reader.value(f.value, f.path), f.group) for f in factors]
-    return _Grid(cols, 1, cols).product(params, rows)[:, 0]
+    return _Grid(cols, 1, cols).product([f.param for f in factors], rows)[:, 0]
 
 
 def _batch_split(batch: int) -> list[int]:
@@ -325,74 +294,52 @@ class SignTerm:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# building terms from the plan
+# repacking lowered terms (their data is checked: qformat.lowering)
 
-def _words(reader: _Reader, node: dict, path: str, rows: int, cols: int, bits: int | None = None
-           ) -> tuple[np.ndarray, int, int, float]:
-    """Sliced words for a code node: (words, layout bits, largest code, offset subtracted from every code)."""
-    codec = node["codec"]
-    if codec == "packed":
-        src = reader.tensor(node, "tensor")
-        src_bits = node["bits"]
-        if not bitpack.padding_bits_are_zero(src, src_bits, cols):
-            raise reader.error("nonzero_padding", "padding bits after the last code of a row must be zero", path)
+def _words(codes: Codes, rows: int, cols: int, bits: int | None = None) -> tuple[np.ndarray, int, float]:
+    """Sliced words for a code leaf: (words, layout bits, offset subtracted from every code)."""
+    src = np.ascontiguousarray(codes.data, dtype=np.uint8) if codes.codec != "tensor" else None
+    if codes.codec == "packed":
+        src_bits = codes.node["bits"]
         words = repack.empty_words(rows, cols, src_bits)
-        top = repack.words_from_packed(np.ascontiguousarray(src, dtype=np.uint8), src_bits, cols, src_bits, words)
-        return words, src_bits, int(top), 0.0
-    if codec == "bitplanes":
-        planes = np.ascontiguousarray(reader.tensor(node, "tensor"), dtype=np.uint8)
-        for p in range(planes.shape[0]):
-            if not bitpack.padding_bits_are_zero(planes[p], 1, cols):
-                raise reader.error("nonzero_padding", f"padding bits of plane {p} must be zero", path)
-        n_planes = planes.shape[0]
+        repack.words_from_packed(src, src_bits, cols, src_bits, words)
+        return words, src_bits, 0.0
+    if codes.codec == "bitplanes":
+        n_planes = src.shape[0]
         words = repack.empty_words(rows, cols, n_planes)
-        top = repack.words_from_bitplanes(planes, cols, n_planes, words)
-        return words, n_planes, int(top), 0.0
-    if codec == "ternary":
+        repack.words_from_bitplanes(src, cols, n_planes, words)
+        return words, n_planes, 0.0
+    if codes.codec == "ternary":
         words = repack.empty_words(rows, cols, 2)
-        if repack.words_from_ternary(np.ascontiguousarray(reader.tensor(node, "tensor"), dtype=np.uint8), cols,
-                                     words):
-            raise reader.error("code_out_of_range", "ternary bytes must be < 243 with zero pad digits", path)
-        return words, 2, 2, 1.0
-    # an integer tensor of codes
-    codes = np.ascontiguousarray(reader.tensor(node, "tensor"))
-    if codes.dtype.kind not in "iu":
-        raise Unsupported(f"{path}: codes of dtype {codes.dtype}")
-    top = int(codes.max()) if codes.size else 0
-    bits = bits or max(1, top.bit_length())
+        repack.words_from_ternary(src, cols, words)
+        return words, 2, 1.0
+    # an integer tensor of codes, within its consumer's range; the layout width: the node's, else the codes'
+    bits = bits or max(1, codes.top.bit_length())
     if bits > 16:
-        raise Unsupported(f"{path}: {bits}-bit codes")
+        raise Unsupported(f"{codes.path}: {bits}-bit codes")
     words = repack.empty_words(rows, cols, bits)
-    lo, hi = repack.words_from_ints(codes, bits, words)
-    if lo < 0 or hi >= (1 << bits):
-        raise reader.error("code_out_of_range", f"codes must lie in [0, {1 << bits}), found [{lo}, {hi}]", path)
-    return words, bits, int(hi), 0.0
+    repack.words_from_ints(np.ascontiguousarray(codes.data), bits, words)
+    return words, bits, 0.0
 
 
-def _code_term(reader: _Reader, spec: TermSpec, rows: int, cols: int) -> CodeTerm:
-    node, path = spec.node, spec.path
-    codec = node["codec"]
-    params: list[tuple[np.ndarray, tuple[int, int]]] = []
-    zero: tuple[np.ndarray, tuple[int, int]] | None = None
+def _code_term(term: Term, rows: int, cols: int) -> CodeTerm:
+    node, codec = term.node, term.codec
+    assert term.codes is not None
+    params: list[Param] = []
+    zero: Param | None = None
     table = None
     if codec == "affine":
-        group = tuple(node["group_shape"])
-        words, bits, top, _ = _words(reader, node["codes"], f"{path}/codes", rows, cols, node["bits"])
-        if top >= 1 << node["bits"]:
-            raise reader.error("code_out_of_range", f"affine codes of {node['bits']} bits: found {top}", path)
-        params.append((reader.value(node["scale"], f"{path}/scale"), group))
-        if node.get("zero") is not None:
-            zero = (reader.value(node["zero"], f"{path}/zero"), group)
+        words, bits, _ = _words(term.codes, rows, cols, node["bits"])
+        params.append(term.scale)
+        zero = term.zero
     elif codec == "lut":
-        words, bits, top, _ = _words(reader, node["codes"], f"{path}/codes", rows, cols)
-        table = reader.value(node["table"], f"{path}/table")
-        if top >= table.shape[-1]:
-            raise reader.error("code_out_of_range", f"lut with {table.shape[-1]} entries: found code {top}", path)
+        words, bits, _ = _words(term.codes, rows, cols)
+        table = term.table
     else:
-        words, bits, top, offset = _words(reader, node, path, rows, cols)
+        words, bits, offset = _words(term.codes, rows, cols)
         if offset:
-            zero = (np.full((1, 1), offset, dtype=np.float32), (1, 1))
-    params += [(reader.value(f.value, f.path), f.group) for f in spec.factors]
+            zero = Param(np.full((1, 1), offset, dtype=np.float32), (1, 1))
+    params += [f.param for f in term.factors]
     table_group = tuple(node.get("group_shape", (rows, cols))) if codec == "lut" else (rows, cols)
     per_tile = table is not None and table.ndim == 3 and table.shape[:2] != (1, 1)
     grid = _Grid.common(params + ([zero] if zero else []), cols, (table_group[1],) if per_tile else ())
@@ -419,52 +366,43 @@ def _table_layout(table: np.ndarray, group: tuple[int, int], bits: int, rows: in
     return np.ascontiguousarray(flat, dtype=np.float32), row_tab, grp_tab
 
 
-def _vq_term(reader: _Reader, spec: TermSpec, rows: int, cols: int) -> VqTerm:
-    node, path = spec.node, spec.path
-    books = np.ascontiguousarray(reader.value(node["codebooks"], f"{path}/codebooks"), dtype=np.float32)
+def _vq_term(term: Term, rows: int, cols: int) -> VqTerm:
+    assert term.codes is not None and term.books is not None
+    books = np.ascontiguousarray(term.books, dtype=np.float32)
     books_n, entries, dim = books.shape
-    codes = reader.ints(node["codes"], f"{path}/codes")
-    if codes.size and (codes.min() < 0 or codes.max() >= entries):
-        raise reader.error("code_out_of_range", f"vq with {entries} entries per codebook: found "
-                           f"[{int(codes.min())}, {int(codes.max())}]", f"{path}/codes")
     dtype = np.uint8 if entries <= 256 else np.uint16 if entries <= 65536 else np.int32
-    codes = np.ascontiguousarray(codes.astype(dtype).reshape(rows, cols // dim, books_n))
-    params = [(reader.value(f.value, f.path), f.group) for f in spec.factors]
+    codes = np.ascontiguousarray(term.codes.values().astype(dtype).reshape(rows, cols // dim, books_n))
+    params = [f.param for f in term.factors]
     grid = _Grid.common(params, cols)
     return VqTerm(codes, books, grid.product(params, rows), grid)
 
 
-def _sparse_term(reader: _Reader, spec: TermSpec, rows: int, cols: int) -> SparseTerm:
-    node, path = spec.node, spec.path
-    ptr = reader.tensor(node, "row_ptr").astype(np.int64)
-    idx = reader.tensor(node, "col_idx").astype(np.int64)
-    values = reader.value(node["values"], f"{path}/values").reshape(-1).copy()
-    row_of = validate_csr(ptr, idx, cols, lambda code, message, fld: reader.error(code, message, f"{path}/{fld}"))
-    for f in spec.factors:
-        param, (gr, gc) = reader.value(f.value, f.path), f.group
+def _sparse_term(term: Term, rows: int, cols: int) -> SparseTerm:
+    assert term.values is not None and term.row_of is not None and term.col_idx is not None
+    row_of, idx = term.row_of, term.col_idx
+    values = term.values.copy()
+    for f in term.factors:
+        param, (gr, gc) = f.param
         values *= param[0, 0] if param.shape == (1, 1) else param[row_of // gr, idx // gc if gc < cols else 0]
-    return SparseTerm(ptr, idx.astype(np.int32), values.astype(np.float32))
+    return SparseTerm(term.row_ptr, idx.astype(np.int32), values.astype(np.float32))
 
 
-def _lowrank_term(reader: _Reader, spec: TermSpec, rows: int, cols: int) -> LowRankTerm:
-    a = reader.value(spec.node["a"], f"{spec.path}/a")
-    b = np.ascontiguousarray(reader.value(spec.node["b"], f"{spec.path}/b"))
-    factor = _row_factor(reader, spec.factors, rows, cols)
+def _lowrank_term(term: Term, rows: int, cols: int) -> LowRankTerm:
+    a, b = term.a, np.ascontiguousarray(term.b)
+    factor = _row_factor(term.factors, rows, cols)
     if factor is not None:
         a = a * factor[:, None]
     return LowRankTerm(np.ascontiguousarray(a, dtype=np.float32), b)
 
 
-def _sign_term(reader: _Reader, spec: TermSpec, rows: int, cols: int) -> SignTerm:
-    node, path = spec.node, spec.path
-    words, bits, _, _ = _words(reader, node["sign"], f"{path}/sign", rows, cols)
-    if bits != 1:
-        raise reader.error("bad_kind", "sign must be a 1-bit packed or bit-plane node", f"{path}/sign")
-    u = reader.value(node["u"], f"{path}/u")
-    factor = _row_factor(reader, spec.factors, rows, cols)
+def _sign_term(term: Term, rows: int, cols: int) -> SignTerm:
+    assert term.codes is not None
+    words, _, _ = _words(term.codes, rows, cols)  # 1-bit by validation
+    u = term.u
+    factor = _row_factor(term.factors, rows, cols)
     if factor is not None:
         u = u * factor[:, None]
-    v = np.ascontiguousarray(reader.value(node["v"], f"{path}/v"), dtype=np.float32)
+    v = np.ascontiguousarray(term.v, dtype=np.float32)
     return SignTerm(words, np.ascontiguousarray(u, dtype=np.float32), v, cols)
 
 
@@ -472,18 +410,14 @@ _BUILDERS = {"codes": _code_term, "vq": _vq_term, "sparse": _sparse_term, "lowra
              "signs": _sign_term}
 
 
-def _chain(reader: _Reader, chain: tuple, cols: int) -> tuple[tuple[str, np.ndarray], ...]:
+def _chain(chain: tuple[Permute | Scale, ...], cols: int) -> tuple[tuple[str, np.ndarray], ...]:
+    """The input transforms as numpy operations on x: ("perm", indices) and ("mul", per-column factors)."""
     ops = []
-    for op, item, path in chain:
-        if op == "perm":
-            perm = reader.tensor(item, "perm").astype(np.int64)
-            reader.ctx.path = [path]
-            check_permutation(reader.ctx, perm)
-            reader.ctx.path = []
-            ops.append(("perm", perm.astype(np.intp)))
+    for transform in chain:
+        if isinstance(transform, Permute):
+            ops.append(("perm", transform.perm.astype(np.intp)))
         else:
-            factor = reader.value(item.value, item.path)
-            ops.append(("mul", np.ascontiguousarray(np.broadcast_to(factor.reshape(-1), (cols,)),
+            ops.append(("mul", np.ascontiguousarray(np.broadcast_to(transform.factor.reshape(-1), (cols,)),
                                                     dtype=np.float32)))
     return tuple(ops)
 
@@ -532,7 +466,7 @@ class NumbaPreparedWeight(PreparedWeight):
         if not all(isinstance(p, NumbaPreparedWeight) for p in parts):
             return None
         terms = [p._single for p in parts]
-        if any(t is None for t in terms) or not all(terms[0].same_columns(t) for t in terms[1:]):
+        if not all(isinstance(t, CodeTerm) for t in terms) or not all(terms[0].same_columns(t) for t in terms[1:]):
             return None
         if len({(p.in_features, p.signature, p.kernel, p.max_batch) for p in parts}) != 1:
             return None
@@ -558,7 +492,7 @@ class NumbaPreparedWeight(PreparedWeight):
         that does not depend on x is looked up once here: the kernel, its arguments, the output shapes.
         """
         term = self._single
-        if term is None or not term.aligned:
+        if not isinstance(term, CodeTerm) or not term.aligned:  # one aligned code term only
             return None
         kernel, args = term._kernel(1), term._args
         best, budget, run = term._best[1], term._budget, GOVERNOR.run
@@ -649,24 +583,13 @@ class NumbaPreparedWeight(PreparedWeight):
 
 
 def prepare(qt: QuantizedTensor) -> NumbaPreparedWeight:
-    """Repack ``qt`` for the Numba kernels. Raises Unsupported for trees outside the plan, FormatError for bad data."""
-    record = qt.record
-
-    def info(key: str) -> TensorInfo | None:
-        array = qt.tensors.get(key)
-        return None if array is None else TensorInfo(dtype_name(array), tuple(array.shape), array.nbytes)
-
-    validate_record(qt.name, record, info)
-    specs = plan_terms(record)
-    rows, cols = matrix_shape(tuple(record["shape"]))
-    reader = _Reader(qt)
-    groups: dict[tuple, tuple[tuple, list]] = {}
-    try:
-        for spec in specs:
-            key = tuple((op, id(item)) for op, item, _ in spec.chain)
-            if key not in groups:
-                groups[key] = (_chain(reader, spec.chain, cols), [])
-            groups[key][1].append(_BUILDERS[spec.kind](reader, spec, rows, cols))
-    except FormatError as exc:
-        raise exc.at(tensor=qt.name) from None
-    return NumbaPreparedWeight(qt.name, record, list(groups.values()))
+    """Repack ``qt`` for the Numba kernels. Raises Unsupported for trees they do not run, FormatError for bad data."""
+    lowered = lower(qt, CORE_CODECS, check=refusal)
+    rows, cols = lowered.rows, lowered.cols
+    groups: dict[tuple, tuple[tuple, list]] = {}  # terms under the same input transforms share one transformed x
+    for term in lowered.terms:
+        key = tuple(id(t) for t in term.chain)
+        if key not in groups:
+            groups[key] = (_chain(term.chain, cols), [])
+        groups[key][1].append(_BUILDERS[term.kind](term, rows, cols))
+    return NumbaPreparedWeight(qt.name, qt.record, list(groups.values()))

@@ -1,17 +1,16 @@
-"""Which codec trees the Triton kernels handle, and the in-memory layout a record is repacked to at load time.
+"""Which lowered trees the Triton kernels run, and the in-memory layout a record is repacked to at load time.
 
 numpy only (no torch, no triton), so ``supports`` stays cheap during plugin discovery and dispatch. The file layout
 is untouched; only the copy in memory changes.
 
-Tree grammar (every node version 1)::
+The record is lowered by ``qformat.lowering`` (grammar, data checks, statistics decoded once by the reference
+decoder, second-level quantization included). Of the lowered trees, these kernels run::
 
     weight := permute(weight) | sum(weight, ...) | sparse_csr | lowrank | fused
     fused  := scale(base, factor) | base
-    base   := affine(codes) | lut(codes) | vq(codes) | packed | bitplanes | ternary
-    codes  := packed | bitplanes | tensor (integer)
+    base   := a "codes" or "vq" term: affine(codes) | lut(codes) | vq(codes) | packed | bitplanes | ternary
 
-Statistics (affine scale/zero, lut tables, vq codebooks, scale factors, low-rank factors, outlier values) are small;
-they are decoded once by the reference decoder, whatever their own tree (second-level quantization included).
+(one scale, directly over a code or codebook term, folded into the fused kernel; no sign_lowrank).
 
 Code layout ("sliced words"): each code matrix [R, C] becomes int32 words, columns padded to KP = ceil(C/32)*32.
 (KP is a multiple of 128 instead when that pads by at most 1/32, so rows start on 16 bytes.)
@@ -30,65 +29,46 @@ from typing import Any
 
 import numpy as np
 
-from qformat.errors import FormatError
-from qformat.format import REGISTRY, QuantizedTensor, TensorInfo, bitpack, validate_record
-from qformat.format.codecs import Context, check_permutation
-from qformat.format.dtypes import dtype_name
-from qformat.format.record import matrix_shape
-from qformat.format.sparse import validate_csr
+from qformat import lowering
+from qformat.format import CORE_CODECS, QuantizedTensor, bitpack
+from qformat.lowering import Unsupported
 
-CODE_LEAVES = ("packed", "bitplanes", "tensor")
 MAX_BATCH = 64  # rows of x the fused kernels take; above it a prepared weight dequantizes once for a dense matmul
 ROW_BLOCK_BYTES = 1 << 26  # bound on the bit-matrix temporaries of a non-power-of-two repack
-
-
-class Unsupported(Exception):
-    """The tree uses something these kernels do not implement."""
+FUSED_KINDS = ("codes", "vq")  # terms the fused kernels decode (with at most one scale directly above)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the grammar, checked from the record alone
+# which lowered trees run, decided from the record alone
 
-def check_tree(node: Any) -> None:
-    """Raise :class:`Unsupported` unless every node of a weight tree fits the grammar above."""
-    codec = _codec(node)
-    if codec == "permute":
-        check_tree(node.get("input"))
-    elif codec == "sum":
-        terms = node.get("terms")
-        if not isinstance(terms, list) or not terms:
-            raise Unsupported("sum without terms")
-        for term in terms:
-            check_tree(term)
-    elif codec in ("sparse_csr", "lowrank"):
-        return
-    elif codec == "scale":
-        _check_base(node.get("input"))
-    else:
-        _check_base(node)
+def refusal(plan: lowering.Plan) -> str | None:
+    """Why these kernels cannot run the lowered tree, or None."""
+    return _refusal(plan.root)
 
 
-def _codec(node: Any) -> str:
-    if not isinstance(node, dict) or node.get("version") != 1:
-        raise Unsupported(f"not a version-1 node: {node!r:.80}")
-    return node.get("codec", "")
+def _refusal(node: lowering.Node | None) -> str | None:
+    if isinstance(node, lowering.Sum):
+        return next((r for r in map(_refusal, node.terms) if r), None)
+    if isinstance(node, lowering.Permute):
+        return _refusal(node.child)
+    if isinstance(node, lowering.Scale):
+        child = node.child
+        if not isinstance(child, lowering.Term) or child.kind not in FUSED_KINDS:
+            what = child.codec if isinstance(child, lowering.Term) else child.node["codec"]
+            return f"{node.path}: a scale over {what} (only directly over one code or codebook term)"
+        return None
+    assert isinstance(node, lowering.Term)
+    if node.kind == "signs":
+        return f"{node.path}: sign_lowrank"
+    return None
 
 
-def _check_base(node: Any) -> None:
-    codec = _codec(node)
-    if codec in ("affine", "lut", "vq"):
-        if _codec(node.get("codes")) not in CODE_LEAVES:
-            raise Unsupported(f"{codec} codes must come from one of {CODE_LEAVES}")
-    elif codec not in ("packed", "bitplanes", "ternary"):
-        raise Unsupported(f"codec {codec!r} is not a fused term")
-
-
-def supports(record: dict) -> bool:
+def why_unsupported(record: dict) -> str | None:
+    """None when the Triton kernels handle ``record``, else the reason."""
     try:
-        check_tree(record.get("weight"))
-    except Unsupported:
-        return False
-    return True
+        return refusal(lowering.plan(record))
+    except Unsupported as exc:
+        return str(exc)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -153,131 +133,73 @@ class Sum:
 
 
 def plan(qt: QuantizedTensor) -> Any:
-    """Validate the record, check the data the reference decoder would check, and repack it."""
+    """Lower the record (validation and data checks included) and repack it."""
     if sys.byteorder != "little":
         raise RuntimeError("the sliced-words layout is built by viewing bytes as little-endian int32")
-    check_tree(qt.record.get("weight"))
-    return _Planner(qt).weight(qt.record["weight"], matrix_shape(tuple(qt.record["shape"])), "weight")
+    lowered = lowering.lower(qt, CORE_CODECS, check=refusal)
+    return _repack(lowered.root, (lowered.rows, lowered.cols))
 
 
-class _Planner:
-    def __init__(self, qt: QuantizedTensor) -> None:
-        self.qt = qt
+def _repack(node: lowering.Node | None, shape: tuple[int, int]) -> Any:
+    if isinstance(node, lowering.Permute):
+        return Permute(np.array(node.perm), _repack(node.child, shape))  # a writable copy: torch takes it as is
+    if isinstance(node, lowering.Sum):
+        return Sum([_repack(t, shape) for t in node.terms])
+    if isinstance(node, lowering.Scale):
+        assert isinstance(node.child, lowering.Term)
+        term = _fused(node.child, shape)
+        term.factor = _grid(node.factor, node.group, shape)
+        return term
+    assert isinstance(node, lowering.Term)
+    if node.kind == "sparse":
+        return Sparse((node.node["shape"][0], node.node["shape"][1]), node.row_ptr, node.col_idx, node.values)
+    if node.kind == "lowrank":  # writable C-contiguous copies: torch takes them as they are
+        return LowRank(np.array(node.a, dtype=np.float32), np.array(node.b, dtype=np.float32))
+    return _fused(node, shape)
 
-        def info(key: str) -> TensorInfo | None:
-            array = qt.tensors.get(key)
-            return None if array is None else TensorInfo(dtype_name(array), tuple(array.shape), array.nbytes)
 
-        try:
-            validate_record(qt.name, qt.record, info, REGISTRY)
-        except FormatError as exc:
-            raise exc.at(tensor=qt.name) from None
-        self.ctx = Context(REGISTRY, info, qt.tensors.__getitem__)
+def _fused(term: lowering.Term, shape: tuple[int, int]) -> Fused:
+    assert term.codes is not None
+    if term.codec == "affine":
+        codes = _codes(term.codes, 1 << term.node["bits"])
+        scale = term.scale.values
+        zero = None if term.zero is None else term.zero.values
+        if zero is not None and zero.shape != scale.shape:  # one is a [1, 1] constant: give both one grid
+            grid_shape = max(zero.shape, scale.shape)
+            zero, scale = (np.broadcast_to(a, grid_shape).copy() for a in (zero, scale))
+        group = term.scale.group
+        return Fused(shape, codes, "affine", scale=_grid(scale, group, shape),
+                     zero=None if zero is None else _grid(zero, group, shape))
+    if term.codec == "lut":
+        table = term.table
+        codes = _codes(term.codes, table.shape[-1])
+        group = None
+        if table.ndim == 3:
+            group = (shape[0], shape[1]) if table.shape[:2] == (1, 1) else tuple(term.node["group_shape"])
+        return Fused(shape, codes, "lut", table=np.ascontiguousarray(table), table_group=group)
+    if term.codec == "vq":
+        books = np.ascontiguousarray(term.books)
+        return Fused(shape, _codes(term.codes, books.shape[1]), "vq", table=books)
+    return Fused(shape, _codes(term.codes, None), "codes")  # packed / bitplanes / ternary used as values
 
-    def error(self, code: str, message: str, fld: str) -> FormatError:
-        return FormatError(code, message, tensor=self.qt.name, field=fld)
 
-    def array(self, node: dict, key: str) -> np.ndarray:
-        return np.asarray(self.qt.tensors[node[key]])
-
-    def value(self, node: Any, fld: str) -> np.ndarray:
-        """A statistics subtree (or JSON number), decoded by the reference decoder."""
-        if isinstance(node, (int, float)) and not isinstance(node, bool):
-            return np.full((1, 1), node, dtype=np.float32)
-        try:
-            return np.array(self.ctx.decode(node, fld), dtype=np.float32)  # a writable copy
-        except FormatError as exc:
-            raise exc.at(tensor=self.qt.name) from None
-
-    # -- tree ---------------------------------------------------------------------------------------------------
-    def weight(self, node: dict, shape: tuple[int, int], fld: str) -> Any:
-        codec = node["codec"]
-        if codec == "permute":
-            perm = self.array(node, "perm").astype(np.int64)
-            try:
-                check_permutation(self.ctx, perm)
-            except FormatError as exc:
-                raise self.error(exc.code, exc.message, f"{fld}/perm") from None
-            return Permute(perm, self.weight(node["input"], shape, f"{fld}/input"))
-        if codec == "sum":
-            return Sum([self.weight(t, shape, f"{fld}/terms[{i}]") for i, t in enumerate(node["terms"])])
-        if codec == "sparse_csr":
-            return self.sparse(node, shape, fld)
-        if codec == "lowrank":
-            return LowRank(self.value(node["a"], f"{fld}/a"), self.value(node["b"], f"{fld}/b"))
-        if codec == "scale":
-            term = self.base(node["input"], shape, f"{fld}/input")
-            term.factor = _grid(self.value(node["factor"], f"{fld}/factor"), node["group_shape"], shape)
-            return term
-        return self.base(node, shape, fld)
-
-    def base(self, node: dict, shape: tuple[int, int], fld: str) -> Fused:
-        codec = node["codec"]
-        if codec == "affine":
-            codes = self.codes(node["codes"], 1 << node["bits"], f"{fld}/codes")
-            scale = self.value(node["scale"], f"{fld}/scale")
-            zero = None if node.get("zero") is None else self.value(node["zero"], f"{fld}/zero")
-            if zero is not None and zero.shape != scale.shape:  # one is a [1, 1] constant: give both one grid
-                grid_shape = max(zero.shape, scale.shape)
-                zero, scale = (np.broadcast_to(a, grid_shape).copy() for a in (zero, scale))
-            return Fused(shape, codes, "affine", scale=_grid(scale, node["group_shape"], shape),
-                         zero=None if zero is None else _grid(zero, node["group_shape"], shape))
-        if codec == "lut":
-            table = self.value(node["table"], f"{fld}/table")
-            codes = self.codes(node["codes"], table.shape[-1], f"{fld}/codes")
-            group = None
-            if table.ndim == 3:
-                group = (shape[0], shape[1]) if table.shape[:2] == (1, 1) else tuple(node["group_shape"])
-            return Fused(shape, codes, "lut", table=np.ascontiguousarray(table), table_group=group)
-        if codec == "vq":
-            books = np.ascontiguousarray(self.value(node["codebooks"], f"{fld}/codebooks"))
-            codes = self.codes(node["codes"], books.shape[1], f"{fld}/codes")
-            return Fused(shape, codes, "vq", table=books)
-        return Fused(shape, self.codes(node, None, fld), "codes")  # packed / bitplanes / ternary used as values
-
-    def codes(self, node: dict, bound: int | None, fld: str) -> Codes:
-        """Repack an integer-code leaf; ``bound`` is the exclusive code limit its consumer needs."""
-        codec = node["codec"]
-        if codec == "packed":
-            packed, bits, cols = self.array(node, "tensor"), node["bits"], node["shape"][1]
-            if not bitpack.padding_bits_are_zero(packed, bits, cols):
-                raise self.error("nonzero_padding", "padding bits after the last code of a row must be zero",
-                                 f"{fld}/tensor")
-            return sliced_from_packed(packed, bits, cols)
-        if codec == "bitplanes":
-            planes, cols = self.array(node, "tensor"), node["shape"][1]
-            for p in range(planes.shape[0]):
-                if not bitpack.padding_bits_are_zero(planes[p], 1, cols):
-                    raise self.error("nonzero_padding", f"padding bits of plane {p} must be zero", f"{fld}/tensor")
-            return sliced_from_planes(planes, cols)
-        if codec == "ternary":
-            values, valid = bitpack.unpack_ternary(self.array(node, "tensor"), node["shape"][1])
-            if not valid:
-                raise self.error("code_out_of_range", "ternary bytes must be < 243 with zero pad digits",
-                                 f"{fld}/tensor")
-            codes = sliced_from_packed(bitpack.pack_codes(values.astype(np.int64) + 1, 2), 2, values.shape[1])
-            codes.offset = -1
-            return codes
-        # an integer tensor holding one code per element
-        values = self.array(node, "tensor")
-        if values.ndim != 2 or values.dtype.kind not in "iu":
-            raise self.error("bad_kind", "codes must be a 2-D integer tensor", f"{fld}/tensor")
-        values = values.astype(np.int64)
-        if values.size and (values.min() < 0 or values.max() >= bound):
-            raise self.error("code_out_of_range", f"codes must lie in [0, {bound}), found "
-                             f"[{int(values.min())}, {int(values.max())}]", f"{fld}/tensor")
-        bits = max(1, (bound - 1).bit_length())
-        if bits > 16:
-            raise Unsupported(f"{bits}-bit codes")
-        return sliced_from_packed(bitpack.pack_codes(values, bits), bits, values.shape[1])
-
-    def sparse(self, node: dict, shape: tuple[int, int], fld: str) -> Sparse:
-        rows, cols = node["shape"]
-        ptr = self.array(node, "row_ptr").astype(np.int64)
-        idx = self.array(node, "col_idx").astype(np.int64)
-        values = self.value(node["values"], f"{fld}/values").reshape(-1)
-        validate_csr(ptr, idx, cols, lambda code, message, where: self.error(code, message, f"{fld}/{where}"))
-        return Sparse((rows, cols), ptr, idx, values)
+def _codes(codes: lowering.Codes, bound: int | None) -> Codes:
+    """Repack a (checked) integer-code leaf; ``bound`` is the exclusive code limit its consumer needs."""
+    data, cols = codes.data, codes.shape[1]
+    if codes.codec == "packed":
+        return sliced_from_packed(data, codes.node["bits"], cols)
+    if codes.codec == "bitplanes":
+        return sliced_from_planes(data, cols)
+    if codes.codec == "ternary":
+        values, _ = bitpack.unpack_ternary(data, cols)
+        sliced = sliced_from_packed(bitpack.pack_codes(values.astype(np.int64) + 1, 2), 2, values.shape[1])
+        sliced.offset = -1
+        return sliced
+    # an integer tensor holding one code per element, within [0, bound)
+    bits = max(1, (bound - 1).bit_length())
+    if bits > 16:
+        raise Unsupported(f"{codes.path}: {bits}-bit codes")
+    return sliced_from_packed(bitpack.pack_codes(data.astype(np.int64), bits), bits, cols)
 
 
 def _grid(values: np.ndarray, group: list[int], shape: tuple[int, int]) -> Grid:

@@ -7,10 +7,8 @@ import importlib.util
 import os
 from collections.abc import Callable
 
-from qformat.format import QuantizedTensor
 from qformat.format.record import matrix_shape
-from qformat.hookspecs import hookimpl
-from qformat.kernel_api import Kernel, PreparedWeight
+from qformat.plugin import Kernel, PreparedWeight, QuantizedTensor, hookimpl
 
 from . import triton_plan
 
@@ -28,8 +26,8 @@ class TritonKernel(Kernel):
     priority = 10
     max_batch = triton_plan.MAX_BATCH
 
-    def supports(self, record: dict) -> bool:
-        return triton_plan.supports(record)
+    def why_unsupported(self, record: dict) -> str | None:
+        return triton_plan.why_unsupported(record)
 
     def prepare(self, qt: QuantizedTensor, device: str = "cuda") -> PreparedWeight:
         import torch

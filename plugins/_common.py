@@ -1,4 +1,5 @@
-"""What the built-in methods share: common parameters, the result type, weight intake and GPTQ/RTN storage."""
+"""What the built-in methods share: common parameters (config fields), the result type, weight intake and GPTQ/RTN
+storage."""
 
 from __future__ import annotations
 
@@ -8,15 +9,20 @@ from typing import Any
 import torch
 
 from qformat.format import QuantizedTensor, RecordBuilder
-from qformat.methods import LayerInput, Param
+from qformat.methods import LayerInput, MethodConfig, param
 
 from ._quantizers import to_fp16, to_uint8
 
-BITS = Param("bits", int, 4, "bits per weight code", min=2, max=8)
-GROUP_SIZE = Param("group_size", int, 128, "input columns sharing one scale/zero; -1 or 0 = one group per row "
-                   "(need not divide the row: the last group may be shorter)", min=-1, max=1 << 20)
-SYM = Param("sym", bool, False, "symmetric range +-max|w| with the fixed zero (maxq+1)/2; otherwise [min, max] "
-            "widened to hold 0, with a bits-wide integer zero")
+
+@dataclass(frozen=True)
+class MinMaxConfig(MethodConfig):
+    """The parameters of GPTQ's min-max quantizer, shared by rtn and gptq (their configs extend this one)."""
+
+    bits: int = param(4, "bits per weight code", min=2, max=8)
+    group_size: int = param(128, "input columns sharing one scale/zero; -1 or 0 = one group per row (need not "
+                            "divide the row: the last group may be shorter)", min=-1, max=1 << 20)
+    sym: bool = param(False, "symmetric range +-max|w| with the fixed zero (maxq+1)/2; otherwise [min, max] widened "
+                      "to hold 0, with a bits-wide integer zero")
 
 
 @dataclass

@@ -7,13 +7,8 @@ Two rules make a file decode to exactly what a method assumed while quantizing:
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
 import numpy as np
 import torch
-
-from qformat.errors import ParameterError
 
 FP16_TINY = 2.0 ** -24  # smallest positive fp16 (subnormal): a stored scale never rounds to 0
 FP16_MAX = 65504.0
@@ -122,15 +117,3 @@ def to_uint8(codes: torch.Tensor) -> np.ndarray:
 
 def to_fp16(values: torch.Tensor) -> np.ndarray:
     return values.half().numpy()
-
-
-def reject_nan(method: str, params: dict[str, Any], *names: str) -> None:
-    """Range checks cannot catch NaN (every comparison is false): reject it by name."""
-    for name in names:
-        if isinstance(params.get(name), float) and math.isnan(params[name]):
-            raise ParameterError(f"method {method!r} parameter {name!r}: NaN is not allowed")
-
-
-def json_params(params: dict[str, Any]) -> dict[str, Any]:
-    """Parameters as JSON can hold them (inf is not JSON: written as the string "inf")."""
-    return {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in params.items()}

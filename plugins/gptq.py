@@ -2,22 +2,39 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from qformat.errors import ParameterError
-from qformat.format import QuantizedTensor
-from qformat.hookspecs import hookimpl
-from qformat.methods import LayerInput, Method, Param
+from qformat.methods import param
+from qformat.plugin import LayerInput, Method, ParameterError, QuantizedTensor, hookimpl
 
-from ._common import BITS, GROUP_SIZE, SYM, MethodResult, affine_record, effective_group, record_builder, weight_matrix
+from ._common import MethodResult, MinMaxConfig, affine_record, effective_group, record_builder, weight_matrix
 from ._gptq_core import check_hessian, column_blocks, error_feedback, prepare_hessian
-from ._quantizers import dequantize, gptq_codes, gptq_params, grouped, json_params, reject_nan
+from ._quantizers import dequantize, gptq_codes, gptq_params, grouped
+
+
+@dataclass(frozen=True)
+class GPTQConfig(MinMaxConfig):
+    """gptq's parameters: the min-max quantizer's (bits, group_size, sym) and the error feedback's."""
+
+    method = "gptq"
+    damp: float = param(0.01, "relative damping (percdamp): damp * mean(diag H) is added to diag H", min=0.0,
+                        max=10.0)
+    block_size: int = param(128, "columns per lazy batch update (speed only)", min=1, max=1 << 16)
+    act_order: bool = param(False, "quantize columns in order of decreasing Hessian diagonal")
+    static_groups: bool = param(False, "fit every group's scale/zero up front on the original W (needs groups)")
+
+    def check(self) -> None:
+        if self.static_groups and self.group_size <= 0:
+            raise ParameterError("method 'gptq' parameter 'static_groups': needs group_size > 0 (per-row parameters "
+                                 "are always fitted up front)")
 
 
 class GPTQ(Method):
-    name = "gptq"
+    config = GPTQConfig
     description = (
         "GPTQ: per-column rounding with Hessian error feedback (reference fasterquant: dead inputs zeroed, damping "
         "relative to mean diag H, U = chol(H^-1) upper, lazy block updates). Group scale/zero are fitted when a "
@@ -28,37 +45,24 @@ class GPTQ(Method):
         "permute(affine(codes in that order)); "
         "with per-row parameters or static_groups (fitted up front on the unpermuted W, as the reference does) the "
         "processing order leaves no trace in the parameters, so the plain affine in input order is stored.")
-    params = (
-        BITS, GROUP_SIZE, SYM,
-        Param("damp", float, 0.01, "relative damping (percdamp): damp * mean(diag H) is added to diag H", min=0.0,
-              max=10.0),
-        Param("block_size", int, 128, "columns per lazy batch update (speed only)", min=1, max=1 << 16),
-        Param("act_order", bool, False, "quantize columns in order of decreasing Hessian diagonal"),
-        Param("static_groups", bool, False, "fit every group's scale/zero up front on the original W (needs groups)"),
-    )
     calibration = frozenset({"hessian"})
 
-    def check_params(self, params: dict[str, Any]) -> None:
-        reject_nan(self.name, params, "damp")
-        if params["static_groups"] and params["group_size"] <= 0:
-            raise ParameterError("method 'gptq' parameter 'static_groups': needs group_size > 0 (per-row parameters "
-                                 "are always fitted up front)")
+    def quantize(self, layer: LayerInput, config: GPTQConfig | Mapping[str, Any]) -> QuantizedTensor:
+        return self.run(layer, config).qt
 
-    def quantize(self, layer: LayerInput, params: dict[str, Any]) -> QuantizedTensor:
-        return self.run(layer, params).qt
-
-    def run(self, layer: LayerInput, params: dict[str, Any]) -> MethodResult:
-        params = self.validate_params(params)
-        bits, sym = params["bits"], params["sym"]
+    def run(self, layer: LayerInput, config: GPTQConfig | Mapping[str, Any]) -> MethodResult:
+        """Quantize and keep what was computed; ``config`` may also be parameters to validate (tests, benchmarks)."""
+        config = self.validate_params(config)
+        bits, sym = config.bits, config.sym
         w = weight_matrix(layer)
         rows, cols = w.shape
-        group = effective_group(params["group_size"], cols)
+        group = effective_group(config.group_size, cols)
         per_row = group == cols
-        static = params["static_groups"] and not per_row
+        static = config.static_groups and not per_row
         h = check_hessian(layer.hessian, cols, layer.name)
 
         row_params = gptq_params(w, bits, sym) if per_row else None  # the reference fits these before zeroing dead
-        prep = prepare_hessian(h, percdamp=params["damp"], use_act_order=params["act_order"], layer=layer.name)
+        prep = prepare_hessian(h, percdamp=config.damp, use_act_order=config.act_order, layer=layer.name)
         w[:, prep.dead] = 0.0
         static_params = [gptq_params(part, bits, sym) for part in grouped(w, group)] if static else None
         perm = prep.perm
@@ -85,7 +89,7 @@ class GPTQ(Method):
             return dequantize(q, s, z)
 
         dynamic = not per_row and not static
-        blocks = column_blocks(cols, params["block_size"], group if dynamic else 0)
+        blocks = column_blocks(cols, config.block_size, group if dynamic else 0)
         loss = error_feedback(wt, prep.u, blocks, quantize_column, start_group if dynamic else None, group)
 
         codes, deq = codes_t.T, wt.T
@@ -107,11 +111,11 @@ class GPTQ(Method):
         node = affine_record(b, codes, scale, zero, bits, group, sym)
         if permuted_layout:
             node = b.permute(node, perm.numpy())
-        info = {"method": self.name, "params": json_params(params), "damp_used": prep.damp,
+        info = {"method": self.name, "params": config.to_params(), "damp_used": prep.damp,
                 "cholesky_retries": prep.retries, "dead_inputs": int(prep.dead.sum()), "proxy_loss": loss}
         return MethodResult(b.finish(node, info), deq.contiguous(), info)
 
 
 @hookimpl
 def qformat_register_methods(register: Any) -> None:
-    register(GPTQ)
+    register(GPTQ())

@@ -10,14 +10,15 @@ Without outliers the sum is just the affine term; without act_order there is no 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from qformat.format import QuantizedTensor
-from qformat.hookspecs import hookimpl
-from qformat.methods import LayerInput, Method, Param
+from qformat.methods import MethodConfig, param
+from qformat.plugin import LayerInput, Method, QuantizedTensor, hookimpl
 
 from ._common import MethodResult, record_builder, weight_matrix
 from ._gptq_core import check_hessian, column_blocks, error_feedback, prepare_hessian
@@ -25,9 +26,7 @@ from ._quantizers import (
     QuantizedStats,
     dequantize,
     fp16_exact,
-    json_params,
     minmax_from_range,
-    reject_nan,
     spqr_codes,
     to_fp16,
     to_uint8,
@@ -51,48 +50,51 @@ def leave_one_out_reduction(group: torch.Tensor, u_diag: torch.Tensor, bits: int
     return base - loo
 
 
+@dataclass(frozen=True)
+class SpQRConfig(MethodConfig):
+    """spqr's parameters: first-level groups, quantized statistics, outlier threshold and the error feedback's."""
+
+    method = "spqr"
+    bits: int = param(3, "bits per weight code", min=2, max=8)
+    group_size: int = param(16, "beta1: input columns per first-level scale/zero", min=2, max=1 << 16)
+    qq_scale_bits: int = param(3, "bits of the quantized first-level scales", min=1, max=8)
+    qq_zero_bits: int = param(3, "bits of the quantized first-level zeros", min=1, max=8)
+    qq_groupsize: int = param(16, "beta2: consecutive rows whose statistics share one fp16 scale and zero", min=1,
+                              max=1 << 16)
+    outlier_threshold: float = param(0.2, "tau, relative outlier threshold; inf disables outliers", min=0.0)
+    damp: float = param(1.0, "relative damping (percdamp) of the Hessian diagonal", min=0.0, max=10.0)
+    act_order: bool = param(True, "quantize columns in order of decreasing Hessian diagonal")
+    block_size: int = param(128, "columns per lazy batch update (speed only)", min=1, max=1 << 16)
+
+
 class SpQR(Method):
-    name = "spqr"
+    config = SpQRConfig
     description = (
         "SpQR: per-row min-max over groups of group_size input columns (no forced zero), whose scales and zeros are "
         "themselves quantized (qq_scale_bits / qq_zero_bits, fp16 scale and zero per qq_groupsize consecutive rows); "
         "weights whose leave-one-out error reduction or own Hessian-weighted error exceeds outlier_threshold x "
         "mean(Var(W_j) / U_jj^2) are kept as fp16 outliers (CSR); GPTQ error feedback in act-order.")
-    params = (
-        Param("bits", int, 3, "bits per weight code", min=2, max=8),
-        Param("group_size", int, 16, "beta1: input columns per first-level scale/zero", min=2, max=1 << 16),
-        Param("qq_scale_bits", int, 3, "bits of the quantized first-level scales", min=1, max=8),
-        Param("qq_zero_bits", int, 3, "bits of the quantized first-level zeros", min=1, max=8),
-        Param("qq_groupsize", int, 16, "beta2: consecutive rows whose statistics share one fp16 scale and zero",
-              min=1, max=1 << 16),
-        Param("outlier_threshold", float, 0.2, "tau, relative outlier threshold; inf disables outliers", min=0.0),
-        Param("damp", float, 1.0, "relative damping (percdamp) of the Hessian diagonal", min=0.0, max=10.0),
-        Param("act_order", bool, True, "quantize columns in order of decreasing Hessian diagonal"),
-        Param("block_size", int, 128, "columns per lazy batch update (speed only)", min=1, max=1 << 16),
-    )
     calibration = frozenset({"hessian"})
 
-    def check_params(self, params: dict[str, Any]) -> None:
-        reject_nan(self.name, params, "damp", "outlier_threshold")
+    def quantize(self, layer: LayerInput, config: SpQRConfig | Mapping[str, Any]) -> QuantizedTensor:
+        return self.run(layer, config).qt
 
-    def quantize(self, layer: LayerInput, params: dict[str, Any]) -> QuantizedTensor:
-        return self.run(layer, params).qt
-
-    def run(self, layer: LayerInput, params: dict[str, Any]) -> MethodResult:
-        params = self.validate_params(params)
-        bits, sbits, zbits, rgroup = (params[k] for k in ("bits", "qq_scale_bits", "qq_zero_bits", "qq_groupsize"))
+    def run(self, layer: LayerInput, config: SpQRConfig | Mapping[str, Any]) -> MethodResult:
+        """Quantize and keep what was computed; ``config`` may also be parameters to validate (tests, benchmarks)."""
+        config = self.validate_params(config)
+        bits, sbits, zbits, rgroup = config.bits, config.qq_scale_bits, config.qq_zero_bits, config.qq_groupsize
         w = weight_matrix(layer)
         rows, cols = w.shape
-        group = min(params["group_size"], cols)
+        group = min(config.group_size, cols)
         h = check_hessian(layer.hessian, cols, layer.name)
-        prep = prepare_hessian(h, percdamp=params["damp"], use_act_order=params["act_order"], layer=layer.name,
+        prep = prepare_hessian(h, percdamp=config.damp, use_act_order=config.act_order, layer=layer.name,
                                spqr_order=True)
         perm = prep.perm
         if perm is not None:
             w = w[:, perm]
         w[:, prep.dead[perm] if perm is not None else prep.dead] = 0.0
         u_diag = torch.diag(prep.u)
-        threshold = params["outlier_threshold"] * float((w.var(dim=0) / u_diag.square()).mean())
+        threshold = config.outlier_threshold * float((w.var(dim=0) / u_diag.square()).mean())
         detect = math.isfinite(threshold)
         wt = w.T.contiguous()
 
@@ -128,7 +130,7 @@ class SpQR(Method):
             codes_t[j] = q
             return deq
 
-        blocks = column_blocks(cols, params["block_size"], group)
+        blocks = column_blocks(cols, config.block_size, group)
         loss = error_feedback(wt, prep.u, blocks, quantize_column, start_group, group)
         assert len(stats) == n_groups
 
@@ -162,7 +164,7 @@ class SpQR(Method):
         if perm is not None:
             deq = deq[:, torch.argsort(perm)]
         numel = rows * cols
-        info = {"method": self.name, "params": json_params(params), "outliers": n_outliers,
+        info = {"method": self.name, "params": config.to_params(), "outliers": n_outliers,
                 "outlier_share": n_outliers / numel,
                 "bits_per_weight": sum(a.nbytes for a in b.tensors.values()) * 8 / numel,
                 "damp_used": prep.damp, "cholesky_retries": prep.retries, "dead_inputs": int(prep.dead.sum()),
@@ -172,4 +174,4 @@ class SpQR(Method):
 
 @hookimpl
 def qformat_register_methods(register: Any) -> None:
-    register(SpQR)
+    register(SpQR())

@@ -1,7 +1,10 @@
 """qformat: a specified, packed, quantized tensor format for Hugging Face models.
 
-``qformat.load(folder_or_hub_id)`` returns a transformers model running on qformat kernels. Importing qformat also
-registers ``quant_method: "qformat"`` with transformers, so ``AutoModelForCausalLM.from_pretrained(folder)`` works.
+``qformat.load(folder_or_hub_id)`` returns a transformers model running on qformat kernels;
+``qformat.convert(source, out, qformat.GPTQConfig(bits=4))`` makes one. ``qformat.<Name>Config`` is the config class of
+an installed method, found by class name on first use (``qformat.method_config(name, **params)`` by method name).
+Importing qformat also registers ``quant_method: "qformat"`` with transformers, so
+``AutoModelForCausalLM.from_pretrained(folder)`` works.
 This module stays light: ``import qformat.format`` (numpy only) must not pull in torch or transformers, so the
 registration waits until transformers' quantizer registry is imported, and ``load`` is imported on first use.
 """
@@ -17,13 +20,18 @@ from typing import Any
 from .version import __version__ as __version__
 
 _REGISTRY_MODULE = "transformers.quantizers.auto"  # where transformers keeps quant_method -> quantizer
-_LAZY = {"load": "api", "load_dequantized": "api", "load_any": "api", "convert": "api", "QLinear": "runtime.nn"}
+_LAZY = {"load": "api", "load_dequantized": "api", "load_any": "api", "convert": "api", "method_config": "api",
+         "MethodConfig": "methods", "QLinear": "runtime.nn"}
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         module = importlib.import_module(f"{__name__}.{_LAZY[name]}")
         return getattr(module, name)
+    if name.endswith("Config") and name[:1].isupper():  # a method's config, e.g. qformat.GPTQConfig: loads the plugins
+        from .api import config_class
+
+        return config_class(name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

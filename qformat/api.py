@@ -3,14 +3,20 @@ local paths only (the runtime and the conversion pipeline never import the Hub c
 
     import qformat
     model = qformat.load("user/model-qformat")                     # a folder, a file or a Hub id
-    qformat.conversion("HuggingFaceTB/SmolLM2-135M", "out/smol", "spqr", bits=3)
+    qformat.convert("HuggingFaceTB/SmolLM2-135M", "out/smol", qformat.SpQRConfig(bits=3))
+    qformat.convert("HuggingFaceTB/SmolLM2-135M", "out/smol", "spqr", params={"bits": 3})   # the same
+
+``qformat.GPTQConfig`` (any installed method's config class, by class name) and :func:`method_config` give configs.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .methods import MethodConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -52,15 +58,52 @@ def load_any(source: str | os.PathLike, device: Any = "cpu", *, revision: str | 
     return load_local(path, device, **options)
 
 
-def convert(source: str | os.PathLike, out: str | os.PathLike, method: str, *, revision: str | None = None,
-            **options: Any) -> ConvertResult:
-    """Convert ``source`` (a folder, a ``.gguf`` file or a Hub id) into a qformat folder ``out`` with ``method``.
+def convert(source: str | os.PathLike, out: str | os.PathLike, method: MethodConfig | str, *,
+            params: Mapping[str, Any] | None = None, revision: str | None = None, **options: Any) -> ConvertResult:
+    """Convert ``source`` (a folder, a ``.gguf`` file or a Hub id) into a qformat folder ``out``.
 
-    ``options`` are the fields of :class:`qformat.conversion.ConvertOptions` (``params``, ``calib``, ``include``, ...).
+    ``method`` is a method's config (``qformat.GPTQConfig(bits=4)``: the method is the one it configures) or a method's
+    name, then with its parameters as ``params`` (defaults for the rest). ``options`` are the other fields of
+    :class:`qformat.conversion.pipeline.ConvertOptions` (``calib``, ``include``, ``seed``, ``overwrite``, ...).
     """
     from .conversion.pipeline import ConvertOptions
     from .conversion.pipeline import convert as run
     from .hub import resolve_model_source
 
-    return run(ConvertOptions(os.fspath(source), out, method, revision=revision, resolve_hub=resolve_model_source,
-                              **options))
+    if isinstance(method, MethodConfig):
+        if params is not None:
+            raise TypeError("qformat.convert: give the parameters in the config or as params= with a method name, "
+                            "not both")
+        name, given = method.method, method
+    elif isinstance(method, str):
+        name, given = method, dict(params or {})
+    else:
+        raise TypeError(f"qformat.convert: method is a MethodConfig or a method name, not {type(method).__name__}")
+    return run(ConvertOptions(os.fspath(source), out, name, given, revision=revision,
+                              resolve_hub=resolve_model_source, **options))
+
+
+def method_config(method: str, **params: Any) -> MethodConfig:
+    """The config of the installed method ``method`` with ``params`` (values or command-line strings, checked; defaults
+    for the rest): ``qformat.method_config("gptq", bits=3)`` is ``qformat.GPTQConfig(bits=3)``."""
+    from .plugins import get_method
+
+    return get_method(method).validate_params(params)
+
+
+def config_class(class_name: str) -> type[MethodConfig]:
+    """The config class of an installed method, by class name (``"GPTQConfig"``); AttributeError if none or several
+    installed methods have one by that name."""
+    from .plugins import get_plugins
+
+    methods = get_plugins().methods
+    found = {m.config for m in methods.values() if m.config.__name__ == class_name}
+    if len(found) == 1:
+        return found.pop()
+    if found:
+        owners = sorted(n for n, m in methods.items() if m.config in found)
+        raise AttributeError(f"module 'qformat': {class_name} is the config of several installed methods "
+                             f"({', '.join(owners)}); use qformat.method_config(name, ...)")
+    known = sorted({m.config.__name__ for m in methods.values()})
+    raise AttributeError(f"module 'qformat' has no attribute {class_name!r} (the installed methods' configs: "
+                         f"{', '.join(known) or 'none'})")

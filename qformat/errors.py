@@ -35,6 +35,10 @@ class FormatError(QformatError):
                           field=self.field)
 
 
+class ResourceError(QformatError):
+    """A valid file needs more of a resource (memory) than this machine gives the process."""
+
+
 class UnknownCodecError(FormatError):
     """A record needs a codec (or codec version) that no installed plugin provides."""
 

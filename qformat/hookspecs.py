@@ -1,20 +1,25 @@
 """The hooks a qformat plugin implements. A plugin is a module named by an entry point in the group ``qformat``.
 
-Each hook receives a ``register`` callback, so one plugin can register any number of objects:
+Each hook receives a ``register`` callback, so one plugin can register any number of objects. Register
+**instances**, for methods, codecs and kernels alike (a class is refused and the plugin reported broken):
 
-    from qformat.hookspecs import hookimpl
+    from qformat.plugin import hookimpl
 
     @hookimpl
     def qformat_register_methods(register):
-        register(MyMethod)
+        register(MyMethod())
 
 Contracts (also in docs/plugins.md):
-- ``qformat_register_methods(register)``: ``register(cls)`` with a :class:`qformat.methods.Method` subclass; its
-  ``name`` must be unique across installed plugins.
+- ``qformat_register_methods(register)``: ``register(method)`` with a :class:`qformat.methods.Method` instance; its
+  ``name`` must be unique across installed plugins. ``get_method(name)`` returns that one instance for every
+  conversion, so a method keeps no state between layers.
 - ``qformat_register_codecs(register)``: ``register(codec)`` with a :class:`qformat.format.Codec` instance that adds a
   component kind (with its own spec section, reference decoder and conformance vectors).
 - ``qformat_register_kernels(register)``: ``register(kernel)`` with a :class:`qformat.kernel_api.Kernel` instance that
   computes ``x @ W.T`` for the codec signatures it declares.
+
+qformat calls each hook through pluggy once per plugin, so one plugin's failure is reported against it (package and
+version) and the others still load; ``QFORMAT_TRACE_PLUGINS=1`` prints every call.
 """
 
 from __future__ import annotations
@@ -30,8 +35,8 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def qformat_register_methods(register: Callable[[type], None]) -> None:
-    """Register quantization methods (Method subclasses)."""
+def qformat_register_methods(register: Callable[[Any], None]) -> None:
+    """Register quantization methods (qformat.methods.Method instances)."""
 
 
 @hookspec

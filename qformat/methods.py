@@ -1,17 +1,32 @@
 """The contract between qformat and a quantization method plugin.
 
-A method quantizes one linear layer at a time. It declares its parameters (validated before any work starts) and the
-calibration statistics it needs; the pipeline gathers those statistics block by block and calls
-:meth:`Method.quantize`, which returns a :class:`qformat.format.QuantizedTensor` built from the format's component
-kinds (see :class:`qformat.format.RecordBuilder`).
+A method quantizes one linear layer at a time. Its parameters are a typed, versioned :class:`MethodConfig` (a frozen
+dataclass whose fields are declared with :func:`param`, so the command line, ``qformat plugins`` and the range checks
+read them); it declares the calibration statistics it needs; the pipeline gathers those statistics block by block and
+calls :meth:`Method.quantize` with the layer and the config, which returns a :class:`qformat.format.QuantizedTensor`
+built from the format's component kinds (see :class:`qformat.format.RecordBuilder`)::
+
+    @dataclass(frozen=True)
+    class NF4Config(MethodConfig):
+        method = "nf4"
+        block_size: int = param(64, "weights per absmax block along a row", min=8, max=4096)
+        double_quant: bool = param(True, "store absmax as 8-bit affine codes")
+
+    class NF4(Method):
+        config = NF4Config
+        def quantize(self, layer: LayerInput, config: NF4Config) -> QuantizedTensor: ...
+
+The older form, ``params = (Param("block_size", int, 64, ...), ...)`` with ``config["block_size"]`` in the body, still
+works: such a method gets a config class made from its params.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, make_dataclass
+from typing import Any, ClassVar, TypeVar
 
 from .errors import ParameterError
 from .format import QuantizedTensor
@@ -86,6 +101,171 @@ def _parse_int(text: str) -> int:
         return int(number)
 
 
+_FIELD_KEY = "qformat.param"  # where param() keeps a field's help and range in the dataclass field metadata
+_FIELD_TYPES = {t.__name__: t for t in (int, float, bool, str)}
+C = TypeVar("C", bound="MethodConfig")
+
+
+@dataclass(frozen=True)
+class _FieldSpec:
+    help: str
+    min: float | None
+    max: float | None
+    choices: tuple[Any, ...] | None
+
+
+def param(default: Any, help: str, *, min: float | None = None, max: float | None = None,
+          choices: tuple[Any, ...] | list[Any] | None = None) -> Any:
+    """A :class:`MethodConfig` field: its default, help text and allowed range; its type is the field's annotation
+    (int, float, bool or str)."""
+    spec = _FieldSpec(help, min, max, tuple(choices) if choices is not None else None)
+    return field(default=default, metadata={_FIELD_KEY: spec})
+
+
+def _json_value(value: Any) -> Any:
+    """A parameter value as strict JSON holds it: a non-finite float (outlier_threshold=inf) becomes the string that
+    -p parses back ("inf"), since readers reject the non-standard Infinity token."""
+    return str(value) if isinstance(value, float) and not math.isfinite(value) else value
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """A method's parameters, typed and versioned. Subclass as a ``@dataclass(frozen=True)`` whose fields are all
+    declared with :func:`param`; set ``method`` (the method's name) and bump ``version`` when the meaning of stored
+    parameters changes (then override :meth:`migrate`). Constructing one checks every value against its declared range,
+    then :meth:`check` (constraints spanning parameters)."""
+
+    method: ClassVar[str]
+    version: ClassVar[int] = 1
+    _params: ClassVar[tuple[Param, ...] | None] = None  # per class, from its fields (see params())
+
+    def __post_init__(self) -> None:
+        name = self._method_name()
+        for p in self.params():  # also normalises: "4" -> 4 for an int, 1 -> 1.0 for a float
+            object.__setattr__(self, p.name, p.parse(getattr(self, p.name), name))
+        self.check()
+
+    def check(self) -> None:
+        """Override for constraints that span parameters (raise ParameterError naming the parameter)."""
+
+    @classmethod
+    def _method_name(cls) -> str:
+        return getattr(cls, "method", None) or cls.__name__
+
+    @classmethod
+    def params(cls) -> tuple[Param, ...]:
+        """The declared parameters, in field order (what the command line and ``qformat plugins`` show)."""
+        declared = cls.__dict__.get("_params")
+        if declared is None:
+            declared = _declared_params(cls)
+            cls._params = declared
+        return declared
+
+    @classmethod
+    def from_params(cls: type[C], values: Mapping[str, Any]) -> C:
+        """Defaults filled in, each value (a value or a command-line string) parsed and range-checked, unknown keys
+        rejected naming the known ones."""
+        declared = [p.name for p in cls.params()]
+        unknown = sorted((k for k in values if k not in declared), key=str)
+        if unknown:
+            raise ParameterError(f"method {cls._method_name()!r} has no parameter {unknown[0]!r}; it takes: "
+                                 f"{', '.join(declared) or 'none'}")
+        return cls(**values)
+
+    def to_params(self) -> dict[str, Any]:
+        """The parameters in declaration order, as strict JSON holds them (inf as "inf", which from_params reads)."""
+        return {p.name: _json_value(getattr(self, p.name)) for p in self.params()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"method", "version", "params"}``: what :meth:`from_dict` reads back, also after a version change."""
+        return {"method": self._method_name(), "version": self.version, "params": self.to_params()}
+
+    @classmethod
+    def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
+        """Read :meth:`to_dict`'s form. Parameters of an older version go through :meth:`migrate`; a newer version
+        (written by a newer plugin) is refused. Without a version the parameters are version 1 (as everything
+        written before configs had versions)."""
+        name = cls._method_name()
+        params = data.get("params", {}) if isinstance(data, Mapping) else None
+        if not isinstance(params, Mapping):
+            raise ParameterError(f"method {name!r}: a config is a mapping with 'method', 'version' and 'params' "
+                                 f"(a mapping), got {type(data).__name__}")
+        if data.get("method", name) != name:
+            raise ParameterError(f"these are parameters of method {data['method']!r}, not {name!r}")
+        version = data.get("version", 1)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ParameterError(f"method {name!r}: config version {version!r} is not a positive integer")
+        if version > cls.version:
+            raise ParameterError(f"method {name!r}: these parameters are of config version {version}, newer than "
+                                 f"this plugin's {cls.__name__} (version {cls.version}); upgrade the plugin")
+        values = dict(params)
+        if version < cls.version:
+            values = cls.migrate(values, version)
+        return cls.from_params(values)
+
+    @classmethod
+    def migrate(cls, params: dict[str, Any], from_version: int) -> dict[str, Any]:
+        """Turn parameters of config version ``from_version`` into this version's (rename, convert, drop keys). The
+        default keeps them: right when a version only added parameters with defaults."""
+        return params
+
+
+def _field_type(cls: type, f: Any) -> type:
+    annotation = _FIELD_TYPES.get(f.type.strip()) if isinstance(f.type, str) else f.type
+    if annotation not in _FIELD_TYPES.values():
+        raise TypeError(f"{cls.__qualname__}.{f.name}: a parameter is an int, float, bool or str, not {f.type!r}")
+    return annotation
+
+
+def _declared_params(cls: type[MethodConfig]) -> tuple[Param, ...]:
+    """The Params of a config class, from its dataclass fields; a class that cannot be one is a TypeError."""
+    if not is_dataclass(cls) or not cls.__dataclass_params__.frozen:
+        raise TypeError(f"{cls.__qualname__}: a MethodConfig is a @dataclass(frozen=True)")
+    names = {f.name for f in fields(cls)}
+    stray = [n for n, a in inspect.get_annotations(cls).items() if n not in names and "ClassVar" not in str(a)]
+    if stray:  # a subclass adding fields without the decorator would silently ignore them
+        raise TypeError(f"{cls.__qualname__}.{stray[0]} is not a dataclass field: decorate {cls.__qualname__} with "
+                        "@dataclass(frozen=True)")
+    declared = []
+    for f in fields(cls):
+        spec = f.metadata.get(_FIELD_KEY)
+        if not isinstance(spec, _FieldSpec) or f.default is MISSING or not f.init:
+            raise TypeError(f"{cls.__qualname__}.{f.name}: declare every field with qformat.methods.param(default, "
+                            "help, ...)")
+        declared.append(Param(f.name, _field_type(cls, f), f.default, spec.help, spec.min, spec.max, spec.choices))
+    return tuple(declared)
+
+
+@dataclass(frozen=True)
+class _ParamsTupleConfig(MethodConfig):
+    """Base of the config made for a method that declares ``params = (Param(...), ...)``: item access keeps bodies
+    written against the parameter dict (``params["bits"]``) working."""
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in {p.name for p in self.params()}:
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self[name] if name in {p.name for p in self.params()} else default
+
+
+def _config_from_params(method: type, declared: tuple[Param, ...]) -> type[MethodConfig]:
+    specs = [(p.name, p.type, param(p.default, p.help, min=p.min, max=p.max, choices=p.choices)) for p in declared]
+    namespace = {"method": method.name} if getattr(method, "name", None) else {}
+    config = make_dataclass(f"{method.__name__}Config", specs, bases=(_ParamsTupleConfig,), frozen=True,
+                            namespace=namespace)
+    config.__module__, config.__qualname__ = method.__module__, f"{method.__qualname__}Config"
+    return config
+
+
+class _ConfigParams:
+    """``Method.params``: the parameters of the method's config, on the class and on its instances."""
+
+    def __get__(self, instance: Any, owner: type) -> tuple[Param, ...]:
+        return owner.config.params()
+
+
 @dataclass
 class LayerInput:
     """One linear layer handed to a method.
@@ -105,29 +285,60 @@ class LayerInput:
 
 
 class Method:
-    """Base class for method plugins. Subclass, set the class attributes, implement :meth:`quantize`."""
+    """Base class for method plugins. Subclass, set ``config`` (a :class:`MethodConfig` class; ``name`` defaults to
+    its ``method``), ``description`` and ``calibration``, and implement :meth:`quantize`."""
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
-    params: ClassVar[tuple[Param, ...]] = ()
+    config: ClassVar[type[MethodConfig]] = MethodConfig
+    params: ClassVar[tuple[Param, ...]] = _ConfigParams()  # type: ignore[assignment]  # derived from config
     # Which statistics the pipeline must collect: a subset of {"hessian", "act_norms"}.
     calibration: ClassVar[frozenset[str]] = frozenset()
 
-    def validate_params(self, values: Mapping[str, Any]) -> dict[str, Any]:
-        """Defaults filled in, each value parsed and range-checked, unknown keys rejected."""
-        declared = {p.name: p for p in self.params}
-        unknown = sorted(set(values) - set(declared))
-        if unknown:
-            raise ParameterError(f"method {self.name!r} has no parameter {unknown[0]!r}; it takes: "
-                                 f"{', '.join(declared) or 'none'}")
-        resolved = {name: p.default for name, p in declared.items()}
-        for key, value in values.items():
-            resolved[key] = declared[key].parse(value, self.name)
-        self.check_params(resolved)
-        return resolved
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__
+        if "config" in own:
+            if "params" in own:
+                raise TypeError(f"{cls.__qualname__}: declare the parameters as config fields, not also as params")
+            config = cls.config
+            if not (isinstance(config, type) and issubclass(config, MethodConfig)) or config is MethodConfig:
+                raise TypeError(f"{cls.__qualname__}.config must be a subclass of MethodConfig, not {config!r}")
+            config.params()  # a malformed config fails here, when its plugin is imported
+            if isinstance(config.version, bool) or not isinstance(config.version, int) or config.version < 1:
+                raise TypeError(f"{config.__qualname__}.version must be a positive integer, not {config.version!r}")
+            # The name is said once: on the config (method = ...) or on the method class (name = ...).
+            name, configured = own.get("name"), getattr(config, "method", None)
+            if name is None:
+                name = configured or getattr(cls, "name", None)
+                if name:
+                    cls.name = name
+            if name and not configured:
+                config.method = name
+            elif name != configured:
+                raise TypeError(f"{cls.__qualname__} is method {name!r} but its {config.__name__} configures "
+                                f"{configured!r}")
+        elif "params" in own or cls.config is MethodConfig or issubclass(cls.config, _ParamsTupleConfig):
+            cls.config = _config_from_params(cls, tuple(cls.params))
+
+    def validate_params(self, values: Mapping[str, Any] | MethodConfig) -> MethodConfig:
+        """This method's config: ``values`` (parameter names to values or command-line strings) parsed and
+        range-checked with defaults filled in, or a config instance checked to be of this method's class."""
+        config_class = type(self).config
+        if isinstance(values, MethodConfig):
+            if not isinstance(values, config_class):
+                raise ParameterError(f"method {self.name!r} takes a {config_class.__name__}, not a "
+                                     f"{type(values).__name__} (which configures {values._method_name()!r})")
+            config = values
+        else:
+            config = config_class.from_params(values)
+        self.check_params(asdict(config))
+        return config
 
     def check_params(self, params: dict[str, Any]) -> None:
-        """Override for constraints that span parameters (raise ParameterError)."""
+        """The older place for constraints spanning parameters (raise ParameterError); a config's :meth:`check`
+        is the place now."""
 
-    def quantize(self, layer: LayerInput, params: dict[str, Any]) -> QuantizedTensor:
+    def quantize(self, layer: LayerInput, config: Any) -> QuantizedTensor:
+        """Quantize one layer with this method's config (as :meth:`validate_params` returns it)."""
         raise NotImplementedError

@@ -1,21 +1,30 @@
-"""Plugin discovery (pluggy + entry points in the group ``qformat``) and the registries it fills.
+"""Plugin discovery (pluggy + entry points in the group ``qformat``) and the plugin set it builds.
+
+A :class:`Plugins` set owns everything the installed plugins registered: method and kernel instances, and
+``codecs``, a codec registry holding the core codecs plus the plugins' (readers get it as ``registry=...``; the
+format layer itself knows only the core codecs). Nothing global is mutated: :func:`reset_plugins` forgets the set and
+the next :func:`get_plugins` discovers a fresh one.
 
 Environment:
 - ``QFORMAT_PLUGINS=a,b``: load only the entry points named a and b (an allow-list; empty string loads none).
-- ``QFORMAT_TRACE_PLUGINS=1``: print every hook call and its result to stderr.
+- ``QFORMAT_TRACE_PLUGINS=1``: print every hook call (which plugin, its package and version) and its outcome to
+  stderr. Hooks are called through pluggy one plugin at a time, so the trace shows each plugin's call.
 
-A plugin that fails to import or to register (a hook that raises, a codec with an invalid name) is reported, with a
-RuntimeWarning and in ``qformat plugins``, and the other plugins still load. Two plugins claiming one method, kernel or
-codec name is an error: which meaning the user wants cannot be guessed.
+A plugin that fails to import or to register (a hook that raises, a class registered instead of an instance, a codec
+with an invalid name) is reported, with a RuntimeWarning and in ``qformat plugins``, and the other plugins still
+load. Two plugins claiming one method, kernel or codec name is an error: which meaning the user wants cannot be
+guessed.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import threading
 import warnings
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import lru_cache
 from importlib import metadata
 from typing import Any
 
@@ -23,12 +32,12 @@ import pluggy
 
 from . import hookspecs
 from .errors import PluginError
-from .format import REGISTRY as CODECS
-from .format import Codec
+from .format import CORE_CODECS, Codec, CodecRegistry
 from .kernel_api import Kernel
 from .methods import Method
 
 ENTRY_POINT_GROUP = "qformat"
+TRACE_PREFIX = "[qformat plugins]"
 
 
 @dataclass
@@ -45,12 +54,17 @@ class PluginInfo:
 
 @dataclass
 class Plugins:
-    manager: pluggy.PluginManager
+    """The discovered plugin set: what each plugin registered, by name, and which plugin (entry point) owns it."""
+
+    manager: pluggy.PluginManager | None
     info: dict[str, PluginInfo]
-    methods: dict[str, type[Method]]
+    methods: dict[str, Method]
     kernels: dict[str, Kernel]
     method_owner: dict[str, str]
     kernel_owner: dict[str, str]
+    codec_owner: dict[str, str] = field(default_factory=dict)
+    # The core codecs plus every plugin codec; frozen once discovery is done. Pass it to readers: registry=...
+    codecs: CodecRegistry = field(default_factory=lambda: CORE_CODECS)
 
 
 def _allowed() -> set[str] | None:
@@ -60,29 +74,49 @@ def _allowed() -> set[str] | None:
     return {p.strip() for p in raw.split(",") if p.strip()}
 
 
-def _trace(manager: pluggy.PluginManager) -> None:
+def installed_entry_points() -> list[metadata.EntryPoint]:
+    """The entry points in the group ``qformat`` of the installed distributions, by name."""
+    return sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
+
+
+def _owner_label(plugins: Plugins, plugin_name: str) -> str:
+    info = plugins.info.get(plugin_name)
+    return f"{info.package} {info.version} (entry point {plugin_name!r})" if info else plugin_name
+
+
+def _trace(manager: pluggy.PluginManager, plugins: Plugins) -> None:
+    """Print each hook call pluggy executes: the plugin (with package and version), then what it registered."""
+    def who(impls: list) -> str:
+        return ", ".join(_owner_label(plugins, i.plugin_name) for i in impls) or "no plugin"
+
     def before(hook_name: str, impls: list, kwargs: dict) -> None:
-        print(f"[qformat plugins] call {hook_name} on {[i.plugin_name for i in impls]}", file=sys.stderr)
+        print(f"{TRACE_PREFIX} call {hook_name} on {who(impls)}", file=sys.stderr)
 
     def after(outcome: Any, hook_name: str, impls: list, kwargs: dict) -> None:
-        print(f"[qformat plugins] done {hook_name}: {outcome.exception or 'ok'}", file=sys.stderr)
+        registered = getattr(kwargs.get("register"), "registered", [])
+        result = (f"error {type(outcome.exception).__name__}: {outcome.exception}" if outcome.exception
+                  else f"ok, registered {registered or 'nothing'}")
+        print(f"{TRACE_PREFIX} done {hook_name} on {who(impls)}: {result}", file=sys.stderr)
 
     manager.add_hookcall_monitoring(before, after)
 
 
-def _entry_points() -> list[metadata.EntryPoint]:
-    return sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
+def build_plugins(extra: Iterable[tuple[str, Any]] | None = None,
+                  entry_points: Iterable[Any] | None = None) -> Plugins:
+    """Discover plugins and collect what they register into a new :class:`Plugins` set.
 
-
-def build_plugins(extra: list[tuple[str, Any]] | None = None) -> Plugins:
-    """Load every allowed entry point (plus ``extra`` (name, module) pairs, for tests) and collect registrations."""
+    ``entry_points``: the entry points to load (default :func:`installed_entry_points`; tests pass stand-ins with
+    ``name``, ``value``, ``dist`` (``name``, ``version``) and ``load()``), filtered by ``QFORMAT_PLUGINS``.
+    ``extra``: (name, module) pairs registered in-process besides them (tests, notebooks).
+    """
     manager = pluggy.PluginManager(hookspecs.PROJECT)
     manager.add_hookspecs(hookspecs)
+    plugins = Plugins(manager, {}, {}, {}, {}, {}, {}, CORE_CODECS.copy())
     if os.environ.get("QFORMAT_TRACE_PLUGINS", "") not in ("", "0"):
-        _trace(manager)
+        _trace(manager, plugins)
     allowed = _allowed()
-    infos: dict[str, PluginInfo] = {}
-    for ep in _entry_points():
+    infos = plugins.info
+    for ep in installed_entry_points() if entry_points is None else entry_points:
         if allowed is not None and ep.name not in allowed:
             continue
         dist = ep.dist
@@ -93,66 +127,127 @@ def build_plugins(extra: list[tuple[str, Any]] | None = None) -> Plugins:
         except Exception as exc:  # a broken plugin must not take the others down; it is reported in `qformat plugins`
             _mark_broken(info, f"{type(exc).__name__}: {exc}")
             continue
-        if manager.is_registered(module):
-            continue
-        manager.register(module, name=ep.name)
+        _add(manager, info, module)
     for name, module in extra or []:
         infos[name] = PluginInfo(name, getattr(module, "__name__", str(module)), "(in-process)", "-")
-        manager.register(module, name=name)
-
-    plugins = Plugins(manager, infos, {}, {}, {}, {})
+        _add(manager, infos[name], module)
     _collect(plugins)
+    plugins.codecs.freeze()
     return plugins
 
 
-def _owner_label(plugins: Plugins, plugin_name: str) -> str:
-    info = plugins.info.get(plugin_name)
-    return f"{info.package} {info.version} (entry point {plugin_name!r})" if info else plugin_name
+def _add(manager: pluggy.PluginManager, info: PluginInfo, module: Any) -> None:
+    try:
+        hash(module)  # pluggy calls one plugin at a time by leaving the others out of a set
+    except TypeError:
+        _mark_broken(info, f"the entry point names an unhashable {type(module).__name__}; name a module")
+        return
+    if manager.is_registered(module):
+        return
+    try:
+        manager.register(module, name=info.name)
+    except Exception as exc:  # e.g. a hook implementation whose arguments the hook does not have
+        _mark_broken(info, f"{type(exc).__name__}: {exc}".replace("\n", "; "))
+
+
+class RegistrationRefused(PluginError):
+    """A plugin registered something qformat cannot use: that plugin is reported broken, the others still load."""
+
+
+class NameClash(PluginError):
+    """Two plugins claim one method, kernel or codec name: fatal, since which one the user wants cannot be guessed."""
+
+
+def _refuse_non_instance(obj: Any, contract: type, kind: str) -> None:
+    """Refuse (one line, raised into the plugin's hook) anything but a named instance of the contract class."""
+    if isinstance(obj, contract) and isinstance(getattr(obj, "name", None), str) and obj.name:
+        return
+    if isinstance(obj, type):
+        raise RegistrationRefused(f"registered the class {obj.__name__}: register an instance: "
+                                  f"register({obj.__name__}())")
+    if isinstance(obj, contract):
+        raise RegistrationRefused(f"registered a {kind} without a name: set the class attribute `name`")
+    raise RegistrationRefused(f"registered {obj!r}, which is not a {contract.__module__}.{contract.__name__}: "
+                              f"register an instance: register(My{contract.__name__}())")
+
+
+def _method_registrar(plugins: Plugins, plugin_name: str) -> Callable[[Method], None]:
+    def register(method: Method) -> None:
+        _refuse_non_instance(method, Method, "method")
+        _claim(plugins, "method", plugins.methods, plugins.method_owner, method.name, method, plugin_name)
+        register.registered.append(method.name)
+
+    register.registered = []
+    return register
+
+
+def _kernel_registrar(plugins: Plugins, plugin_name: str) -> Callable[[Kernel], None]:
+    def register(kernel: Kernel) -> None:
+        _refuse_non_instance(kernel, Kernel, "kernel")
+        _claim(plugins, "kernel", plugins.kernels, plugins.kernel_owner, kernel.name, kernel, plugin_name)
+        register.registered.append(kernel.name)
+
+    register.registered = []
+    return register
+
+
+def _codec_registrar(plugins: Plugins, plugin_name: str) -> Callable[[Codec], None]:
+    def register(codec: Codec) -> None:
+        owner = _owner_label(plugins, plugin_name)
+        if not isinstance(codec, Codec):
+            _refuse_non_instance(codec, Codec, "codec")
+        name = getattr(codec, "name", None)
+        holder = plugins.codec_owner.get(name) if isinstance(name, str) else None
+        if holder is not None and holder != plugin_name:
+            raise _clash("codec", name, _owner_label(plugins, holder), owner)
+        try:
+            plugins.codecs.register(codec, owner=owner)
+        except PluginError as exc:  # e.g. a dot-less name, reserved for the core; the message names plugin and codec
+            raise RegistrationRefused(str(exc)) from exc
+        except Exception as exc:
+            raise RegistrationRefused(f"codec {name!r} could not be registered: {type(exc).__name__}: {exc}") from exc
+        plugins.codec_owner[name] = plugin_name
+        _info(plugins, plugin_name).codecs.append(name)
+        register.registered.append(name)
+
+    register.registered = []
+    return register
+
+
+# Hook order: methods, then codecs, then kernels (a kernel may look at the codecs when it is built).
+_HOOKS = (("qformat_register_methods", _method_registrar), ("qformat_register_codecs", _codec_registrar),
+          ("qformat_register_kernels", _kernel_registrar))
 
 
 def _collect(plugins: Plugins) -> None:
-    hook = plugins.manager.hook
-    for impl in hook.qformat_register_methods.get_hookimpls():
-        def register_method(cls: type[Method], _p: str = impl.plugin_name) -> None:
-            if not (isinstance(cls, type) and issubclass(cls, Method)) or not getattr(cls, "name", None):
-                raise PluginError(f"{_owner_label(plugins, _p)} registered {cls!r}, which is not a named Method class")
-            _claim(plugins, "method", plugins.methods, plugins.method_owner, cls.name, cls, _p)
+    manager = plugins.manager
+    for hook_name, registrar in _HOOKS:
+        for impl in getattr(manager.hook, hook_name).get_hookimpls():
+            _call(plugins, hook_name, impl.plugin_name, registrar(plugins, impl.plugin_name))
 
-        _call(plugins, impl, register_method)
-    for impl in hook.qformat_register_codecs.get_hookimpls():
-        def register_codec(codec: Codec, _p: str = impl.plugin_name) -> None:
-            owner = _owner_label(plugins, _p)
-            if not isinstance(codec, Codec):
-                raise _RefusedCodec(f"registered {codec!r}, which is not a Codec instance")
-            name = getattr(codec, "name", None)
-            holder = CODECS.names().get(name, (None, owner))[1] if isinstance(name, str) else owner
-            if holder not in (owner, "qformat"):  # a core name is refused below, as any dot-less name
-                raise _clash("codec", name, holder, owner)
-            try:
-                CODECS.register(codec, owner=owner)
-            except PluginError as exc:  # e.g. a dot-less name, reserved for the core; the message names plugin and codec
-                raise _RefusedCodec(str(exc)) from exc
-            except Exception as exc:
-                raise _RefusedCodec(f"codec {name!r} could not be registered: {type(exc).__name__}: {exc}") from exc
-            _info(plugins, _p).codecs.append(name)
 
-        _call(plugins, impl, register_codec)
-    for impl in hook.qformat_register_kernels.get_hookimpls():
-        def register_kernel(kernel: Kernel, _p: str = impl.plugin_name) -> None:
-            if not isinstance(kernel, Kernel):
-                raise PluginError(f"{_owner_label(plugins, _p)} registered {kernel!r}, which is not a Kernel")
-            _claim(plugins, "kernel", plugins.kernels, plugins.kernel_owner, kernel.name, kernel, _p)
-
-        _call(plugins, impl, register_kernel)
+def _call(plugins: Plugins, hook_name: str, plugin_name: str, register: Callable[[Any], None]) -> None:
+    """Call one plugin's hook through pluggy (so tracing and hook monitoring see it), isolating its failures."""
+    manager = plugins.manager
+    this = manager.get_plugin(plugin_name)
+    others = [p for _, p in manager.list_name_plugin() if p is not None and p is not this]
+    try:
+        manager.subset_hook_caller(hook_name, remove_plugins=others)(register=register)
+    except RegistrationRefused as exc:
+        _mark_broken(_info(plugins, plugin_name), str(exc))
+    except NameClash:
+        raise
+    except Exception as exc:
+        _mark_broken(_info(plugins, plugin_name), f"{type(exc).__name__}: {exc}")
 
 
 def _info(plugins: Plugins, plugin_name: str) -> PluginInfo:
     return plugins.info.setdefault(plugin_name, PluginInfo(plugin_name, "?", "?", "?"))
 
 
-def _clash(kind: str, name: str, first: str, second: str) -> PluginError:
+def _clash(kind: str, name: str, first: str, second: str) -> NameClash:
     """Two plugins giving one name two meanings: refuse to guess which one the user wants."""
-    return PluginError(f"{kind} {name!r} is claimed by two plugins: {first} and {second}"
+    return NameClash(f"{kind} {name!r} is claimed by two plugins: {first} and {second}"
                        "; uninstall one or exclude it with QFORMAT_PLUGINS")
 
 
@@ -166,10 +261,6 @@ def _claim(plugins: Plugins, kind: str, table: dict[str, Any], owners: dict[str,
     getattr(_info(plugins, plugin_name), f"{kind}s").append(name)
 
 
-class _RefusedCodec(Exception):
-    """A plugin's codec cannot be registered: that plugin is reported broken, the others still load."""
-
-
 def _mark_broken(info: PluginInfo, error: str) -> None:
     """Record why a plugin is (partly) unusable, and say so now: a load that needs it would otherwise fail obscurely."""
     info.error = error if info.error is None else f"{info.error}; {error}"
@@ -177,33 +268,48 @@ def _mark_broken(info: PluginInfo, error: str) -> None:
                   " (the other plugins are unaffected; see `qformat plugins`)", RuntimeWarning, stacklevel=2)
 
 
-def _call(plugins: Plugins, impl: pluggy.HookImpl, register: Any) -> None:
-    try:
-        impl.function(register=register)
-    except PluginError:
-        raise
-    except Exception as exc:
-        info = plugins.info.get(impl.plugin_name)
-        if info is None:
-            raise
-        _mark_broken(info, str(exc) if isinstance(exc, _RefusedCodec) else f"{type(exc).__name__}: {exc}")
+# ---------------------------------------------------------------------------------------------------------------
+# the process-wide plugin set
+
+_lock = threading.RLock()
+_current: Plugins | None = None
 
 
-@lru_cache(maxsize=1)
 def get_plugins() -> Plugins:
-    """The process-wide plugin set (loaded once)."""
-    return build_plugins()
+    """The process-wide plugin set, discovered on first use (again after :func:`reset_plugins`)."""
+    global _current
+    with _lock:
+        if _current is None:
+            _current = build_plugins()
+        return _current
 
 
 def reset_plugins() -> None:
-    """Forget loaded plugins (tests; after changing QFORMAT_PLUGINS)."""
-    get_plugins.cache_clear()
+    """Forget the plugin set (after changing QFORMAT_PLUGINS or installing a plugin): the next
+    :func:`get_plugins` discovers a fresh one, with a fresh codec registry."""
+    global _current
+    with _lock:
+        _current = None
+
+
+@contextmanager
+def use_plugins(plugins: Plugins) -> Iterator[Plugins]:
+    """Make ``plugins`` the process-wide set inside the ``with`` block (tests: ``build_plugins(extra=...)``)."""
+    global _current
+    with _lock:
+        previous, _current = _current, plugins
+    try:
+        yield plugins
+    finally:
+        with _lock:
+            _current = previous
 
 
 def get_method(name: str) -> Method:
+    """The registered instance of method ``name`` (methods keep no state between layers, so one instance serves)."""
     plugins = get_plugins()
-    cls = plugins.methods.get(name)
-    if cls is None:
+    method = plugins.methods.get(name)
+    if method is None:
         known = ", ".join(sorted(plugins.methods)) or "none installed"
         raise PluginError(f"unknown method {name!r}; installed methods: {known}")
-    return cls()
+    return method

@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 
 from .errors import FormatError, ParameterError
-from .format import QuantizedTensor, open_file, validate_record, write_file
-from .format.codecs import REGISTRY, Codec, TensorInfo
+from .format import CORE_CODECS, CodecRegistry, QuantizedTensor, open_file, validate_record, write_file
+from .format.codecs import Codec, TensorInfo
 from .format.dtypes import dtype_name
 from .kernel_api import Kernel
-from .methods import LayerInput, Method
+from .methods import LayerInput, Method, MethodConfig
 
 
 class PluginCheckError(AssertionError):
@@ -137,9 +137,19 @@ def check_params_contract(method: Method) -> None:
                                        "but was accepted")
 
 
+def _installed_codecs() -> CodecRegistry:
+    from .plugins import get_plugins  # noqa: PLC0415 - discovery only when no registry is given
+
+    return get_plugins().codecs
+
+
 def check_method(method: Method, params: Mapping[str, Any] | None = None,
-                 layers: Sequence[LayerSample] | None = None, max_relative_error: float = 0.5) -> MethodReport:
+                 layers: Sequence[LayerSample] | None = None, max_relative_error: float = 0.5,
+                 registry: CodecRegistry | None = None) -> MethodReport:
     """Quantize small real layers and check every contract a method has with qformat.
+
+    ``registry``: the codecs records may use (default: the installed plugin set's, ``get_plugins().codecs``; pass
+    your own, e.g. ``CORE_CODECS.extended([MyCodec()], owner=...)``, to check a method whose plugin is not installed).
 
     - parameters: defaults valid, unknown and out-of-range values refused, naming the parameter;
     - the result is a valid record of the layer's shape and dtype, built from registered codecs only;
@@ -150,8 +160,10 @@ def check_method(method: Method, params: Mapping[str, Any] | None = None,
     """
     if not isinstance(method, Method) or not getattr(method, "name", None):
         raise PluginCheckError(f"{method!r} is not an instance of a named qformat.methods.Method subclass")
+    registry = registry if registry is not None else _installed_codecs()
     check_params_contract(method)
-    resolved = method.validate_params(dict(params or {}))
+    # (method configs) ``params`` may be the method's config; the report gives the values by name.
+    resolved = method.validate_params(params if isinstance(params, MethodConfig) else dict(params or {}))
     layers = list(layers) if layers is not None else sample_layers()
     worst_rel, worst_out, bits = 0.0, 0.0, []
     for sample in layers:
@@ -162,7 +174,7 @@ def check_method(method: Method, params: Mapping[str, Any] | None = None,
         if first.name != sample.name:
             raise PluginCheckError(f"{where}: the record is named {first.name!r}, expected the layer name")
         try:
-            validate_record(first.name, first.record, _memory_info(first))
+            validate_record(first.name, first.record, _memory_info(first), registry)
         except FormatError as exc:
             raise PluginCheckError(f"{where}: invalid record: {exc}") from None
         if tuple(first.record["shape"]) != sample.weight.shape:
@@ -179,11 +191,11 @@ def check_method(method: Method, params: Mapping[str, Any] | None = None,
         if second.record != first.record or set(second.tensors) != set(first.tensors) or any(
                 not np.array_equal(second.tensors[k], v) for k, v in first.tensors.items()):
             raise PluginCheckError(f"{where}: two runs with the same input gave different records or bytes")
-        decoded = first.decode()
+        decoded = first.decode(registry)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "layer.safetensors"
             write_file(path, None, [first])
-            qfile = open_file(path)
+            qfile = open_file(path, registry)
             from_file = np.array(qfile.decode(first.name))
             qfile.close()
         if not np.array_equal(decoded, from_file):
@@ -198,7 +210,9 @@ def check_method(method: Method, params: Mapping[str, Any] | None = None,
         worst_rel, worst_out = max(worst_rel, rel), max(worst_out, out)
         bits.append((first.record["storage_bytes"] * 8, sample.weight.size))
     total_bits = sum(b for b, _ in bits) / sum(n for _, n in bits)
-    return MethodReport(method.name, resolved, total_bits, worst_rel, worst_out, [s.name for s in layers])
+    values = {p.name: getattr(resolved, p.name) for p in resolved.params()} if isinstance(
+        resolved, MethodConfig) else dict(resolved)
+    return MethodReport(method.name, values, total_bits, worst_rel, worst_out, [s.name for s in layers])
 
 
 @dataclass
@@ -207,17 +221,24 @@ class VectorReport:
     failed: list[str]
 
 
-def check_codec_vectors(vectors: str | os.PathLike, codecs: Iterable[Codec] = ()) -> VectorReport:
-    """Run a plugin's conformance vectors through the reference reader (with the plugin's codecs registered).
+def check_codec_vectors(vectors: str | os.PathLike, codecs: Iterable[Codec] = (),
+                        registry: CodecRegistry | None = None) -> VectorReport:
+    """Run a plugin's conformance vectors through the reference reader and fail on the first mismatch.
 
     ``vectors`` is a folder laid out like qformat's own (``manifest.json``, ``<id>.safetensors``,
-    ``<id>.expected.safetensors``); see conformance/README.md.
+    ``<id>.expected.safetensors``); see conformance/README.md. The reader knows the codecs of ``registry``
+    (default: the core codecs when ``codecs`` are given, else the installed plugin set's, ``get_plugins().codecs``)
+    plus ``codecs``, the instances under test. Nothing global is touched, so the codecs under test may be the ones
+    an installed plugin also registers.
     """
-    for codec in codecs:
-        REGISTRY.register(codec, owner=type(codec).__module__.split(".")[0])
+    codecs = list(codecs)
+    if registry is None:
+        registry = CORE_CODECS if codecs else _installed_codecs()
+    if codecs:
+        registry = registry.extended(codecs, owner="the codecs under test")
     from qformat_conformance.runner import run  # noqa: PLC0415 - the runner lives in the conformance package
 
-    results = run("reference", vectors_dir=Path(vectors))
+    results = run("reference", vectors_dir=Path(vectors), registry=registry)
     failed = [f"{r.vector_id}: {r.detail}" for r in results if r.status == "FAIL"]
     if failed:
         raise PluginCheckError("conformance vectors failed:\n  " + "\n  ".join(failed))
@@ -232,16 +253,21 @@ class KernelReport:
 
 
 def check_kernel(kernel: Kernel, quantized: Iterable[QuantizedTensor], batches: Sequence[int] = (1, 3),
-                 rtol: float = 1e-4, device: str = "cpu", seed: int = 0) -> KernelReport:
-    """Compare a kernel's ``x @ W.T`` and ``dequantize()`` with the reference decoder on the given records."""
+                 rtol: float = 1e-4, device: str = "cpu", seed: int = 0,
+                 registry: CodecRegistry | None = None) -> KernelReport:
+    """Compare a kernel's ``x @ W.T`` and ``dequantize()`` with the reference decoder on the given records.
+
+    ``registry``: the codecs the reference decoder knows (default: the installed plugin set's).
+    """
     import torch  # noqa: PLC0415
 
+    registry = registry if registry is not None else _installed_codecs()
     rng = np.random.default_rng(seed)
     checked, worst = 0, 0.0
     for qt in quantized:
         if not kernel.supports(qt.record):
             continue
-        reference = qt.decode().reshape(qt.record["shape"][0], -1)
+        reference = qt.decode(registry).reshape(qt.record["shape"][0], -1)
         prepared = kernel.prepare(qt, device)
         dense = prepared.dequantize().float().cpu().numpy()
         if dense.shape != reference.shape or not np.allclose(dense, reference, rtol=1e-6, atol=1e-6 * (

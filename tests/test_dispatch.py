@@ -1,5 +1,7 @@
-"""The dispatcher: kernel choice by codec signature, device and batch; QFORMAT_KERNEL; the torch reference fallback;
-``linear`` switching to dequantize + dense matmul above a kernel's max_batch; the ``qformat kernels`` command."""
+"""The dispatcher: kernel choice by codec signature, device and batch; forcing a kernel (QFORMAT_KERNEL, the kernel
+argument of qformat.load and QformatConfig: one path, the same errors); the torch reference fallback; the kernel
+contract's optional members and their defaults; ``linear`` switching to dequantize + dense matmul above a kernel's
+max_batch; the ``qformat kernels`` command."""
 
 from __future__ import annotations
 
@@ -89,17 +91,52 @@ def test_forced_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setenv(ENV_KERNEL, "numba")
     assert select_kernel(qt.record, "cpu", 1).name == "numba"
-    with pytest.raises(KernelSelectionError, match=r"does not support codec signature tensor"):
+    with pytest.raises(KernelSelectionError, match=r"does not support codec signature tensor \(weight: tensor as a "
+                                                   r"term \(dense or unknown\)\)"):
         select_kernel(dense_qt().record, "cpu", 1)
-    with pytest.raises(KernelSelectionError, match="runs on cpu, not on cuda"):
+    with pytest.raises(KernelSelectionError, match=r"kernel 'numba' \(forced by QFORMAT_KERNEL\) runs on cpu, not on "
+                                                   "cuda"):
         select_kernel(qt.record, "cuda", 1)
 
     monkeypatch.setenv(ENV_KERNEL, "nonesuch")
-    with pytest.raises(KernelSelectionError, match=r"names no installed kernel; available: .*numba.*torch"):
+    with pytest.raises(KernelSelectionError, match=r"unknown kernel 'nonesuch' \(forced by QFORMAT_KERNEL\); "
+                                                   r"available kernels: .*numba.*torch"):
         select_kernel(qt.record, "cpu", 1)
 
     monkeypatch.setenv(ENV_KERNEL, "auto")
     assert select_kernel(qt.record, "cpu", 1).name == "numba"
+
+
+def _error(call) -> str:
+    with pytest.raises(KernelSelectionError) as caught:
+        call()
+    return str(caught.value)
+
+
+FORCED = [("nonesuch", "cpu", affine_qt), ("numba", "cuda", affine_qt), ("numba", "cpu", dense_qt)]
+
+
+@pytest.mark.parametrize(("name", "device", "make"), FORCED, ids=["unknown", "device", "unsupported"])
+def test_argument_and_environment_force_alike(name: str, device: str, make, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One path: the same checks and messages whether the name comes from QFORMAT_KERNEL or the argument."""
+    qt = make()
+    monkeypatch.setenv(ENV_KERNEL, name)
+    by_env = _error(lambda: prepare_weight(qt, device))
+    monkeypatch.setenv(ENV_KERNEL, "torch")  # the argument wins over the environment
+    by_argument = _error(lambda: prepare_weight(qt, device, forced=name))
+    assert "forced by QFORMAT_KERNEL" in by_env
+    assert by_env.replace("QFORMAT_KERNEL", "the kernel option") == by_argument
+    if make is dense_qt:
+        assert f"of {NAME!r}" in by_argument and "leave the kernel unset" in by_argument
+
+
+def test_auto_and_forced_argument_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    record = affine_qt().record
+    monkeypatch.setenv(ENV_KERNEL, "nonesuch")
+    assert select_kernel(record, "cpu", 1, forced="torch") is REFERENCE
+    assert select_kernel(record, "cpu", 1, forced="auto").name == "numba"
+    assert select_kernel(record, "cpu", 1, forced="").name == "numba"
+    assert prepare_weight(affine_qt(), "cpu", forced="torch").kernel is REFERENCE
 
 
 class FakePrepared(PreparedWeight):
@@ -136,6 +173,79 @@ def fake_kernel(name: str, priority: int, max_batch: int, device: str = "cpu", w
 
 def use_kernels(monkeypatch: pytest.MonkeyPatch, *kernels: Kernel) -> None:
     monkeypatch.setattr(dispatch, "get_plugins", lambda: SimpleNamespace(kernels={k.name: k for k in kernels}))
+
+
+class Picky(Kernel):
+    """Declares only why_unsupported: supports() follows from it."""
+
+    name, device = "picky", "cpu"
+
+    def why_unsupported(self, record: dict) -> str | None:
+        return None if record["shape"][0] == 24 else "picky takes 24 rows only"
+
+    def prepare(self, qt: QuantizedTensor, device: str = "cpu") -> PreparedWeight:
+        return FakePrepared(qt, None)
+
+
+class Lax(Kernel):
+    """Declares only supports(): why_unsupported() defaults to None."""
+
+    name, device = "lax", "cpu"
+
+    def supports(self, record: dict) -> bool:
+        return False
+
+    def prepare(self, qt: QuantizedTensor, device: str = "cpu") -> PreparedWeight:
+        raise AssertionError("never chosen")
+
+
+def test_contract_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel declaring the required members only: the dispatcher fills in the rest with the declared defaults."""
+    picky, lax = Picky(), Lax()
+    assert picky.supports(affine_qt().record) and not picky.supports(affine_qt(rows=8).record)
+    assert lax.why_unsupported(affine_qt().record) is None and not lax.supports(affine_qt().record)
+    assert (Kernel.priority, Kernel.max_batch, Kernel.supported) == (0, 1 << 30, ())
+    use_kernels(monkeypatch, picky, lax)
+    prepared = prepare_weight(affine_qt(), "cpu")
+    assert prepared.kernel is picky  # set by the dispatcher: prepare() left it None
+    assert prepared.max_batch is None and dispatch.max_batch(prepared) == Kernel.max_batch
+    assert prepared.decode_fn() is None and prepared.fuse_rows([prepared, prepared]) is None
+    assert dispatch.fuse_rows([prepared, prepared]) is None
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(dispatch.bind(prepared)(x), linear(prepared, x), rtol=0, atol=0)
+    assert prepared.calls == ["matmul", "matmul"]
+    monkeypatch.setenv(ENV_KERNEL, "picky")
+    with pytest.raises(KernelSelectionError, match=r"affine\[4\]\(packed\[4\],tensor\) \(picky takes 24 rows only\)"):
+        select_kernel(affine_qt(rows=8).record, "cpu", 1)
+    monkeypatch.setenv(ENV_KERNEL, "lax")
+    with pytest.raises(KernelSelectionError, match=r"does not support codec signature affine\[4\]\(packed\[4\],"
+                                                   r"tensor\); leave"):  # no reason given: none shown
+        select_kernel(affine_qt().record, "cpu", 1)
+
+
+def test_load_kernel_option_config_and_environment_force_alike(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """qformat.load(kernel=...), QformatConfig.kernel (from_pretrained) and QFORMAT_KERNEL: one path, one error."""
+    from helpers import tiny_model, write_folder
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import qformat
+
+    folder = write_folder(tiny_model(), tmp_path / "model")
+    use_kernels(monkeypatch, Picky(), fake_kernel("gpu", priority=1, max_batch=8, device="cuda"))
+
+    def from_pretrained(name: str) -> None:
+        config = AutoConfig.from_pretrained(folder)
+        config.quantization_config["kernel"] = name
+        AutoModelForCausalLM.from_pretrained(folder, config=config)
+
+    for name, expected in (("nonesuch", "unknown kernel 'nonesuch'"), ("gpu", "runs on cuda, not on cpu"),
+                           ("picky", "(picky takes 24 rows only)")):
+        by_option = _error(lambda: qformat.load(folder, kernel=name))  # noqa: B023
+        assert expected in by_option and "forced by the kernel option" in by_option
+        assert _error(lambda: from_pretrained(name)) == by_option  # noqa: B023
+        monkeypatch.setenv(ENV_KERNEL, name)
+        assert _error(lambda: qformat.load(folder)) == by_option.replace("the kernel option", ENV_KERNEL)
+        monkeypatch.delenv(ENV_KERNEL)
 
 
 def test_choice_by_device_batch_and_priority(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_affine_record
+from helpers import make_affine_record
 from qformat_conformance.generate import file_of
 
 from qformat.errors import FormatError, UnknownCodecError
 from qformat.format import QuantizedTensor, RecordBuilder, open_file, signature, write_file
-from qformat.format.codecs import REGISTRY, Codec, NodeInfo
+from qformat.format.codecs import CORE_CODECS, Codec, NodeInfo
 
 NAME = "model.layers.0.mlp.up_proj.weight"
 F16 = np.float16
@@ -359,12 +359,14 @@ def test_a_plugin_codec_is_decoded_through_the_registry(tmp_path):
         def decode(self, node_: dict, ctx) -> np.ndarray:
             return -np.asarray(ctx.decode(node_["input"], "input"), dtype=np.float32)
 
-    REGISTRY.register(Negate(), owner="tests")
-    b = RecordBuilder(NAME, (2, 3))
+    registry = CORE_CODECS.extended([Negate()], owner="tests")  # readers know the codecs they are given
+    b = RecordBuilder(NAME, (2, 3), registry=registry)
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
-    qt = b.finish({"codec": "tests.negate", "version": 1, "input": b.tensor("x", x)})
+    qt = b.finish(b.node("tests.negate", 1, input=b.tensor("x", x)))
     path = write_file(tmp_path / "p.safetensors", quantized=[qt])
-    np.testing.assert_array_equal(open_file(path).decode(NAME), -x)
+    np.testing.assert_array_equal(open_file(path, registry).decode(NAME), -x)
+    with pytest.raises(UnknownCodecError):
+        open_file(path)  # the core registry, the default, does not know it
 
 
 def test_mutating_a_decoded_record_copy_does_not_touch_the_file(tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_affine_record
+from helpers import make_affine_record
 
 from qformat.errors import FormatError
 from qformat.format import FolderWriter, bits_by_layer_type, open_folder, sha256_file, verify_folder

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_affine_record
+from helpers import make_affine_record
 from qformat_conformance.generate import Parts, parts_of, raw_file, raw_header
 
 from qformat.errors import FormatError
@@ -220,7 +220,7 @@ def test_layout_aligns_every_tensor(tmp_path):
 WRITE_SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
-from conftest import make_affine_record
+from helpers import make_affine_record
 import numpy as np
 from qformat.format import write_file
 plain = {{"b": np.arange(3, dtype=np.int16), "a": np.arange(4, dtype=np.float32)}}

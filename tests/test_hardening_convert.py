@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_hub import hub_env, hub_server  # noqa: F401  (fixtures: a local Hub-protocol server)
 from tiny_model import make_tiny_llama
 
 from qformat.cli import main

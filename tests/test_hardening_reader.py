@@ -25,7 +25,7 @@ from qformat_conformance.generate import parts_of, qformat_meta, raw_file, raw_h
 
 from qformat.errors import FormatError
 from qformat.format import Context, RecordBuilder, open_file, record, verify_folder, write_file
-from qformat.format.codecs import REGISTRY, apply_tiles
+from qformat.format.codecs import CORE_CODECS, apply_tiles
 from qformat.format.sparse import validate_csr
 
 NAME = "model.layers.0.mlp.up_proj.weight"
@@ -138,9 +138,8 @@ def test_wrapping_row_ptr_is_rejected_by_every_reader(tmp_path):
         try:
             from qformat_kernels.numba_plugin import NumbaKernel
             readers["numba"] = lambda: NumbaKernel().prepare(open_file(path).quantized(name), "cpu").dequantize()
-            from qformat_kernels.triton_plan import _Planner
-            qt = open_file(path).quantized(name)
-            readers["triton_plan"] = lambda: _Planner(qt).weight(qt.record["weight"], (3, 4), "weight")
+            from qformat_kernels.triton_plan import plan
+            readers["triton_plan"] = lambda: plan(open_file(path).quantized(name))
         except ImportError as exc:
             print("kernels not importable:", exc, file=sys.stderr)
         codes = {{}}
@@ -207,9 +206,12 @@ def test_shared_csr_validator():
 
 
 def test_kernels_call_the_shared_validator():
+    """Both kernel families read records through the one lowering, which validates CSR with the shared validator."""
+    text = (ROOT / "qformat/lowering.py").read_text()
+    assert "validate_csr(" in text and "np.diff(ptr)" not in text
     for source in ("kernels/numba_prepared.py", "kernels/triton_plan.py"):
         text = (ROOT / source).read_text()
-        assert "validate_csr(" in text and "np.diff(ptr)" not in text, source
+        assert "lower(" in text and "np.diff(ptr)" not in text, source
     row_of = validate_csr(np.array([0, 1, 3], np.int32), np.array([5, 0, 2], np.uint16), 6,
                           lambda code, message, fld: FormatError(code, message, field=fld))
     assert row_of.tolist() == [0, 1, 1]
@@ -323,7 +325,7 @@ def decode_work(qt: Any) -> tuple[int, int]:
     from qformat.format import TensorInfo
     from qformat.format.dtypes import dtype_name
 
-    ctx = Context(REGISTRY, lambda k: TensorInfo(dtype_name(qt.tensors[k]), qt.tensors[k].shape,
+    ctx = Context(CORE_CODECS, lambda k: TensorInfo(dtype_name(qt.tensors[k]), qt.tensors[k].shape,
                                                  qt.tensors[k].nbytes))
     ctx.infer(qt.record["weight"], "weight")
     return ctx.work, qt.record["storage_bytes"]
@@ -621,3 +623,30 @@ def test_an_index_that_is_not_a_regular_file_is_refused_at_once(tmp_path, kind):
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "unreadable", result.stderr[-2000:]
+
+
+def test_a_valid_record_too_big_for_this_machine_is_a_clean_error(tmp_path):
+    """A 4 MiB lowrank record legally asks for 4 GiB (within the decode-work limit): under a 1 GiB address-space cap,
+    decoding it is a ResourceError naming the tensor, while checking it (verify) runs in bounded memory."""
+    rng = np.random.default_rng(0)
+    builder = RecordBuilder("model.layers.0.mlp.up_proj.weight", (4096, 262144))
+    node = builder.lowrank(builder.tensor("a", rng.standard_normal((4096, 4)).astype(np.float32)),
+                           builder.tensor("b", rng.standard_normal((4, 262144)).astype(np.float32)))
+    path = tmp_path / "model.safetensors"
+    write_file(path, quantized=[builder.finish(node)])
+    code = textwrap.dedent(f"""
+        import resource
+        from qformat.errors import ResourceError
+        from qformat.format import open_file
+        qfile = open_file({str(path)!r})
+        qfile.check("model.layers.0.mlp.up_proj.weight")  # bounded: row ranges, products split
+        mapped = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize"))
+        resource.setrlimit(resource.RLIMIT_AS, (mapped + (1 << 30),) * 2)  # 1 GiB more than mapped now
+        try:
+            qfile.decode("model.layers.0.mlp.up_proj.weight")
+        except ResourceError as exc:
+            print("resource:", exc)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.startswith("resource: not enough memory to decode 'model.layers.0.mlp.up_proj.weight'"), \
+        result.stderr[-2000:]

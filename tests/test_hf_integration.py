@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_loader import input_ids, tiny_model, write_folder
+from helpers import input_ids, tiny_model, write_folder
 
 TESTS = Path(__file__).parent
 
@@ -85,7 +85,7 @@ def test_save_pretrained_is_refused_and_dequantize_works(tiny_folder, tmp_path):
 def test_missing_codec_plugin_fails_before_loading(tmp_path):
     import json
 
-    from test_loader import _rewrite_records
+    from helpers import rewrite_records
     from transformers import AutoModelForCausalLM
 
     import qformat  # noqa: F401
@@ -98,7 +98,7 @@ def test_missing_codec_plugin_fails_before_loading(tmp_path):
         return QuantizedTensor(qt.name, record, qt.tensors)
 
     folder = write_folder(tiny_model(), tmp_path / "m")
-    _rewrite_records(folder, mutate, requires={"acme.zigzag": "qformat-zigzag"})
+    rewrite_records(folder, mutate, requires={"acme.zigzag": "qformat-zigzag"})
     with pytest.raises(PluginError, match="names 'qformat-zigzag' as the package"):
         AutoModelForCausalLM.from_pretrained(folder)
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
-import types
-from collections.abc import Iterator
 from pathlib import Path
 
 import huggingface_hub.utils._http as hf_http
 import numpy as np
 import pytest
+from helpers import HUB_TOKEN
+from hub_server import HubServer
 from huggingface_hub import HfApi, ModelCard, constants, hf_hub_download
 from safetensors.numpy import save_file
 
@@ -19,41 +19,15 @@ import qformat.hub as qhub
 from qformat.hub import HubError, download_model, push_folder, resolve_model_source
 from qformat.model_card import render_model_card
 
-try:  # importable both as a package module and from tests/ on sys.path (pytest's rootless layout)
-    from tests.hub_server import HubServer, start_hub_server
-except ImportError:
-    from hub_server import HubServer, start_hub_server  # type: ignore[no-redef]
-
 # huggingface_hub streams LFS uploads with httpx's `data=<file>`, which httpx deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
-TOKEN = "secret"
+TOKEN = HUB_TOKEN
 QCONFIG = {
     "quant_method": "qformat", "format_version": 1, "method": "rtn",
     "method_params": {"bits": 4, "group_size": 32, "symmetric": False},
     "bits_per_weight": 4.5, "bits_by_layer_type": {"q_proj": 4.5, "lm_head": 4.5},
     "source": {"id": "org/base", "revision": "0" * 40},
 }
-
-
-@pytest.fixture
-def hub_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
-    """A Hub on 127.0.0.1 plus an isolated huggingface_hub: no Xet, private HF_HOME/cache/token, no stray
-    credentials or endpoint from the environment, and no real sleeping in retry backoffs."""
-    home = tmp_path / "hf_home"
-    monkeypatch.setenv("HF_HOME", str(home))
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_OIDC_RESOURCE"):
-        monkeypatch.delenv(var, raising=False)
-    # huggingface_hub reads these at import time, so patch the module constants too.
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HOME", str(home))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
-    monkeypatch.setattr(hf_http, "time", types.SimpleNamespace(sleep=lambda s: None))
-    monkeypatch.setattr(qhub, "BACKOFF_S", 0.0)
-    server = start_hub_server(tmp_path, tokens={TOKEN})
-    yield server
-    server.stop()
 
 
 def make_model_folder(path: Path, seed: int = 0) -> Path:
@@ -97,15 +71,6 @@ def closed_port_endpoint() -> str:
 def push(folder: Path, server: HubServer, repo: str = "user/tiny", **kw: object) -> qhub.PushResult:
     kw.setdefault("token", TOKEN)
     return push_folder(folder, repo, endpoint=server.endpoint, **kw)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def hub_env(hub_server: HubServer, monkeypatch: pytest.MonkeyPatch) -> HubServer:
-    """``hub_server`` reached the way users configure it (HF_ENDPOINT, HF_TOKEN), for code without endpoint/token
-    parameters, e.g. ``qformat.load("user/repo")`` in an end-to-end test."""
-    monkeypatch.setenv("HF_ENDPOINT", hub_server.endpoint)
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    return hub_server
 
 
 # ------------------------------------------------------------------------------------------------------ push

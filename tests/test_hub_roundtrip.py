@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import ModelCard, hf_hub_download
-from test_hub import hub_env, hub_server  # noqa: F401  (fixtures: a local Hub-protocol server)
 from tiny_model import make_tiny_llama
 
 DATA = Path(__file__).resolve().parent.parent / "qformat" / "data" / "calibration.txt"

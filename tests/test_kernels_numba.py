@@ -18,6 +18,7 @@ from qformat_kernels.numba_prepared import NumbaPreparedWeight
 
 from qformat.errors import FormatError
 from qformat.format import QuantizedTensor, RecordBuilder
+from qformat.lowering import Unsupported
 
 KERNEL = NumbaKernel()
 RTOL = 1e-4  # |y - x W^T| <= RTOL * (|x| |W|^T): fp32 accumulation in another order; a wrong code or scale is O(1)
@@ -334,6 +335,25 @@ def test_unsupported_trees_are_refused(build: Callable) -> None:
     qt = _record(build)
     assert not KERNEL.supports(qt.record)
     assert KERNEL.why_unsupported(qt.record)
+    with pytest.raises(Unsupported, match=KERNEL.why_unsupported(qt.record).replace("(", r"\(").replace(")", r"\)")):
+        KERNEL.prepare(qt)  # refused before any data is read
+
+
+def test_refusal_reasons_name_the_node() -> None:
+    rng = np.random.default_rng(0)
+    grid_over_permute = _record(lambda b, r: b.scale(b.permute(affine_node(b, rng, 8, 32, 4, 16), np.arange(32)),
+                                                     b.tensor("f", np.ones((8, 2), np.float32)), (1, 16)))
+    assert KERNEL.why_unsupported(grid_over_permute.record) == \
+        "weight: a grouped scale over a permuted or column-scaled input"
+    b = builder((8, 32))
+    lowrank = b.lowrank(b.tensor("a", np.ones((8, 2), np.float32)), b.tensor("b", np.ones((2, 32), np.float32)))
+    grid_over_lowrank = b.finish(b.sum([affine_node(b, rng, 8, 32, 4, 16),
+                                        b.scale(lowrank, b.tensor("f", np.ones((8, 2), np.float32)), (1, 16))]))
+    assert KERNEL.why_unsupported(grid_over_lowrank.record) == "weight/terms[1]: a grouped scale over lowrank"
+    b = builder((8, 32))  # a grid factor above the permutation is fine: the columns under it are unpermuted
+    outer = b.permute(b.scale(affine_node(b, rng, 8, 32, 4, 16), b.tensor("f", np.ones((8, 2), np.float32)), (1, 16)),
+                      np.arange(32)[::-1])
+    check(b.finish(outer))
 
 
 def test_unknown_codec_is_refused() -> None:
@@ -345,9 +365,13 @@ def test_unknown_codec_is_refused() -> None:
 
 
 def _expect_error(qt: QuantizedTensor, code: str) -> None:
+    """The reference decoder's error: same code, same field, the record named."""
     with pytest.raises(FormatError) as exc:
         KERNEL.prepare(qt)
-    assert exc.value.code == code and exc.value.tensor == NAME
+    with pytest.raises(FormatError) as reference:
+        qt.decode()
+    assert exc.value.code == reference.value.code == code and exc.value.tensor == NAME
+    assert exc.value.field == reference.value.field
 
 
 def test_bad_data_raises_format_errors() -> None:
@@ -467,6 +491,26 @@ def test_decode_fn_matches_matmul_and_declines_other_inputs() -> None:
         assert decode(other) is None
     ragged = KERNEL.prepare(_affine_part(8, 200, 8, group=40))
     assert ragged.decode_fn() is None  # no aligned fast path: callers use matmul
+
+
+def test_single_terms_that_are_not_codes_have_no_decode_path_and_do_not_fuse() -> None:
+    """A weight of one codebook, outlier or low-rank term: the fast path and row stacking decline (they used to raise
+    AttributeError, which broke binding the layer)."""
+    from qformat.runtime.dispatch import bind, fuse_rows
+
+    rng = np.random.default_rng(80)
+    b = builder((8, 32))
+    vq = b.finish(b.vq(b.packed("codes", rng.integers(0, 16, (8, 8)), 4),
+                       b.tensor("books", rng.standard_normal((1, 16, 4)).astype(np.float32))))
+    b = builder((8, 32))
+    sparse = b.finish(b.sparse_from_dense("o", np.where(rng.random((8, 32)) < 0.2, 1.0, 0.0).astype(np.float32)))
+    for qt in (vq, sparse):
+        prepared = check(qt)
+        assert prepared.decode_fn() is None
+        assert prepared.fuse_rows([prepared, KERNEL.prepare(qt)]) is None
+        assert fuse_rows([prepared, KERNEL.prepare(qt)]) is None
+        x = torch.randn(1, 32)
+        torch.testing.assert_close(bind(prepared)(x), prepared.matmul(x), rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -379,6 +379,13 @@ def test_supports_only_what_it_handles() -> None:
     bitstack = b.finish(b.sign_lowrank(sign, b.tensor("u", np.ones((8, 2), np.float32)),
                                        b.tensor("v", np.ones((2, 16), np.float32))))
     assert not KERNEL.supports(bitstack.record)
+    assert KERNEL.why_unsupported(bitstack.record) == "weight: sign_lowrank"
+    b = RecordBuilder("w", (8, 16))
+    rows = b.tensor("rows", np.ones((8, 1), np.float32))
+    over_sum = b.finish(b.scale(b.sum([b.ternary(f"t{i}", np.ones((8, 16), np.int64)) for i in range(2)]), rows,
+                                group_shape=(1, 16)))
+    assert KERNEL.why_unsupported(over_sum.record) == \
+        "weight: a scale over sum (only directly over one code or codebook term)"
     dense = RecordBuilder("w", (8, 16))
     assert not KERNEL.supports(dense.finish(dense.tensor("dense", np.ones((8, 16), np.float32))).record)
     nested = {"codec": "scale", "version": 1, "input": {"codec": "scale", "version": 1}, "factor": 1.0,
@@ -388,6 +395,7 @@ def test_supports_only_what_it_handles() -> None:
     future["weight"] = {**future["weight"], "version": 2}
     assert not KERNEL.supports(future)
     assert all(KERNEL.supports(make().record) for make in TREES.values())
+    assert all(KERNEL.why_unsupported(make().record) is None for make in TREES.values())
 
 
 def test_rejects_what_the_reference_rejects() -> None:
@@ -400,14 +408,18 @@ def test_rejects_what_the_reference_rejects() -> None:
     with pytest.raises(FormatError) as ours:
         KERNEL.prepare(qt, DEVICE)
     assert ours.value.code == ref.value.code == "nonzero_padding"
+    assert ours.value.field == ref.value.field == "weight/codes/tensor"
 
     qt = act_order_tree()
     perm_key = qt.record["weight"]["perm"]
     qt.tensors[perm_key] = qt.tensors[perm_key].copy()
     qt.tensors[perm_key][0] = qt.tensors[perm_key][1]
+    with pytest.raises(FormatError) as ref:
+        qt.decode()
     with pytest.raises(FormatError) as ours:
         KERNEL.prepare(qt, DEVICE)
-    assert ours.value.code == "bad_permutation"
+    assert ours.value.code == ref.value.code == "bad_permutation"
+    assert ours.value.field == ref.value.field == "weight/perm"
 
 
 def test_cpu_needs_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -478,7 +490,10 @@ def test_conformance_decode_errors() -> None:
                 continue
             with pytest.raises(FormatError) as caught:
                 KERNEL.prepare(qfile.quantized(name), DEVICE).dequantize()
+            with pytest.raises(FormatError) as reference:
+                qfile.decode(name)
             assert caught.value.code == entry["error"]["code"], entry["id"]
+            assert caught.value.field == reference.value.field, entry["id"]
             checked += 1
         qfile.close()
     assert checked >= 8

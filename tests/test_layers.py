@@ -134,7 +134,7 @@ def test_format_layer_never_imports_heavy_libraries():
     assert bad == []
 
 
-@pytest.mark.parametrize("module", ["qformat.format"])
+@pytest.mark.parametrize("module", ["qformat.format", "qformat.plugin"])
 def test_importing_the_lower_layers_loads_no_torch(module):
     code = (f"import sys, {module}\nheavy = sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})\n"
             "print(','.join(heavy))")

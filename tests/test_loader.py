@@ -3,100 +3,22 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from test_hub import hub_env, hub_server  # noqa: F401  (fixtures: a local Hub-protocol server)
+from helpers import input_ids, rewrite_records, rtn_record, tiny_model, write_folder
 
 from qformat.errors import FormatError, PluginError
-from qformat.format import FolderWriter, QuantizedTensor, RecordBuilder
+from qformat.format import QuantizedTensor
 
 torch.set_num_threads(2)
-
-# -- building small qformat folders (also used by test_hf_integration and test_cli_runtime) ----------------------
-
-TINY = dict(vocab_size=258, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, attention_bias=True, bos_token_id=256,
-            eos_token_id=257, pad_token_id=None, tie_word_embeddings=True)
-
-
-def rtn_record(name: str, weight: np.ndarray, bits: int = 4, group: int = 32) -> QuantizedTensor:
-    """Asymmetric min-max round-to-nearest, the RTN plugin's layout: affine(packed codes, fp16 scale, packed zero)."""
-    rows, cols = weight.shape
-    maxq = (1 << bits) - 1
-    tiles = weight.reshape(rows, cols // group, group)
-    lo = np.minimum(tiles.min(-1), 0)
-    hi = np.maximum(tiles.max(-1), 0)
-    scale = np.maximum((hi - lo) / maxq, 1e-6).astype(np.float16)
-    s32 = scale.astype(np.float32)
-    zero = np.clip(np.round(-lo / s32), 0, maxq)
-    codes = np.clip(np.round(tiles / s32[..., None]) + zero[..., None], 0, maxq).reshape(rows, cols)
-    b = RecordBuilder(name, weight.shape, "F32")
-    node = b.affine(b.packed("codes", codes.astype(np.uint8), bits), scale=b.tensor("scale", scale),
-                    zero=b.packed("zero", zero.astype(np.uint8), bits), bits=bits, group_shape=(1, group))
-    return b.finish(node, {"method": "test-rtn"})
-
-
-def byte_tokenizer():
-    """A byte-level tokenizer with 256 byte tokens plus <s> and </s> (ids 256, 257)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {ch: i for i, ch in enumerate(alphabet)}
-    vocab.update({"<s>": 256, "</s>": 257})
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
-
-
-def tiny_model(seed: int = 0, **overrides):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(**{**TINY, **overrides})
-    model = LlamaForCausalLM(config).eval()
-    return model
-
-
-def write_folder(model, out: Path, *, bits: int = 4, group: int = 32, mutate=None, requires=None) -> Path:
-    """Quantize every decoder Linear of ``model`` with RTN into a two-shard qformat folder (with a tokenizer)."""
-    state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight")
-    records, plain = [], {}
-    for name, array in state.items():
-        if name.startswith("model.layers.") and name.endswith("_proj.weight"):
-            records.append(rtn_record(name, array, bits, group))
-        else:
-            plain[name] = array
-    if mutate:
-        records = [mutate(qt) for qt in records]
-    staging = out.with_name(out.name + ".tok")
-    byte_tokenizer().save_pretrained(staging)
-    writer = FolderWriter(out)
-    layer0 = [qt for qt in records if qt.name.startswith("model.layers.0.")]
-    writer.write_shard(1, {k: v for k, v in plain.items() if k.startswith("model.layers.0.")}, layer0)
-    writer.write_shard(2, {k: v for k, v in plain.items() if not k.startswith("model.layers.0.")},
-                       [qt for qt in records if qt not in layer0])
-    config = json.loads(model.config.to_json_string())
-    qconfig = {"method": "test-rtn", **({"codec_providers": requires} if requires else {})}
-    writer.finalize(config, qconfig, copy_files=sorted(staging.iterdir()))
-    shutil.rmtree(staging)
-    return out
 
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory) -> Path:
     return write_folder(tiny_model(), tmp_path_factory.mktemp("tiny") / "model")
-
-
-def input_ids(n: int = 24, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, 256, (2, n), generator=torch.Generator().manual_seed(seed))
 
 
 # -- tests ----------------------------------------------------------------------------------------------------------
@@ -204,28 +126,10 @@ def test_unknown_codec_names_codec_and_package(tmp_path):
 
     folder = write_folder(tiny_model(), tmp_path / "m", mutate=None)
     # rewrite one shard's records by hand: RecordBuilder would refuse an unknown codec
-    _rewrite_records(folder, mutate)
+    rewrite_records(folder, mutate)
     with pytest.raises(PluginError, match=r"codec 'acme.fancy_scale'.*names 'qformat-fancy' as the package") as info:
         qformat.load(folder)
     assert "14 weights" in str(info.value) and "pip install" not in str(info.value)
-
-
-def _rewrite_records(folder: Path, mutate, requires: dict | None = None, key: str = "codec_providers") -> None:
-    """Rewrite every record with ``mutate``; ``requires`` goes to quantization_config[key] (the spec's
-    codec_providers, or the legacy "requires")."""
-    from qformat.format import open_file, write_file
-
-    config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"][key] = requires or {"acme.fancy_scale": "qformat-fancy"}
-    config["quantization_config"].pop("files")  # checksums no longer hold
-    (folder / "config.json").write_text(json.dumps(config))
-    for shard in sorted(folder.glob("model-*.safetensors")):
-        qfile = open_file(shard)
-        plain = {n: np.array(qfile.tensor(n)) for n in qfile.plain_names}
-        quantized = [mutate(QuantizedTensor(n, r, {t: np.array(a) for t, a in qfile.quantized(n).tensors.items()}))
-                     for n, r in qfile.records.items()]
-        qfile.close()
-        write_file(shard, plain, quantized)
 
 
 def test_plugin_codec_not_installed_names_the_package_from_codec_providers(tmp_path):
@@ -240,7 +144,7 @@ def test_plugin_codec_not_installed_names_the_package_from_codec_providers(tmp_p
 
     for key, package in (("codec_providers", "qformat-acme>=0.3"), ("requires", "qformat-acme-legacy")):
         folder = write_folder(tiny_model(), tmp_path / key)
-        _rewrite_records(folder, mutate, requires={"acme.qmoe_dict": package}, key=key)
+        rewrite_records(folder, mutate, requires={"acme.qmoe_dict": package}, key=key)
         assert json.loads((folder / "config.json").read_text())["quantization_config"][key] == {
             "acme.qmoe_dict": package}
         with pytest.raises(PluginError, match=r"codec 'acme.qmoe_dict'.*names '" + package + "' as the package"):
@@ -256,7 +160,7 @@ def test_unknown_codec_without_package_hint(tmp_path):
         return QuantizedTensor(qt.name, record, qt.tensors)
 
     folder = write_folder(tiny_model(), tmp_path / "m")
-    _rewrite_records(folder, mutate, requires={"other": "x"})
+    rewrite_records(folder, mutate, requires={"other": "x"})
     with pytest.raises(PluginError, match=r"codec 'acme.zigzag'.*does not name a package"):
         qformat.load(folder)
 
@@ -451,6 +355,7 @@ def test_converted_smollm2_kernels_match_reference(tmp_path):
     import qformat
     from qformat.cli import main
     from qformat.runtime.evaluate import perplexity
+    from qformat.text import DEFAULT_EVAL
 
     gguf = _smollm2_gguf()
     if gguf is None:
@@ -462,7 +367,7 @@ def test_converted_smollm2_kernels_match_reference(tmp_path):
     reference = qformat.load_dequantized(out)
     via_hf = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
-    text = (Path(__file__).parents[2] / "shared" / "data" / "wiki_eval.txt").read_text()[:6000]
+    text = DEFAULT_EVAL.read_text(encoding="utf-8")[:6000]  # the shipped evaluation text
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
     ours, ref = perplexity(model, ids, 512, 2), perplexity(reference, ids, 512, 2)
     assert ours.ppl == pytest.approx(ref.ppl, rel=1e-4) and ours.ppl < 40
@@ -508,7 +413,7 @@ def test_missing_codec_points_at_broken_plugins(tmp_path, monkeypatch):
         return QuantizedTensor(qt.name, record, qt.tensors)
 
     folder = write_folder(tiny_model(), tmp_path / "model")
-    _rewrite_records(folder, mutate, requires={"acme.qmoe_dict": "qformat-acme>=0.3"})
+    rewrite_records(folder, mutate, requires={"acme.qmoe_dict": "qformat-acme>=0.3"})
     broken = PluginInfo("acme", "acme_plugin", "qformat-acme", "0.3.1")
     broken.error = "ImportError: No module named 'scipy'"
     monkeypatch.setitem(get_plugins().info, "acme", broken)

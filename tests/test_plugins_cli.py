@@ -11,8 +11,7 @@ import pytest
 
 from qformat import plugins
 from qformat.cli import main
-from qformat.hookspecs import hookimpl
-from qformat.methods import Method, Param
+from qformat.plugin import Method, Param, hookimpl
 
 
 def test_builtin_methods_are_entry_points_of_the_qformat_distribution() -> None:
@@ -55,14 +54,26 @@ class Demo(Method):
     params = (Param("levels", int, 3, "number of levels", min=2, max=5),)
 
 
-def test_broken_plugin_is_reported_and_others_still_work(capsys: pytest.CaptureFixture,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    demo = types.SimpleNamespace(qformat_register_methods=hookimpl(lambda register: register(Demo)))
+def test_broken_plugin_is_reported_and_others_still_work(capsys: pytest.CaptureFixture) -> None:
+    demo = types.ModuleType("demo_plugin")
+    demo.qformat_register_methods = hookimpl(lambda register: register(Demo()))
     with pytest.warns(RuntimeWarning, match=r"\(entry point 'broken'\) is broken: RuntimeError: boom"):
         built = plugins.build_plugins(extra=[("broken", Broken), ("demo", demo)])
-    monkeypatch.setattr(plugins, "get_plugins", lambda: built)
-    assert main(["plugins"]) == 0
+    with plugins.use_plugins(built):
+        assert main(["plugins"]) == 0
     out = capsys.readouterr().out
     assert "broken  ((in-process) -" in out and "failed to load: RuntimeError: boom" in out
     assert "method demo (calibration: none)" in out and "- levels (int, default 3 in [2, 5])" in out
     assert "method gptq" in out
+
+
+def test_a_class_registered_instead_of_an_instance_is_listed_as_broken(capsys: pytest.CaptureFixture) -> None:
+    module = types.ModuleType("class_plugin")
+    module.qformat_register_methods = hookimpl(lambda register: register(Demo))
+    with pytest.warns(RuntimeWarning, match="register an instance"):
+        built = plugins.build_plugins(extra=[("classy", module)])
+    with plugins.use_plugins(built):
+        assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "failed to load: registered the class Demo: register an instance: register(Demo())" in out
+    assert "method demo" not in out and "method rtn" in out

@@ -26,8 +26,7 @@ import pytest
 
 from qformat.errors import FormatError, UnknownCodecError
 from qformat.format import (
-    REGISTRY,
-    CodecRegistry,
+    CORE_CODECS,
     QuantizedTensor,
     RecordBuilder,
     TensorInfo,
@@ -42,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "spec"
 FORMAT_SRC = ROOT / "qformat" / "format"
 SCHEMA = json.loads((SPEC / "record.schema.json").read_text())
-CORE = {name for name, (_, owner) in REGISTRY.names().items() if owner == "qformat"}
+CORE = {name for name, (_, owner) in CORE_CODECS.names().items() if owner == "qformat"}
 FP32_U = 2.0 ** -24
 
 
@@ -515,12 +514,12 @@ def test_codec_names_agree_between_schema_registry_and_components():
     branches = {ref["$ref"].rsplit("/", 1)[1] for ref in defs["node"]["oneOf"]}
     assert branches == CORE | {"plugin_node"}
     for codec in CORE:
-        versions, _ = REGISTRY.names()[codec]
+        versions, _ = CORE_CODECS.names()[codec]
         assert {defs[codec]["properties"]["version"]["const"]} == set(versions)
         required = set(defs[codec]["required"]) - {"codec", "version"}
-        assert required == set(REGISTRY._codecs[codec].required), codec
+        assert required == set(CORE_CODECS.get(codec).required), codec
         optional = set(defs[codec]["properties"]) - set(defs[codec]["required"])
-        assert optional == set(REGISTRY._codecs[codec].optional), codec
+        assert optional == set(CORE_CODECS.get(codec).optional), codec
     sections = re.findall(r"^## `([^`]+)`\s*$", (SPEC / "components.md").read_text(), re.M)
     assert len(sections) == len(set(sections))
     assert set(sections) == CORE
@@ -730,9 +729,7 @@ def test_extending_example_plugin_codec():
     (source,) = fenced(SPEC / "extending.md", "python")
     namespace: dict[str, Any] = {}
     exec(compile(source, "extending.md", "exec"), namespace)
-    registry = CodecRegistry()
-    for name in CORE:
-        registry.register(REGISTRY._codecs[name])
+    registry = CORE_CODECS.copy()  # an extendable copy: the core registry itself is read-only
     namespace["qformat_register_codecs"](register=lambda codec: registry.register(codec, owner="example"))
     assert "example.shift" in registry.names()
 
@@ -751,7 +748,7 @@ def test_extending_example_plugin_codec():
         validate_record("w", {**record, "weight": {**node, "offset": "x"}}, info, registry)
     assert bad.value.code == "bad_field" and bad.value.field == "weight/offset"
     with pytest.raises(UnknownCodecError) as unknown:
-        validate_record("w", record, info, REGISTRY)
+        validate_record("w", record, info, CORE_CODECS)
     assert unknown.value.code == "unknown_codec" and "example.shift" in str(unknown.value)
     with pytest.raises(UnknownCodecError) as version:
         validate_record("w", {**record, "weight": {**node, "version": 2}}, info, registry)

@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import types
+
 import numpy as np
 import pytest
 import torch
+from safetensors.numpy import save
 
-from qformat.format import QuantizedTensor, RecordBuilder
-from qformat.kernel_api import Kernel, PreparedWeight
-from qformat.methods import Method, Param
-from qformat.testing import PluginCheckError, check_kernel, check_method, sample_layers
+from qformat.format import write_file
+from qformat.plugin import (
+    CORE_CODECS,
+    Codec,
+    Kernel,
+    Method,
+    NodeInfo,
+    Param,
+    PreparedWeight,
+    QuantizedTensor,
+    RecordBuilder,
+    hookimpl,
+)
+from qformat.plugins import build_plugins, use_plugins
+from qformat.testing import PluginCheckError, check_codec_vectors, check_kernel, check_method, sample_layers
 
 
 class GoodRTN(Method):
@@ -148,3 +164,98 @@ def _layer_input(sample):
     from qformat.methods import LayerInput
 
     return LayerInput(sample.name, torch.from_numpy(sample.weight))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# check_codec_vectors: a plugin codec's own vectors, checked with the codec under test or the installed one
+
+class Negate(Codec):
+    """tests.negate v1: w = -input (exact)."""
+
+    name = "tests.negate"
+    required = frozenset({"input"})
+
+    def infer(self, node, ctx):
+        inner = ctx.infer(node["input"], "input")
+        if len(inner.shape) != 2:
+            raise ctx.error("shape_mismatch", "input must be 2-D", "input")
+        return NodeInfo(inner.shape, "float")
+
+    def decode(self, node, ctx):
+        return -np.asarray(ctx.decode(node["input"], "input"), dtype=np.float32)
+
+
+class ForgetsToNegate(Negate):
+    def decode(self, node, ctx):
+        return np.asarray(ctx.decode(node["input"], "input"), dtype=np.float32)
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def negate_vectors(tmp_path):
+    """One valid and one invalid vector of tests.negate, in the layout of conformance/README.md."""
+    registry = CORE_CODECS.extended([Negate()], owner="tests")
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    b = RecordBuilder("w", (2, 3), registry=registry)
+    valid = b.finish(b.node("tests.negate", 1, input=b.tensor("x", x)))
+    write_file(tmp_path / "negate.safetensors", None, [valid])
+    (tmp_path / "negate.expected.safetensors").write_bytes(save({"w": -x}))
+    bad = QuantizedTensor("w", {**valid.record, "weight": {**valid.record["weight"], "version": 2}}, valid.tensors)
+    write_file(tmp_path / "negate_v2.safetensors", None, [bad])
+    vectors = [
+        {"id": "negate", "kind": "valid", "description": "w = -x", "file": "negate.safetensors",
+         "sha256": _sha(tmp_path / "negate.safetensors"), "expected": "negate.expected.safetensors",
+         "expected_sha256": _sha(tmp_path / "negate.expected.safetensors"), "records": ["w"], "plain": [],
+         "codecs": ["tensor", "tests.negate"], "exact": True, "options": {}},
+        {"id": "negate_v2", "kind": "invalid", "description": "version 2 does not exist",
+         "file": "negate_v2.safetensors", "sha256": _sha(tmp_path / "negate_v2.safetensors"),
+         "error": {"code": "unsupported_codec_version", "stage": "open", "tensor": "w"}},
+    ]
+    (tmp_path / "manifest.json").write_text(json.dumps({"manifest_version": 1, "vectors": vectors}))
+    return tmp_path
+
+
+def test_codec_vectors_pass_with_the_codec_under_test(negate_vectors):
+    report = check_codec_vectors(negate_vectors, [Negate()])
+    assert report.passed == ["negate", "negate_v2"] and report.failed == []
+
+
+def test_codec_vectors_of_an_installed_plugin_do_not_clash(negate_vectors, monkeypatch):
+    """The bug: discovery had put the plugin's codec in a global table under its package's name, and the harness
+    registered it again under another owner ("registered by both"). Now each check reads with its own registry."""
+    monkeypatch.setenv("QFORMAT_PLUGINS", "")
+    module = types.ModuleType("negate_plugin")
+    module.qformat_register_codecs = hookimpl(lambda register: register(Negate()))
+    with use_plugins(build_plugins(extra=[("negate", module)])) as plugins:
+        assert "tests.negate" in plugins.codecs
+        assert check_codec_vectors(negate_vectors, [Negate()]).failed == []  # the codec under test
+        assert check_codec_vectors(negate_vectors).failed == []  # the installed plugin set's codec
+        assert "tests.negate" not in CORE_CODECS
+
+
+def test_codec_vectors_catch_a_wrong_decoder_and_an_unknown_codec(negate_vectors):
+    with pytest.raises(PluginCheckError, match=r"negate: w: 5 values differ"):
+        check_codec_vectors(negate_vectors, [ForgetsToNegate()])
+    with pytest.raises(PluginCheckError, match=r"negate: .*unknown_codec"):
+        check_codec_vectors(negate_vectors, registry=CORE_CODECS)
+
+
+def test_check_method_reads_with_the_given_registry(layers):
+    """A method whose records use a plugin codec is checked with a registry that holds it."""
+    registry = CORE_CODECS.extended([Negate()], owner="tests")
+
+    class Negated(GoodRTN):
+        name = "negated"
+
+        def quantize(self, layer, params):
+            qt = GoodRTN.quantize(self, type(layer)(layer.name, -layer.weight), params)
+            b = RecordBuilder(qt.name, qt.record["shape"], registry=registry)
+            b.tensors.update(qt.tensors)
+            return b.finish(b.node("tests.negate", 1, input=qt.record["weight"]), info={"bits_per_weight": None})
+
+    assert check_method(Negated(), {"bits": 4}, layers, registry=registry).relative_error < 0.2
+    with pytest.raises(PluginCheckError, match="unknown_codec"):
+        check_method(Negated(), {"bits": 4}, layers, registry=CORE_CODECS)

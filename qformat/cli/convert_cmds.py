@@ -13,6 +13,7 @@ from ..errors import ParameterError
 
 if TYPE_CHECKING:
     from ..conversion.pipeline import Converter
+    from ..methods import MethodConfig
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -76,8 +77,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     plug.set_defaults(func=run_plugins)
 
 
-def method_params(method: Any, args: argparse.Namespace) -> dict[str, str]:
-    """``-p k=v`` pairs plus ``--bits``/``--group-size``, each checked against the method's declared parameters."""
+def method_config(method: Any, args: argparse.Namespace) -> MethodConfig:
+    """The method's config from ``-p k=v`` pairs plus ``--bits``/``--group-size``, each parsed and checked against the
+    method's declared parameters (before any work, naming the parameter)."""
     declared = {p.name for p in method.params}
     values: dict[str, str] = {}
     for item in args.param:
@@ -98,8 +100,7 @@ def method_params(method: Any, args: argparse.Namespace) -> dict[str, str]:
         if key in values:
             raise ParameterError(f"{flag} and -p {key}= both set {key!r}; give one")
         values[key] = value
-    method.validate_params(values)  # fail now, with the parameter's name, before any work
-    return values
+    return method.validate_params(values)
 
 
 MAX_EVAL = 1 << 20  # windows or tokens per window: far beyond any evaluation a CPU finishes
@@ -131,11 +132,11 @@ def run_convert(args: argparse.Namespace) -> int:
     from ..plugins import get_method
 
     method = get_method(args.method)
-    params = method_params(method, args)
+    config = method_config(method, args)
     check_eval_options(args)
     eval_text = resolve_eval_text(args.eval) if args.eval else None
     options = ConvertOptions(
-        source=args.source, out=args.out, method=args.method, params=params, revision=args.revision,
+        source=args.source, out=args.out, method=args.method, params=config, revision=args.revision,
         calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
         include=args.include, exclude=args.exclude, true_sequential=args.true_sequential, overwrite=args.overwrite,
         restart=args.restart, quiet=args.quiet, resolve_hub=resolve_model_source)
@@ -192,13 +193,14 @@ def plugin_listing() -> list[dict[str, Any]]:
     for name, info in sorted(plugins.info.items()):
         methods = []
         for method_name in info.methods:
-            cls = plugins.methods[method_name]
+            method = plugins.methods[method_name]
             methods.append({
-                "name": method_name, "description": cls.description,
-                "calibration": sorted(cls.calibration),
+                "name": method_name, "description": method.description,
+                "calibration": sorted(method.calibration),
+                "config": method.config.__name__, "config_version": method.config.version,
                 "params": [{"name": p.name, "type": p.type.__name__, "default": p.default, "min": p.min,
                             "max": p.max, "choices": list(p.choices) if p.choices else None, "help": p.help,
-                            "describe": p.describe()} for p in cls.params]})
+                            "describe": p.describe()} for p in method.params]})
         listing.append({"entry_point": name, "module": info.module, "package": info.package,
                         "version": info.version, "methods": methods, "codecs": info.codecs,
                         "kernels": info.kernels, "error": info.error})
@@ -222,6 +224,8 @@ def run_plugins(args: argparse.Namespace) -> int:
             print(f"  method {method['name']} (calibration: {calib})")
             if method["description"]:
                 print(f"    {method['description']}")
+            if method["params"]:
+                print(f"    parameters ({method['config']}, version {method['config_version']}):")
             for param in method["params"]:
                 print(f"    - {param['describe']}")
         if not any(plugin[k] for k in ("methods", "codecs", "kernels")) and not plugin["error"]:

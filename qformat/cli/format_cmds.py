@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import FormatError
-from ..format import bits_by_layer_type, open_folder, signature, verify_folder
+from ..format import CORE_CODECS, CodecRegistry, bits_by_layer_type, open_folder, signature, verify_folder
 from ..format.safetensors_io import safe_text
 
 
@@ -39,15 +39,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_conformance)
 
 
-def _load_plugin_codecs() -> None:
-    """Let installed plugins register their codecs, so files using them validate and decode; never fatal here."""
+def plugin_codecs() -> CodecRegistry:
+    """The installed plugin set's codecs (core + plugins), so files using plugin codecs validate and decode; when the
+    plugins cannot load, the core codecs with a warning (never fatal here)."""
     from ..errors import PluginError
     from ..plugins import get_plugins
 
     try:
-        get_plugins()
+        return get_plugins().codecs
     except PluginError as exc:
         print(f"qformat: warning: plugins failed to load, their codecs are unknown: {exc}", file=sys.stderr)
+        return CORE_CODECS
 
 
 def _console() -> Any:
@@ -80,9 +82,9 @@ def _numel(shape: Any) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # inspect
 
-def describe(path: str | Path) -> dict[str, Any]:
-    """Everything `qformat inspect` shows, as plain data."""
-    folder = open_folder(path)
+def describe(path: str | Path, registry: CodecRegistry = CORE_CODECS) -> dict[str, Any]:
+    """Everything `qformat inspect` shows, as plain data (``registry``: the codecs to read with)."""
+    folder = open_folder(path, registry)
     try:
         records = []
         all_records = folder.records
@@ -131,8 +133,7 @@ def _bytes(n: int) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    _load_plugin_codecs()
-    summary = describe(args.path)
+    summary = describe(args.path, plugin_codecs())
     if args.json:
         print(json.dumps(summary, indent=1))
         return 0
@@ -178,9 +179,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 # verify
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    _load_plugin_codecs()
+    codecs = plugin_codecs()
     try:
-        summary = verify_folder(args.path, deep=not args.shallow)
+        summary = verify_folder(args.path, deep=not args.shallow, registry=codecs)
     except FormatError as exc:
         if args.json:
             print(json.dumps({"ok": False, "code": exc.code, "message": exc.message, "file": exc.file,
@@ -209,10 +210,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_conformance(args: argparse.Namespace) -> int:
     from qformat_conformance.runner import FAIL, implementations, load_manifest, print_table, run, summarize
 
-    _load_plugin_codecs()  # a plugin's own vectors (--vectors) need its codecs in the reference reader
     if args.list:
         return _list_vectors(load_manifest(args.vectors), implementations(), args.json)
-    results = run(args.impl, args.vectors, rtol=args.rtol)
+    # a plugin's own vectors (--vectors) need its codecs in the reference reader
+    results = run(args.impl, args.vectors, rtol=args.rtol, registry=plugin_codecs())
     if args.json:
         print(json.dumps({"summary": summarize(results), "results": [r.__dict__ for r in results]}, indent=1))
     else:

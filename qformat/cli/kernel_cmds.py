@@ -37,8 +37,10 @@ def _kernel_rows() -> list[dict[str, Any]]:
 
 def _records(path: Path) -> tuple[dict[str, dict], Any]:
     from qformat.format import open_file, open_folder
+    from qformat.plugins import get_plugins
 
-    source = open_folder(path) if path.is_dir() else open_file(path)
+    codecs = get_plugins().codecs  # records may use plugin codecs
+    source = open_folder(path, codecs) if path.is_dir() else open_file(path, codecs)
     return dict(source.records), source
 
 

@@ -22,7 +22,6 @@ import contextlib
 import errno
 import gc
 import json
-import math
 import os
 import re
 import shutil
@@ -30,7 +29,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +50,7 @@ from ..format.container import (
     rounded_bits,
 )
 from ..format.dtypes import WEIGHT_DTYPES
-from ..methods import LayerInput, Method
+from ..methods import LayerInput, Method, MethodConfig
 from ..text import tokenize
 from . import calibration as calib_data
 from .activations import BlockCalls, LinearStats, capture_block_inputs, input_groups, run_block
@@ -84,7 +83,8 @@ class ConvertOptions:
     source: str
     out: str | os.PathLike
     method: str
-    params: Mapping[str, Any] = field(default_factory=dict)
+    # The method's config, or its parameters by name (values or command-line strings, as `-p key=value` gives them).
+    params: Mapping[str, Any] | MethodConfig = field(default_factory=dict)
     revision: str | None = None
     calib: str | os.PathLike | None = None  # None: the shipped default text
     calib_samples: int = calib_data.DEFAULT_SAMPLES
@@ -126,12 +126,6 @@ def to_numpy(tensor: torch.Tensor) -> np.ndarray:
     if tensor.dtype == torch.bfloat16:
         return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return tensor.numpy()
-
-
-def json_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Method parameters as strict JSON holds them: a non-finite float (outlier_threshold=inf) becomes the string
-    that -p parses back ("inf"), since readers reject the non-standard Infinity/NaN tokens."""
-    return {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v for k, v in params.items()}
 
 
 def _check_int(option: str, value: Any, low: int, high: int) -> None:
@@ -196,10 +190,11 @@ class Converter:
 
         opts = self.options
         self.method: Method = get_method(opts.method)
-        self.params = self.method.validate_params(dict(opts.params))
+        self.config: MethodConfig = self.method.validate_params(opts.params)
         owner = get_plugins().method_owner.get(opts.method)
         info = get_plugins().info.get(owner) if owner else None
         self.plugin_label = f"{info.package} {info.version}" if info else "?"
+        self.codecs = get_plugins().codecs  # shards are read back with the plugin codecs the method may use
         self.needs_calibration = bool(self.method.calibration & CALIBRATED)
         _check_int("--seed", opts.seed, 0, MAX_SEED)
         if self.needs_calibration:
@@ -211,7 +206,7 @@ class Converter:
         # A finalize killed midway may have left <out>.old (the previous output) and no <out>: restore it first, so
         # that a rerun without --overwrite refuses instead of replacing the only copy.
         try:
-            recover_interrupted_swap(self.out)
+            recover_interrupted_swap(self.out, self.codecs)
         except FormatError as exc:
             raise ConversionError(str(exc)) from None
         if self.out.exists() or self.out.is_symlink():
@@ -334,7 +329,8 @@ class Converter:
             calibration = {"text": self.calib_text.label, "sha256": self.calib_text.sha256,
                            "samples": opts.calib_samples, "seqlen": opts.calib_seqlen, "seed": opts.seed,
                            "true_sequential": opts.true_sequential}
-        return {"state_version": STATE_VERSION, "method": self.method.name, "method_params": json_params(self.params),
+        return {"state_version": STATE_VERSION, "method": self.method.name, "method_params": self.config.to_params(),
+                "method_config_version": self.config.version,
                 "method_plugin": self.plugin_label, "source": self.source.describe(),
                 "source_fingerprint": self.source.fingerprint(), "calibration": calibration,
                 "include": list(opts.include), "exclude": list(opts.exclude), "seed": opts.seed,
@@ -365,6 +361,8 @@ class Converter:
         except (OSError, ValueError):
             previous = None
         current = json.loads(json.dumps(self.state))
+        if isinstance(previous, dict) and previous.get("state_version") == STATE_VERSION:
+            previous.setdefault("method_config_version", 1)  # written before configs had versions: all were 1
         if previous != current:
             if not isinstance(previous, dict) or previous.get("state_version") != STATE_VERSION:
                 raise ConversionError(f"{work} holds a partial conversion made by another version of qformat; pass "
@@ -419,7 +417,7 @@ class Converter:
     def _run(self, on_block_done: BlockHook | None) -> ConvertResult:
         start = time.perf_counter()
         try:
-            writer = FolderWriter(self.out, self.work_dir, overwrite=True)
+            writer = FolderWriter(self.out, self.work_dir, overwrite=True, registry=self.codecs)
             self._write_text(self.work_dir / STATE_NAME, json.dumps(self.state, indent=2, sort_keys=True) + "\n")
         except FormatError as exc:
             raise ConversionError(str(exc)) from None
@@ -567,7 +565,7 @@ class Converter:
         """Run a finished block with the weights its shard holds (decoded), to get the next block's inputs."""
         block, prefix = self.skeleton.blocks[index], self.skeleton.block_prefix(index)
         self._load_block(index)
-        qfile = QFile(self.writer.shard_path(index))
+        qfile = QFile(self.writer.shard_path(index), self.codecs)
         try:
             for name in qfile.records:
                 weight = torch.from_numpy(np.array(qfile.decode(name), dtype=np.float32))
@@ -617,7 +615,7 @@ class Converter:
     def _quantize_module(self, module_name: str, module: nn.Module, stats: LinearStats | None) -> QuantizedTensor:
         weight_name = f"{module_name}.weight"
         qt = self._quantize_tensor(weight_name, module.weight.detach(), self._dtype(weight_name), stats, module_name)
-        decoded = torch.from_numpy(np.array(qt.decode(), dtype=np.float32)).reshape(module.weight.shape)
+        decoded = torch.from_numpy(np.array(qt.decode(self.codecs), dtype=np.float32)).reshape(module.weight.shape)
         module._parameters["weight"] = nn.Parameter(decoded, requires_grad=False)
         return qt
 
@@ -627,7 +625,7 @@ class Converter:
         layer = LayerInput(weight_name, weight.detach().to(torch.float32).clone(), dtype, hessian, norms, tokens)
         # Seeded per layer, so a resumed run draws the same random numbers as an uninterrupted one.
         torch.manual_seed((zlib.crc32(weight_name.encode()) ^ self.options.seed) & 0x7FFFFFFF)
-        qt = self.method.quantize(layer, self.params)
+        qt = self.method.quantize(layer, self.config)
         if not isinstance(qt, QuantizedTensor) or qt.name != weight_name:
             raise PluginError(f"method {self.method.name!r} ({self.plugin_label}) returned "
                               f"{type(qt).__name__} for {weight_name}, not a QuantizedTensor named so")
@@ -665,7 +663,7 @@ class Converter:
             if not path.is_file() or not self._source_names(index) <= self.recorded_digests.keys():
                 break
             try:
-                qfile = QFile(path)
+                qfile = QFile(path, self.codecs)
                 names = set(qfile.records), set(qfile.plain_names)
                 qfile.close()
             except FormatError:
@@ -714,7 +712,7 @@ class Converter:
         records: dict[str, dict] = {}
         outliers: dict[str, int] = {}
         for index in range(len(self.skeleton.blocks) + 1):
-            qfile = QFile(self.writer.shard_path(index))
+            qfile = QFile(self.writer.shard_path(index), self.codecs)
 
             def length(tensor: str, _q: QFile = qfile) -> int:
                 return int(np.prod(_q.st.entries[tensor].shape))
@@ -726,7 +724,6 @@ class Converter:
         return records, outliers
 
     def _quantization_config(self, records: Mapping[str, dict]) -> dict[str, Any]:
-        from ..format import REGISTRY
         from ..plugins import get_plugins
         from ..version import __version__
 
@@ -734,13 +731,15 @@ class Converter:
                   **{k: v for k, v in self.source.describe().items() if k not in ("id", "revision")}}
         used = {node["codec"] for record in records.values() for node in iter_nodes(record["weight"])}
         providers = {}
+        plugins = get_plugins()
         for codec in sorted(used):
-            owner = REGISTRY.names().get(codec, (None, "qformat"))[1]
-            if owner != "qformat":
-                info = next((i for i in get_plugins().info.values() if codec in i.codecs), None)
-                providers[codec] = f"{info.package}>={info.version}" if info else owner
+            owner = plugins.codec_owner.get(codec)  # None for the core codecs
+            if owner is not None:
+                info = plugins.info[owner]
+                providers[codec] = f"{info.package}>={info.version}"
         qconfig: dict[str, Any] = {
-            "method": self.method.name, "method_params": json_params(self.params), "method_plugin": self.plugin_label,
+            "method": self.method.name, "method_params": self.config.to_params(),
+            "method_config_version": self.config.version, "method_plugin": self.plugin_label,
             "bits_by_layer_type": bits_by_layer_type(records), "source": source,
             "calibration": self.state["calibration"], "quantized_modules": sorted(n.rsplit(".", 1)[0] for n in records),
             "qformat_version": __version__, "command": self._command(),
@@ -758,8 +757,8 @@ class Converter:
         opts = self.options
         parts = ["qformat convert", f"--method {self.method.name}", self.source.hub_id or self._local_name(),
                  f"--out {self.out.name}"]
-        defaults = {p.name: p.default for p in self.method.params}
-        parts += [f"-p {k}={v}" for k, v in sorted(self.params.items()) if defaults.get(k) != v]
+        defaults = {p.name: p.default for p in self.config.params()}
+        parts += [f"-p {k}={v}" for k, v in sorted(asdict(self.config).items()) if defaults.get(k) != v]
         if self.needs_calibration:
             if opts.calib is not None:
                 parts.append(f"--calib {Path(opts.calib).name}")

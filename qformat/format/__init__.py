@@ -5,7 +5,7 @@ Public API: build records with :class:`RecordBuilder`, write files with :func:`w
 """
 
 from .builder import RecordBuilder
-from .codecs import REGISTRY, Codec, CodecRegistry, Context, NodeInfo, TensorInfo, signature
+from .codecs import CORE_CODECS, Codec, CodecRegistry, Context, NodeInfo, TensorInfo, signature
 from .container import FolderWriter, ModelFolder, bits_by_layer_type, open_folder, sha256_file, verify_folder
 from .qfile import QFile, QuantizedTensor, open_file, write_file
 from .record import (
@@ -19,7 +19,7 @@ from .record import (
 )
 
 __all__ = [
-    "FORMAT_VERSION", "FolderWriter", "ModelFolder", "bits_by_layer_type", "open_folder", "sha256_file", "verify_folder", "REGISTRY", "Codec", "CodecRegistry", "Context", "NodeInfo", "QFile", "QuantizedTensor",
+    "FORMAT_VERSION", "FolderWriter", "ModelFolder", "bits_by_layer_type", "open_folder", "sha256_file", "verify_folder", "CORE_CODECS", "Codec", "CodecRegistry", "Context", "NodeInfo", "QFile", "QuantizedTensor",
     "RecordBuilder", "TensorInfo", "bits_per_weight", "check_record", "decode_record", "iter_nodes",
     "total_bits_per_weight", "open_file", "signature",
     "validate_record",

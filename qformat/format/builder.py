@@ -7,6 +7,12 @@
     qt = b.finish(node)          # QuantizedTensor: record + tensors, validated
 
 Every tensor is stored as ``<name>.<role>``; roles must be unique within a record.
+
+A node of any codec, a plugin's included, is built with :meth:`RecordBuilder.node`; ``finish`` validates the tree
+against the builder's ``registry`` (the core codecs unless given one that also holds the plugin's codecs):
+
+    b = RecordBuilder(name, shape, registry=my_codecs)       # my_codecs = CORE_CODECS.copy() + your codecs
+    node = b.node("rotate.hadamard", 1, input=inner, signs=b.store("signs", signs), block=64)
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import numpy as np
 
 from ..errors import FormatError
 from . import bitpack
-from .codecs import REGISTRY, TensorInfo
+from .codecs import CORE_CODECS, CodecRegistry, TensorInfo
 from .dtypes import WEIGHT_DTYPES, dtype_name
 from .qfile import QuantizedTensor
 from .record import matrix_shape, validate_record
@@ -27,19 +33,33 @@ Node = dict[str, Any]
 Value = Node | float | int
 
 
-def _node(codec: str, **fields: Any) -> Node:
-    return {"codec": codec, "version": 1, **{k: v for k, v in fields.items() if v is not None}}
+def _node(codec: str, version: int = 1, **fields: Any) -> Node:
+    return {"codec": codec, "version": version, **{k: v for k, v in fields.items() if v is not None}}
 
 
 class RecordBuilder:
-    def __init__(self, name: str, shape: Sequence[int], dtype: str = "F32") -> None:
+    def __init__(self, name: str, shape: Sequence[int], dtype: str = "F32",
+                 registry: CodecRegistry = CORE_CODECS) -> None:
         if dtype not in WEIGHT_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(WEIGHT_DTYPES)}, got {dtype!r}")
         self.name = name
         self.shape = tuple(int(d) for d in shape)
         self.matrix_shape = matrix_shape(self.shape)
         self.dtype = dtype
+        self.registry = registry
         self.tensors: dict[str, np.ndarray] = {}
+
+    # -- any codec ----------------------------------------------------------------------------------------------
+    def node(self, codec: str, version: int, **fields: Any) -> Node:
+        """A node of ``codec`` (core or plugin) at ``version`` with the given fields (None values are left out).
+
+        Children are nodes, tensors are names from :meth:`store`. Nothing is checked here: :meth:`finish` validates
+        the whole tree against this builder's registry.
+        """
+        if not isinstance(codec, str) or type(version) is not int:
+            raise TypeError(f"node(codec, version, **fields) takes a codec name and an integer version, got "
+                            f"{codec!r}, {version!r}")
+        return _node(codec, version, **fields)
 
     # -- leaves -------------------------------------------------------------------------------------------------
     def store(self, role: str, array: np.ndarray) -> str:
@@ -128,12 +148,12 @@ class RecordBuilder:
             record["info"] = info
         from .codecs import Context  # noqa: PLC0415 - only the walk, to list what the tree references
 
-        walk = Context(REGISTRY, lookup)
+        walk = Context(self.registry, lookup)
         walk.infer(weight, "weight")
         unused = sorted(set(self.tensors) - set(walk.referenced))
         if unused:
             raise FormatError("bad_record", f"tensor {unused[0]!r} was stored but no node references it",
                               tensor=self.name)
         record["storage_bytes"] = sum(a.nbytes for a in self.tensors.values())
-        validate_record(self.name, record, lookup, REGISTRY)
+        validate_record(self.name, record, lookup, self.registry)
         return QuantizedTensor(self.name, record, dict(self.tensors))

@@ -5,13 +5,14 @@ in the same safetensors file. ``infer`` checks a node without reading tensor dat
 kind; ``decode`` reads data, checks what only data can tell (code ranges, indices, padding) and returns the array.
 Core codecs also decode a range of rows, so a record is decoded a few MiB at a time (record.py), and apply per-tile
 parameters by broadcasting over tile views: memory never grows with ``group_shape``.
-Plugins add codecs by registering a :class:`Codec` subclass (see spec/extending.md).
+Plugins add codecs by registering a :class:`Codec` instance (see spec/extending.md); they extend a copy of
+:data:`CORE_CODECS`, which is frozen once the core codecs below are defined.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -225,20 +226,72 @@ class Codec:
 
 
 class CodecRegistry:
+    """Codec name -> the :class:`Codec` instance that reads it, and who provides it ("qformat" for the core).
+
+    Readers take a registry (``open_file(path, registry=...)``); the format layer defaults to :data:`CORE_CODECS`,
+    which is frozen. The plugin set (``qformat.plugins.get_plugins().codecs``) is a copy of it extended with the
+    installed plugins' codecs; to add codecs of your own, extend a copy: ``CORE_CODECS.copy()``.
+    """
+
     def __init__(self) -> None:
         self._codecs: dict[str, Codec] = {}
         self._owners: dict[str, str] = {}
+        self._frozen = False
 
     def register(self, codec: Codec, owner: str = "qformat") -> None:
         from ..errors import PluginError
 
-        if owner != "qformat" and not _PLUGIN_CODEC_NAME.fullmatch(codec.name):
+        if self._frozen:
+            raise PluginError(f"this codec registry is read-only; register {getattr(codec, 'name', codec)!r} into an "
+                              "extendable copy (registry.copy()) and pass that copy to the readers (registry=...)")
+        if not isinstance(codec, Codec):
+            what = codec.__name__ if isinstance(codec, type) else type(codec).__name__
+            raise PluginError(f"{owner} registers {codec!r}, which is not a Codec instance: register an instance: "
+                              f"register({what}())")
+        if owner != "qformat" and not (isinstance(codec.name, str) and _PLUGIN_CODEC_NAME.fullmatch(codec.name)):
             raise PluginError(f"{owner} registers codec {codec.name!r}: plugin codecs must be named "
                               "'<namespace>.<name>' (dot-less names are reserved for the core)")
         if codec.name in self._codecs and self._owners[codec.name] != owner:
             raise PluginError(f"codec {codec.name!r} is registered by both {self._owners[codec.name]!r} and {owner!r}")
         self._codecs[codec.name] = codec
         self._owners[codec.name] = owner
+
+    def freeze(self) -> CodecRegistry:
+        """Make this registry read-only (``register`` then raises); returns it."""
+        self._frozen = True
+        return self
+
+    @property
+    def frozen(self) -> bool:
+        return self._frozen
+
+    def copy(self) -> CodecRegistry:
+        """An extendable copy: the same codecs and owners, not frozen, independent of this registry."""
+        clone = CodecRegistry()
+        clone._codecs = dict(self._codecs)
+        clone._owners = dict(self._owners)
+        return clone
+
+    def extended(self, codecs: Iterable[Codec], owner: str) -> CodecRegistry:
+        """A new read-only registry: this one's codecs plus ``codecs``, registered by ``owner`` (e.g. your package).
+
+        What a plugin hands its ``RecordBuilder`` and readers: ``CORE_CODECS.extended([MyCodec()], "my-package")``.
+        """
+        clone = self.copy()
+        for codec in codecs:
+            clone.register(codec, owner=owner)
+        return clone.freeze()
+
+    def get(self, name: str) -> Codec | None:
+        """The codec registered under ``name``, or None."""
+        return self._codecs.get(name)
+
+    def owner(self, name: str) -> str | None:
+        """Who registered ``name`` ("qformat" for the core), or None when it is not registered."""
+        return self._owners.get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._codecs
 
     def names(self) -> dict[str, tuple[frozenset[int], str]]:
         return {n: (c.versions, self._owners[n]) for n, c in sorted(self._codecs.items())}
@@ -261,11 +314,14 @@ class CodecRegistry:
         return codec
 
 
-REGISTRY = CodecRegistry()
+# The core codecs, defined below and frozen at the end of this module: the registry every format-layer reader uses
+# unless given another. Nothing outside this module can add to it (plugins extend a copy: qformat.plugins).
+CORE_CODECS = CodecRegistry()
 
 
 def register(cls: type[Codec]) -> type[Codec]:
-    REGISTRY.register(cls())
+    """Class decorator for the core codecs of this module."""
+    CORE_CODECS.register(cls())
     return cls
 
 
@@ -817,3 +873,6 @@ def signature(node: dict) -> str:
     children += [t for t in node.get("terms", []) if isinstance(t, dict)]
     inner = ",".join(signature(c) for c in children)
     return f"{codec}{bits}" + (f"({inner})" if inner else "")
+
+
+CORE_CODECS.freeze()  # last: every core codec above is registered

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import FormatError, shorten
-from .codecs import REGISTRY, CodecRegistry
+from .codecs import CORE_CODECS, CodecRegistry
 from .qfile import QFile, QuantizedTensor, write_file
 from .record import FORMAT_VERSION, bits_per_weight, total_bits_per_weight
 from .safetensors_io import parse_json
@@ -82,7 +82,7 @@ def shard_name(index: int, total: int) -> str:
 class ModelFolder:
     """A model folder (or a single qformat file) opened for reading; shards are opened lazily."""
 
-    def __init__(self, path: str | os.PathLike, registry: CodecRegistry = REGISTRY) -> None:
+    def __init__(self, path: str | os.PathLike, registry: CodecRegistry = CORE_CODECS) -> None:
         self.path = Path(path)
         self.registry = registry
         self.config: dict[str, Any] = {}
@@ -201,11 +201,12 @@ def _is_file(path: Path) -> bool:
         return False
 
 
-def open_folder(path: str | os.PathLike, registry: CodecRegistry = REGISTRY) -> ModelFolder:
+def open_folder(path: str | os.PathLike, registry: CodecRegistry = CORE_CODECS) -> ModelFolder:
     return ModelFolder(path, registry)
 
 
-def verify_folder(path: str | os.PathLike, *, deep: bool = True) -> dict[str, Any]:
+def verify_folder(path: str | os.PathLike, *, deep: bool = True,
+                  registry: CodecRegistry = CORE_CODECS) -> dict[str, Any]:
     """Validate a folder: structure, checksums recorded at write time, index coverage, and (deep) every decode.
 
     A folder must have ``config.json`` with ``quantization_config.files`` (``bad_config`` otherwise: without it there
@@ -213,8 +214,9 @@ def verify_folder(path: str | os.PathLike, *, deep: bool = True) -> dict[str, An
     and the summary says ``checksums_available: False``. Deep verification checks one record at a time, by row
     ranges, without keeping decoded weights, and unmaps each shard after each record, so memory stays bounded by
     the largest record's working set, not the model size. Returns a summary; raises FormatError on the first problem.
+    ``registry``: the codecs to read with (default the core codecs; pass ``get_plugins().codecs`` for plugin codecs).
     """
-    folder = open_folder(path)
+    folder = open_folder(path, registry)
     try:
         return _verify(folder, deep)
     finally:
@@ -281,13 +283,15 @@ class FolderWriter:
     Shards already present in ``work_dir`` (from an interrupted run) are kept, so a caller can resume. The work folder
     carries :data:`RUN_MARKER`; a work folder without it (not made by qformat) is refused unless empty. With
     ``overwrite``, an existing ``out_dir`` is replaced only when it is provably a qformat output
-    (:func:`output_replace_problem`): a folder holding anything else is never deleted.
+    (:func:`output_replace_problem`): a folder holding anything else is never deleted. ``registry``: the codecs the
+    shards are read back with (plugin codecs need the plugin set's).
     """
 
     def __init__(self, out_dir: str | os.PathLike, work_dir: str | os.PathLike | None = None,
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, registry: CodecRegistry = CORE_CODECS) -> None:
         self.out_dir = Path(out_dir)
-        recover_interrupted_swap(self.out_dir)
+        self.registry = registry
+        recover_interrupted_swap(self.out_dir, registry)
         if self.out_dir.exists() or self.out_dir.is_symlink():
             if not overwrite:
                 raise FormatError("output_exists", "the output folder exists; choose another or pass overwrite",
@@ -323,7 +327,7 @@ class FolderWriter:
         for i, shard in enumerate(shards, start=1):
             name = shard_name(i, len(shards))
             os.link(shard, staging / name) if _same_device(shard, staging) else shutil.copy2(shard, staging / name)
-            qfile = QFile(staging / name)
+            qfile = QFile(staging / name, self.registry)
             for tensor in qfile.st.entries:
                 weight_map[tensor] = name
             record_bits.extend(qfile.records.items())
@@ -350,7 +354,7 @@ class FolderWriter:
     def _swap_into_place(self, staging: Path) -> None:
         # A kill between the two renames leaves only <out>.old; recover_interrupted_swap puts it back next time. The
         # previous output is marked as this run's backup first: only a marked <out>.old is ever restored or deleted.
-        recover_interrupted_swap(self.out_dir)
+        recover_interrupted_swap(self.out_dir, self.registry)
         backup = None
         if self.out_dir.exists() or self.out_dir.is_symlink():
             _check_replaceable(self.out_dir)  # again: the folder may have changed since the writer was created
@@ -481,7 +485,7 @@ def _is_our_backup(backup: Path, out_dir: Path) -> bool:
     return marker is not None and marker.get("qformat") == "backup" and marker.get("of") == out_dir.name
 
 
-def recover_interrupted_swap(out_dir: str | os.PathLike) -> None:
+def recover_interrupted_swap(out_dir: str | os.PathLike, registry: CodecRegistry = CORE_CODECS) -> None:
     """Undo what a finalize killed midway leaves behind, never dropping the only copy of an output.
 
     Only a ``<out>.old`` marked as qformat's backup of this output is acted on; any other ``<out>.old`` is the user's
@@ -498,7 +502,7 @@ def recover_interrupted_swap(out_dir: str | os.PathLike) -> None:
         os.replace(backup, out_dir)
         with contextlib.suppress(OSError):  # restored as it was before the swap marked it
             (out_dir / RUN_MARKER).unlink()
-    elif _is_complete(out_dir):
+    elif _is_complete(out_dir, registry):
         remove_marked_folder(backup)
     else:
         raise FormatError("output_exists", f"the output folder is incomplete and {backup.name} (left by an interrupted "
@@ -506,10 +510,10 @@ def recover_interrupted_swap(out_dir: str | os.PathLike) -> None:
                           file=str(out_dir))
 
 
-def _is_complete(folder_path: Path) -> bool:
+def _is_complete(folder_path: Path, registry: CodecRegistry = CORE_CODECS) -> bool:
     """The folder opens and holds every shard its config lists, at the recorded size (a cheap check: no hashing)."""
     try:
-        folder = open_folder(folder_path)
+        folder = open_folder(folder_path, registry)
     except (FormatError, OSError):
         return False
     try:

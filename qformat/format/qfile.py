@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import FormatError
-from .codecs import REGISTRY, CodecRegistry
+from .codecs import CORE_CODECS, CodecRegistry, Context, TensorInfo
+from .dtypes import dtype_name
 from .record import (
     FORMAT_VERSION,
     SUPPORTED_FORMAT_VERSIONS,
@@ -38,22 +39,24 @@ class QuantizedTensor:
     def bits_per_weight(self) -> float:
         return bits_per_weight(self.record)
 
-    def decode(self, registry: CodecRegistry = REGISTRY, **options: Any) -> np.ndarray:
+    def tensor_info(self, key: str) -> TensorInfo | None:
+        """What validation needs to know of one of the in-memory tensors (None when there is no such tensor)."""
+        array = self.tensors.get(key)
+        return None if array is None else TensorInfo(dtype_name(array), tuple(array.shape), array.nbytes)
+
+    def context(self, registry: CodecRegistry | None = None) -> Context:
+        """A decoding context over the in-memory tensors (``registry``: the codecs to read with; None: the core)."""
+        return Context(CORE_CODECS if registry is None else registry, self.tensor_info, self.tensors.__getitem__)
+
+    def decode(self, registry: CodecRegistry = CORE_CODECS, **options: Any) -> np.ndarray:
         """Reference fp32 decode, straight from memory."""
-        from .codecs import TensorInfo
-        from .dtypes import dtype_name
-
-        def info(key: str) -> TensorInfo | None:
-            array = self.tensors.get(key)
-            return None if array is None else TensorInfo(dtype_name(array), tuple(array.shape), array.nbytes)
-
-        return decode_record(self.name, self.record, info, self.tensors.__getitem__, registry, options)
+        return decode_record(self.name, self.record, self.tensor_info, self.tensors.__getitem__, registry, options)
 
 
 class QFile:
     """A validated qformat (or plain) safetensors file. Structural checks run on open; data checks on decode."""
 
-    def __init__(self, path: str | os.PathLike, registry: CodecRegistry = REGISTRY) -> None:
+    def __init__(self, path: str | os.PathLike, registry: CodecRegistry = CORE_CODECS) -> None:
         self.st = SafetensorsFile(path)
         self.path = self.st.path
         self.registry = registry
@@ -126,7 +129,7 @@ class QFile:
         self.st.close()
 
 
-def open_file(path: str | os.PathLike, registry: CodecRegistry = REGISTRY) -> QFile:
+def open_file(path: str | os.PathLike, registry: CodecRegistry = CORE_CODECS) -> QFile:
     return QFile(path, registry)
 
 

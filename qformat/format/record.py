@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import FormatError
-from .codecs import REGISTRY, CodecRegistry, Context, NodeInfo, TensorInfo
+from ..errors import FormatError, ResourceError
+from .codecs import CORE_CODECS, CodecRegistry, Context, NodeInfo, TensorInfo
 from .dtypes import WEIGHT_DTYPES
 
 FORMAT_VERSION = 1
@@ -58,7 +58,7 @@ def _check_top_level(name: str, record: Any) -> tuple[int, ...]:
 
 
 def validate_record(name: str, record: Any, tensor_info: Callable[[str], TensorInfo | None],
-                    registry: CodecRegistry = REGISTRY) -> dict[str, TensorInfo]:
+                    registry: CodecRegistry = CORE_CODECS) -> dict[str, TensorInfo]:
     """Check a record's structure against the tensors available; return the tensors it references.
 
     Checks field types, every node's codec and version, shapes through the tree, that referenced tensors exist and
@@ -138,10 +138,14 @@ def _decode_ranges(name: str, record: dict, tensor_info: Callable[[str], TensorI
         return out.reshape(record["shape"]) if out is not None else None
     except FormatError as exc:
         raise exc.at(tensor=name) from None
+    except MemoryError:  # a valid record this machine cannot hold: say which and how big, not numpy's message
+        rows, cols = shape
+        raise ResourceError(f"not enough memory to decode {name!r} ({rows}x{cols} weights, "
+                            f"{rows * cols * 4 / 2**30:.2f} GiB in fp32, plus intermediates)") from None
 
 
 def decode_record(name: str, record: dict, tensor_info: Callable[[str], TensorInfo | None],
-                  load: Callable[[str], np.ndarray], registry: CodecRegistry = REGISTRY,
+                  load: Callable[[str], np.ndarray], registry: CodecRegistry = CORE_CODECS,
                   options: Mapping[str, Any] | None = None) -> np.ndarray:
     """Validate then decode a record to its fp32 weight, in the record's declared shape.
 
@@ -153,7 +157,7 @@ def decode_record(name: str, record: dict, tensor_info: Callable[[str], TensorIn
 
 
 def check_record(name: str, record: dict, tensor_info: Callable[[str], TensorInfo | None],
-                 load: Callable[[str], np.ndarray], registry: CodecRegistry = REGISTRY,
+                 load: Callable[[str], np.ndarray], registry: CodecRegistry = CORE_CODECS,
                  options: Mapping[str, Any] | None = None) -> None:
     """Run every structural and data check of :func:`decode_record` without keeping the weight (bounded memory)."""
     _decode_ranges(name, record, tensor_info, load, registry, options, keep=False)

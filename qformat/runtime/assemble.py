@@ -14,10 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import LoadError, PluginError, shorten
-from ..format import ModelFolder, QuantizedTensor, signature
+from ..errors import LoadError, shorten
+from ..format import ModelFolder
 from ..format.dtypes import NUMPY_BY_NAME
-from ..kernel_api import PreparedWeight
 from .nn import QLinear
 
 if TYPE_CHECKING:
@@ -88,35 +87,15 @@ def swap_in_qlinears(model: nn.Module, records: Mapping[str, dict]) -> dict[str,
     return swapped
 
 
-def prepare_weight(qt: QuantizedTensor, device: str, kernel: str | None = None) -> tuple[PreparedWeight, str | None]:
-    """A kernel's prepared weight for ``qt``: the dispatcher's choice, or the named kernel (``"torch"`` included)."""
-    from . import dispatch
-
-    if kernel is None:
-        prepared = dispatch.prepare_weight(qt, device)
-    else:
-        kernels = dispatch.available_kernels()
-        chosen = kernels.get(kernel)
-        if chosen is None:
-            raise PluginError(f"unknown kernel {kernel!r}; available kernels: {', '.join(kernels)}")
-        if not dispatch.runs_on(chosen, device):
-            raise PluginError(f"kernel {kernel!r} runs on {chosen.device}, not on {device}")
-        if not chosen.supports(qt.record):
-            raise PluginError(f"kernel {kernel!r} does not support {qt.name!r} (codec signature "
-                              f"{signature(qt.record['weight'])}); leave the kernel unset to let the dispatcher choose")
-        prepared = chosen.prepare(qt, device)
-        if getattr(prepared, "kernel", None) is None:
-            prepared.kernel = chosen
-    return prepared, getattr(getattr(prepared, "kernel", None), "name", kernel)
-
-
 def attach_prepared(model: nn.Module, folder: ModelFolder, swapped: Mapping[str, str], device: str,
                     kernel: str | None = None) -> None:
-    """Prepare every QLinear's weight from the folder's mapped packed tensors."""
+    """Prepare every QLinear's weight from the folder's mapped packed tensors, with the dispatcher's choice or the
+    forced ``kernel`` (a name, ``"torch"`` included; errors as for ``QFORMAT_KERNEL``: see dispatch.select_kernel)."""
+    from .dispatch import prepare_weight
+
     for module_name, record_name in swapped.items():
         module = model.get_submodule(module_name)
-        prepared, kernel_name = prepare_weight(folder.quantized(record_name), device, kernel)
-        module.attach(prepared, kernel_name)
+        module.attach(prepare_weight(folder.quantized(record_name), device, forced=kernel))
         module.kernel_device = torch.device(device).type
 
 

@@ -2,16 +2,20 @@
 
 Kernels come from plugins (``qformat.plugins.get_plugins().kernels``: the Numba CPU kernels, the Triton GPU kernels,
 third-party ones) plus the always-available torch reference path, which decodes a temporary full weight per call.
+The dispatcher uses only what :mod:`qformat.kernel_api` declares (docs/plugins.md, "Kernels").
 
-- ``QFORMAT_KERNEL=<name>`` (numba, triton, torch, ...) forces one kernel; a record it does not support is an error
-  naming the record's codec signature. Unset, empty or ``auto``: the dispatcher chooses.
+- Forcing a kernel: ``select_kernel(..., forced=name)``, which ``qformat.load(..., kernel=name)`` and
+  ``QformatConfig(kernel=name)`` pass down; without it, ``QFORMAT_KERNEL=<name>`` (numba, triton, torch, ...).
+  Unset, empty or ``auto``: the dispatcher chooses. A forced kernel that is unknown, runs on another device or does
+  not support a record is a :class:`KernelSelectionError` naming the record's codec signature and the kernel's
+  ``why_unsupported`` reason, whichever way it was forced.
 - Choice: among kernels for the device that support the record, prefer one whose ``max_batch`` covers the batch, then
   the highest ``priority``; with none, the torch reference path (with a warning on first use).
 - ``linear(prepared, x)``: the fused kernel up to ``max_batch`` rows of x, above that (prefill) a temporary dense
   weight from ``prepared.dequantize()`` and a dense matmul. ``bind(prepared)`` is the same function with the prepared
-  weight's decode path (optional ``decode_fn()``: one row of x, no per-call lookups) resolved once, for QLinear.
-- ``fuse_rows([p1, p2, ...])``: weights that read the same input stacked into one (optional ``fuse_rows`` of the
-  prepared weights; None where they do not provide it or their layouts differ).
+  weight's ``decode_fn()`` (one row of x, no per-call lookups) resolved once, for QLinear.
+- ``fuse_rows([p1, p2, ...])``: weights that read the same input stacked into one (the first one's ``fuse_rows``;
+  None where it declines or the layouts differ).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from ..plugins import get_plugins
 from .reference import TorchReferenceKernel
 
 ENV_KERNEL = "QFORMAT_KERNEL"
+AUTO = ("", "auto")  # forced names that mean "let the dispatcher choose"
 log = logging.getLogger("qformat.kernels")
 REFERENCE = TorchReferenceKernel()
 
@@ -61,66 +66,83 @@ def _supports(kernel: Kernel, record: dict) -> bool:
         return False
 
 
-def forced_kernel_name() -> str | None:
-    name = os.environ.get(ENV_KERNEL, "").strip()
-    return None if name in ("", "auto") else name
+def forced_kernel_name(forced: str | None = None) -> str | None:
+    """The kernel to force: ``forced`` if given, else ``QFORMAT_KERNEL``; None when the dispatcher chooses."""
+    name = (os.environ.get(ENV_KERNEL, "") if forced is None else forced).strip()
+    return None if name in AUTO else name
 
 
 def _reason(kernel: Kernel, record: dict) -> str:
-    why = getattr(kernel, "why_unsupported", None)
-    text = why(record) if callable(why) else None
+    try:
+        text = kernel.why_unsupported(record)
+    except Exception as exc:
+        text = f"why_unsupported raised {type(exc).__name__}: {exc}"
     return f" ({text})" if text else ""
 
 
-def select_kernel(record: dict, device: str | torch.device = "cpu", batch: int = 1) -> Kernel:
-    """The kernel to use for ``record`` on ``device`` for ``batch`` rows of x."""
-    forced = forced_kernel_name()
-    if forced is not None:
-        kernels = available_kernels()
-        kernel = kernels.get(forced)
-        if kernel is None:
-            raise KernelSelectionError(f"{ENV_KERNEL}={forced!r} names no installed kernel; available: "
-                                       f"{', '.join(kernels)}")
-        if not runs_on(kernel, device):
-            raise KernelSelectionError(f"{ENV_KERNEL}={forced!r} runs on {kernel.device}, not on {device}")
-        if not _supports(kernel, record):
-            raise KernelSelectionError(f"{ENV_KERNEL}={forced!r} does not support codec signature "
-                                       f"{signature(record.get('weight', {}))}{_reason(kernel, record)}")
-        return kernel
+def select_kernel(record: dict, device: str | torch.device = "cpu", batch: int = 1, forced: str | None = None, *,
+                  name: str | None = None) -> Kernel:
+    """The kernel to use for ``record`` (named ``name`` in errors) on ``device`` for ``batch`` rows of x.
+
+    ``forced``: a kernel name that must be used ("auto" or "": the dispatcher chooses); None: ``QFORMAT_KERNEL``.
+    """
+    chosen = forced_kernel_name(forced)
+    if chosen is not None:
+        return _forced(chosen, ENV_KERNEL if forced is None else "the kernel option", record, device, name)
     candidates = [k for k in get_plugins().kernels.values() if runs_on(k, device) and _supports(k, record)]
     if not candidates:
         return REFERENCE
     return max(candidates, key=lambda k: (batch <= k.max_batch, k.priority))
 
 
-def prepare_weight(qt: QuantizedTensor, device: str | torch.device = "cpu", batch: int = 1) -> PreparedWeight:
-    """Prepare ``qt`` with the selected kernel; ``prepared.kernel`` names the kernel that did it.
+def _forced(chosen: str, origin: str, record: dict, device: str | torch.device, name: str | None) -> Kernel:
+    kernels = available_kernels()
+    kernel = kernels.get(chosen)
+    what = f"kernel {chosen!r} (forced by {origin})"
+    if kernel is None:
+        raise KernelSelectionError(f"unknown kernel {chosen!r} (forced by {origin}); available kernels: "
+                                   f"{', '.join(kernels)}")
+    if not runs_on(kernel, device):
+        raise KernelSelectionError(f"{what} runs on {kernel.device}, not on {device}")
+    if not _supports(kernel, record):
+        weight = record.get("weight") if isinstance(record, dict) else None
+        sig = signature(weight) if isinstance(weight, dict) else "?"
+        of = f" of {name!r}" if name else ""
+        raise KernelSelectionError(f"{what} does not support codec signature {sig}{of}{_reason(kernel, record)}; "
+                                   "leave the kernel unset to let the dispatcher choose")
+    return kernel
+
+
+def prepare_weight(qt: QuantizedTensor, device: str | torch.device = "cpu", batch: int = 1,
+                   forced: str | None = None) -> PreparedWeight:
+    """Prepare ``qt`` with the selected kernel (``forced``: see :func:`select_kernel`); ``prepared.kernel`` names the
+    kernel that did it.
 
     If an automatically chosen kernel fails while preparing (anything but a format error, which means the file is
-    bad), the layer falls back to the torch reference path with a warning.
+    bad), the layer falls back to the torch reference path with a warning. A forced kernel's failure is raised.
     """
-    kernel = select_kernel(qt.record, device, batch)
+    kernel = select_kernel(qt.record, device, batch, forced, name=qt.name)
     try:
         prepared = kernel.prepare(qt, str(device))
     except QformatError:
         raise
     except Exception as exc:
-        if forced_kernel_name() is not None or kernel is REFERENCE:
+        if forced_kernel_name(forced) is not None or kernel is REFERENCE:
             raise
         log.warning("kernel %r could not prepare %s (%s): %s: %s; using the torch reference path", kernel.name,
                     qt.name, signature(qt.record["weight"]), type(exc).__name__, exc)
         kernel, prepared = REFERENCE, REFERENCE.prepare(qt, str(device))
-    if getattr(prepared, "kernel", None) is None:
+    if prepared.kernel is None:
         prepared.kernel = kernel
     log.debug("%s (%s): kernel %s on %s", qt.name, signature(qt.record["weight"]), kernel.name, device)
     return prepared
 
 
 def max_batch(prepared: PreparedWeight) -> int:
-    own = getattr(prepared, "max_batch", None)
-    if own is not None:
-        return int(own)
-    return int(getattr(getattr(prepared, "kernel", None), "max_batch", 1 << 30))
+    """Rows of x up to which :func:`linear` calls ``prepared.matmul``: its own ``max_batch``, else its kernel's."""
+    if prepared.max_batch is not None:
+        return int(prepared.max_batch)
+    return int(prepared.kernel.max_batch) if prepared.kernel is not None else Kernel.max_batch
 
 
 def linear(prepared: PreparedWeight, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -143,10 +165,9 @@ BoundLinear = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 def bind(prepared: PreparedWeight) -> BoundLinear:
     """``(x, bias) -> linear(prepared, x, bias)``, taking the prepared weight's decode path for one row of x.
 
-    A prepared weight may offer ``decode_fn()``: a function of x alone that returns y, or None for an x it does not
-    handle (then :func:`linear` runs). It is resolved here, once per layer, so a decoding step pays no lookup."""
-    make = getattr(prepared, "decode_fn", None)
-    decode = make() if callable(make) else None
+    ``prepared.decode_fn()`` is resolved here, once per layer, so a decoding step pays no lookup; where it returns
+    None for an x (or offers no path at all), :func:`linear` runs."""
+    decode = prepared.decode_fn()
     if decode is None:
         def run(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
             return linear(prepared, x, bias)
@@ -161,26 +182,26 @@ def bind(prepared: PreparedWeight) -> BoundLinear:
     return run_decode
 
 
-def fuse_rows(prepared: Sequence[PreparedWeight]) -> tuple[PreparedWeight, list[PreparedWeight]] | None:
+def fuse_rows(prepared: Sequence[PreparedWeight], label: str = "") -> tuple[PreparedWeight,
+                                                                             list[PreparedWeight]] | None:
     """(one weight with the rows of every ``prepared`` stacked, a view of it per part) or None.
 
-    Only where the first weight's kernel offers ``fuse_rows`` and accepts the others (same kernel and layout); any
-    failure there leaves the layers unfused, with a warning."""
+    Only where the first weight's ``fuse_rows`` accepts the others (same kernel and layout); any failure there
+    leaves the layers unfused, with a warning naming ``label`` (the layers)."""
     if len(prepared) < 2:
         return None
-    method = getattr(prepared[0], "fuse_rows", None)
-    if not callable(method):
-        return None
+    first = prepared[0]
     try:
-        fused = method(list(prepared))
+        fused = first.fuse_rows(list(prepared))
     except Exception as exc:  # a kernel's bug must cost speed, not the model
-        log.warning("kernel %r could not fuse %s: %s: %s", getattr(getattr(prepared[0], "kernel", None), "name", "?"),
-                    ", ".join(str(getattr(p, "name", "?")) for p in prepared), type(exc).__name__, exc)
+        log.warning("kernel %r could not fuse %s: %s: %s", first.kernel.name if first.kernel else "?",
+                    label or f"{len(prepared)} weights", type(exc).__name__, exc)
         return None
     if fused is None:
         return None
     whole, views = fused
     if len(views) != len(prepared) or whole.out_features != sum(p.out_features for p in prepared):
-        log.warning("kernel fused %d weights into an inconsistent result; leaving them unfused", len(prepared))
+        log.warning("kernel fused %s into an inconsistent result; leaving them unfused",
+                    label or f"{len(prepared)} weights")
         return None
     return whole, list(views)

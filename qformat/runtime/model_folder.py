@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import FormatError, LoadError, PluginError, UnknownCodecError, shorten
-from ..format import REGISTRY, ModelFolder, iter_nodes, open_folder
+from ..format import ModelFolder, iter_nodes, open_folder
 from ..format.container import INDEX_NAME, QUANT_METHOD, SINGLE_NAME
 from ..format.safetensors_io import QFORMAT_METADATA_KEY, SafetensorsFile
 from .checksums import VerifyMode, verify_shards
@@ -36,7 +36,7 @@ def _exists(path: Path) -> bool:
 
 
 def open_model_folder(path: str | os.PathLike, verify: VerifyMode = "auto") -> ModelFolder:
-    """Open and validate a qformat folder, with plugin codecs registered first, and check its shard checksums.
+    """Open and validate a qformat folder with the installed plugin set's codecs, and check its shard checksums.
 
     A record needing a codec that no installed plugin provides raises :class:`PluginError` naming the codec and,
     where the folder says (``quantization_config.codec_providers`` or a record's ``info``), the package that provides
@@ -44,9 +44,8 @@ def open_model_folder(path: str | os.PathLike, verify: VerifyMode = "auto") -> M
     """
     from ..plugins import get_plugins
 
-    get_plugins()  # plugins register their codecs into the format's registry
     try:
-        folder = open_folder(path)
+        folder = open_folder(path, registry=get_plugins().codecs)  # the core codecs and the installed plugins'
     except UnknownCodecError as exc:
         raise PluginError(missing_codec_message(Path(path), exc)) from None
     except OSError as exc:  # e.g. a shard name (from the index) longer than the OS allows
@@ -101,7 +100,9 @@ _PACKAGE_REQUIREMENT = re.compile(rf"[A-Za-z0-9]([A-Za-z0-9._-]{{0,98}}[A-Za-z0-
 def missing_codec_message(root: Path, exc: UnknownCodecError) -> str:
     """Which codecs the folder needs that no plugin provides, by which weights, and the provider package the folder
     names (only if it is a well-formed package requirement, and only as the folder's claim)."""
-    known = REGISTRY.names()
+    from ..plugins import get_plugins
+
+    known = get_plugins().codecs.names()
     needed: dict[str, list[str]] = {}
     packages: dict[str, Any] = {}
     config_path = root / "config.json" if root.is_dir() else root.parent / "config.json"
@@ -140,8 +141,6 @@ def missing_codec_message(root: Path, exc: UnknownCodecError) -> str:
         else:
             parts.append(f"{what}: install the qformat plugin that provides it (the model does not name a package)")
     installed = ", ".join(sorted(known))
-    from ..plugins import get_plugins
-
     broken = sorted(f"{i.package} ({i.error})" for i in get_plugins().info.values() if i.error)
     hint = (f" Installed but broken plugins (one may be the provider; see `qformat plugins`): {'; '.join(broken)}."
             if broken else "")

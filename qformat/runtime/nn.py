@@ -77,7 +77,7 @@ class QLinear(nn.Module):
             raise ValueError(f"prepared weight is {prepared.out_features}x{prepared.in_features}, the layer is "
                              f"{self.out_features}x{self.in_features}")
         self.prepared = prepared
-        self.kernel_name = kernel_name or getattr(getattr(prepared, "kernel", None), "name", None)
+        self.kernel_name = kernel_name or (prepared.kernel.name if prepared.kernel is not None else None)
         self.shared = None
         self._custom = linear is not None
         if linear is None:
@@ -201,14 +201,15 @@ def fuse_shared_inputs(model: nn.Module) -> int:
     from .dispatch import fuse_rows
 
     groups = 0
-    for parent in model.modules():
+    for parent_name, parent in model.named_modules():
         children = dict(parent.named_children())
         for names in SHARED_INPUT_SIBLINGS:
             parts = [(n, children[n]) for n in names if isinstance(children.get(n), QLinear)]
             parts = [(n, m) for n, m in parts if m.prepared is not None and m.shared is None and not m._custom]
             if len(parts) < 2 or len({m.in_features for _, m in parts}) != 1:
                 continue
-            fused = fuse_rows([m.prepared for _, m in parts])
+            fused = fuse_rows([m.prepared for _, m in parts],
+                              f"{parent_name}.{'+'.join(n for n, _ in parts)}".lstrip("."))
             if fused is None:
                 continue
             whole, views = fused

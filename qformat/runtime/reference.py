@@ -12,8 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..format import REGISTRY, QuantizedTensor, TensorInfo, signature, validate_record
-from ..format.dtypes import dtype_name
+from ..format import CodecRegistry, QuantizedTensor, signature, validate_record
 from ..format.record import matrix_shape
 from ..kernel_api import Kernel, PreparedWeight
 
@@ -32,7 +31,7 @@ class TorchReferencePrepared(PreparedWeight):
         self._warned = False
 
     def _decode(self) -> torch.Tensor:
-        weight = np.asarray(self.qt.decode(), dtype=np.float32).reshape(self.out_features, self.in_features)
+        weight = np.asarray(self.qt.decode(_codecs()), dtype=np.float32).reshape(self.out_features, self.in_features)
         return torch.from_numpy(weight).to(self.device)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,18 +60,24 @@ class TorchReferenceKernel(Kernel):
 
     def supports(self, record: dict) -> bool:
         try:
-            names = REGISTRY.names()
+            names = _codecs().names()
             return _codecs_known(record.get("weight"), names)
         except Exception:
             return False
 
-    def prepare(self, qt: QuantizedTensor, device: str = "cpu") -> TorchReferencePrepared:
-        def info(key: str) -> TensorInfo | None:
-            array = qt.tensors.get(key)
-            return None if array is None else TensorInfo(dtype_name(array), tuple(array.shape), array.nbytes)
+    def why_unsupported(self, record: dict) -> str | None:
+        return None if self.supports(record) else "a codec (or codec version) no installed plugin provides"
 
-        validate_record(qt.name, qt.record, info)
+    def prepare(self, qt: QuantizedTensor, device: str = "cpu") -> TorchReferencePrepared:
+        validate_record(qt.name, qt.record, qt.tensor_info, _codecs())
         return TorchReferencePrepared(qt, device, self)
+
+
+def _codecs() -> CodecRegistry:
+    """The codecs of the installed plugin set (core + plugins): the reference path decodes any of them."""
+    from ..plugins import get_plugins
+
+    return get_plugins().codecs
 
 
 def _codecs_known(node: object, names: dict) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from qformat_rotate.codec import hadamard_matrix, rotate_columns, unrotate_columns
+from qformat_rotate.codec import CODECS, hadamard_matrix, rotate_columns, unrotate_columns
 from qformat_rotate.method import NF4, NF4_TABLE
 
 from qformat.format import RecordBuilder, open_file, write_file
@@ -16,10 +16,13 @@ from qformat.testing import check_method, sample_layers
 
 def test_registered_through_entry_point():
     plugins = get_plugins()
-    assert plugins.methods["nf4"] is NF4
+    assert isinstance(plugins.methods["nf4"], NF4) and get_method("nf4") is plugins.methods["nf4"]
     info = plugins.info["rotate"]
     assert info.package == "qformat-rotate" and info.methods == ["nf4"] and info.codecs == ["rotate.hadamard"]
-    assert isinstance(get_method("nf4"), NF4)
+    assert info.error is None and plugins.codec_owner["rotate.hadamard"] == "rotate"
+    assert plugins.codecs.owner("rotate.hadamard") == "qformat-rotate 0.1.0 (entry point 'rotate')"
+    kernels = plugins.info["rotate_kernels"]
+    assert kernels.package == "qformat-rotate" and kernels.kernels == ["rotate-numba"] and kernels.error is None
 
 
 def test_hadamard_is_orthogonal_and_rotation_inverts():
@@ -58,15 +61,23 @@ def test_rotation_helps_outlier_channels(tmp_path):
         params = NF4().validate_params({"rotate": rotate})
         qt = NF4().quantize(LayerInput("m.weight", torch.from_numpy(w)), params)
         write_file(tmp_path / f"{rotate}.safetensors", None, [qt])
-        decoded = open_file(tmp_path / f"{rotate}.safetensors").decode("m.weight")
+        decoded = open_file(tmp_path / f"{rotate}.safetensors", get_plugins().codecs).decode("m.weight")
         errors[rotate] = np.linalg.norm(decoded - w) / np.linalg.norm(w)
     assert errors[True] < errors[False]
 
 
 def test_bad_hadamard_record_is_rejected():
-    b = RecordBuilder("m.weight", (4, 6))
+    b = RecordBuilder("m.weight", (4, 6), registry=CODECS)
     inner = b.tensor("inner", np.zeros((4, 6), np.float32))
-    node = {"codec": "rotate.hadamard", "version": 1, "input": inner, "signs": b.store("signs", np.ones(6, np.int8)),
-            "block": 4}
+    node = b.node("rotate.hadamard", 1, input=inner, signs=b.store("signs", np.ones(6, np.int8)), block=4)
     with pytest.raises(Exception, match="multiple of 4"):
+        b.finish(node)
+
+
+def test_the_core_registry_does_not_know_the_plugin_codec():
+    """Readers know only the codecs they are given: the format layer's default is the core."""
+    b = RecordBuilder("m.weight", (4, 8))
+    node = b.node("rotate.hadamard", 1, input=b.tensor("inner", np.zeros((4, 8), np.float32)),
+                  signs=b.store("signs", np.ones(8, np.int8)), block=4)
+    with pytest.raises(Exception, match="unknown_codec"):
         b.finish(node)

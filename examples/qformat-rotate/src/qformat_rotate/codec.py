@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qformat.format import Codec, Context, NodeInfo
+from qformat.plugin import CORE_CODECS, Codec, Context, NodeInfo
 
 
 def hadamard_matrix(size: int) -> np.ndarray:
@@ -62,3 +62,8 @@ class HadamardCodec(Codec):
         if not np.all(np.abs(signs) == 1):
             raise ctx.error("code_out_of_range", "signs must be -1 or +1", "signs")
         return rotate_columns(inner, signs.astype(np.float32), node["block"])
+
+
+# The codecs this package's records use: the core ones plus rotate.hadamard. The method builds with it
+# (RecordBuilder(..., registry=CODECS)); qformat itself reads with get_plugins().codecs, which holds the same codec.
+CODECS = CORE_CODECS.extended([HadamardCodec()], owner="qformat-rotate")

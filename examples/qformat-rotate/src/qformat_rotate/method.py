@@ -11,15 +11,13 @@ bitsandbytes uses a dynamic 8-bit map instead, which would be a ``lut`` here).
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
-from qformat.errors import ParameterError
-from qformat.format import QuantizedTensor, RecordBuilder
-from qformat.methods import LayerInput, Method, Param
+from qformat.plugin import LayerInput, Method, MethodConfig, ParameterError, QuantizedTensor, RecordBuilder, param
 
-from .codec import unrotate_columns
+from .codec import CODECS, unrotate_columns
 
 # bitsandbytes functional.get_4bit_type("nf4")
 NF4_TABLE = np.array([
@@ -42,42 +40,46 @@ def _blocks(matrix: np.ndarray, block: int) -> np.ndarray:
     return padded.reshape(rows, -1, block)
 
 
-class NF4(Method):
-    name = "nf4"
-    description = "4-bit NormalFloat (QLoRA) with absmax blocks, optional 8-bit double quantization and rotation"
-    params = (
-        Param("block_size", int, 64, "weights per absmax block along a row", min=8, max=4096),
-        Param("double_quant", bool, True, "store absmax as 8-bit affine codes (saves ~0.37 bits/weight)"),
-        Param("dq_block", int, 256, "absmax values per second-level scale/zero", min=16, max=65536),
-        Param("rotate", bool, False, "randomized Hadamard rotation of the inputs before quantizing"),
-        Param("rotate_block", int, 64, "Hadamard block size (a power of two dividing in_features)", min=2,
-              max=4096),
-        Param("seed", int, 0, "seed of the rotation's random signs", min=0),
-    )
+@dataclass(frozen=True)
+class NF4Config(MethodConfig):
+    """The parameters of method nf4 (``qformat.NF4Config(rotate=True)``; ``-p rotate=true`` on the command line)."""
 
-    def check_params(self, params: dict[str, Any]) -> None:
-        block = params["rotate_block"]
-        if params["rotate"] and block & (block - 1):
+    method = "nf4"
+    block_size: int = param(64, "weights per absmax block along a row", min=8, max=4096)
+    double_quant: bool = param(True, "store absmax as 8-bit affine codes (saves ~0.37 bits/weight)")
+    dq_block: int = param(256, "absmax values per second-level scale/zero", min=16, max=65536)
+    rotate: bool = param(False, "randomized Hadamard rotation of the inputs before quantizing")
+    rotate_block: int = param(64, "Hadamard block size (a power of two dividing in_features)", min=2, max=4096)
+    seed: int = param(0, "seed of the rotation's random signs", min=0)
+
+    def check(self) -> None:  # constraints spanning parameters
+        block = self.rotate_block
+        if self.rotate and block & (block - 1):
             raise ParameterError(f"method 'nf4' parameter 'rotate_block': {block} is not a power of two")
 
-    def quantize(self, layer: LayerInput, params: dict[str, Any]) -> QuantizedTensor:
+
+class NF4(Method):
+    config = NF4Config
+    description = "4-bit NormalFloat (QLoRA) with absmax blocks, optional 8-bit double quantization and rotation"
+
+    def quantize(self, layer: LayerInput, config: NF4Config) -> QuantizedTensor:
         weight = layer.weight.detach().float().cpu().numpy().reshape(layer.weight.shape[0], -1)
         rows, cols = weight.shape
         signs = None
-        if params["rotate"]:
-            if cols % params["rotate_block"]:
+        if config.rotate:
+            if cols % config.rotate_block:
                 raise ParameterError(f"{layer.name}: in_features {cols} is not a multiple of rotate_block "
-                                     f"{params['rotate_block']}")
-            rng = np.random.default_rng(params["seed"])
+                                     f"{config.rotate_block}")
+            rng = np.random.default_rng(config.seed)
             signs = rng.choice(np.array([-1, 1], dtype=np.int8), size=cols)
-            weight = unrotate_columns(weight, signs.astype(np.float32), params["rotate_block"])
+            weight = unrotate_columns(weight, signs.astype(np.float32), config.rotate_block)
 
-        block = params["block_size"]
+        block = config.block_size
         blocks = _blocks(weight, block)
         absmax = np.abs(blocks).max(axis=2).astype(np.float32)  # [R, G]
-        b = RecordBuilder(layer.name, tuple(layer.weight.shape), layer.dtype)
-        if params["double_quant"]:
-            absmax_node, absmax = self._double_quant(b, absmax, params["dq_block"])
+        b = RecordBuilder(layer.name, tuple(layer.weight.shape), layer.dtype, registry=CODECS)
+        if config.double_quant:
+            absmax_node, absmax = self._double_quant(b, absmax, config.dq_block)
         else:
             absmax_node = b.tensor("absmax", absmax)
         safe = np.where(absmax > 0, absmax, 1.0)[..., None]
@@ -85,9 +87,8 @@ class NF4(Method):
         node = b.scale(b.lut(b.packed("codes", codes, 4), b.tensor("nf4_table", NF4_TABLE)), absmax_node,
                        group_shape=(1, block))
         if signs is not None:
-            node = {"codec": "rotate.hadamard", "version": 1, "input": node, "signs": b.store("signs", signs),
-                    "block": params["rotate_block"]}
-        return b.finish(node, info={"method": self.name, "params": params})
+            node = b.node("rotate.hadamard", 1, input=node, signs=b.store("signs", signs), block=config.rotate_block)
+        return b.finish(node, info={"method": self.name, "params": config.to_params()})
 
     @staticmethod
     def _double_quant(b: RecordBuilder, absmax: np.ndarray, dq_block: int) -> tuple[dict, np.ndarray]:

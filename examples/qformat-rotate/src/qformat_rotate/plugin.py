@@ -1,6 +1,6 @@
-"""Hook implementations: what this package registers with qformat."""
+"""Hook implementations: what this package registers with qformat (instances, for methods and codecs alike)."""
 
-from qformat.hookspecs import hookimpl
+from qformat.plugin import hookimpl
 
 from .codec import HadamardCodec
 from .method import NF4
@@ -13,4 +13,4 @@ def qformat_register_codecs(register):
 
 @hookimpl
 def qformat_register_methods(register):
-    register(NF4)
+    register(NF4())
