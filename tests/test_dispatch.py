@@ -5,9 +5,10 @@ max_batch; the ``qformat kernels`` command."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from types import SimpleNamespace
+import types
 
 import numpy as np
 import pytest
@@ -16,6 +17,8 @@ import torch
 from qformat.cli import main
 from qformat.format import QuantizedTensor, RecordBuilder, write_file
 from qformat.kernel_api import Kernel, PreparedWeight
+from qformat.plugin import hookimpl
+from qformat.plugins import build_plugins, use_plugins
 from qformat.runtime import dispatch
 from qformat.runtime.dispatch import (
     ENV_KERNEL,
@@ -130,7 +133,7 @@ def test_argument_and_environment_force_alike(name: str, device: str, make, monk
         assert f"of {NAME!r}" in by_argument and "leave the kernel unset" in by_argument
 
 
-def test_auto_and_forced_argument_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_and_forced_argument_override_the_environment(use_kernels, monkeypatch: pytest.MonkeyPatch) -> None:
     record = affine_qt().record
     monkeypatch.setenv(ENV_KERNEL, "nonesuch")
     assert select_kernel(record, "cpu", 1, forced="torch") is REFERENCE
@@ -171,8 +174,17 @@ def fake_kernel(name: str, priority: int, max_batch: int, device: str = "cpu", w
     return Fake()
 
 
-def use_kernels(monkeypatch: pytest.MonkeyPatch, *kernels: Kernel) -> None:
-    monkeypatch.setattr(dispatch, "get_plugins", lambda: SimpleNamespace(kernels={k.name: k for k in kernels}))
+@pytest.fixture
+def use_kernels():
+    """``use_kernels(k1, k2, ...)``: the process-wide plugin set is exactly these kernels until the test ends
+    (a plugin set built through the public API, as an installed package would register them)."""
+    with contextlib.ExitStack() as stack:
+        def install(*kernels: Kernel) -> None:
+            module = types.ModuleType("fake_kernels")
+            module.qformat_register_kernels = hookimpl(lambda register: [register(k) for k in kernels])
+            stack.enter_context(use_plugins(build_plugins(extra=[("fake-kernels", module)], entry_points=[])))
+
+        yield install
 
 
 class Picky(Kernel):
@@ -199,13 +211,13 @@ class Lax(Kernel):
         raise AssertionError("never chosen")
 
 
-def test_contract_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_contract_defaults(use_kernels, monkeypatch: pytest.MonkeyPatch) -> None:
     """A kernel declaring the required members only: the dispatcher fills in the rest with the declared defaults."""
     picky, lax = Picky(), Lax()
     assert picky.supports(affine_qt().record) and not picky.supports(affine_qt(rows=8).record)
     assert lax.why_unsupported(affine_qt().record) is None and not lax.supports(affine_qt().record)
     assert (Kernel.priority, Kernel.max_batch, Kernel.supported) == (0, 1 << 30, ())
-    use_kernels(monkeypatch, picky, lax)
+    use_kernels(picky, lax)
     prepared = prepare_weight(affine_qt(), "cpu")
     assert prepared.kernel is picky  # set by the dispatcher: prepare() left it None
     assert prepared.max_batch is None and dispatch.max_batch(prepared) == Kernel.max_batch
@@ -223,7 +235,7 @@ def test_contract_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
         select_kernel(affine_qt().record, "cpu", 1)
 
 
-def test_load_kernel_option_config_and_environment_force_alike(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_load_kernel_option_config_and_environment_force_alike(use_kernels, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """qformat.load(kernel=...), QformatConfig.kernel (from_pretrained) and QFORMAT_KERNEL: one path, one error."""
     from helpers import tiny_model, write_folder
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -231,7 +243,7 @@ def test_load_kernel_option_config_and_environment_force_alike(tmp_path, monkeyp
     import qformat
 
     folder = write_folder(tiny_model(), tmp_path / "model")
-    use_kernels(monkeypatch, Picky(), fake_kernel("gpu", priority=1, max_batch=8, device="cuda"))
+    use_kernels(Picky(), fake_kernel("gpu", priority=1, max_batch=8, device="cuda"))
 
     def from_pretrained(name: str) -> None:
         config = AutoConfig.from_pretrained(folder)
@@ -248,11 +260,11 @@ def test_load_kernel_option_config_and_environment_force_alike(tmp_path, monkeyp
         monkeypatch.delenv(ENV_KERNEL)
 
 
-def test_choice_by_device_batch_and_priority(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_choice_by_device_batch_and_priority(use_kernels, monkeypatch: pytest.MonkeyPatch) -> None:
     small = fake_kernel("small", priority=20, max_batch=4)
     large = fake_kernel("large", priority=5, max_batch=1 << 20)
     gpu = fake_kernel("gpu", priority=99, max_batch=1 << 20, device="cuda")
-    use_kernels(monkeypatch, small, large, gpu)
+    use_kernels(small, large, gpu)
     record = affine_qt().record
     assert select_kernel(record, "cpu", 1) is small
     assert select_kernel(record, "cpu", 64) is large  # a kernel whose max_batch covers the batch wins
@@ -260,9 +272,9 @@ def test_choice_by_device_batch_and_priority(monkeypatch: pytest.MonkeyPatch) ->
     assert set(dispatch.available_kernels()) == {"small", "large", "gpu", "torch"}
 
 
-def test_failed_prepare_falls_back_unless_forced(monkeypatch: pytest.MonkeyPatch,
+def test_failed_prepare_falls_back_unless_forced(use_kernels, monkeypatch: pytest.MonkeyPatch,
                                                  caplog: pytest.LogCaptureFixture) -> None:
-    use_kernels(monkeypatch, fake_kernel("broken", priority=1, max_batch=8, works=False))
+    use_kernels(fake_kernel("broken", priority=1, max_batch=8, works=False))
     with caplog.at_level(logging.WARNING, logger="qformat.kernels"):
         prepared = prepare_weight(affine_qt(), "cpu")
     assert prepared.kernel is REFERENCE

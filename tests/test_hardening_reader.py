@@ -24,7 +24,7 @@ import pytest
 from qformat_conformance.generate import parts_of, qformat_meta, raw_file, raw_header
 
 from qformat.errors import FormatError
-from qformat.format import Context, RecordBuilder, open_file, record, verify_folder, write_file
+from qformat.format import RecordBuilder, open_file, record, verify_folder, write_file
 from qformat.format.codecs import CORE_CODECS, apply_tiles
 from qformat.format.sparse import validate_csr
 
@@ -322,11 +322,7 @@ def test_the_absolute_work_cap():
 
 
 def decode_work(qt: Any) -> tuple[int, int]:
-    from qformat.format import TensorInfo
-    from qformat.format.dtypes import dtype_name
-
-    ctx = Context(CORE_CODECS, lambda k: TensorInfo(dtype_name(qt.tensors[k]), qt.tensors[k].shape,
-                                                 qt.tensors[k].nbytes))
+    ctx = qt.context(CORE_CODECS)
     ctx.infer(qt.record["weight"], "weight")
     return ctx.work, qt.record["storage_bytes"]
 

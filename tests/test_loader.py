@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
 
 import numpy as np
@@ -405,7 +406,14 @@ def test_moving_a_loaded_model_warns_that_packed_weights_stay(tiny_folder, monke
 def test_missing_codec_points_at_broken_plugins(tmp_path, monkeypatch):
     """When an installed plugin failed to load, the missing-codec error says so (it may be the provider)."""
     import qformat
-    from qformat.plugins import PluginInfo, get_plugins
+    from qformat.plugins import build_plugins, installed_entry_points, use_plugins
+
+    class BrokenEntryPoint:  # an installed plugin whose import fails, as importlib.metadata presents it
+        name, value = "acme", "acme_plugin"
+        dist = types.SimpleNamespace(name="qformat-acme", version="0.3.1")
+
+        def load(self):
+            raise ImportError("No module named 'scipy'")
 
     def mutate(qt: QuantizedTensor) -> QuantizedTensor:
         record = json.loads(json.dumps(qt.record))
@@ -414,9 +422,9 @@ def test_missing_codec_points_at_broken_plugins(tmp_path, monkeypatch):
 
     folder = write_folder(tiny_model(), tmp_path / "model")
     rewrite_records(folder, mutate, requires={"acme.qmoe_dict": "qformat-acme>=0.3"})
-    broken = PluginInfo("acme", "acme_plugin", "qformat-acme", "0.3.1")
-    broken.error = "ImportError: No module named 'scipy'"
-    monkeypatch.setitem(get_plugins().info, "acme", broken)
-    with pytest.raises(PluginError, match=r"names 'qformat-acme>=0\.3' as the package.*broken plugins.*qformat-acme "
-                                          r"\(ImportError: No module named 'scipy'\)"):
+    with pytest.warns(RuntimeWarning, match="qformat-acme 0.3.1"):
+        plugins = build_plugins(entry_points=[*installed_entry_points(), BrokenEntryPoint()])
+    with use_plugins(plugins), pytest.raises(
+            PluginError, match=r"names 'qformat-acme>=0\.3' as the package.*broken plugins.*qformat-acme "
+                               r"\(ImportError: No module named 'scipy'\)"):
         qformat.load(folder)

@@ -187,8 +187,8 @@ def test_config_classes_of_installed_methods_by_name(monkeypatch: pytest.MonkeyP
     demo = types.ModuleType("steps_demo")
     demo.qformat_register_methods = hookimpl(lambda register: register(Steps()))
     built = plugins.build_plugins(extra=[("steps-demo", demo)])
-    monkeypatch.setattr(plugins, "get_plugins", lambda: built)
-    assert qformat.StepsConfig is StepsConfig  # a third-party config is reached the same way
+    with plugins.use_plugins(built):
+        assert qformat.StepsConfig is StepsConfig  # a third-party config is reached the same way
 
 
 def test_plugins_listing_names_the_config(capsys: pytest.CaptureFixture) -> None:

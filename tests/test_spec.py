@@ -644,11 +644,7 @@ def test_full_record_examples_decode_with_the_reference_decoder():
         assert set(tensors) == set(listed), f"{where}: the tensors block lists unreferenced tensors"
         name = record_name(list(listed))
 
-        def info(key: str, tensors: dict[str, np.ndarray] = tensors) -> TensorInfo | None:
-            a = tensors.get(key)
-            return None if a is None else TensorInfo(dtype_name(a), tuple(a.shape), a.nbytes)
-
-        referenced = validate_record(name, record, info)  # includes storage_bytes and tensor-name checks
+        referenced = validate_record(name, record, QuantizedTensor(name, record, tensors).tensor_info)  # includes storage_bytes and tensor-name checks
         assert set(referenced) == set(listed), where
         assert_decodes_like_spec(QuantizedTensor(name, record, tensors))
 
@@ -783,14 +779,9 @@ def tensor_node(role: str) -> dict:
 def decode_small(weight: dict, arrays: dict[str, np.ndarray], shape: tuple[int, int] = (2, 2)) -> np.ndarray:
     """Validate and decode a record ``w`` over the tensors ``w.<role>`` with the reference decoder."""
     tensors = {f"w.{role}": np.ascontiguousarray(a) for role, a in arrays.items()}
-
-    def info(key: str) -> TensorInfo | None:
-        a = tensors.get(key)
-        return None if a is None else TensorInfo(dtype_name(a), tuple(a.shape), a.nbytes)
-
     record = {"shape": list(shape), "dtype": "F32", "storage_bytes": sum(a.nbytes for a in tensors.values()),
               "weight": weight}
-    return decode_record("w", record, info, tensors.__getitem__)
+    return QuantizedTensor("w", record, tensors).decode()
 
 
 ONES_U8 = {"c": np.ones((2, 2), np.uint8)}

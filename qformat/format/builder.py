@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import FormatError
 from . import bitpack
-from .codecs import CORE_CODECS, CodecRegistry, TensorInfo
+from .codecs import CORE_CODECS, CodecRegistry
 from .dtypes import WEIGHT_DTYPES, dtype_name
 from .qfile import QuantizedTensor
 from .record import matrix_shape, validate_record
@@ -138,22 +138,17 @@ class RecordBuilder:
     # -- finishing ----------------------------------------------------------------------------------------------
     def finish(self, weight: Node, info: dict[str, Any] | None = None) -> QuantizedTensor:
         """Close the record: compute storage_bytes from the real tensors and validate the whole tree."""
-        def lookup(key: str) -> TensorInfo | None:
-            array = self.tensors.get(key)
-            return None if array is None else TensorInfo(dtype_name(array), tuple(array.shape), array.nbytes)
-
         record: dict[str, Any] = {"shape": list(self.shape), "dtype": self.dtype, "storage_bytes": 0,
                                   "weight": weight}
         if info:
             record["info"] = info
-        from .codecs import Context  # noqa: PLC0415 - only the walk, to list what the tree references
-
-        walk = Context(self.registry, lookup)
+        built = QuantizedTensor(self.name, record, dict(self.tensors))
+        walk = built.context(self.registry)  # only the walk, to list what the tree references
         walk.infer(weight, "weight")
         unused = sorted(set(self.tensors) - set(walk.referenced))
         if unused:
             raise FormatError("bad_record", f"tensor {unused[0]!r} was stored but no node references it",
                               tensor=self.name)
         record["storage_bytes"] = sum(a.nbytes for a in self.tensors.values())
-        validate_record(self.name, record, lookup, self.registry)
-        return QuantizedTensor(self.name, record, dict(self.tensors))
+        validate_record(self.name, record, built.tensor_info, self.registry)
+        return built

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from qformat.format.record import matrix_shape
-from qformat.plugin import FormatError, Kernel, PreparedWeight, QuantizedTensor, TensorInfo, hookimpl
+from qformat.plugin import FormatError, Kernel, PreparedWeight, QuantizedTensor, hookimpl
 
 from .codec import rotate_columns
 
@@ -72,14 +72,9 @@ class HadamardKernel(Kernel):
         if str(device).split(":")[0] != "cpu":
             raise ValueError(f"the rotate-numba kernel runs on the CPU, not {device!r}")
         from qformat.format import validate_record
-        from qformat.format.dtypes import dtype_name
         from qformat.plugins import get_plugins
 
-        def info(key: str) -> TensorInfo | None:
-            array = qt.tensors.get(key)
-            return None if array is None else TensorInfo(dtype_name(array), tuple(array.shape), array.nbytes)
-
-        validate_record(qt.name, qt.record, info, get_plugins().codecs)
+        validate_record(qt.name, qt.record, qt.tensor_info, get_plugins().codecs)
         kernel = self.child_kernel(qt.record)
         if kernel is None:
             raise ValueError(f"no installed CPU kernel supports the child of {qt.name}")
