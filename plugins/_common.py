@@ -8,8 +8,7 @@ from typing import Any
 
 import torch
 
-from qformat.format import QuantizedTensor, RecordBuilder
-from qformat.methods import LayerInput, MethodConfig, param
+from qformat.plugin import LayerInput, MethodConfig, QuantizedTensor, RecordBuilder, param
 
 from ._quantizers import to_fp16, to_uint8
 

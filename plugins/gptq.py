@@ -8,8 +8,7 @@ from typing import Any
 
 import torch
 
-from qformat.methods import param
-from qformat.plugin import LayerInput, Method, ParameterError, QuantizedTensor, hookimpl
+from qformat.plugin import LayerInput, Method, ParameterError, QuantizedTensor, hookimpl, param
 
 from ._common import MethodResult, MinMaxConfig, affine_record, effective_group, record_builder, weight_matrix
 from ._gptq_core import check_hessian, column_blocks, error_feedback, prepare_hessian

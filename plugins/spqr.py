@@ -17,8 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qformat.methods import MethodConfig, param
-from qformat.plugin import LayerInput, Method, QuantizedTensor, hookimpl
+from qformat.plugin import LayerInput, Method, MethodConfig, QuantizedTensor, hookimpl, param
 
 from ._common import MethodResult, record_builder, weight_matrix
 from ._gptq_core import check_hessian, column_blocks, error_feedback, prepare_hessian

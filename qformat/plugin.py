@@ -1,15 +1,20 @@
 """Everything a plugin author imports, from one place (numpy-only at import: no torch).
 
-    from qformat.plugin import Codec, LayerInput, Method, Param, RecordBuilder, hookimpl
+    from dataclasses import dataclass
+    from qformat.plugin import LayerInput, Method, MethodConfig, RecordBuilder, hookimpl, param
+
+    @dataclass(frozen=True)
+    class MineConfig(MethodConfig):
+        method = "mine"
+        bits: int = param(4, "code width", min=2, max=8)
 
     class MyMethod(Method):
-        name = "mine"
-        params = (Param("bits", int, 4, "code width", min=2, max=8),)
+        config = MineConfig
 
-        def quantize(self, layer: LayerInput, params):
+        def quantize(self, layer: LayerInput, config: MineConfig):
             b = RecordBuilder(layer.name, tuple(layer.weight.shape), layer.dtype)
-            ...
-            return b.finish(node)
+            ...  # config.bits
+            return b.finish(node, info={"method": self.name, "params": config.to_params()})
 
     @hookimpl
     def qformat_register_methods(register):
@@ -25,9 +30,6 @@ from .format import CORE_CODECS, Codec, CodecRegistry, Context, NodeInfo, Quanti
 from .format.builder import Node
 from .hookspecs import hookimpl
 from .kernel_api import Kernel, PreparedWeight
-
-# >>> method configs: MethodConfig (the typed config base) and param (its field helper) come from qformat.methods,
-# >>> owned by the method-config change; exported here so plugin authors import them from qformat.plugin too.
 from .methods import LayerInput, Method, MethodConfig, Param, param
 
 __all__ = [

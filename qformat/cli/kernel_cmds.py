@@ -31,7 +31,7 @@ def _kernel_rows() -> list[dict[str, Any]]:
         rows.append({"name": name, "device": kernel.device, "priority": kernel.priority,
                      "max_batch": kernel.max_batch if kernel.max_batch < 1 << 30 else None,
                      "provider": f"{info.package} {info.version} ({owner})" if info else "qformat.runtime.dispatch",
-                     "supports": list(getattr(kernel, "supported", ()) or [(kernel.__doc__ or "").strip()])})
+                     "supports": list(kernel.supported or [(kernel.__doc__ or "").strip()])})
     return rows
 
 
