@@ -128,7 +128,7 @@ def push_source(server, repo: str, files: dict[str, bytes]) -> None:
     server.put_files(repo, files, lfs=[n for n in files if n.endswith(".safetensors")])
 
 
-def test_hub_index_naming_a_local_path_is_neither_read_nor_published(tiny: Path, tmp_path: Path, hub_env,  # noqa: F811
+def test_hub_index_naming_a_local_path_is_neither_read_nor_published(tiny: Path, tmp_path: Path, hub_env,
                                                                      capsys: pytest.CaptureFixture) -> None:
     """A Hub repo whose index names /abs/path/model.safetensors must not make convert read that local file (and with
     --push-to, publish it)."""
@@ -176,7 +176,7 @@ def test_side_files_linking_outside_the_source_are_not_copied(tiny: Path, tmp_pa
     assert "not copying chat_template.jinja" in err and "outside the source folder" in err
 
 
-def test_hub_cache_links_are_followed(tiny: Path, tmp_path: Path, hub_env) -> None:  # noqa: F811
+def test_hub_cache_links_are_followed(tiny: Path, tmp_path: Path, hub_env) -> None:
     """A Hub source's snapshot files are links into the cache's blobs: they are inside the source and are copied."""
     push_source(hub_env, "org/tiny", {p.name: p.read_bytes() for p in tiny.iterdir()})
     out = tmp_path / "out"

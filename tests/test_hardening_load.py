@@ -276,7 +276,7 @@ def test_files_entry_not_covering_every_shard_is_refused(good, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
-def test_hub_download_is_verified_once_and_a_corrupted_cache_blob_is_refused(good, hub_env, monkeypatch):  # noqa: F811
+def test_hub_download_is_verified_once_and_a_corrupted_cache_blob_is_refused(good, hub_env, monkeypatch):
     import qformat
     from qformat.hub import push_folder, resolve_model_source
 

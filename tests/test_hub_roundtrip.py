@@ -13,7 +13,7 @@ DATA = Path(__file__).resolve().parent.parent / "qformat" / "data" / "calibratio
 
 
 @pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
-def test_convert_push_load_by_id_same_logits(tmp_path, hub_env):  # noqa: F811 (fixture imported above)
+def test_convert_push_load_by_id_same_logits(tmp_path, hub_env):
     import qformat
     from qformat.conversion.pipeline import ConvertOptions, convert
     from qformat.hub import push_folder

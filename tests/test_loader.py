@@ -229,7 +229,7 @@ def test_import_format_stays_numpy_only():
 
 
 @pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
-def test_load_from_hub_id(tiny_folder, hub_env):  # noqa: F811 (the fixture imported above)
+def test_load_from_hub_id(tiny_folder, hub_env):
     import qformat
     from qformat.hub import push_folder
 
