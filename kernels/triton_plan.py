@@ -7,10 +7,11 @@ The record is lowered by ``qformat.lowering`` (grammar, data checks, statistics 
 decoder, second-level quantization included). Of the lowered trees, these kernels run::
 
     weight := permute(weight) | sum(weight, ...) | sparse_csr | lowrank | fused
-    fused  := scale(base, factor) | base
+    fused  := scale(fused, factor) | base
     base   := a "codes" or "vq" term: affine(codes) | lut(codes) | vq(codes) | packed | bitplanes | ternary
 
-(one scale, directly over a code or codebook term, folded into the fused kernel; no sign_lowrank).
+(scales directly over a code or codebook term, their factors multiplied onto one grid when the grids nest
+(``lowering.fold_factors``) and folded into the fused kernel; no sign_lowrank).
 
 Code layout ("sliced words"): each code matrix [R, C] becomes int32 words, columns padded to KP = ceil(C/32)*32.
 (KP is a multiple of 128 instead when that pads by at most 1/32, so rows start on 16 bytes.)
@@ -43,19 +44,31 @@ FUSED_KINDS = ("codes", "vq")  # terms the fused kernels decode (with at most on
 
 def refusal(plan: lowering.Plan) -> str | None:
     """Why these kernels cannot run the lowered tree, or None."""
-    return _refusal(plan.root)
+    return _refusal(plan.root, plan.rows, plan.cols)
 
 
-def _refusal(node: lowering.Node | None) -> str | None:
+def _scales(node: lowering.Scale) -> tuple[list[lowering.Scale], lowering.Node | None]:
+    """The scales directly nested from ``node`` down (outermost first), and what they scale."""
+    scales: list[lowering.Scale] = []
+    child: lowering.Node | None = node
+    while isinstance(child, lowering.Scale):
+        scales.append(child)
+        child = child.child
+    return scales, child
+
+
+def _refusal(node: lowering.Node | None, rows: int, cols: int) -> str | None:
     if isinstance(node, lowering.Sum):
-        return next((r for r in map(_refusal, node.terms) if r), None)
+        return next((r for r in (_refusal(t, rows, cols) for t in node.terms) if r), None)
     if isinstance(node, lowering.Permute):
-        return _refusal(node.child)
+        return _refusal(node.child, rows, cols)
     if isinstance(node, lowering.Scale):
-        child = node.child
+        scales, child = _scales(node)
         if not isinstance(child, lowering.Term) or child.kind not in FUSED_KINDS:
             what = child.codec if isinstance(child, lowering.Term) else child.node["codec"]
             return f"{node.path}: a scale over {what} (only directly over one code or codebook term)"
+        if lowering.finest_group([s.group for s in scales], rows, cols) is None:
+            return f"{node.path}: nested scales on grids that do not nest"
         return None
     assert isinstance(node, lowering.Term)
     if node.kind == "signs":
@@ -145,10 +158,12 @@ def _repack(node: lowering.Node | None, shape: tuple[int, int]) -> Any:
         return Permute(np.array(node.perm), _repack(node.child, shape))  # a writable copy: torch takes it as is
     if isinstance(node, lowering.Sum):
         return Sum([_repack(t, shape) for t in node.terms])
-    if isinstance(node, lowering.Scale):
-        assert isinstance(node.child, lowering.Term)
-        term = _fused(node.child, shape)
-        term.factor = _grid(node.factor, node.group, shape)
+    if isinstance(node, lowering.Scale):  # nested scales (NVFP4's per-tensor one) fold into one factor grid
+        scales, child = _scales(node)
+        assert isinstance(child, lowering.Term)
+        term = _fused(child, shape)
+        factor = lowering.fold_factors(scales, shape[0], shape[1])
+        term.factor = _grid(factor.values, factor.group, shape)
         return term
     assert isinstance(node, lowering.Term)
     if node.kind == "sparse":

@@ -5,6 +5,7 @@ local paths only (the runtime and the conversion pipeline never import the Hub c
     model = qformat.load("user/model-qformat")                     # a folder, a file or a Hub id
     qformat.convert("HuggingFaceTB/SmolLM2-135M", "out/smol", qformat.SpQRConfig(bits=3))
     qformat.convert("HuggingFaceTB/SmolLM2-135M", "out/smol", "spqr", params={"bits": 3})   # the same
+    qformat.convert("HuggingFaceTB/SmolLM2-135M", "out/smol", qformat.GPTQConfig(bits=3), transforms=["awq"])
 
 ``qformat.GPTQConfig`` (any installed method's config class, by class name) and :func:`method_config` give configs.
 """
@@ -12,11 +13,12 @@ local paths only (the runtime and the conversion pipeline never import the Hub c
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .methods import MethodConfig
+from .transforms import TransformConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -59,11 +61,15 @@ def load_any(source: str | os.PathLike, device: Any = "cpu", *, revision: str | 
 
 
 def convert(source: str | os.PathLike, out: str | os.PathLike, method: MethodConfig | str, *,
-            params: Mapping[str, Any] | None = None, revision: str | None = None, **options: Any) -> ConvertResult:
+            params: Mapping[str, Any] | None = None, revision: str | None = None,
+            transforms: Sequence[Any] = (), **options: Any) -> ConvertResult:
     """Convert ``source`` (a folder, a ``.gguf`` file or a Hub id) into a qformat folder ``out``.
 
     ``method`` is a method's config (``qformat.GPTQConfig(bits=4)``: the method is the one it configures) or a method's
-    name, then with its parameters as ``params`` (defaults for the rest). ``options`` are the other fields of
+    name, then with its parameters as ``params`` (defaults for the rest). ``transforms``: block transforms applied to
+    each decoder block first, in order, each a transform config (``qformat.api.transform_config("awq")``), a name
+    (``"awq"``), ``"NAME:key=value,..."`` or ``{"transform": name, "params": {...}}``; a parameter a name or dict
+    leaves out takes the method's parameter of the same name (bits, group_size). ``options`` are the other fields of
     :class:`qformat.conversion.pipeline.ConvertOptions` (``calib``, ``include``, ``seed``, ``overwrite``, ...).
     """
     from .conversion.pipeline import ConvertOptions
@@ -79,7 +85,9 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, method: MethodCon
         name, given = method, dict(params or {})
     else:
         raise TypeError(f"qformat.convert: method is a MethodConfig or a method name, not {type(method).__name__}")
-    return run(ConvertOptions(os.fspath(source), out, name, given, revision=revision,
+    if isinstance(transforms, (str, Mapping, MethodConfig)):
+        transforms = [transforms]  # one transform given bare
+    return run(ConvertOptions(os.fspath(source), out, name, given, revision=revision, transforms=tuple(transforms),
                               resolve_hub=resolve_model_source, **options))
 
 
@@ -91,12 +99,21 @@ def method_config(method: str, **params: Any) -> MethodConfig:
     return get_method(method).validate_params(params)
 
 
+def transform_config(transform: str, **params: Any) -> TransformConfig:
+    """The config of the installed block transform ``transform`` with ``params`` (checked; defaults for the rest):
+    ``qformat.api.transform_config("awq", bits=3)``."""
+    from .plugins import get_transform
+
+    return get_transform(transform).validate_params(params)
+
+
 def config_class(class_name: str) -> type[MethodConfig]:
-    """The config class of an installed method, by class name (``"GPTQConfig"``); AttributeError if none or several
-    installed methods have one by that name."""
+    """The config class of an installed method or transform, by class name (``"GPTQConfig"``); AttributeError if
+    none or several installed plugins have one by that name."""
     from .plugins import get_plugins
 
-    methods = get_plugins().methods
+    plugins = get_plugins()
+    methods: dict[str, Any] = {**plugins.methods, **{f"transform {n}": t for n, t in plugins.transforms.items()}}
     found = {m.config for m in methods.values() if m.config.__name__ == class_name}
     if len(found) == 1:
         return found.pop()

@@ -15,6 +15,9 @@ Contracts (also in docs/plugins.md):
   conversion, so a method keeps no state between layers.
 - ``qformat_register_codecs(register)``: ``register(codec)`` with a :class:`qformat.format.Codec` instance that adds a
   component kind (with its own spec section, reference decoder and conformance vectors).
+- ``qformat_register_transforms(register)``: ``register(transform)`` with a :class:`qformat.transforms.Transform`
+  instance that rewrites a decoder block function-preservingly before its linears are quantized
+  (``qformat convert --transform NAME``); ``get_transform(name)`` returns that one instance.
 - ``qformat_register_kernels(register)``: ``register(kernel)`` with a :class:`qformat.kernel_api.Kernel` instance that
   computes ``x @ W.T`` for the codec signatures it declares.
 
@@ -47,3 +50,8 @@ def qformat_register_codecs(register: Callable[[Any], None]) -> None:
 @hookspec
 def qformat_register_kernels(register: Callable[[Any], None]) -> None:
     """Register kernels (qformat.kernel_api.Kernel instances)."""
+
+
+@hookspec
+def qformat_register_transforms(register: Callable[[Any], None]) -> None:
+    """Register block transforms (qformat.transforms.Transform instances)."""

@@ -27,7 +27,9 @@ Two passes:
   checked as the reference decoder checks them (padding bits, ternary bytes, integer code ranges). Errors are the
   reference decoder's (same codes, same fields), with the record's name.
 
-A kernel family keeps only its predicate ("can I run these terms") and its repacking of the lowered data.
+A kernel family keeps only its predicate ("can I run these terms") and its repacking of the lowered data; shared
+helpers for both: :func:`finest_group` / :func:`fold_factors` (nested scales, e.g. NVFP4's per-tensor scale over its
+block scales, as one factor grid).
 Arrays are handed out as the reference decoder returns them (the decoder's ownership rule: stored tensors and their
 fp32 views are read-only, computed fp32 arrays writable), never copied here: copy before writing. A permutation or
 scale factor may be shared by several terms and is always read-only.
@@ -283,6 +285,37 @@ def _term(node: dict, codec: str, path: str) -> Term:
     if codec == "sign_lowrank":
         return Term("signs", node, path, codes=_code_leaf(node.get("sign"), f"{path}/sign"))
     raise Unsupported(f"{path}: {codec} as a term (dense or unknown)")
+
+
+def finest_group(groups: list[tuple[int, int]], rows: int, cols: int) -> tuple[int, int] | None:
+    """The tile of ``groups`` (clamped to [rows, cols]) that every other tiles exactly (its tiles nest inside
+    each of theirs), or None: then their factors have no common grid no finer than one of them."""
+    clamped = [(min(gr, rows), min(gc, cols)) for gr, gc in groups]
+    for fr, fc in clamped:
+        if all((gr == rows or gr % fr == 0) and (gc == cols or gc % fc == 0) for gr, gc in clamped):
+            return fr, fc
+    return None
+
+
+def fold_factors(scales: list[Scale], rows: int, cols: int) -> Param:
+    """The product of nested scales' factors (lowered) on their finest grid (:func:`finest_group`, which must
+    exist): one factor for a kernel that applies one (e.g. NVFP4's block scales under its per-tensor scale)."""
+    if len(scales) == 1:
+        return scales[0].param
+    group = finest_group([s.group for s in scales], rows, cols)
+    if group is None:
+        raise Unsupported(f"{scales[0].path}: nested scales on grids that do not nest")
+    tiles = (-(-rows // group[0]), -(-cols // group[1]))
+    out = np.ones(tiles, dtype=np.float32)
+    for s in scales:
+        values = s.param.values
+        if values.shape == (1, 1):
+            out *= values[0, 0]
+            continue
+        row_of = np.minimum(np.arange(tiles[0]) * group[0] // s.group[0], values.shape[0] - 1)
+        col_of = np.minimum(np.arange(tiles[1]) * group[1] // s.group[1], values.shape[1] - 1)
+        out *= values[row_of][:, col_of]
+    return Param(out, group)
 
 
 # ---------------------------------------------------------------------------------------------------------------

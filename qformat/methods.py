@@ -272,7 +272,8 @@ class LayerInput:
 
     ``weight`` is a float32 torch tensor [out, in] (CPU). ``hessian`` is the float32 torch tensor [in, in]
     ``2/N * sum(x x^T)`` over the N calibration tokens (or None if the method needs no calibration);
-    ``act_norms`` is the per-input-channel L2 norm of the activations over the calibration tokens.
+    ``act_norms`` is the per-input-channel L2 norm of the activations over the calibration tokens;
+    ``act_absmax`` the per-input-channel max |x| over them (LLM.int8()'s outlier features), each only when asked for.
     ``dtype`` is the original weight dtype ("F32", "F16" or "BF16") to record.
     """
 
@@ -282,6 +283,7 @@ class LayerInput:
     hessian: Any | None = None
     act_norms: Any | None = None
     n_tokens: int = 0
+    act_absmax: Any | None = None
 
 
 class Method:
@@ -292,8 +294,9 @@ class Method:
     description: ClassVar[str] = ""
     config: ClassVar[type[MethodConfig]] = MethodConfig
     params: ClassVar[tuple[Param, ...]] = _ConfigParams()  # type: ignore[assignment]  # derived from config
-    # Which statistics the pipeline must collect: a subset of {"hessian", "act_norms"}.
+    # Which statistics the pipeline must collect: a subset of {"hessian", "act_norms", "act_absmax"}.
     calibration: ClassVar[frozenset[str]] = frozenset()
+    transforms: ClassVar[tuple[str, ...]] = ()  # block transforms always run first, e.g. ("awq",) (qformat.transforms)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -338,6 +341,10 @@ class Method:
     def check_params(self, params: dict[str, Any]) -> None:
         """The older place for constraints spanning parameters (raise ParameterError); a config's :meth:`check`
         is the place now."""
+
+    def check_shapes(self, config: Any, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """Refuse, before any work, weights this method cannot quantize (``shapes``: full weight name -> shape of every
+        selected linear in the decoder blocks), raising ParameterError naming the weight. Default: all fine."""
 
     def quantize(self, layer: LayerInput, config: Any) -> QuantizedTensor:
         """Quantize one layer with this method's config (as :meth:`validate_params` returns it)."""

@@ -63,6 +63,14 @@ def _nominal_bits(qc: dict[str, Any]) -> int | None:
     return int(math.floor(bpw)) if isinstance(bpw, (int, float)) and bpw > 0 else None
 
 
+def _transforms(qc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The recorded block-transform chain (entries without a name are ignored)."""
+    chain = qc.get("transforms")
+    if not isinstance(chain, list):
+        return []
+    return [t for t in chain if isinstance(t, dict) and isinstance(t.get("transform"), str)]
+
+
 def _pipeline_tag(config: dict[str, Any]) -> str | None:
     archs = config.get("architectures") or []
     if any(str(a).endswith("ForCausalLM") for a in archs):
@@ -124,7 +132,9 @@ def render_model_card(
     if "license" not in carried and config.get("license"):
         carried["license"] = config["license"]
     carried.setdefault("pipeline_tag", _pipeline_tag(config))
-    tags = ["qformat", *([method] if method else []), *([f"{bits}bit"] if bits else []), "quantized"]
+    transforms = _transforms(qc)
+    tags = ["qformat", *([method] if method else []), *[t["transform"] for t in transforms],
+            *([f"{bits}bit"] if bits else []), "quantized"]
     if source_id:  # the relation is only meaningful next to a base model
         carried["base_model_relation"] = "quantized"
     data = ModelCardData(base_model=source_id, library_name="qformat", tags=tags, **carried)
@@ -145,6 +155,13 @@ def render_model_card(
 
     lines += ["", "## Quantization", "", "| Parameter | Value |", "|---|---|", f"| method | {_fmt(method or '?')} |"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted((qc.get("method_params") or {}).items())]
+    if transforms:
+        chain = " → ".join(t["transform"] for t in transforms)
+        lines += ["", f"Block transforms, applied to each decoder block before the method, in this order: {chain} "
+                  "(function-preserving: scales and rotations folded into neighbouring weights, or stored as the "
+                  "format's input-transform codecs).", "", "| Transform | Version | Parameters |", "|---|---|---|"]
+        lines += [f"| {_fmt(t['transform'])} | {t.get('version', 1)} | {_fmt(t.get('params') or {})} |"
+                  for t in transforms]
 
     by_type: dict[str, Any] = qc.get("bits_by_layer_type") or {}
     if by_type or bpw is not None:

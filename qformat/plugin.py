@@ -31,12 +31,28 @@ from .format.builder import Node
 from .hookspecs import hookimpl
 from .kernel_api import Kernel, PreparedWeight
 from .methods import LayerInput, Method, MethodConfig, Param, param
+from .transforms import (
+    BlockInput,
+    BlockResult,
+    ColumnScale,
+    InputTransform,
+    ScalePair,
+    SkipBlock,
+    Transform,
+    TransformConfig,
+    fold_into_norm,
+    fold_into_rows,
+    scale_columns,
+)
 
 __all__ = [
     # hooks
     "hookimpl",
     # methods
     "LayerInput", "Method", "MethodConfig", "Param", "param",
+    # block transforms
+    "BlockInput", "BlockResult", "ColumnScale", "InputTransform", "ScalePair", "SkipBlock", "Transform",
+    "TransformConfig", "fold_into_norm", "fold_into_rows", "scale_columns",
     # records and codecs
     "CORE_CODECS", "Codec", "CodecRegistry", "Context", "Node", "NodeInfo", "QuantizedTensor", "RecordBuilder",
     "TensorInfo",

@@ -12,7 +12,7 @@ Environment:
 
 A plugin that fails to import or to register (a hook that raises, a class registered instead of an instance, a codec
 with an invalid name) is reported, with a RuntimeWarning and in ``qformat plugins``, and the other plugins still
-load. Two plugins claiming one method, kernel or codec name is an error: which meaning the user wants cannot be
+load. Two plugins claiming one method, transform, kernel or codec name is an error: which meaning the user wants cannot be
 guessed.
 """
 
@@ -35,6 +35,7 @@ from .errors import PluginError
 from .format import CORE_CODECS, Codec, CodecRegistry
 from .kernel_api import Kernel
 from .methods import Method
+from .transforms import Transform
 
 ENTRY_POINT_GROUP = "qformat"
 TRACE_PREFIX = "[qformat plugins]"
@@ -49,6 +50,7 @@ class PluginInfo:
     methods: list[str] = field(default_factory=list)
     codecs: list[str] = field(default_factory=list)
     kernels: list[str] = field(default_factory=list)
+    transforms: list[str] = field(default_factory=list)
     error: str | None = None
 
 
@@ -65,6 +67,8 @@ class Plugins:
     codec_owner: dict[str, str] = field(default_factory=dict)
     # The core codecs plus every plugin codec; frozen once discovery is done. Pass it to readers: registry=...
     codecs: CodecRegistry = field(default_factory=lambda: CORE_CODECS)
+    transforms: dict[str, Transform] = field(default_factory=dict)
+    transform_owner: dict[str, str] = field(default_factory=dict)
 
 
 def _allowed() -> set[str] | None:
@@ -155,7 +159,7 @@ class RegistrationRefused(PluginError):
 
 
 class NameClash(PluginError):
-    """Two plugins claim one method, kernel or codec name: fatal, since which one the user wants cannot be guessed."""
+    """Two plugins claim one method, transform, kernel or codec name: fatal, since which one the user wants cannot be guessed."""
 
 
 def _refuse_non_instance(obj: Any, contract: type, kind: str) -> None:
@@ -176,6 +180,17 @@ def _method_registrar(plugins: Plugins, plugin_name: str) -> Callable[[Method], 
         _refuse_non_instance(method, Method, "method")
         _claim(plugins, "method", plugins.methods, plugins.method_owner, method.name, method, plugin_name)
         register.registered.append(method.name)
+
+    register.registered = []
+    return register
+
+
+def _transform_registrar(plugins: Plugins, plugin_name: str) -> Callable[[Transform], None]:
+    def register(transform: Transform) -> None:
+        _refuse_non_instance(transform, Transform, "transform")
+        _claim(plugins, "transform", plugins.transforms, plugins.transform_owner, transform.name, transform,
+               plugin_name)
+        register.registered.append(transform.name)
 
     register.registered = []
     return register
@@ -214,9 +229,9 @@ def _codec_registrar(plugins: Plugins, plugin_name: str) -> Callable[[Codec], No
     return register
 
 
-# Hook order: methods, then codecs, then kernels (a kernel may look at the codecs when it is built).
-_HOOKS = (("qformat_register_methods", _method_registrar), ("qformat_register_codecs", _codec_registrar),
-          ("qformat_register_kernels", _kernel_registrar))
+# Hook order: methods, transforms, then codecs, then kernels (a kernel may look at the codecs when it is built).
+_HOOKS = (("qformat_register_methods", _method_registrar), ("qformat_register_transforms", _transform_registrar),
+          ("qformat_register_codecs", _codec_registrar), ("qformat_register_kernels", _kernel_registrar))
 
 
 def _collect(plugins: Plugins) -> None:
@@ -253,7 +268,7 @@ def _clash(kind: str, name: str, first: str, second: str) -> NameClash:
 
 def _claim(plugins: Plugins, kind: str, table: dict[str, Any], owners: dict[str, str], name: str, entry: Any,
            plugin_name: str) -> None:
-    """Record that ``plugin_name`` provides the ``kind`` (method or kernel) ``name``."""
+    """Record that ``plugin_name`` provides the ``kind`` (method, transform or kernel) ``name``."""
     if name in table:
         raise _clash(kind, name, _owner_label(plugins, owners[name]), _owner_label(plugins, plugin_name))
     table[name] = entry
@@ -313,3 +328,13 @@ def get_method(name: str) -> Method:
         known = ", ".join(sorted(plugins.methods)) or "none installed"
         raise PluginError(f"unknown method {name!r}; installed methods: {known}")
     return method
+
+
+def get_transform(name: str) -> Transform:
+    """The registered instance of block transform ``name`` (one instance serves every block)."""
+    plugins = get_plugins()
+    transform = plugins.transforms.get(name)
+    if transform is None:
+        known = ", ".join(sorted(plugins.transforms)) or "none installed"
+        raise PluginError(f"unknown transform {name!r}; installed transforms: {known}")
+    return transform

@@ -1,6 +1,6 @@
-"""The harness every plugin author runs: methods, codecs and kernels checked the way qformat checks its own.
+"""The harness every plugin author runs: methods, transforms, codecs and kernels checked the way qformat checks its own.
 
-    from qformat.testing import check_method, check_codec_vectors, check_kernel
+    from qformat.testing import check_method, check_transform, check_codec_vectors, check_kernel
 
     def test_my_method():
         report = check_method(MyMethod(), params={"bits": 4})
@@ -27,6 +27,7 @@ from .format import CORE_CODECS, CodecRegistry, QuantizedTensor, open_file, vali
 from .format.codecs import Codec
 from .kernel_api import Kernel
 from .methods import LayerInput, Method, MethodConfig
+from .transforms import BlockInput, Transform, TransformConfig, apply_chain, wrap_record
 
 
 class PluginCheckError(AssertionError):
@@ -100,8 +101,10 @@ def _torch_inputs(sample: LayerSample, method: Method) -> LayerInput:
     hessian = torch.from_numpy(sample.hessian()) if "hessian" in method.calibration else None
     norms = (torch.from_numpy(np.linalg.norm(sample.inputs, axis=0).astype(np.float32))
              if "act_norms" in method.calibration else None)
+    absmax = (torch.from_numpy(np.abs(sample.inputs).max(axis=0).astype(np.float32))
+              if "act_absmax" in method.calibration else None)
     return LayerInput(name=sample.name, weight=torch.from_numpy(sample.weight.copy()), dtype="F32", hessian=hessian,
-                      act_norms=norms, n_tokens=sample.inputs.shape[0])
+                      act_norms=norms, n_tokens=sample.inputs.shape[0], act_absmax=absmax)
 
 
 def check_params_contract(method: Method) -> None:
@@ -279,3 +282,254 @@ def check_kernel(kernel: Kernel, quantized: Iterable[QuantizedTensor], batches: 
     if not checked:
         raise PluginCheckError(f"kernel {kernel.name} supports none of the records it was given")
     return KernelReport(kernel.name, checked, worst)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# block transforms
+
+# The transformers architectures the harness builds tiny blocks of. Half use grouped-query attention (no v→o pair),
+# half plain multi-head attention, so both layouts are exercised.
+TINY_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2")
+_TINY_CONFIGS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", 4),
+    "mistral": ("MistralConfig", "MistralForCausalLM", 2),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", 4),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", 2),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", 4),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", 2),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", 4),
+}
+
+
+class _StopModel(Exception):
+    pass
+
+
+@dataclass
+class TinyBlock:
+    """One random-weight decoder block of a tiny transformers model and seeded inputs to run it on.
+
+    ``forward(keep)`` runs the block over every input batch (outputs when ``keep``), as the conversion pipeline does.
+    """
+
+    architecture: str
+    config: Any
+    block: Any  # the decoder layer (torch.nn.Module), fp32
+    inputs: list[Any]  # hidden states [batch, seq, hidden], one tensor per micro-batch
+    kwargs: dict[str, Any]  # what the model passes the block besides the hidden states (mask, position embeddings)
+
+    def forward(self, keep: bool = True) -> list[Any]:
+        import torch
+
+        outputs = []
+        with torch.inference_mode():
+            for hidden in self.inputs:
+                out = self.block(hidden, **self.kwargs)
+                out = out[0] if isinstance(out, (tuple, list)) else out
+                if keep:
+                    outputs.append(out)
+        return outputs
+
+    def block_input(self, linears: Sequence[str] | None = None, architecture: str | None = None,
+                    prefix: str = "model.layers.0.", seed: int = 0) -> BlockInput:
+        if linears is None:
+            linears = [n for n, m in self.block.named_modules() if type(m).__name__ == "Linear"]
+        last = prefix.rstrip(".").rsplit(".", 1)[-1]
+        index = int(last) if last.isdigit() else 0
+        return BlockInput(index, prefix, architecture or self.architecture, self.block, linears, self.forward,
+                          self.config, seed)
+
+
+def tiny_block(architecture: str, seed: int = 0, hidden: int = 64, intermediate: int = 128, seqlen: int = 16,
+               batches: int = 2) -> TinyBlock:
+    """A tiny random-weight decoder block of ``architecture`` (one of :data:`TINY_ARCHITECTURES`), built from a
+    transformers config here so plugin authors need no model files. Weights ~ N(0, 0.02) with random biases where the
+    architecture has them, norm weights near their identity (1, or 0 for Gemma's ``1 + w``), and inputs with a few
+    large channels (what makes activation-aware scales matter)."""
+    import torch
+    import transformers
+
+    if architecture not in _TINY_CONFIGS:
+        raise ValueError(f"no tiny config for {architecture!r}; known: {', '.join(TINY_ARCHITECTURES)}")
+    config_name, model_name, kv_heads = _TINY_CONFIGS[architecture]
+    config = getattr(transformers, config_name)(
+        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=kv_heads, head_dim=hidden // 4, vocab_size=64, max_position_embeddings=256,
+        pad_token_id=0, bos_token_id=0, eos_token_id=1, attn_implementation="eager")
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config).eval()
+    gemma = architecture.startswith("gemma")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_((0.0 if gemma else 1.0) + 0.1 * torch.randn_like(param))
+            elif name.endswith("bias"):
+                param.copy_(0.02 * torch.randn_like(param))
+            else:
+                param.copy_(0.02 * torch.randn_like(param))
+    layer = model.model.layers[0]
+    captured: dict[str, Any] = {}
+
+    def grab(_module: Any, args: tuple, kwargs: dict) -> None:
+        captured.update(kwargs)
+        raise _StopModel
+
+    generator = torch.Generator().manual_seed(seed)
+    inputs = []
+    for _ in range(batches):
+        x = torch.randn(2, seqlen, hidden, generator=generator)
+        x[..., torch.randperm(hidden, generator=generator)[:4]] *= 8.0  # outlier channels
+        inputs.append(x)
+    handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            model.model(inputs_embeds=inputs[0], use_cache=False)
+    except _StopModel:
+        pass
+    finally:
+        handle.remove()
+    kwargs = {k: v for k, v in captured.items() if k not in ("hidden_states", "past_key_values", "cache")}
+    return TinyBlock(architecture, config, layer, inputs, kwargs)
+
+
+@dataclass
+class TransformReport:
+    transform: str
+    params: dict[str, Any]
+    max_error: dict[str, float]  # per architecture: max |y' - y| / (max |y|), transform applied (input hooks on)
+    file_error: dict[str, float]  # the same with the records wrapped and decoded instead of input hooks
+    input_transforms: dict[str, int]  # per architecture: linears left with an input transform
+    changed_modules: dict[str, int]  # per architecture: parameters changed in place (folds), not counting the
+    # weights of linears replaced by their input transforms' weight(W)
+    skipped: list[str] = field(default_factory=list)  # the unknown-architecture check's warning
+
+
+def _state_bytes(module: Any) -> dict[str, bytes]:
+    return {k: v.detach().contiguous().cpu().numpy().tobytes() for k, v in module.state_dict().items()}
+
+
+def _output_error(before: list[Any], after: list[Any]) -> tuple[float, float]:
+    """(max |Δ|, max |y|) over all output batches."""
+    delta = max(float((a - b).abs().max()) for a, b in zip(before, after, strict=True))
+    scale = max(float(a.abs().max()) for a in before)
+    return delta, scale
+
+
+def check_transform(transform: Transform, params: Mapping[str, Any] | TransformConfig | None = None,
+                    architectures: Iterable[str] | None = None, rtol: float = 1e-4, atol: float = 1e-5,
+                    registry: CodecRegistry | None = None, seed: int = 0) -> TransformReport:
+    """Apply a block transform to tiny random-weight blocks of every architecture it supports (default: those of
+    :data:`TINY_ARCHITECTURES`) and check every contract a transform has with qformat.
+
+    - parameters: defaults valid, unknown and out-of-range values refused naming them, ``to_dict``/``from_dict``
+      round trip;
+    - function preservation, in fp32: with the transform applied (folds in place, input transforms on the linears'
+      inputs) the block's outputs equal the original ones within ``max |Δ| ≤ rtol · max |y| + atol``
+      (default 1e-4 · max |y| + 1e-5); the same holds with each linear's weight replaced by the decode of its record
+      wrapped by :meth:`InputTransform.wrap` and no input hooks, which is what the converted file computes;
+    - determinism: applying it twice to identical blocks gives bit-identical modules and transformed weights (a
+      resumed conversion must reproduce a block byte for byte);
+    - an architecture it does not know (``model_type`` "qformat_unknown_arch") is skipped with a warning naming the
+      block and the block left bit-identical, unless the transform accepts it and still preserves the function.
+    """
+    import warnings
+
+    import torch
+
+    if not isinstance(transform, Transform) or not getattr(transform, "name", None):
+        raise PluginCheckError(f"{transform!r} is not an instance of a named qformat.transforms.Transform subclass")
+    registry = registry if registry is not None else _installed_codecs()
+    check_params_contract(transform)  # type: ignore[arg-type]  # the same parameter contract as methods
+    config = transform.validate_params(params if isinstance(params, TransformConfig) else dict(params or {}))
+    recorded = config.to_dict()
+    if recorded.get("transform") != transform.name or type(config).from_dict(recorded) != config:
+        raise PluginCheckError(f"{transform.name}: to_dict/from_dict does not round-trip the config: {recorded}")
+    wanted = list(architectures) if architectures is not None else [a for a in TINY_ARCHITECTURES
+                                                                      if transform.supports(a)]
+    if not wanted:
+        raise PluginCheckError(f"{transform.name}: supports none of {', '.join(TINY_ARCHITECTURES)}; pass the "
+                               "architectures to check")
+    report = TransformReport(transform.name, config.to_params(), {}, {}, {}, {})
+    for arch in wanted:
+        where = f"{transform.name} on a tiny {arch} block"
+        tiny = tiny_block(arch, seed)
+        before_state = _state_bytes(tiny.block)
+        reference = tiny.forward()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            done = apply_chain([(transform, config)], tiny.block_input(seed=seed), seed)
+        if done.skipped:
+            raise PluginCheckError(f"{where}: the block was skipped ({done.skipped[0][1]}) although the transform "
+                                   f"supports {arch!r}")
+        del caught
+        delta, scale = _output_error(reference, tiny.forward())
+        report.max_error[arch] = delta / scale
+        if not delta <= rtol * scale + atol:
+            raise PluginCheckError(f"{where}: outputs changed by max |Δ| = {delta:.3g}, over the bound "
+                                   f"{rtol:g}·{scale:.3g} + {atol:g} (not function-preserving)")
+        after_state = _state_bytes(tiny.block)
+        rewritten = {f"{name}.weight" for name in done.input_transforms}  # the transformed weights, not folds
+        report.changed_modules[arch] = sum(before_state[k] != v for k, v in after_state.items() if k not in rewritten)
+        report.input_transforms[arch] = len(done.input_transforms)
+        # Twice on an identical block: bit-identical results, or a resumed conversion would differ.
+        twin = tiny_block(arch, seed)
+        done_twin = apply_chain([(transform, config)], twin.block_input(seed=seed), seed)
+        if _state_bytes(twin.block) != after_state:
+            raise PluginCheckError(f"{where}: two runs on identical blocks changed the modules differently (the "
+                                   "transform must be deterministic given torch's seeded RNG)")
+        done_twin.remove_hooks()
+        # What the file computes: records wrapped by the input transforms, decoded, no hooks.
+        done.remove_hooks()
+        from .format import RecordBuilder
+
+        for name, transforms in done.input_transforms.items():
+            module = tiny.block.get_submodule(name)
+            weight = module.weight.detach().to(torch.float32).cpu().numpy()
+            builder = RecordBuilder(f"model.layers.0.{name}.weight", weight.shape, "F32", registry)
+            inner = builder.finish(builder.tensor("w", weight))
+            try:
+                wrapped = wrap_record(inner, transforms, registry)
+            except FormatError as exc:
+                raise PluginCheckError(f"{where}: the input transforms of {name} do not make a valid record: "
+                                       f"{exc}") from None
+            decoded = torch.from_numpy(np.array(wrapped.decode(registry), dtype=np.float32)).reshape(weight.shape)
+            module._parameters["weight"] = torch.nn.Parameter(decoded, requires_grad=False)
+        delta, scale = _output_error(reference, tiny.forward())
+        report.file_error[arch] = delta / scale
+        if not delta <= rtol * scale + atol:
+            raise PluginCheckError(f"{where}: with the wrapped records decoded (what the file holds) outputs changed "
+                                   f"by max |Δ| = {delta:.3g}, over the bound {rtol:g}·{scale:.3g} + {atol:g}")
+    report.skipped = _check_unknown_architecture(transform, config, seed, rtol, atol)
+    return report
+
+
+UNKNOWN_ARCHITECTURE = "qformat_unknown_arch"
+
+
+def _check_unknown_architecture(transform: Transform, config: TransformConfig, seed: int, rtol: float,
+                                atol: float) -> list[str]:
+    """A block of an architecture nobody knows: skipped with a warning naming it and left untouched, or (a
+    transform that accepts it, e.g. one needing no layout) still function-preserving."""
+    import warnings
+
+    tiny = tiny_block("llama", seed)
+    prefix = "model.layers.7."
+    before_state = _state_bytes(tiny.block)
+    reference = tiny.forward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        done = apply_chain([(transform, config)], tiny.block_input(architecture=UNKNOWN_ARCHITECTURE,
+                                                                    prefix=prefix, seed=seed), seed)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    where = f"{transform.name} on a block of unknown architecture {UNKNOWN_ARCHITECTURE!r}"
+    if done.skipped:
+        if not any("model.layers.7" in m for m in messages):
+            raise PluginCheckError(f"{where}: skipped without a warning naming the block (got {messages})")
+        if _state_bytes(tiny.block) != before_state or done.input_transforms:
+            raise PluginCheckError(f"{where}: skipped, but the block was changed")
+        return messages
+    delta, scale = _output_error(reference, tiny.forward())
+    done.remove_hooks()
+    if not delta <= rtol * scale + atol:
+        raise PluginCheckError(f"{where}: not skipped, and outputs changed by max |Δ| = {delta:.3g} (mis-scaled)")
+    return []

@@ -28,7 +28,8 @@ SOURCES = [ROOT / "qformat", ROOT / "plugins", ROOT / "kernels", ROOT / "conform
 CONTRACTS = {
     **{name: f"qformat.plugin.{name}" for name in (
         "Method", "MethodConfig", "LayerInput", "Kernel", "PreparedWeight", "Codec", "Context", "NodeInfo",
-        "TensorInfo", "CodecRegistry", "RecordBuilder", "QuantizedTensor")},
+        "TensorInfo", "CodecRegistry", "RecordBuilder", "QuantizedTensor", "Transform", "TransformConfig",
+        "BlockInput", "BlockResult", "InputTransform", "ColumnScale", "ScalePair")},
     "Plugins": "qformat.plugins.Plugins", "PluginInfo": "qformat.plugins.PluginInfo",
 }
 _CLASS = "|".join(sorted(CONTRACTS, key=len, reverse=True))
@@ -151,9 +152,10 @@ def test_the_page_is_really_checked():
     text = DOC.read_text()
     assert len([s for s in spans(text) if s.startswith("qformat.plugin.")]) >= 15
     assert set(re.findall(r"\bqformat_register_\w+", text)) == {
-        "qformat_register_methods", "qformat_register_codecs", "qformat_register_kernels"}
+        "qformat_register_methods", "qformat_register_transforms", "qformat_register_codecs",
+        "qformat_register_kernels"}
     assert {"QFORMAT_PLUGINS", "QFORMAT_TRACE_PLUGINS", "QFORMAT_KERNEL"} <= set(re.findall(r"QFORMAT_[A-Z_]+", text))
-    assert {"check_method", "check_codec_vectors", "check_kernel"} <= {
+    assert {"check_method", "check_transform", "check_codec_vectors", "check_kernel"} <= {
         m for s in spans(text) for m in re.findall(r"^(check_\w+)", s)}
     assert len(re.findall(rf"`({_CLASS})\.\w+", text)) >= 20
     assert code_blocks(text, "python")
@@ -166,6 +168,7 @@ def test_the_page_is_really_checked():
     ("`QFORMAT_NO_SUCH_SETTING=1`", "QFORMAT_NO_SUCH_SETTING"),
     ("`check_everything(plugin)`", "qformat.testing.check_everything"),
     ("`Kernel.fly`", "Kernel.fly"),
+    ("`BlockInput.teleport`", "BlockInput.teleport"),
     ("`Method` (`name`, `teleport`)", "Method (teleport)"),
     ("```python\nfrom qformat.plugin import hookimpl, Nonexistent\n```\n", "has no 'Nonexistent'"),
     ("`qformat frobnicate`", "no subcommand 'frobnicate'"),

@@ -1,4 +1,5 @@
-"""`qformat convert` (a model into the format, with a method plugin) and `qformat plugins` (what is installed)."""
+"""`qformat convert` (a model into the format, with a method plugin and optional block transforms) and `qformat plugins`
+(what is installed)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     conv.add_argument("--group-size", help="the method's `group_size` parameter")
     conv.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                       help="any other method parameter, e.g. -p outlier_threshold=0.2 (repeatable)")
+    conv.add_argument("--transform", action="append", default=[], metavar="NAME[:KEY=VALUE,...]",
+                      help="a block transform (a plugin; see `qformat plugins`) applied to each decoder block before "
+                           "the method, e.g. --transform awq or --transform hadamard:block=64; repeatable, applied in "
+                           "the order given; parameters left out take the method's of the same name (--bits, "
+                           "--group-size); needs calibration")
     cal = conv.add_argument_group("calibration (methods that need statistics: gptq, spqr, ...)")
     cal.add_argument("--calib", metavar="FILE", help="UTF-8 calibration text (default: the shipped Wikipedia text, "
                      "works offline)")
@@ -128,15 +134,18 @@ def run_convert(args: argparse.Namespace) -> int:
     quiet_openmp_waits()
     from ..conversion.pipeline import Converter, ConvertOptions
     from ..conversion.quality import resolve_eval_text
+    from ..conversion.transform_chain import resolve_chain
     from ..hub import resolve_model_source
     from ..plugins import get_method
 
     method = get_method(args.method)
     config = method_config(method, args)
+    resolve_chain(args.transform, method, config)  # unknown names and bad parameters before anything else
     check_eval_options(args)
     eval_text = resolve_eval_text(args.eval) if args.eval else None
     options = ConvertOptions(
-        source=args.source, out=args.out, method=args.method, params=config, revision=args.revision,
+        source=args.source, out=args.out, method=args.method, params=config, transforms=tuple(args.transform),
+        revision=args.revision,
         calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
         include=args.include, exclude=args.exclude, true_sequential=args.true_sequential, overwrite=args.overwrite,
         restart=args.restart, quiet=args.quiet, resolve_hub=resolve_model_source)
@@ -198,13 +207,25 @@ def plugin_listing() -> list[dict[str, Any]]:
                 "name": method_name, "description": method.description,
                 "calibration": sorted(method.calibration),
                 "config": method.config.__name__, "config_version": method.config.version,
-                "params": [{"name": p.name, "type": p.type.__name__, "default": p.default, "min": p.min,
-                            "max": p.max, "choices": list(p.choices) if p.choices else None, "help": p.help,
-                            "describe": p.describe()} for p in method.params]})
+                "params": [_param_listing(p) for p in method.params]})
+        transforms = []
+        for transform_name in info.transforms:
+            transform = plugins.transforms[transform_name]
+            known = transform.architectures
+            transforms.append({
+                "name": transform_name, "description": transform.description,
+                "architectures": sorted(known) if isinstance(known, (set, frozenset)) else "any it accepts",
+                "config": transform.config.__name__, "config_version": transform.config.version,
+                "params": [_param_listing(p) for p in transform.params]})
         listing.append({"entry_point": name, "module": info.module, "package": info.package,
-                        "version": info.version, "methods": methods, "codecs": info.codecs,
+                        "version": info.version, "methods": methods, "transforms": transforms, "codecs": info.codecs,
                         "kernels": info.kernels, "error": info.error})
     return listing
+
+
+def _param_listing(p: Any) -> dict[str, Any]:
+    return {"name": p.name, "type": p.type.__name__, "default": p.default, "min": p.min, "max": p.max,
+            "choices": list(p.choices) if p.choices else None, "help": p.help, "describe": p.describe()}
 
 
 def run_plugins(args: argparse.Namespace) -> int:
@@ -228,6 +249,16 @@ def run_plugins(args: argparse.Namespace) -> int:
                 print(f"    parameters ({method['config']}, version {method['config_version']}):")
             for param in method["params"]:
                 print(f"    - {param['describe']}")
-        if not any(plugin[k] for k in ("methods", "codecs", "kernels")) and not plugin["error"]:
+        for transform in plugin["transforms"]:
+            archs = transform["architectures"]
+            print(f"  transform {transform['name']} (architectures: "
+                  f"{', '.join(archs) if isinstance(archs, list) else archs})")
+            if transform["description"]:
+                print(f"    {transform['description']}")
+            if transform["params"]:
+                print(f"    parameters ({transform['config']}, version {transform['config_version']}):")
+            for param in transform["params"]:
+                print(f"    - {param['describe']}")
+        if not any(plugin[k] for k in ("methods", "transforms", "codecs", "kernels")) and not plugin["error"]:
             print("  (no hook implementations)")
     return 0

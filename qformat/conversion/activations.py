@@ -117,10 +117,17 @@ def symmetric_from_upper(upper: torch.Tensor) -> torch.Tensor:
     return upper.triu() + upper.triu(1).T
 
 
-class LinearStats:
-    """Accumulates, per linear layer, ``sum(x xᵀ)`` (fp32) and ``sum(x²)`` per input channel over calibration tokens.
+# What one input contributes: (x xᵀ upper triangle, Σ x², max |x| per channel, tokens); None where not wanted.
+_Terms = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, int]
+_NO_TERMS: _Terms = (None, None, None, 0)
 
-    ``hessian`` returns ``2/N · Σ x xᵀ`` as the method contract defines it; ``act_norms`` the per-channel L2 norms.
+
+class LinearStats:
+    """Accumulates, per linear layer, ``sum(x xᵀ)`` (fp32), ``sum(x²)`` and ``max |x|`` per input channel over
+    calibration tokens, each only if wanted.
+
+    ``hessian`` returns ``2/N · Σ x xᵀ`` as the method contract defines it; ``act_norms`` the per-channel L2 norms;
+    ``act_absmax`` the per-channel max |x| (LLM.int8()'s outlier features).
     Only the upper triangle of ``Σ x xᵀ`` is accumulated (it is symmetric). Inputs are taken by forward pre-hooks;
     :meth:`collect` runs the block and stops each forward as soon as every hooked linear has had its input (how many
     calls each linear gets per forward is learnt on the first micro-batch, which runs whole), so the linears after
@@ -128,19 +135,25 @@ class LinearStats:
     early ``--true-sequential`` passes.
     """
 
-    def __init__(self, want_hessian: bool, want_norms: bool) -> None:
-        self.want_hessian, self.want_norms = want_hessian, want_norms
+    def __init__(self, want_hessian: bool, want_norms: bool, want_absmax: bool = False) -> None:
+        self.want_hessian, self.want_norms, self.want_absmax = want_hessian, want_norms, want_absmax
         self.xtx: dict[str, torch.Tensor] = {}
         self.sq: dict[str, torch.Tensor] = {}
+        self.absmax: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
         self._hooks: list[Any] = []
         # Linears fed the same tensor (q/k/v, gate/up) share one product: computed once per forward.
         self._last_input: torch.Tensor | None = None
-        self._last_terms: tuple[torch.Tensor | None, torch.Tensor | None, int] = (None, None, 0)
+        self._last_terms: _Terms = _NO_TERMS
         self._calls: dict[str, int] = {}  # calls per hooked linear in the current forward
         self._expected: dict[str, int] | None = None  # calls per forward, once learnt
 
-    def _terms(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+    @classmethod
+    def for_method(cls, calibration: frozenset[str] | set[str]) -> LinearStats:
+        """Statistics for a method's declared ``calibration`` (``Method.calibration``)."""
+        return cls("hessian" in calibration, "act_norms" in calibration, "act_absmax" in calibration)
+
+    def _terms(self, x: torch.Tensor) -> _Terms:
         if x is self._last_input:
             return self._last_terms
         flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
@@ -149,11 +162,12 @@ class LinearStats:
             xtx = torch.zeros(flat.shape[1], flat.shape[1])
             accumulate_xtx_upper(xtx, flat)
         sq = (flat * flat).sum(dim=0) if self.want_norms else None
-        self._last_input, self._last_terms = x, (xtx, sq, flat.shape[0])
+        absmax = flat.abs().amax(dim=0) if self.want_absmax and flat.shape[0] else None
+        self._last_input, self._last_terms = x, (xtx, sq, absmax, flat.shape[0])
         return self._last_terms
 
     def add(self, name: str, x: torch.Tensor) -> None:
-        xtx, sq, tokens = self._terms(x)
+        xtx, sq, absmax, tokens = self._terms(x)
         if xtx is not None:
             if name in self.xtx:
                 self.xtx[name].add_(xtx)
@@ -164,6 +178,11 @@ class LinearStats:
                 self.sq[name].add_(sq)
             else:
                 self.sq[name] = sq.clone()
+        if absmax is not None:
+            if name in self.absmax:
+                torch.maximum(self.absmax[name], absmax, out=self.absmax[name])
+            else:
+                self.absmax[name] = absmax.clone()
         self.tokens[name] = self.tokens.get(name, 0) + tokens
 
     def attach(self, modules: dict[str, nn.Module]) -> None:
@@ -181,7 +200,7 @@ class LinearStats:
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
-        self._last_input, self._last_terms = None, (None, None, 0)
+        self._last_input, self._last_terms = None, _NO_TERMS
         self._calls, self._expected = {}, None
 
     @torch.inference_mode()
@@ -195,7 +214,7 @@ class LinearStats:
                 pass
             if self._expected is None:
                 self._expected = dict(self._calls)
-            self._last_input, self._last_terms = None, (None, None, 0)
+            self._last_input, self._last_terms = None, _NO_TERMS
 
     def hessian(self, name: str) -> torch.Tensor | None:
         if name not in self.xtx:
@@ -205,10 +224,15 @@ class LinearStats:
     def act_norms(self, name: str) -> torch.Tensor | None:
         return self.sq[name].sqrt() if name in self.sq else None
 
+    def act_absmax(self, name: str) -> torch.Tensor | None:
+        return self.absmax.get(name)
+
     def pop(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+        """(hessian, act_norms, tokens) of a linear, whose statistics are then dropped (read act_absmax first)."""
         result = self.hessian(name), self.act_norms(name), self.tokens.get(name, 0)
         self.xtx.pop(name, None)
         self.sq.pop(name, None)
+        self.absmax.pop(name, None)
         return result
 
 

@@ -27,6 +27,7 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -52,6 +53,7 @@ from ..format.container import (
 from ..format.dtypes import WEIGHT_DTYPES
 from ..methods import LayerInput, Method, MethodConfig
 from ..text import tokenize
+from ..transforms import BlockInput, TransformedBlock, apply_chain, wrap_record
 from . import calibration as calib_data
 from .activations import BlockCalls, LinearStats, capture_block_inputs, input_groups, run_block
 from .lock import OutputLock
@@ -67,11 +69,12 @@ from .report import (
 )
 from .selection import Selection, select_modules
 from .source import HubResolver, ModelSource, Skeleton, build_skeleton, open_source, release, set_tensor, tied_source
+from .transform_chain import Chain, TransformSpec, chain_command, chain_dicts, explicit_name, resolve_chain
 
 STATE_NAME = "state.json"
 DIGESTS_NAME = "source-digests.json"
 STATE_VERSION = 2  # 2: per-tensor source digests, work-folder marker
-CALIBRATED = frozenset({"hessian", "act_norms"})
+CALIBRATED = frozenset({"hessian", "act_norms", "act_absmax"})
 MAX_SEED = 2**32 - 1
 MAX_CALIB = 1 << 20  # samples or tokens per window: beyond any text a CPU conversion calibrates on
 # What a partial conversion of qformat < STATE_VERSION 2 (no marker) holds; only such a folder is deleted by --restart.
@@ -96,6 +99,8 @@ class ConvertOptions:
     overwrite: bool = False
     restart: bool = False
     quiet: bool = False
+    # Block transforms applied before the method, in order: names, "NAME:key=value,..." specs, dicts or configs.
+    transforms: Sequence[TransformSpec] = ()
     # Downloads Hub ids (qformat.hub.resolve_model_source); the layer above passes it in. Not part of the state.
     resolve_hub: HubResolver | None = None
 
@@ -126,6 +131,13 @@ def to_numpy(tensor: torch.Tensor) -> np.ndarray:
     if tensor.dtype == torch.bfloat16:
         return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return tensor.numpy()
+
+
+def _module_tensor(root: nn.Module, name: str) -> torch.Tensor:
+    """A parameter or buffer of ``root`` by its dotted name."""
+    module_path, _, leaf = name.rpartition(".")
+    module = root.get_submodule(module_path) if module_path else root
+    return getattr(module, leaf).detach()
 
 
 def _check_int(option: str, value: Any, low: int, high: int) -> None:
@@ -191,11 +203,13 @@ class Converter:
         opts = self.options
         self.method: Method = get_method(opts.method)
         self.config: MethodConfig = self.method.validate_params(opts.params)
+        self.chain: Chain = resolve_chain(opts.transforms, self.method, self.config)
         owner = get_plugins().method_owner.get(opts.method)
         info = get_plugins().info.get(owner) if owner else None
         self.plugin_label = f"{info.package} {info.version}" if info else "?"
         self.codecs = get_plugins().codecs  # shards are read back with the plugin codecs the method may use
-        self.needs_calibration = bool(self.method.calibration & CALIBRATED)
+        # A transform sees the block's calibration inputs, so a chain calibrates even for RTN.
+        self.needs_calibration = bool(self.method.calibration & CALIBRATED) or bool(self.chain)
         _check_int("--seed", opts.seed, 0, MAX_SEED)
         if self.needs_calibration:
             _check_int("--calib-samples", opts.calib_samples, 1, MAX_CALIB)
@@ -232,7 +246,9 @@ class Converter:
             raise ConversionError(f"--out {self.out} contains the source model folder {self.source.folder}; give a "
                                   "new folder's name")
         self.skeleton: Skeleton = build_skeleton(self.source)
+        self._check_chain_architecture()
         self.selection: Selection = select_modules(self.skeleton, opts.include, opts.exclude)
+        self._check_chain_shapes()
         self._plan_tensors()
         self.windows = None
         if self.needs_calibration:
@@ -246,6 +262,36 @@ class Converter:
                                                 source=f"the calibration text {self.calib_text.path.name}")
         self.state = self._state()
         self._check_work_dir()
+
+    def _check_chain_architecture(self) -> None:
+        """A transform the user named that understands none of this model's blocks is refused before any work; one
+        the method runs by itself (awq's) is left out with a warning, and the method quantizes without it."""
+        self.architecture = str(getattr(self.skeleton.model.config, "model_type", "") or "")
+        named = {explicit_name(spec) for spec in self.options.transforms}
+        kept: Chain = []
+        for transform, config in self.chain:
+            if transform.supports(self.architecture):
+                kept.append((transform, config))
+                continue
+            known = transform.architectures
+            listed = f" (it knows: {', '.join(sorted(known))})" if isinstance(known, (set, frozenset)) else ""
+            message = (f"transform {transform.name!r} does not understand architecture {self.architecture!r} of "
+                       f"{self.options.source}{listed}")
+            if transform.name in named:
+                raise ConversionError(message)
+            warnings.warn(f"{message}; method {self.method.name!r} runs without it", RuntimeWarning, stacklevel=2)
+        self.chain = kept
+
+    def _check_chain_shapes(self) -> None:
+        """The method's and each transform's own shape constraints (a block dividing every width), before any work."""
+        shapes = {}
+        for index, names in self.selection.block_linears.items():
+            block, prefix = self.skeleton.blocks[index], self.skeleton.block_prefix(index)
+            for name in names:
+                shapes[f"{prefix}{name}.weight"] = tuple(block.get_submodule(name).weight.shape)
+        self.method.check_shapes(self.config, shapes)
+        for transform, config in self.chain:
+            transform.check_shapes(config, shapes)
 
     def _check_out_path(self) -> None:
         """--out must name a folder to create or replace: not '.', '..', the filesystem root, the current folder or
@@ -331,10 +377,21 @@ class Converter:
                            "true_sequential": opts.true_sequential}
         return {"state_version": STATE_VERSION, "method": self.method.name, "method_params": self.config.to_params(),
                 "method_config_version": self.config.version,
-                "method_plugin": self.plugin_label, "source": self.source.describe(),
+                "method_plugin": self.plugin_label, "transforms": self._chain_state(), "source": self.source.describe(),
                 "source_fingerprint": self.source.fingerprint(), "calibration": calibration,
                 "include": list(opts.include), "exclude": list(opts.exclude), "seed": opts.seed,
                 "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+    def _chain_state(self) -> list[dict[str, Any]]:
+        """The chain with each transform's plugin: a different chain never resumes another's work."""
+        from ..plugins import get_plugins
+
+        plugins = get_plugins()
+        states = []
+        for (transform, _), recorded in zip(self.chain, chain_dicts(self.chain), strict=True):
+            info = plugins.info.get(plugins.transform_owner.get(transform.name, ""))
+            states.append({**recorded, "plugin": f"{info.package} {info.version}" if info else "?"})
+        return states
 
     def _check_work_dir(self) -> None:
         """Resume only with identical options; ``--restart`` discards an earlier partial conversion. Only a work
@@ -363,6 +420,7 @@ class Converter:
         current = json.loads(json.dumps(self.state))
         if isinstance(previous, dict) and previous.get("state_version") == STATE_VERSION:
             previous.setdefault("method_config_version", 1)  # written before configs had versions: all were 1
+            previous.setdefault("transforms", [])  # written before block transforms existed: none
         if previous != current:
             if not isinstance(previous, dict) or previous.get("state_version") != STATE_VERSION:
                 raise ConversionError(f"{work} holds a partial conversion made by another version of qformat; pass "
@@ -526,6 +584,7 @@ class Converter:
         progress.start_block(index, len(selected))
         stored = self._load_block(index)
         modules = dict(block.named_modules())
+        transformed = self._transform_block(index, selected, calls, inputs, stored)
         records: list[QuantizedTensor] = []
         if calls is None:
             for name in selected:
@@ -539,7 +598,7 @@ class Converter:
             else:
                 groups = [selected]
             for group in groups:
-                stats = LinearStats("hessian" in self.method.calibration, "act_norms" in self.method.calibration)
+                stats = LinearStats.for_method(self.method.calibration)
                 stats.attach({prefix + name: modules[name] for name in group})
                 try:
                     stats.collect(block, index, calls, inputs)
@@ -548,12 +607,16 @@ class Converter:
                 for name in group:
                     records.append(self._quantize_module(prefix + name, modules[name], stats))
                     progress.layer_done(name)
+        if transformed is not None:
+            records = self._finish_transformed(index, records, transformed)
         last = index == len(self.skeleton.blocks) - 1
         outputs = run_block(block, index, calls, inputs) if calls is not None and (
             not last or self.need_final_hidden) else []
         quantized = {qt.name for qt in records}
-        plain = {prefix + n: to_numpy(stored[prefix + n]) for n in self.block_names[index]
-                 if prefix + n not in quantized}
+        # After a transform the block's own tensors are written: folded norms and rows are part of the model now.
+        plain = {prefix + n: to_numpy(stored[prefix + n] if transformed is None
+                                      else _module_tensor(block, n).to(stored[prefix + n].dtype))
+                 for n in self.block_names[index] if prefix + n not in quantized}
         self._write_shard(index, plain, records)
         release(block)
         del stored, plain, records
@@ -561,12 +624,60 @@ class Converter:
         progress.block_done()
         return outputs
 
+    def _transform_block(self, index: int, selected: list[str], calls: BlockCalls | None,
+                         inputs: list[torch.Tensor], stored: Mapping[str, torch.Tensor]) -> TransformedBlock | None:
+        """Apply the transform chain to a loaded block (its selected linears then hold their transformed weights
+        and hooks transform their inputs); the block's other tensors are rounded to their stored dtype, as the
+        shard will hold them, so statistics, quantization and the next block's inputs see what the file holds."""
+        if not self.chain:
+            return None
+        assert calls is not None  # a chain always calibrates
+        block, prefix = self.skeleton.blocks[index], self.skeleton.block_prefix(index)
+
+        def forward(keep: bool) -> list[torch.Tensor]:
+            return run_block(block, index, calls, inputs, keep=keep)
+
+        block_input = BlockInput(index, prefix, self.architecture, block, selected, forward,
+                                 self.skeleton.model.config, self.options.seed)
+        done = apply_chain(self.chain, block_input, self.options.seed)
+        quantized = {f"{n}.weight" for n in selected}
+        for name in self.block_names[index]:
+            if name not in quantized:
+                rounded = _module_tensor(block, name).to(stored[prefix + name].dtype).to(torch.float32)
+                set_tensor(block, name, rounded)
+        return done
+
+    def _finish_transformed(self, index: int, records: list[QuantizedTensor],
+                            done: TransformedBlock) -> list[QuantizedTensor]:
+        """Wrap each record in its input transforms' codecs and give its module the decoded effective weight (no
+        input hooks from here on): the block then computes exactly what a replay of its shard computes."""
+        done.remove_hooks()
+        block, prefix = self.skeleton.blocks[index], self.skeleton.block_prefix(index)
+        wrapped = []
+        for qt in records:
+            name = qt.name[len(prefix):-len(".weight")]
+            transforms = done.input_transforms.get(name)
+            if transforms:
+                try:
+                    qt = wrap_record(qt, transforms, self.codecs)
+                except FormatError as exc:
+                    raise PluginError(f"the input transforms of {qt.name} do not wrap its record: {exc}") from None
+                module = block.get_submodule(name)
+                decoded = np.array(qt.decode(self.codecs), dtype=np.float32).reshape(tuple(module.weight.shape))
+                module._parameters["weight"] = nn.Parameter(torch.from_numpy(decoded), requires_grad=False)
+            wrapped.append(qt)
+        return wrapped
+
     def _replay(self, index: int, calls: BlockCalls, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Run a finished block with the weights its shard holds (decoded), to get the next block's inputs."""
         block, prefix = self.skeleton.blocks[index], self.skeleton.block_prefix(index)
-        self._load_block(index)
+        self._load_block(index)  # also re-hashes the source tensors the shard was made from
         qfile = QFile(self.writer.shard_path(index), self.codecs)
         try:
+            if self.chain:  # the transforms changed plain tensors too (folded norms): the shard's are the model's
+                for name in qfile.plain_names:
+                    set_tensor(block, name[len(prefix):],
+                               torch.from_numpy(np.array(qfile.tensor(name), dtype=np.float32)))
             for name in qfile.records:
                 weight = torch.from_numpy(np.array(qfile.decode(name), dtype=np.float32))
                 set_tensor(block, name[len(prefix):], weight)
@@ -592,7 +703,7 @@ class Converter:
             weight = stored[self.tied.get(weight_name, weight_name)]
             stats = None
             if self.needs_calibration:
-                stats = LinearStats("hessian" in self.method.calibration, "act_norms" in self.method.calibration)
+                stats = LinearStats.for_method(self.method.calibration)
                 norm = model.base_model.norm
                 norm_prefix = next(n for n, m in model.named_modules() if m is norm)
                 for name in self.outside_names:
@@ -621,8 +732,10 @@ class Converter:
 
     def _quantize_tensor(self, weight_name: str, weight: torch.Tensor, dtype: str, stats: LinearStats | None,
                          stats_name: str) -> QuantizedTensor:
+        absmax = stats.act_absmax(stats_name) if stats is not None else None
         hessian, norms, tokens = stats.pop(stats_name) if stats is not None else (None, None, 0)
-        layer = LayerInput(weight_name, weight.detach().to(torch.float32).clone(), dtype, hessian, norms, tokens)
+        layer = LayerInput(weight_name, weight.detach().to(torch.float32).clone(), dtype, hessian, norms, tokens,
+                           act_absmax=absmax)
         # Seeded per layer, so a resumed run draws the same random numbers as an uninterrupted one.
         torch.manual_seed((zlib.crc32(weight_name.encode()) ^ self.options.seed) & 0x7FFFFFFF)
         qt = self.method.quantize(layer, self.config)
@@ -746,6 +859,8 @@ class Converter:
         }
         if providers:
             qconfig["codec_providers"] = providers
+        if self.chain:
+            qconfig["transforms"] = chain_dicts(self.chain)
         return qconfig
 
     def _local_name(self) -> str:
@@ -759,6 +874,7 @@ class Converter:
                  f"--out {self.out.name}"]
         defaults = {p.name: p.default for p in self.config.params()}
         parts += [f"-p {k}={v}" for k, v in sorted(asdict(self.config).items()) if defaults.get(k) != v]
+        parts += chain_command(self.chain)
         if self.needs_calibration:
             if opts.calib is not None:
                 parts.append(f"--calib {Path(opts.calib).name}")

@@ -11,10 +11,12 @@ from qformat_rotate import generate_vectors
 from qformat_rotate.codec import CODECS, HadamardCodec, rotate_columns
 from qformat_rotate.generate_vectors import VECTORS_DIR
 from qformat_rotate.kernel import HadamardKernel
+from qformat_rotate.transform import HadamardRotation, signs_for
 
 from qformat.plugin import LayerInput
 from qformat.plugins import get_plugins
 from qformat.testing import PluginCheckError, check_codec_vectors, check_kernel, sample_layers
+from qformat.transforms import wrap_record
 
 
 def test_vectors_are_reproduced_byte_for_byte():
@@ -57,16 +59,24 @@ def test_harness_catches_a_wrong_codec(codec, failing):
 
 
 def _rotated_layers(params_list):
-    method, layer = get_plugins().methods["nf4"], sample_layers(1)[0]
+    """RTN 4-bit records of a real layer, wrapped in a rotation as ``--transform hadamard`` writes them (params:
+    ``block``; ``{}``: no rotation)."""
+    method, layer = get_plugins().methods["rtn"], sample_layers(1)[0]
+    config = method.validate_params({"bits": 4, "group_size": 64})
+    weight = torch.from_numpy(layer.weight)
     for params in params_list:
-        yield method.quantize(LayerInput(layer.name, torch.from_numpy(layer.weight)), method.validate_params(params))
+        if "block" not in params:
+            yield method.quantize(LayerInput(layer.name, weight), config)
+            continue
+        rotation = HadamardRotation(signs_for(0, layer.name, weight.shape[1]), params["block"])
+        inner = method.quantize(LayerInput(layer.name, rotation.weight(weight)), config)
+        yield wrap_record(inner, [rotation], CODECS)
 
 
 def test_kernel_agrees_with_the_reference_decoder():
     kernel = get_plugins().kernels["rotate-numba"]
     assert isinstance(kernel, HadamardKernel)
-    records = list(_rotated_layers([{"rotate": True}, {"rotate": True, "double_quant": False, "rotate_block": 8},
-                                    {"rotate": True, "rotate_block": 2}]))
+    records = list(_rotated_layers([{"block": 64}, {"block": 8}, {"block": 2}]))
     report = check_kernel(kernel, records, batches=(1, 3, 16))
     assert report.checked == 9 and report.max_error_ratio < 0.05  # far inside rtol * |x| |W|
 
@@ -80,7 +90,7 @@ def test_kernel_passes_the_plugin_vectors():
 
 def test_kernel_claims_only_rotations_whose_child_another_kernel_runs():
     kernel = HadamardKernel()
-    rotated, plain = _rotated_layers([{"rotate": True}, {}])
+    rotated, plain = _rotated_layers([{"block": 64}, {}])
     assert kernel.supports(rotated.record) and not kernel.supports(plain.record)
     assert get_plugins().kernels["numba"].supports(plain.record)
     odd = {**rotated.record, "weight": {**rotated.record["weight"], "block": 3}}
@@ -90,7 +100,7 @@ def test_kernel_claims_only_rotations_whose_child_another_kernel_runs():
 def test_dispatcher_picks_the_kernel_and_matches_the_reference():
     from qformat.runtime.dispatch import linear, prepare_weight
 
-    (qt,) = _rotated_layers([{"rotate": True}])
+    (qt,) = _rotated_layers([{"block": 64}])
     prepared = prepare_weight(qt)
     assert prepared.kernel.name == "rotate-numba" and prepared.nbytes() < qt.decode(CODECS).nbytes
     x = torch.randn(2, 5, prepared.in_features)
@@ -101,7 +111,7 @@ def test_dispatcher_picks_the_kernel_and_matches_the_reference():
 
 
 def test_kernel_refuses_bad_signs_like_the_decoder():
-    (qt,) = _rotated_layers([{"rotate": True}])
+    (qt,) = _rotated_layers([{"block": 64}])
     key = qt.record["weight"]["signs"]
     bad = qt.tensors[key].copy()
     bad[0] = 0
@@ -121,11 +131,15 @@ def test_convert_verify_and_run_a_model_with_the_plugin_codec(tmp_path):
     from qformat.cli import main
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+    config = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                       num_attention_heads=4, num_key_value_heads=4)
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "src")
-    result = qformat.convert(tmp_path / "src", tmp_path / "out", "nf4", params={"rotate": True, "rotate_block": 16})
-    assert result.quantization_config["codec_providers"] == {"rotate.hadamard": "qformat-rotate>=0.1.0"}
+    _save_tokenizer(tmp_path / "src", vocab_size=300)  # a transform calibrates: the conversion tokenizes text
+    result = qformat.convert(tmp_path / "src", tmp_path / "out", "rtn", params={"bits": 4, "group_size": 32},
+                             transforms=["hadamard:block=16"], calib_samples=4, calib_seqlen=32)
+    qconfig = result.quantization_config
+    assert qconfig["codec_providers"] == {"rotate.hadamard": "qformat-rotate>=0.1.0"}
+    assert qconfig["transforms"] == [{"transform": "hadamard", "version": 1, "params": {"block": 16, "seed": 0}}]
     assert main(["verify", str(tmp_path / "out")]) == 0
     tokens = torch.tensor([[1, 2, 3, 4]])
     model = qformat.load(tmp_path / "out")
@@ -133,3 +147,18 @@ def test_convert_verify_and_run_a_model_with_the_plugin_codec(tmp_path):
     reference = qformat.load_dequantized(tmp_path / "out")
     with torch.no_grad():
         torch.testing.assert_close(model(tokens).logits, reference(tokens).logits, rtol=1e-3, atol=1e-3)
+
+
+def _save_tokenizer(folder, vocab_size):
+    """A byte-level BPE trained on a few sentences, saved as a transformers tokenizer (ids < vocab_size)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(["The history of the city begins with a small settlement on the river."] * 4,
+                                  trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>").save_pretrained(folder)

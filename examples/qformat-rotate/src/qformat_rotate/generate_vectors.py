@@ -31,12 +31,17 @@ from qformat.format import signature, write_file
 from qformat.plugin import QuantizedTensor, RecordBuilder
 
 from .codec import CODECS
-from .method import NF4_TABLE
 
 SEED = 20250701
 VECTORS_DIR = Path(__file__).resolve().parent / "vectors"
 NAME = "layer.weight"
 UNIT = 2.0 ** -24  # fp32 unit roundoff
+# bitsandbytes functional.get_4bit_type("nf4"): the codebook of the NF4 tree a rotation typically wraps
+NF4_TABLE = np.array([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+], dtype=np.float32)
 
 
 @dataclass
@@ -103,7 +108,8 @@ def over_tensor(vid: str, rows: int, cols: int, block: int, description: str) ->
 
 
 def over_nf4(vid: str, rows: int, cols: int, block: int, group: int, description: str) -> Valid:
-    """The tree method nf4 writes with rotate=true, double_quant=false: rotate(scale(lut(packed4, table), absmax))."""
+    """An NF4 tree (absmax blocks, no double quantization) under a rotation, as ``--transform hadamard --method nf4``
+    writes: rotate(scale(lut(packed4, table), absmax))."""
     rng = rng_for(vid)
     codes = rng.integers(0, 16, size=(rows, cols), dtype=np.uint8)
     absmax = (rng.integers(1, 64, size=(rows, cols // group)) / 32).astype(np.float32)
@@ -124,7 +130,8 @@ def valid_vectors() -> list[Valid]:
         over_tensor("hadamard_b8_tensor", 5, 24, 8,
                     "block 8 (s = 1/sqrt(8) rounded to fp32): within the product bound of spec/hadamard.md"),
         over_nf4("hadamard_b64_nf4", 6, 128, 64, 32,
-                 "the tree method nf4 writes with rotate=true: block 64 over scale(lut(packed 4-bit, NF4), absmax)"),
+                 "an NF4 tree under a rotation, as --transform hadamard --method nf4 writes: block 64 over "
+                 "scale(lut(packed 4-bit, NF4), absmax)"),
     ]
 
 

@@ -1,11 +1,11 @@
 """Kernel ``rotate-numba`` for ``rotate.hadamard`` records, registered through its own entry point (``rotate_kernels``)
-so that a machine without Numba loses only this kernel, never the codec or the method.
+so that a machine without Numba loses only this kernel, never the codec or the transform.
 
     y = W x = X (H_b s) (signs * x)    blockwise (spec/hadamard.md, "Kernel note")
 
 The rotation moves to the input: ``x' = s * H_b (signs * x)`` per block, a fast Walsh-Hadamard transform in Numba
 (``b log2 b`` additions per block, no weight is ever rotated), then ``y = X x'`` by whichever other installed CPU
-kernel supports the child record (qformat's ``numba`` kernel for the NF4 trees of method ``nf4``). A record whose
+kernel supports the child record (qformat's ``numba`` kernel for the trees rtn, gptq or nf4 write). A record whose
 child no kernel supports is not claimed, and the dispatcher falls back to the torch reference path.
 """
 

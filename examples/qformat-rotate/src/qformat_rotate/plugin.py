@@ -1,9 +1,9 @@
-"""Hook implementations: what this package registers with qformat (instances, for methods and codecs alike)."""
+"""Hook implementations: what this package registers with qformat (instances, for transforms and codecs alike)."""
 
 from qformat.plugin import hookimpl
 
 from .codec import HadamardCodec
-from .method import NF4
+from .transform import Hadamard
 
 
 @hookimpl
@@ -12,5 +12,5 @@ def qformat_register_codecs(register):
 
 
 @hookimpl
-def qformat_register_methods(register):
-    register(NF4())
+def qformat_register_transforms(register):
+    register(Hadamard())

@@ -1,0 +1,196 @@
+"""Records with the codec signatures the built-in methods write, from random data, for kernel tests and benchmarks.
+
+One builder per signature (issue 14): the kernels' speed does not depend on the values, and their results are
+compared with the reference decoder, so random codes and statistics of the right dtypes and shapes are enough.
+``build(name, rows, cols)`` returns a validated :class:`~qformat.format.QuantizedTensor`; ``TREES`` names them.
+Shapes: ``cols`` a multiple of 64 for the block formats (as the methods require), ``rows`` a multiple of 64 for
+HQQ axis 0 tiles to be whole (a ragged last tile is allowed by the format and handled by the kernels).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from qformat.format import QuantizedTensor, RecordBuilder
+
+NF4 = np.array([-1.0, -0.6961928, -0.52507305, -0.39491749, -0.28444138, -0.18477343, -0.09105004, 0.0,
+                0.0795803, 0.1609302, 0.2461123, 0.33791524, 0.44070983, 0.562617, 0.72295684, 1.0], dtype=np.float32)
+# OCP E2M1: codes 0..7 positive, 8..15 their negatives
+E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+                dtype=np.float32)
+
+
+def e4m3_table() -> np.ndarray:
+    """All 256 FP8 E4M3 (fn) values by code; the two NaN codes map to 0 (the methods never write them)."""
+    codes = np.arange(256)
+    sign = np.where(codes & 0x80, -1.0, 1.0)
+    exp, man = (codes >> 3) & 0xF, codes & 0x7
+    value = np.where(exp == 0, man / 8 * 2.0 ** -6, (1 + man / 8) * 2.0 ** (exp - 7.0))
+    value[(exp == 0xF) & (man == 0x7)] = 0.0
+    return (sign * value).astype(np.float32)
+
+
+def e8m0_table() -> np.ndarray:
+    """MX shared exponents: code e -> 2**(e - 127) (255, NaN in the spec, never written: 0)."""
+    table = np.ldexp(1.0, np.arange(256) - 127)
+    table[255] = 0.0
+    return table.astype(np.float32)
+
+
+def _f16(rng: np.random.Generator, *shape: int, low: float = 0.005) -> np.ndarray:
+    return (np.abs(rng.standard_normal(shape)) * 0.02 + low).astype(np.float16)
+
+
+def _codes4(b: RecordBuilder, rng: np.random.Generator, rows: int, cols: int) -> dict:
+    return b.packed("codes", rng.integers(0, 16, (rows, cols)), 4)
+
+
+def _outliers(b: RecordBuilder, rng: np.random.Generator, rows: int, cols: int, columns: int = 4) -> dict:
+    """A few whole outlier columns in fp16 (LLM.int8's layout: the columns calibration flags)."""
+    dense = np.zeros((rows, cols), dtype=np.float32)
+    picked = rng.choice(cols, size=min(columns, cols), replace=False)
+    dense[:, picked] = rng.standard_normal((rows, picked.size))
+    return b.sparse_from_dense("outliers", dense)
+
+
+def nf4(rows: int, cols: int, seed: int = 0, table: np.ndarray = NF4) -> QuantizedTensor:
+    rng = np.random.default_rng(seed)
+    b = RecordBuilder("w", (rows, cols), "BF16")
+    lut = b.lut(_codes4(b, rng, rows, cols), b.tensor("table", table))
+    absmax = b.tensor("absmax", np.abs(rng.standard_normal((rows, cols // 64))).astype(np.float32))
+    return b.finish(b.scale(lut, absmax, (1, 64)))
+
+
+def nf4_double_quant(rows: int, cols: int, seed: int = 0) -> QuantizedTensor:
+    """spec/composition.md "NF4 with double quantization": the absmax is scale(lut(U8, map), s2) + ones @ offset."""
+    rng = np.random.default_rng(seed)
+    b = RecordBuilder("w", (rows, cols), "BF16")
+    blocks = cols // 64
+    tile_rows = max(1, 256 // blocks)
+    dynamic = np.sort(rng.uniform(-1, 1, 256)).astype(np.float32)
+    nested = b.scale(b.lut(b.tensor("absmax.codes", rng.integers(0, 256, (rows, blocks)).astype(np.uint8)),
+                           b.tensor("absmax.map", dynamic)),
+                     b.tensor("absmax.scale", rng.random((-(-rows // tile_rows), 1)).astype(np.float32)),
+                     (tile_rows, blocks))
+    offset = b.lowrank(b.tensor("absmax.ones", np.ones((rows, 1), dtype=np.int8)),
+                       b.tensor("absmax.offset", np.full((1, blocks), 0.5, dtype=np.float32)))
+    lut = b.lut(_codes4(b, rng, rows, cols), b.tensor("table", NF4))
+    return b.finish(b.scale(lut, b.sum([nested, offset]), (1, 64)))
+
+
+def fp8(rows: int, cols: int, seed: int = 0, factor_dtype: type = np.float32) -> QuantizedTensor:
+    """FP8 E4M3 per output channel: U8 codes into the 256-entry table, one factor per row."""
+    rng = np.random.default_rng(seed)
+    b = RecordBuilder("w", (rows, cols), "BF16")
+    codes = rng.integers(0, 255, (rows, cols)).astype(np.uint8)
+    codes[codes == 0x7F] = 0x7E  # the NaN codes (0x7F, 0xFF) never occur
+    lut = b.lut(b.tensor("codes", codes), b.tensor("table", e4m3_table()))
+    return b.finish(b.scale(lut, b.tensor("scale", _f16(rng, rows, 1).astype(factor_dtype)), (1, cols)))
+
+
+def e2m1(rows: int, cols: int, seed: int = 0) -> QuantizedTensor:
+    rng = np.random.default_rng(seed)
+    b = RecordBuilder("w", (rows, cols), "BF16")
+    lut = b.lut(_codes4(b, rng, rows, cols), b.tensor("table", E2M1))
+    return b.finish(b.scale(lut, b.tensor("scale", _f16(rng, rows, cols // 32)), (1, 32)))
+
+
+def mxfp4(rows: int, cols: int, seed: int = 0) -> QuantizedTensor:
+    rng = np.random.default_rng(seed)
+    b = RecordBuilder("w", (rows, cols), "BF16")
+    lut = b.lut(_codes4(b, rng, rows, cols), b.tensor("table", E2M1))
+    exponents = b.lut(b.tensor("scale.codes", rng.integers(118, 130, (rows, cols // 32)).astype(np.uint8)),
+                      b.tensor("scale.table", e8m0_table()))
+    return b.finish(b.scale(lut, exponents, (1, 32)))
+
+
+def nvfp4(rows: int, cols: int, seed: int = 0, global_scale: bool = True) -> QuantizedTensor:
+    """E2M1 codes, an E4M3 scale per 16 (a lut over U8 codes), and an fp32 per-tensor scale as one more scale."""
+    rng = np.random.default_rng(seed)
+    b = RecordBuilder("w", (rows, cols), "BF16")
+    lut = b.lut(_codes4(b, rng, rows, cols), b.tensor("table", E2M1))
+    block = b.lut(b.tensor("scale.codes", rng.integers(0x20, 0x70, (rows, cols // 16)).astype(np.uint8)),
+                  b.tensor("scale.table", e4m3_table()))
+    node = b.scale(lut, block, (1, 16))
+    if global_scale:
+        node = b.scale(node, b.tensor("global_scale", np.array([[0.0123]], dtype=np.float32)), (rows, cols))
+    return b.finish(node)
+
+
+def int8(rows: int, cols: int, seed: int = 0, packed: bool = False) -> QuantizedTensor:
+    """LLM.int8(): row-wise absmax codes (offset 128) plus fp16 outlier columns."""
+    rng = np.random.default_rng(seed)
+    b = RecordBuilder("w", (rows, cols), "BF16")
+    q = rng.integers(1, 256, (rows, cols))
+    codes = b.packed("codes", q, 8) if packed else b.tensor("codes", q.astype(np.uint8))
+    base = b.affine(codes, scale=b.tensor("scale", _f16(rng, rows, 1).astype(np.float32)), zero=128.0, bits=8,
+                    group_shape=(1, cols))
+    return b.finish(b.sum([base, _outliers(b, rng, rows, cols)]))
+
+
+def hqq(rows: int, cols: int, seed: int = 0, bits: int = 4, axis: int = 1, group: int = 64) -> QuantizedTensor:
+    """HQQ: float zero points in fp16; axis 1 groups along a row [1, g], axis 0 groups down a column [g, 1]."""
+    rng = np.random.default_rng(seed)
+    b = RecordBuilder("w", (rows, cols), "BF16")
+    grid = (rows, -(-cols // group)) if axis == 1 else (-(-rows // group), cols)
+    zero = (rng.random(grid) * ((1 << bits) - 1)).astype(np.float16)
+    node = b.affine(b.packed("codes", rng.integers(0, 1 << bits, (rows, cols)), bits),
+                    scale=b.tensor("scale", _f16(rng, *grid)), zero=b.tensor("zero", zero), bits=bits,
+                    group_shape=(1, group) if axis == 1 else (group, 1))
+    return b.finish(node)
+
+
+def squeeze(rows: int, cols: int, seed: int = 0, bits: int = 3, outliers: bool = False) -> QuantizedTensor:
+    """SqueezeLLM: a per-row fp16 codebook [R, 1, 2**bits], optionally dense-and-sparse."""
+    rng = np.random.default_rng(seed)
+    b = RecordBuilder("w", (rows, cols), "BF16")
+    table = np.sort(rng.standard_normal((rows, 1, 1 << bits)) * 0.02, axis=-1).astype(np.float16)
+    node = b.lut(b.packed("codes", rng.integers(0, 1 << bits, (rows, cols)), bits), b.tensor("table", table),
+                 group_shape=(1, cols))
+    if outliers:
+        node = b.sum([node, _outliers(b, rng, rows, cols)])
+    return b.finish(node)
+
+
+def awq(rows: int, cols: int, seed: int = 0, group: int = 128) -> QuantizedTensor:
+    """RTN/GPTQ's affine tree (fp16 scales, packed zeros) under a per-input-column scale (AWQ's unfolded s)."""
+    rng = np.random.default_rng(seed)
+    b = RecordBuilder("w", (rows, cols), "BF16")
+    groups = -(-cols // group)
+    inner = b.affine(b.packed("codes", rng.integers(0, 16, (rows, cols)), 4), scale=b.tensor("scale", _f16(
+        rng, rows, groups)), zero=b.packed("zero", rng.integers(0, 16, (rows, groups)), 4), bits=4,
+        group_shape=(1, group))
+    column = b.tensor("input_scale", (rng.random((1, cols)) + 0.5).astype(np.float16))
+    return b.finish(b.scale(inner, column, (rows, 1)))
+
+
+TREES: dict[str, Callable[..., QuantizedTensor]] = {
+    "nf4": nf4,
+    "nf4dq": nf4_double_quant,
+    "fp4": lambda rows, cols, seed=0: nf4(rows, cols, seed, table=E2M1 / 6),  # bitsandbytes FP4: same tree
+    "fp8": fp8,
+    "fp8h": lambda rows, cols, seed=0: fp8(rows, cols, seed, factor_dtype=np.float16),
+    "e2m1": e2m1,
+    "mxfp4": mxfp4,
+    "nvfp4": nvfp4,
+    "nvfp4n": lambda rows, cols, seed=0: nvfp4(rows, cols, seed, global_scale=False),
+    "int8": int8,
+    "int8p": lambda rows, cols, seed=0: int8(rows, cols, seed, packed=True),
+    "hqq4": hqq,
+    "hqq3": lambda rows, cols, seed=0: hqq(rows, cols, seed, bits=3),
+    "hqq4a0": lambda rows, cols, seed=0: hqq(rows, cols, seed, axis=0),
+    "hqq3a0": lambda rows, cols, seed=0: hqq(rows, cols, seed, bits=3, axis=0),
+    "squeeze3": squeeze,
+    "squeeze4": lambda rows, cols, seed=0: squeeze(rows, cols, seed, bits=4),
+    "squeeze3s": lambda rows, cols, seed=0: squeeze(rows, cols, seed, outliers=True),
+    "awq": awq,
+}
+
+
+def build(name: str, rows: int, cols: int, seed: int = 0) -> QuantizedTensor:
+    """The record of signature ``name`` (a key of :data:`TREES`) for an [rows, cols] weight."""
+    if name not in TREES:
+        raise KeyError(f"unknown tree {name!r}; known: {', '.join(TREES)}")
+    return TREES[name](rows, cols, seed)
