@@ -379,6 +379,7 @@ def test_convert_end_to_end(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFi
 
 
 @pytest.mark.slow
+@pytest.mark.method_model
 def test_smollm2_awq_beats_rtn(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """SmolLM2-135M (GQA: v -> o is skipped; 576-wide layers get a 64-wide last group at g128), the linears of its
     first 8 blocks quantized: AWQ 4-bit g128 has a lower wiki perplexity than RTN 4-bit g128 (the rest stays fp32)."""

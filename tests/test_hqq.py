@@ -211,6 +211,7 @@ def test_bad_parameters_are_refused_naming_them(params: dict, name: str) -> None
 
 
 @pytest.mark.slow
+@pytest.mark.method_model
 def test_smollm2_hqq_conversion(tmp_path, capsys: pytest.CaptureFixture) -> None:
     """SmolLM2-135M through the command line: hqq 4-bit g64 (axis 1 and 0) against rtn 4-bit g64 (same bits, same
     groups): every record the affine tree, bits from bytes, wiki perplexity measured and compared."""

@@ -192,6 +192,7 @@ def test_pipeline_collects_act_absmax_and_hands_it_to_the_method(tiny: Path, tmp
 
 
 @pytest.mark.slow
+@pytest.mark.method_model
 def test_smollm2_int8_conversion(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """SmolLM2-135M with the defaults (threshold 6.0): outlier columns per layer kind reported, perplexity within 1%
     of the source's (the issue's expectation for LLM.int8())."""

@@ -302,6 +302,7 @@ def test_tiny_model_conversions(tmp_path: Path, capsys: pytest.CaptureFixture) -
 # -- the real model -------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.method_model
 def test_smollm2_conversions(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """SmolLM2-135M through the command line as fp8_e4m3 and nvfp4: every record decodes (verify_folder), bits from
     bytes, and wiki perplexity next to the source's (FP8 within 2 %, NVFP4 within 30 %)."""

@@ -168,6 +168,7 @@ def test_bad_parameters_name_the_parameter(params: dict, named: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.method_model
 def test_smollm2_nf4_conversion(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """SmolLM2-135M through the command line with the issue's flags: nf4 g64 and nf4 g64 double quantization; every
     record is the spec's tree, bits from bytes as computed, and the wiki perplexity stays near the source's."""

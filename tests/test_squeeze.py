@@ -181,6 +181,7 @@ def test_missing_or_misshapen_hessian_is_a_conversion_error() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.method_model
 def test_smollm2_squeeze_conversion(tmp_path, capsys: pytest.CaptureFixture) -> None:
     """SmolLM2-135M through the command line: squeeze 3-bit (dense, and 0.45% sparse) against rtn 3-bit g128; every
     record the lut tree, bits from bytes, wiki perplexity measured (held to beat rtn3 g128, the issue's expectation)."""
