@@ -33,6 +33,14 @@ class MethodResult:
     info: dict[str, Any]
 
 
+class QuantizesThroughRun:
+    """Mixin of the built-in methods: ``run(layer, config)`` returns a :class:`MethodResult` (the record plus what was
+    computed, for tests and benchmarks); ``quantize`` is its record."""
+
+    def quantize(self, layer: LayerInput, config: Any) -> QuantizedTensor:
+        return self.run(layer, config).qt  # type: ignore[attr-defined]  # each method defines run
+
+
 def weight_matrix(layer: LayerInput) -> torch.Tensor:
     """The layer's weight as a private fp32 CPU matrix [out, in] (trailing dims flattened)."""
     w = torch.as_tensor(layer.weight).detach().to(dtype=torch.float32, device="cpu")

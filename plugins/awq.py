@@ -24,7 +24,6 @@ from qformat.plugin import (
     Method,
     MethodConfig,
     ParameterError,
-    QuantizedTensor,
     Transform,
     TransformConfig,
     hookimpl,
@@ -33,7 +32,7 @@ from qformat.plugin import (
 
 from ._awq_search import apply_clip, best_clip, clip_errors_hessian, quantize_stored
 from ._awq_transform import scale_block
-from ._common import MethodResult, affine_record, effective_group, record_builder, weight_matrix
+from ._common import MethodResult, QuantizesThroughRun, affine_record, effective_group, record_builder, weight_matrix
 
 GROUP_HELP = ("input columns sharing one scale/zero; -1 or 0 = one group per row (need not divide the row: the last "
               "group may be shorter)")
@@ -97,7 +96,7 @@ def feeds_attention_scores(weight_name: str) -> bool:
     return bool(_QK_NAME.search(module))
 
 
-class AWQ(Method):
+class AWQ(QuantizesThroughRun, Method):
     config = AWQConfig
     description = ("AWQ: the awq transform (activation-aware scales folded into the block), then per linear the "
                    "clip search (per row and group, max_val = amax (1 - i/20), i < 10, least output MSE, computed as "
@@ -106,8 +105,6 @@ class AWQ(Method):
     calibration = frozenset({"hessian"})
     transforms = ("awq",)
 
-    def quantize(self, layer: LayerInput, config: AWQConfig | Mapping[str, Any]) -> QuantizedTensor:
-        return self.run(layer, config).qt
 
     def run(self, layer: LayerInput, config: AWQConfig | Mapping[str, Any]) -> MethodResult:
         """Quantize and keep what was computed; ``config`` may also be parameters to validate (tests, benchmarks)."""

@@ -8,9 +8,17 @@ from typing import Any
 
 import torch
 
-from qformat.plugin import LayerInput, Method, ParameterError, QuantizedTensor, hookimpl, param
+from qformat.plugin import LayerInput, Method, ParameterError, hookimpl, param
 
-from ._common import MethodResult, MinMaxConfig, affine_record, effective_group, record_builder, weight_matrix
+from ._common import (
+    MethodResult,
+    MinMaxConfig,
+    QuantizesThroughRun,
+    affine_record,
+    effective_group,
+    record_builder,
+    weight_matrix,
+)
 from ._gptq_core import check_hessian, column_blocks, error_feedback, prepare_hessian
 from ._quantizers import dequantize, gptq_codes, gptq_params, grouped
 
@@ -32,7 +40,7 @@ class GPTQConfig(MinMaxConfig):
                                  "are always fitted up front)")
 
 
-class GPTQ(Method):
+class GPTQ(QuantizesThroughRun, Method):
     config = GPTQConfig
     description = (
         "GPTQ: per-column rounding with Hessian error feedback (reference fasterquant: dead inputs zeroed, damping "
@@ -46,8 +54,6 @@ class GPTQ(Method):
         "processing order leaves no trace in the parameters, so the plain affine in input order is stored.")
     calibration = frozenset({"hessian"})
 
-    def quantize(self, layer: LayerInput, config: GPTQConfig | Mapping[str, Any]) -> QuantizedTensor:
-        return self.run(layer, config).qt
 
     def run(self, layer: LayerInput, config: GPTQConfig | Mapping[str, Any]) -> MethodResult:
         """Quantize and keep what was computed; ``config`` may also be parameters to validate (tests, benchmarks)."""

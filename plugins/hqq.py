@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from qformat.plugin import LayerInput, Method, MethodConfig, ParameterError, QuantizedTensor, hookimpl, param
+from qformat.plugin import LayerInput, Method, MethodConfig, ParameterError, hookimpl, param
 
-from ._common import MethodResult, record_builder, weight_matrix
+from ._common import MethodResult, QuantizesThroughRun, record_builder, weight_matrix
 from ._hqq_solver import SolverOptions, init_params, solve
 from ._quantizers import dequantize, to_fp16, to_uint8
 
@@ -110,15 +110,13 @@ def expand_grid(p: torch.Tensor, shape: tuple[int, int], group: int, axis: int) 
     return p.repeat_interleave(group, dim=0)[:rows]
 
 
-class HQQ(Method):
+class HQQ(QuantizesThroughRun, Method):
     config = HQQConfig
     description = ("HQQ: min-max groups (along a row, axis 1, or down a column, axis 0) whose float zero points are "
                    "optimised by HQQ's half-quadratic lp solver (p 0.7, beta 10, 20 iterations, early stop); fp16 "
                    "scale and zero, no calibration.")
     calibration = frozenset()
 
-    def quantize(self, layer: LayerInput, config: HQQConfig | Mapping[str, Any]) -> QuantizedTensor:
-        return self.run(layer, config).qt
 
     def run(self, layer: LayerInput, config: HQQConfig | Mapping[str, Any]) -> MethodResult:
         """Quantize and keep what was computed; ``config`` may also be parameters to validate (tests, benchmarks)."""

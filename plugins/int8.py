@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from qformat.plugin import LayerInput, Method, MethodConfig, ParameterError, QuantizedTensor, hookimpl, param
+from qformat.plugin import LayerInput, Method, MethodConfig, ParameterError, hookimpl, param
 
-from ._common import MethodResult, record_builder, weight_matrix
+from ._common import MethodResult, QuantizesThroughRun, record_builder, weight_matrix
 from ._quantizers import fp16_exact
 
 INV_127 = 7.874015718698502e-3  # bitsandbytes int8_vectorwise_dequant's 1/127 (an fp32 constant there)
@@ -50,15 +50,13 @@ class Int8Config(MethodConfig):
                              "weights (HF llm_int8_threshold); 0 = none", min=0.0)
 
 
-class Int8(Method):
+class Int8(QuantizesThroughRun, Method):
     config = Int8Config
     description = ("LLM.int8(): per-row absmax int8 codes identical to bitsandbytes (int8_vectorwise_quant of the "
                    "fp16 weight, SCB per row), with the input channels whose calibration max |x| reaches threshold "
                    "kept as fp16 weights (sparse columns).")
     calibration = frozenset({"act_absmax"})
 
-    def quantize(self, layer: LayerInput, config: Int8Config | Mapping[str, Any]) -> QuantizedTensor:
-        return self.run(layer, config).qt
 
     def run(self, layer: LayerInput, config: Int8Config | Mapping[str, Any]) -> MethodResult:
         """Quantize and keep what was computed; ``config`` may also be parameters to validate (tests, benchmarks)."""

@@ -38,10 +38,10 @@ from typing import Any
 
 import torch
 
-from qformat.plugin import LayerInput, Method, MethodConfig, ParameterError, QuantizedTensor, hookimpl, param
+from qformat.plugin import LayerInput, Method, MethodConfig, ParameterError, hookimpl, param
 
 from . import _minifloat as mf
-from ._common import MethodResult, effective_group, record_builder, weight_matrix
+from ._common import MethodResult, QuantizesThroughRun, effective_group, record_builder, weight_matrix
 from ._quantizers import to_fp16
 
 FORMATS = ("fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "mxfp4", "nvfp4")
@@ -91,7 +91,7 @@ class MinifloatConfig(MethodConfig):
         return effective_group(DEFAULT_E2M1_GROUP if self.group_size == 0 else self.group_size, cols)
 
 
-class Minifloat(Method):
+class Minifloat(QuantizesThroughRun, Method):
     config = MinifloatConfig
     description = ("Minifloat codes through a stored table: FP8 E4M3/E5M2 per output channel, FP4 E2M1 with fp16 "
                    "(or power-of-two) group scales and an optional per-row exponent-bias search, MXFP4 (E8M0 per 32) "
@@ -112,8 +112,6 @@ class Minifloat(Method):
                                      "(compressed-tensors needs whole blocks); leave the layer out (--exclude) or use "
                                      "format=fp4_e2m1")
 
-    def quantize(self, layer: LayerInput, config: MinifloatConfig | Mapping[str, Any]) -> QuantizedTensor:
-        return self.run(layer, config).qt
 
     def run(self, layer: LayerInput, config: MinifloatConfig | Mapping[str, Any]) -> MethodResult:
         """Quantize and keep what was computed; ``config`` may also be parameters to validate (tests, benchmarks)."""

@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from qformat.plugin import LayerInput, Method, MethodConfig, ParameterError, QuantizedTensor, hookimpl, param
+from qformat.plugin import LayerInput, Method, MethodConfig, ParameterError, hookimpl, param
 
-from ._common import MethodResult, record_builder, weight_matrix
+from ._common import MethodResult, QuantizesThroughRun, record_builder, weight_matrix
 
 # bitsandbytes get_4bit_type("nf4") (create_normal_map(offset=0.9677083, use_extra_value=True)).
 NF4_VALUES = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -126,7 +126,7 @@ class NF4Config(MethodConfig):
     table: str = param("nf4", "4-bit table: nf4 (QLoRA NormalFloat) or fp4 (bitsandbytes' FP4)", choices=("nf4", "fp4"))
 
 
-class NF4(Method):
+class NF4(QuantizesThroughRun, Method):
     config = NF4Config
     description = ("QLoRA NF4 / bitsandbytes FP4: absmax blocks of group_size weights along rows, 4-bit codes into "
                    "the 16-entry table (bucketize against midpoints), fp32 absmax, or with double_quant 8-bit "
@@ -134,8 +134,6 @@ class NF4(Method):
                    "bitsandbytes.functional.quantize_4bit on CPU. No calibration.")
     calibration = frozenset()
 
-    def quantize(self, layer: LayerInput, config: NF4Config | Mapping[str, Any]) -> QuantizedTensor:
-        return self.run(layer, config).qt
 
     def run(self, layer: LayerInput, config: NF4Config | Mapping[str, Any]) -> MethodResult:
         """Quantize and keep what was computed; ``config`` may also be parameters to validate (tests, benchmarks)."""

@@ -8,9 +8,17 @@ from typing import Any
 
 import torch
 
-from qformat.plugin import LayerInput, Method, QuantizedTensor, hookimpl
+from qformat.plugin import LayerInput, Method, hookimpl
 
-from ._common import MethodResult, MinMaxConfig, affine_record, effective_group, record_builder, weight_matrix
+from ._common import (
+    MethodResult,
+    MinMaxConfig,
+    QuantizesThroughRun,
+    affine_record,
+    effective_group,
+    record_builder,
+    weight_matrix,
+)
 from ._quantizers import dequantize, expand_columns, gptq_codes, gptq_params, grouped
 
 
@@ -21,14 +29,12 @@ class RTNConfig(MinMaxConfig):
     method = "rtn"
 
 
-class RTN(Method):
+class RTN(QuantizesThroughRun, Method):
     config = RTNConfig
     description = ("Round-to-nearest (GPTQ's quantizer, no calibration): per row or per group of input columns, "
                    "asymmetric (integer zero, stored packed) or symmetric; fp16 scales.")
     calibration = frozenset()
 
-    def quantize(self, layer: LayerInput, config: RTNConfig | Mapping[str, Any]) -> QuantizedTensor:
-        return self.run(layer, config).qt
 
     def run(self, layer: LayerInput, config: RTNConfig | Mapping[str, Any]) -> MethodResult:
         """Quantize and keep what was computed; ``config`` may also be parameters to validate (tests, benchmarks)."""

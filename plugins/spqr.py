@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from qformat.plugin import LayerInput, Method, MethodConfig, QuantizedTensor, hookimpl, param
+from qformat.plugin import LayerInput, Method, MethodConfig, hookimpl, param
 
-from ._common import MethodResult, record_builder, weight_matrix
+from ._common import MethodResult, QuantizesThroughRun, record_builder, weight_matrix
 from ._gptq_core import check_hessian, column_blocks, error_feedback, prepare_hessian
 from ._quantizers import (
     QuantizedStats,
@@ -66,7 +66,7 @@ class SpQRConfig(MethodConfig):
     block_size: int = param(128, "columns per lazy batch update (speed only)", min=1, max=1 << 16)
 
 
-class SpQR(Method):
+class SpQR(QuantizesThroughRun, Method):
     config = SpQRConfig
     description = (
         "SpQR: per-row min-max over groups of group_size input columns (no forced zero), whose scales and zeros are "
@@ -75,8 +75,6 @@ class SpQR(Method):
         "mean(Var(W_j) / U_jj^2) are kept as fp16 outliers (CSR); GPTQ error feedback in act-order.")
     calibration = frozenset({"hessian"})
 
-    def quantize(self, layer: LayerInput, config: SpQRConfig | Mapping[str, Any]) -> QuantizedTensor:
-        return self.run(layer, config).qt
 
     def run(self, layer: LayerInput, config: SpQRConfig | Mapping[str, Any]) -> MethodResult:
         """Quantize and keep what was computed; ``config`` may also be parameters to validate (tests, benchmarks)."""

@@ -36,9 +36,9 @@ import numpy as np
 import torch
 
 from qformat.errors import ConversionError
-from qformat.plugin import LayerInput, Method, MethodConfig, QuantizedTensor, hookimpl, param
+from qformat.plugin import LayerInput, Method, MethodConfig, hookimpl, param
 
-from ._common import MethodResult, record_builder, weight_matrix
+from ._common import MethodResult, QuantizesThroughRun, record_builder, weight_matrix
 from ._kmeans import kmeans_rows, nearest_codes
 from ._quantizers import fp16_exact, to_fp16, to_uint8
 
@@ -101,15 +101,13 @@ def power_tables(w: torch.Tensor, weight: torch.Tensor, bits: int) -> torch.Tens
     return best_table
 
 
-class SqueezeLLM(Method):
+class SqueezeLLM(QuantizesThroughRun, Method):
     config = SqueezeConfig
     description = ("SqueezeLLM: a 2^bits-entry fp16 codebook per output row from Hessian-diagonal-weighted k-means "
                    "(lut codec), optionally dense-and-sparse (largest-magnitude outliers in fp16 CSR) or a NUPES-style "
                    "power-exponent grid.")
     calibration = frozenset({"hessian"})
 
-    def quantize(self, layer: LayerInput, config: SqueezeConfig | Mapping[str, Any]) -> QuantizedTensor:
-        return self.run(layer, config).qt
 
     def run(self, layer: LayerInput, config: SqueezeConfig | Mapping[str, Any]) -> MethodResult:
         """Quantize and keep what was computed; ``config`` may also be parameters to validate (tests, benchmarks)."""
