@@ -149,3 +149,29 @@ def test_the_checker_sees_a_violation(tmp_path):
     imported = imports_of("qformat.format.record", path)
     assert ("qformat.runtime.loader", 1) in imported
     assert layer_of("qformat.runtime.loader")[0] > layer_of("qformat.format.record")[0]
+
+
+@pytest.mark.parametrize("package", sorted(PACKAGES))
+def test_source_folders_never_hide_an_installed_package(package):
+    """The repository root is on sys.path whenever Python runs from it (`python -m pytest`, `python -c`, notebooks).
+    A source folder installed under another import name must not be a regular package there: `kernels/` with an
+    `__init__.py` hid Hugging Face's `kernels`, which transformers >= 5.25 imports on every model load, and every load
+    from the repository root failed (CI, transformers 5.25.0). Without `__init__.py` the folder is a namespace portion,
+    and an installed regular package of the same name wins over it."""
+    folder = PACKAGES[package]
+    if folder.name == package:
+        return
+    assert not (folder / "__init__.py").exists(), f"{folder.name}/__init__.py would shadow a top-level '{folder.name}'"
+    probe = (f"import importlib.util, sys; spec = importlib.util.find_spec({folder.name!r}); "
+             f"print(spec.origin if spec and spec.origin else '')")
+    origin = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    origin = origin.stdout.strip()
+    assert not origin or not Path(origin).resolve().is_relative_to(ROOT / folder.name), origin
+
+
+def test_transformers_model_classes_import_from_the_repository_root():
+    """The failure the rule above prevents, end to end: transformers imports its Hub-kernels integration (and with it
+    any installed `kernels` distribution) when a model class is first used."""
+    probe = "import transformers; transformers.BertModel; transformers.LlamaForCausalLM; print('ok')"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -1,1 +1,0 @@
-"""Conformance vectors and the runner that checks a decoder implementation against them."""

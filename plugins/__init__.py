@@ -1,1 +1,0 @@
-"""Built-in quantization methods, each registered through the `qformat` entry-point group like any third-party plugin."""
