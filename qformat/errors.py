@@ -57,3 +57,14 @@ class LoadError(QformatError):
 
 class ConversionError(QformatError):
     """Conversion cannot proceed (bad model, unsupported architecture, calibration problems, disk full)."""
+
+
+class SourceError(ConversionError):
+    """An imported checkpoint is damaged or not what it claims (truncated file, unknown quantization type, shapes
+    that disagree with its config). Names the file, the tensor and the field or type."""
+
+    def __init__(self, message: str, *, file: str | None = None, tensor: str | None = None,
+                 field: str | None = None) -> None:
+        self.file, self.tensor, self.field = file, tensor, field
+        where = ", ".join(f"{k} {shorten(v)!r}" for k, v in (("file", file), ("tensor", tensor), ("field", field)) if v)
+        super().__init__(message + (f" ({where})" if where else ""))

@@ -18,6 +18,8 @@ Contracts (also in docs/plugins.md):
 - ``qformat_register_transforms(register)``: ``register(transform)`` with a :class:`qformat.transforms.Transform`
   instance that rewrites a decoder block function-preservingly before its linears are quantized
   (``qformat convert --transform NAME``); ``get_transform(name)`` returns that one instance.
+- ``qformat_register_importers(register)``: ``register(importer)`` with a :class:`qformat.importers.Importer`
+  instance that reads checkpoints another tool quantized, bit-exactly (``qformat convert --method import``).
 - ``qformat_register_kernels(register)``: ``register(kernel)`` with a :class:`qformat.kernel_api.Kernel` instance that
   computes ``x @ W.T`` for the codec signatures it declares.
 
@@ -55,3 +57,8 @@ def qformat_register_kernels(register: Callable[[Any], None]) -> None:
 @hookspec
 def qformat_register_transforms(register: Callable[[Any], None]) -> None:
     """Register block transforms (qformat.transforms.Transform instances)."""
+
+
+@hookspec
+def qformat_register_importers(register: Callable[[Any], None]) -> None:
+    """Register checkpoint importers (qformat.importers.Importer instances)."""

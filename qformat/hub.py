@@ -209,11 +209,14 @@ def push_folder(
     token: str | None = None,
     endpoint: str | None = None,
     max_attempts: int = 3,
+    base_model: str | None = None,
 ) -> PushResult:
     """Upload a converted qformat folder to ``repo_id`` in one commit (or one pull request with ``create_pr``).
 
     Without ``revision`` the repo is created if needed; with it, the repo must exist and the branch is created from
-    ``main`` if missing. A README.md model card is generated (in memory) when the folder has none.
+    ``main`` if missing. A README.md model card is generated (in memory) when the folder has none. ``base_model``:
+    the Hub id the model derives from, set as the uploaded card's ``base_model`` (``base_model_relation:
+    quantized``) whatever the folder's card says; the local folder is not modified.
     """
     folder = Path(folder)
     files = validate_model_folder(folder)
@@ -240,6 +243,10 @@ def push_folder(
     card = None
     if "README.md" not in local:
         card = render_model_card(folder, source_card_metadata=_source_card(api, folder), repo_id=repo_id).encode()
+    if base_model is not None:
+        card = with_base_model(card.decode() if card is not None else (folder / "README.md").read_text(),
+                               base_model).encode()
+    if card is not None:
         local["README.md"] = _file_hashes(card)
     changed = [p for p in local if not _same(remote.get(p), local[p])]
     skipped = tuple(p for p in local if p not in changed)
@@ -286,6 +293,21 @@ def _with_retries(fn: Callable[[], T], max_attempts: int, endpoint: str, repo_id
             log.warning("push to %s failed (%s); retrying in %.0fs", repo_id, _describe(e), delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def with_base_model(card_text: str, base_model: str) -> str:
+    """A model card with ``base_model`` (+ ``base_model_relation: quantized``) set in its YAML metadata."""
+    from huggingface_hub import ModelCard
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(base_model)
+    except HFValidationError as e:
+        raise HubError(f"--base-model {base_model!r} is not a Hub model id (namespace/name): {e}") from None
+    card = ModelCard(card_text)
+    card.data.base_model = base_model
+    card.data.base_model_relation = "quantized"
+    return str(card)
 
 
 def _default_message(folder: Path) -> str:

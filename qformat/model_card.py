@@ -53,6 +53,16 @@ def _describe_source(source: Any) -> tuple[str | None, str | None, str | None]:
     return None, re.split(r"[\\/]", ident.rstrip("/\\"))[-1] or None, None
 
 
+def _valid_repo_id(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return None
+    return value
+
+
 def _nominal_bits(qc: dict[str, Any]) -> int | None:
     """The headline bit width for tags: the method's own parameter, else the whole bits of the measured average."""
     params = qc.get("method_params") or {}
@@ -122,6 +132,9 @@ def render_model_card(
     qc: dict[str, Any] = config.get("quantization_config") or {}
     src_meta = dict(source_card_metadata or {})
     source_id, local_name, source_rev = _describe_source(qc.get("source"))
+    lineage = _valid_repo_id(qc.get("base_model"))
+    if lineage and lineage != source_id:  # given with --base-model or found in the source: the link the Hub indexes
+        source_id, source_rev = lineage, None
     method = qc.get("method")
     bits = _nominal_bits(qc)
     bpw = qc.get("bits_per_weight")
@@ -150,6 +163,10 @@ def render_model_card(
         origin = f"A quantized version of the local model `{local_name}`" if local_name else "A model"
         lines.append(f"{origin} stored in the qformat packed safetensors format (format version "
                      f"{qc.get('format_version', '?')}).")
+    imported = qc.get("source") if method == "import" and isinstance(qc.get("source"), dict) else None
+    if imported and imported.get("format"):
+        lines.append(f"\nImported bit-exactly from a `{imported['format']}` checkpoint: its stored integers, scales and "
+                     "tables are kept as they were (no dequantize-and-requantize).")
     if "license" in carried:
         lines.append(f"\nLicense: `{carried['license']}`, carried over from the source model.")
 

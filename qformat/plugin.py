@@ -25,10 +25,11 @@ The contracts are documented in docs/plugins.md; :mod:`qformat.testing` checks a
 
 from __future__ import annotations
 
-from .errors import FormatError, ParameterError, PluginError
+from .errors import FormatError, ParameterError, PluginError, SourceError
 from .format import CORE_CODECS, Codec, CodecRegistry, Context, NodeInfo, QuantizedTensor, RecordBuilder, TensorInfo
 from .format.builder import Node
 from .hookspecs import hookimpl
+from .importers import ImportedModel, Importer
 from .kernel_api import Kernel, PreparedWeight
 from .methods import LayerInput, Method, MethodConfig, Param, param
 from .transforms import (
@@ -58,6 +59,8 @@ __all__ = [
     "TensorInfo",
     # kernels
     "Kernel", "PreparedWeight",
+    # importers of other tools' checkpoints
+    "ImportedModel", "Importer",
     # errors
-    "FormatError", "ParameterError", "PluginError",
+    "FormatError", "ParameterError", "PluginError", "SourceError",
 ]

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import pluggy
@@ -33,6 +34,7 @@ import pluggy
 from . import hookspecs
 from .errors import PluginError
 from .format import CORE_CODECS, Codec, CodecRegistry
+from .importers import Importer
 from .kernel_api import Kernel
 from .methods import Method
 from .transforms import Transform
@@ -51,6 +53,7 @@ class PluginInfo:
     codecs: list[str] = field(default_factory=list)
     kernels: list[str] = field(default_factory=list)
     transforms: list[str] = field(default_factory=list)
+    importers: list[str] = field(default_factory=list)
     error: str | None = None
 
 
@@ -69,6 +72,8 @@ class Plugins:
     codecs: CodecRegistry = field(default_factory=lambda: CORE_CODECS)
     transforms: dict[str, Transform] = field(default_factory=dict)
     transform_owner: dict[str, str] = field(default_factory=dict)
+    importers: dict[str, Importer] = field(default_factory=dict)
+    importer_owner: dict[str, str] = field(default_factory=dict)
 
 
 def _allowed() -> set[str] | None:
@@ -196,6 +201,16 @@ def _transform_registrar(plugins: Plugins, plugin_name: str) -> Callable[[Transf
     return register
 
 
+def _importer_registrar(plugins: Plugins, plugin_name: str) -> Callable[[Importer], None]:
+    def register(importer: Importer) -> None:
+        _refuse_non_instance(importer, Importer, "importer")
+        _claim(plugins, "importer", plugins.importers, plugins.importer_owner, importer.name, importer, plugin_name)
+        register.registered.append(importer.name)
+
+    register.registered = []
+    return register
+
+
 def _kernel_registrar(plugins: Plugins, plugin_name: str) -> Callable[[Kernel], None]:
     def register(kernel: Kernel) -> None:
         _refuse_non_instance(kernel, Kernel, "kernel")
@@ -231,7 +246,7 @@ def _codec_registrar(plugins: Plugins, plugin_name: str) -> Callable[[Codec], No
 
 # Hook order: methods, transforms, then codecs, then kernels (a kernel may look at the codecs when it is built).
 _HOOKS = (("qformat_register_methods", _method_registrar), ("qformat_register_transforms", _transform_registrar),
-          ("qformat_register_codecs", _codec_registrar), ("qformat_register_kernels", _kernel_registrar))
+          ("qformat_register_importers", _importer_registrar), ("qformat_register_codecs", _codec_registrar), ("qformat_register_kernels", _kernel_registrar))
 
 
 def _collect(plugins: Plugins) -> None:
@@ -338,3 +353,28 @@ def get_transform(name: str) -> Transform:
         known = ", ".join(sorted(plugins.transforms)) or "none installed"
         raise PluginError(f"unknown transform {name!r}; installed transforms: {known}")
     return transform
+
+
+def get_importer(name: str) -> Importer:
+    """The registered importer ``name``."""
+    plugins = get_plugins()
+    importer = plugins.importers.get(name)
+    if importer is None:
+        known = ", ".join(sorted(plugins.importers)) or "none installed"
+        raise PluginError(f"unknown import format {name!r}; installed importers: {known}")
+    return importer
+
+
+def detect_importer(source: Path) -> Importer | None:
+    """The importer that reads ``source`` (highest ``priority`` among those that detect it), or None."""
+    found = [imp for imp in get_plugins().importers.values() if _detects(imp, source)]
+    return max(found, key=lambda imp: imp.priority) if found else None
+
+
+def _detects(importer: Importer, source: Path) -> bool:
+    try:
+        return bool(importer.detect(source))
+    except Exception as exc:  # detection must never break another importer's source; say which one misbehaved
+        warnings.warn(f"importer {importer.name!r} failed to inspect {source}: {type(exc).__name__}: {exc}",
+                      RuntimeWarning, stacklevel=2)
+        return False

@@ -27,7 +27,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "can be started again with the same command and resumes from the last finished block.")
     conv.add_argument("source", metavar="SRC", help="local model folder (config.json + safetensors), Hub id "
                       "(namespace/name) or .gguf file")
-    conv.add_argument("--method", required=True, help="quantization method (a plugin; see `qformat plugins`)")
+    conv.add_argument("--method", help="quantization method (a plugin; see `qformat plugins`), or `import` to bring a "
+                      "checkpoint another tool quantized (GGUF, GPTQ, AWQ, compressed-tensors, bitsandbytes, HQQ, ...) "
+                      "in bit-exactly with its own integers and scales (-p format=NAME picks the importer); left out, "
+                      "a source an importer recognises is imported")
     conv.add_argument("--out", required=True, help="output folder (written atomically; must not exist unless "
                       "--overwrite)")
     conv.add_argument("--bits", help="the method's `bits` parameter")
@@ -58,6 +61,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     sel.add_argument("--exclude", nargs="+", action="extend", default=[], metavar="PAT",
                      help="leave modules matching these globs unquantized (e.g. 'down_proj', 'layers.0.*')")
     conv.add_argument("--revision", help="Hub revision (branch, tag or commit) of a Hub id source")
+    conv.add_argument("--base-model", metavar="ID", help="Hub id of the model the source derives from, linked as the "
+                      "card's base_model (inferred from a Hub source, a folder in the Hugging Face cache, a GGUF's "
+                      "metadata or an imported checkpoint's card)")
     conv.add_argument("--overwrite", action="store_true", help="replace an existing output folder (once the new "
                       "one is complete)")
     conv.add_argument("--restart", action="store_true", help="discard a partial conversion of --out instead of "
@@ -130,8 +136,16 @@ def quiet_openmp_waits() -> bool:
     return True
 
 
+IMPORT = "import"
+
+
 def run_convert(args: argparse.Namespace) -> int:
     quiet_openmp_waits()
+    check_base_model(args.base_model)
+    if args.method is None:
+        args.method = _method_by_detection(args)
+    if args.method == IMPORT:
+        return run_import(args)
     from ..conversion.pipeline import Converter, ConvertOptions
     from ..conversion.quality import resolve_eval_text
     from ..conversion.transform_chain import resolve_chain
@@ -148,13 +162,118 @@ def run_convert(args: argparse.Namespace) -> int:
         revision=args.revision,
         calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
         include=args.include, exclude=args.exclude, true_sequential=args.true_sequential, overwrite=args.overwrite,
-        restart=args.restart, quiet=args.quiet, resolve_hub=resolve_model_source)
+        restart=args.restart, quiet=args.quiet, resolve_hub=resolve_model_source, base_model=args.base_model)
     converter = Converter(options)
     converter.prepare()
     try:
         return _convert_and_publish(converter, args, eval_text)
     finally:
         converter.close()  # held through evaluation and pushing: no other convert replaces the folder meanwhile
+
+
+def check_base_model(value: str | None) -> None:
+    if value is None:
+        return
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError as exc:
+        raise ParameterError(f"--base-model {value!r} is not a Hub model id (namespace/name): {exc}") from None
+
+
+def _method_by_detection(args: argparse.Namespace) -> str:
+    """`import` when an installed importer recognises the (local) source; otherwise the user must name a method."""
+    from ..plugins import detect_importer
+
+    path = Path(args.source).expanduser()
+    if path.exists() and detect_importer(path) is not None:
+        return IMPORT
+    raise ParameterError("--method is required: no importer recognises the source as a quantized checkpoint, so "
+                         "name a quantization method (see `qformat plugins`), e.g. --method rtn")
+
+
+# Options that quantize; an import keeps the source's own quantization, so each of them is refused by name.
+_NOT_FOR_IMPORT = (("bits", "--bits"), ("group_size", "--group-size"), ("transform", "--transform"),
+                   ("calib", "--calib"), ("include", "--include"), ("exclude", "--exclude"),
+                   ("true_sequential", "--true-sequential"), ("restart", "--restart"))
+
+
+def import_format(args: argparse.Namespace) -> str | None:
+    """The importer named with -p format=NAME (the only parameter an import takes)."""
+    chosen = None
+    for item in args.param:
+        key, sep, value = item.partition("=")
+        if key.strip().replace("-", "_") != "format" or not sep or not value.strip():
+            raise ParameterError(f"--method import takes only -p format=NAME (an importer; see `qformat plugins`), "
+                                 f"got -p {item!r}")
+        if chosen is not None:
+            raise ParameterError("parameter 'format' is given twice")
+        chosen = value.strip()
+    return chosen
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from ..conversion.importing import choose_importer, import_checkpoint
+    from ..conversion.quality import resolve_eval_text
+    from ..hub import resolve_model_source
+
+    for attr, flag in _NOT_FOR_IMPORT:
+        if getattr(args, attr):
+            raise ParameterError(f"{flag} does not apply to --method import: an import keeps the source's own "
+                                 "quantization bit for bit (convert the original model with a method to change it)")
+    fmt = import_format(args)
+    if fmt is not None:
+        from ..plugins import get_importer
+
+        get_importer(fmt)  # an unknown name fails before any download
+    check_eval_options(args)
+    eval_text = resolve_eval_text(args.eval) if args.eval else None
+
+    def resolve(source: str) -> Path:
+        return resolve_model_source(source, args.revision)
+
+    local = Path(args.source).expanduser()
+    if local.exists() and fmt is None:
+        choose_importer(local)  # "no importer reads this" before anything else happens
+    result = import_checkpoint(args.source, args.out, format=fmt, base_model=args.base_model,
+                               overwrite=args.overwrite, quiet=args.quiet, resolve=resolve)
+    output: dict[str, Any] = {"out": str(result.out), "importer": result.importer, "source_format": result.source_format,
+                              "records": result.records, "plain_tensors": result.plain,
+                              "bits_per_weight": result.bits_per_weight, "source_bits_per_weight": result.source_bits,
+                              "seconds": round(result.seconds, 2)}
+    if not args.quiet and not args.json:
+        src_bits = f"{result.source_bits:.3f}" if result.source_bits is not None else "?"
+        bits = f"{result.bits_per_weight:.3f}" if result.bits_per_weight is not None else "-"
+        print(f"imported {args.source} ({result.source_format}) with {result.importer!r} into {result.out}: "
+              f"{result.records} quantized tensors at {bits} bits/weight (source: {src_bits}), "
+              f"{result.plain} plain tensors, {result.seconds:.1f} s")
+    if eval_text is not None:
+        output["eval"] = _evaluate_import(args, result.out, eval_text)
+    if args.push_to:
+        from ..hub import push_folder
+
+        pushed = push_folder(result.out, args.push_to, private=args.private, create_pr=args.create_pr,
+                             base_model=args.base_model)
+        output["push"] = {"repo_id": pushed.repo_id, "revision": pushed.revision, "commit": pushed.commit_sha,
+                          "url": pushed.pr_url or pushed.commit_url}
+        if not args.json:
+            print(f"pushed to {pushed.repo_id}@{pushed.revision}: {pushed.pr_url or pushed.commit_url or 'no changes'}")
+    if args.json:
+        print(json.dumps(output, indent=2, default=str))
+    elif args.quiet:
+        print(result.out)
+    return 0
+
+
+def _evaluate_import(args: argparse.Namespace, out: Path, eval_text: Path) -> dict[str, Any]:
+    """Perplexity of the imported folder through the kernels (there is no unquantized source to compare with)."""
+    from ..runtime.evaluate import folder_perplexity
+
+    ppl = folder_perplexity(out, eval_text, windows=args.eval_windows or None, seqlen=args.eval_seqlen)
+    if not args.json:
+        print(f"perplexity on {eval_text.name}: {ppl['ppl']:.3f} ({ppl['windows']} x {ppl['seqlen']} tokens)")
+    return ppl
 
 
 def _convert_and_publish(converter: Converter, args: argparse.Namespace, eval_text: Path | None) -> int:

@@ -16,6 +16,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     push.add_argument("--message", help="commit message")
     push.add_argument("--token", help="Hub token (default: HF_TOKEN or the login cache)")
+    push.add_argument("--base-model", metavar="ID", help="Hub id of the model this one was quantized from: the "
+                      "uploaded card's base_model link (base_model_relation: quantized); the folder is not modified")
     push.set_defaults(func=run_push)
 
 
@@ -23,7 +25,8 @@ def run_push(args: argparse.Namespace) -> int:
     from ..hub import push_folder
 
     result = push_folder(args.folder, args.repo_id, private=args.private, revision=args.revision,
-                         create_pr=args.create_pr, message=args.message, token=args.token)
+                         create_pr=args.create_pr, message=args.message, token=args.token,
+                         base_model=args.base_model)
     print(f"pushed {args.folder} to {result.repo_id}@{result.revision}: {len(result.uploaded)} uploaded, "
           f"{len(result.skipped)} unchanged")
     if result.pr_url:

@@ -103,6 +103,10 @@ class ConvertOptions:
     transforms: Sequence[TransformSpec] = ()
     # Downloads Hub ids (qformat.hub.resolve_model_source); the layer above passes it in. Not part of the state.
     resolve_hub: HubResolver | None = None
+    # The Hub model this one derives from, for the card's base_model link (a Hub source is its own base; a local
+    # folder inside the Hugging Face cache, models--org--name, names its own). Not part of the state: the weights
+    # do not depend on it.
+    base_model: str | None = None
 
 
 @dataclass
@@ -859,9 +863,17 @@ class Converter:
         }
         if providers:
             qconfig["codec_providers"] = providers
+        lineage = self.options.base_model or (None if self.source.hub_id else self._cached_hub_id())
+        if lineage:
+            qconfig["base_model"] = lineage
         if self.chain:
             qconfig["transforms"] = chain_dicts(self.chain)
         return qconfig
+
+    def _cached_hub_id(self) -> str | None:
+        from .importing import hub_id_from_cache_path
+
+        return hub_id_from_cache_path(Path(self.options.source))
 
     def _local_name(self) -> str:
         """A local source as its folder or file name: written files must not reveal the converting machine's paths."""
@@ -882,6 +894,8 @@ class Converter:
             if opts.true_sequential:
                 parts.append("--true-sequential")
         parts += [f"--include '{p}'" for p in opts.include] + [f"--exclude '{p}'" for p in opts.exclude]
+        if opts.base_model:
+            parts.append(f"--base-model {opts.base_model}")
         return " ".join(parts)
 
     def _model_card(self, config: dict[str, Any], qconfig: dict[str, Any], records: Mapping[str, dict]) -> str | None:

@@ -17,6 +17,7 @@ from .dtypes import dtype_name
 from .record import (
     FORMAT_VERSION,
     SUPPORTED_FORMAT_VERSIONS,
+    RowReader,
     bits_per_weight,
     check_record,
     decode_record,
@@ -51,6 +52,10 @@ class QuantizedTensor:
     def decode(self, registry: CodecRegistry = CORE_CODECS, **options: Any) -> np.ndarray:
         """Reference fp32 decode, straight from memory."""
         return decode_record(self.name, self.record, self.tensor_info, self.tensors.__getitem__, registry, options)
+
+    def row_reader(self, registry: CodecRegistry = CORE_CODECS) -> RowReader:
+        """Decode chosen rows only (embedding lookups); validated once here."""
+        return RowReader(self.name, self.record, self.tensor_info, self.tensors.__getitem__, registry)
 
 
 class QFile:

@@ -188,3 +188,43 @@ def iter_nodes(node: Any) -> Iterator[dict]:
     elif isinstance(node, list):
         for item in node:
             yield from iter_nodes(item)
+
+
+class RowReader:
+    """Rows of one record's weight matrix decoded on demand (an embedding lookup decodes only the rows it needs).
+
+    The record is validated once; each call decodes every maximal run of consecutive requested rows through the
+    codecs' row ranges (a codec without row ranges is decoded whole once and kept, as ranged decoding does), with
+    the same data checks and the same fp32 values as :func:`decode_record`.
+    """
+
+    def __init__(self, name: str, record: dict, tensor_info: Callable[[str], TensorInfo | None],
+                 load: Callable[[str], np.ndarray], registry: CodecRegistry = CORE_CODECS) -> None:
+        self.name = name
+        self._ctx = Context(registry, tensor_info, load, {})
+        _validate(name, record, self._ctx)
+        self._ctx.ranged = True
+        self._weight = record["weight"]
+        self.shape = matrix_shape(tuple(record["shape"]))
+
+    def rows(self, index: Any) -> np.ndarray:
+        """fp32 rows ``W[index]`` as an array of shape ``index.shape + (columns,)``; indices must lie in range."""
+        index = np.asarray(index)
+        if index.dtype.kind not in "iu":
+            raise TypeError(f"row indices must be integers, got {index.dtype}")
+        flat = index.reshape(-1).astype(np.int64)
+        count, cols = self.shape
+        if flat.size and (flat.min() < 0 or flat.max() >= count):
+            bad = int(flat[(flat < 0) | (flat >= count)][0])
+            raise IndexError(f"row {bad} is outside {self.name!r}'s {count} rows")
+        wanted, inverse = np.unique(flat, return_inverse=True)
+        out = np.empty((wanted.size, cols), dtype=np.float32)
+        starts = np.flatnonzero(np.diff(wanted, prepend=-2) != 1)
+        ends = np.append(starts[1:], wanted.size)
+        try:
+            for begin, end in zip(starts.tolist(), ends.tolist()):
+                lo = int(wanted[begin])
+                out[begin:end] = self._ctx.decode(self._weight, "weight", (lo, lo + end - begin))
+        except FormatError as exc:
+            raise exc.at(tensor=self.name) from None
+        return out[inverse].reshape(*index.shape, cols)

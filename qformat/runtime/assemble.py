@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import LoadError, shorten
 from ..format import ModelFolder
 from ..format.dtypes import NUMPY_BY_NAME
-from .nn import QLinear
+from .nn import QEmbedding, QLinear
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -70,6 +70,9 @@ def swap_in_qlinears(model: nn.Module, records: Mapping[str, dict]) -> dict[str,
             raise LoadError(f"record {record_name!r} names no weight of {type(model).__name__}")
         module_name = name.removesuffix(".weight")
         module = model.get_submodule(module_name)
+        if isinstance(module, nn.Embedding):
+            _swap_embedding(model, module_name, module, record_name, record, swapped)
+            continue
         if not isinstance(module, nn.Linear):
             raise LoadError(f"record {record_name!r} quantizes a {type(module).__name__}; the runtime computes "
                             "quantized nn.Linear layers only (use load_dequantized for a dense model)")
@@ -87,6 +90,25 @@ def swap_in_qlinears(model: nn.Module, records: Mapping[str, dict]) -> dict[str,
     return swapped
 
 
+def _swap_embedding(model: nn.Module, module_name: str, module: nn.Embedding, record_name: str, record: dict,
+                    swapped: dict[str, str]) -> None:
+    """A quantized token embedding becomes a :class:`QEmbedding`; a tied output layer computes with the same record
+    (the embedding's packed data, prepared for a kernel like any linear)."""
+    if [module.num_embeddings, module.embedding_dim] != list(record["shape"]):
+        raise LoadError(f"record {record_name!r} has shape {record['shape']} but {module_name} is "
+                        f"[{module.num_embeddings}, {module.embedding_dim}]")
+    parent_name, _, child = module_name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, QEmbedding.like(module, record))
+    swapped[module_name] = record_name
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if getattr(model.config, "tie_word_embeddings", False) and isinstance(output, nn.Linear):
+        out_name = next(n for n, m in model.named_modules() if m is output)
+        if out_name not in swapped:
+            parent_name, _, child = out_name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, QLinear.like(output, record))
+            swapped[out_name] = record_name
+
+
 def attach_prepared(model: nn.Module, folder: ModelFolder, swapped: Mapping[str, str], device: str,
                     kernel: str | None = None) -> None:
     """Prepare every QLinear's weight from the folder's mapped packed tensors, with the dispatcher's choice or the
@@ -95,6 +117,11 @@ def attach_prepared(model: nn.Module, folder: ModelFolder, swapped: Mapping[str,
 
     for module_name, record_name in swapped.items():
         module = model.get_submodule(module_name)
+        if isinstance(module, QEmbedding):
+            quantized = folder.quantized(record_name)
+            module.attach(quantized.row_reader(folder.registry),
+                          sum(int(a.nbytes) for a in quantized.tensors.values()))
+            continue
         module.attach(prepare_weight(folder.quantized(record_name), device, forced=kernel))
         module.kernel_device = torch.device(device).type
 

@@ -81,3 +81,18 @@ def compare_to_source(model: Any, source: Any, ids: torch.Tensor, seqlen: int = 
     if not tokens:
         raise ValueError(f"text has fewer than {seqlen} tokens: no evaluation window")
     return Agreement(kl_sum / tokens, agree / tokens, tokens)
+
+
+def folder_perplexity(folder: str | Path, text: str | Path, *, windows: int | None = 8,
+                      seqlen: int = 2048) -> dict[str, Any]:
+    """Perplexity of a qformat folder through the kernels the dispatcher picks, on a UTF-8 text file, with the
+    folder's own tokenizer (``qformat convert --method import --eval``: an import has no unquantized source)."""
+    from transformers import AutoTokenizer
+
+    from .loader import load
+
+    model = load(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenize_file(tokenizer, text)
+    result = perplexity(model, ids, seqlen=seqlen, limit=windows)
+    return {"ppl": result.ppl, "windows": result.windows, "seqlen": seqlen, "text": Path(text).name}

@@ -222,3 +222,38 @@ def fuse_shared_inputs(model: nn.Module) -> int:
 
 def qlinear_modules(model: nn.Module) -> dict[str, QLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QLinear)}
+
+
+class QEmbedding(nn.Module):
+    """A drop-in for ``nn.Embedding`` whose table stays a record: a lookup decodes only the rows it needs (through
+    the reference decoder's row ranges, :class:`qformat.format.record.RowReader`), so an imported GGUF keeps its
+    quantized token embedding quantized in memory too. Rows come out exactly as the reference decode gives them."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, *,
+                 record: dict | None = None, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.padding_idx = padding_idx
+        self.record = record
+        self.dtype = dtype
+        self.reader: Any = None
+        self.stored_bytes = 0
+
+    @classmethod
+    def like(cls, embedding: nn.Embedding, record: dict) -> QEmbedding:
+        return cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, record=record,
+                   dtype=embedding.weight.dtype)
+
+    def attach(self, reader: Any, stored_bytes: int) -> None:
+        self.reader = reader
+        self.stored_bytes = stored_bytes
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.reader is None:
+            raise RuntimeError("QEmbedding has no record attached yet (load the model with qformat.load)")
+        rows = torch.from_numpy(self.reader.rows(ids.detach().cpu().numpy()))
+        return rows.to(device=ids.device, dtype=self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, record (decoded by rows)"

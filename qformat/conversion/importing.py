@@ -1,0 +1,246 @@
+"""Importing a checkpoint another tool quantized: the importer plugin maps its stored integers, scales and tables onto
+records; this module streams them into a qformat folder (shards, ``config.json``, tokenizer files, model card).
+
+Peak memory is about one tensor: the importer yields tensors one at a time from a memory-mapped source, and a shard
+is written once it holds :data:`SHARD_BYTES`. Every record is validated by the writer (the format's own checks) and,
+with ``check=True`` (the default), decoded once by the reference decoder before the folder is put in place, so a
+mapping error in an importer cannot leave a folder that loads but computes something else without a value check.
+Nothing appears at ``out`` until the folder is complete (:class:`FolderWriter` swaps it into place).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConversionError, FormatError, SourceError
+from ..format import FolderWriter, QuantizedTensor
+from ..importers import ImportedModel, Importer
+
+SHARD_BYTES = 2 << 30
+_HUB_CACHE_DIR = re.compile(r"models--([A-Za-z0-9][\w.-]*)--([\w.-]+)")
+
+
+@dataclass
+class ImportResult:
+    out: Path
+    importer: str
+    source_format: str
+    records: int
+    plain: int
+    bits_per_weight: float | None
+    source_bits: float | None
+    seconds: float
+    quantization_config: dict[str, Any] = field(default_factory=dict)
+
+
+def choose_importer(source: Path, format: str | None = None) -> Importer:
+    """The importer named ``format``, or the one that detects ``source``; a clear error when none does."""
+    from ..plugins import detect_importer, get_importer, get_plugins
+
+    if format is not None:
+        return get_importer(format)
+    found = detect_importer(source)
+    if found is None:
+        known = ", ".join(sorted(get_plugins().importers)) or "none installed"
+        raise ConversionError(f"{source} is not a checkpoint any installed importer reads (importers: {known}); "
+                              "a plain Hugging Face model is converted with a method, e.g. --method rtn")
+    return found
+
+
+def import_checkpoint(source: str | Path, out: str | Path, *, format: str | None = None,
+                      base_model: str | None = None, overwrite: bool = False, quiet: bool = True,
+                      check: bool = True, resolve: Callable[[str], Path] | None = None,
+                      command: str | None = None) -> ImportResult:
+    """Import ``source`` (a file, a folder, or a Hub id when ``resolve`` downloads it) into the folder ``out``."""
+    start = time.perf_counter()
+    text = str(source)
+    path = Path(text).expanduser()
+    if not path.exists():
+        if resolve is None:
+            raise ConversionError(f"{text} does not exist")
+        path = resolve(text)
+    importer = choose_importer(path, format)
+    model = importer.open(path)
+    lineage = base_model or model.base_model or hub_id_from_cache_path(path)
+    hub_id = text if not Path(text).expanduser().exists() and resolve is not None else None
+    out = Path(out)
+    try:
+        writer = FolderWriter(out, overwrite=overwrite)
+    except FormatError as exc:
+        raise ConversionError(str(exc)) from None
+    counts = _write_shards(writer, model, importer, path, check, quiet)
+    qconfig = _quantization_config(importer, model, path, hub_id, lineage, counts,
+                                   command or _command(importer, hub_id or path.name, out, format, base_model))
+    config = dict(model.config)
+    config.pop("quantization_config", None)
+    card = _model_card(config, qconfig, counts["records_json"])
+    extra = {"README.md": card} if card else {}
+    files = {name: data for name, data in model.files.items() if name != "README.md"}
+    try:
+        staged = _stage_files(writer.work_dir, files)
+        writer.finalize(config, qconfig, staged, extra)
+    except FormatError as exc:
+        raise ConversionError(str(exc)) from None
+    records = counts["records_json"]
+    from ..format import total_bits_per_weight
+
+    bits = total_bits_per_weight(records.values()) if records else None
+    return ImportResult(out, importer.name, model.source_format, len(records), counts["plain"], bits,
+                        model.source_bits, time.perf_counter() - start, qconfig)
+
+
+def _stage_files(work_dir: Path, files: Mapping[str, bytes]) -> list[Path]:
+    """Side files (tokenizer, generation config) written into the work folder so the writer copies them in place."""
+    staged = []
+    folder = work_dir / "side-files"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        if "/" in name or "\\" in name or name.startswith("."):
+            raise ConversionError(f"importer returned an unsafe file name {name!r}")
+        target = folder / name
+        target.write_bytes(data)
+        staged.append(target)
+    return staged
+
+
+def _write_shards(writer: FolderWriter, model: ImportedModel, importer: Importer, path: Path, check: bool,
+                  quiet: bool) -> dict[str, Any]:
+    plain: dict[str, np.ndarray] = {}
+    records: list[QuantizedTensor] = []
+    records_json: dict[str, dict] = {}
+    size = 0
+    index = 0
+    plain_count = 0
+    seen: set[str] = set()
+    progress = None if quiet else _progress(path)
+
+    def flush() -> None:
+        nonlocal plain, records, size, index
+        if not plain and not records:
+            return
+        try:
+            writer.write_shard(index, plain, records)
+        except FormatError as exc:
+            raise ConversionError(f"importer {importer.name!r} produced an invalid record: {exc}") from None
+        index += 1
+        plain, records, size = {}, [], 0
+
+    try:
+        for name, value in model.iter_tensors():
+            if name in seen:
+                raise ConversionError(f"importer {importer.name!r} returned tensor {name!r} twice")
+            seen.add(name)
+            if isinstance(value, QuantizedTensor):
+                if value.name != name:
+                    raise ConversionError(f"importer {importer.name!r} returned record {value.name!r} as {name!r}")
+                if check:
+                    _check_decodes(value, importer)
+                records.append(value)
+                records_json[name] = value.record
+                size += sum(int(a.nbytes) for a in value.tensors.values())
+            else:
+                array = np.asarray(value)
+                plain[name] = array
+                plain_count += 1
+                size += int(array.nbytes)
+            if progress is not None:
+                progress.update(1)
+            if size >= SHARD_BYTES:
+                flush()
+        flush()
+    finally:
+        if progress is not None:
+            progress.close()
+    if index == 0:
+        raise SourceError("the source holds no tensors", file=str(path))
+    return {"records_json": records_json, "plain": plain_count, "shards": index}
+
+
+def _check_decodes(record: QuantizedTensor, importer: Importer) -> None:
+    """Decode once with the reference decoder: every data check of the spec (code ranges, padding, indices) runs."""
+    try:
+        record.decode()
+    except FormatError as exc:
+        raise ConversionError(f"importer {importer.name!r}: record {record.name!r} does not decode: {exc}") from None
+
+
+def _progress(path: Path) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(desc=f"importing {path.name}", unit=" tensors", leave=False)
+
+
+def hub_id_from_cache_path(path: Path) -> str | None:
+    """``org/name`` when ``path`` lies inside a Hugging Face cache folder ``models--org--name/snapshots/...``."""
+    for part in Path(path).resolve().parts:
+        match = _HUB_CACHE_DIR.fullmatch(part)
+        if match:
+            return f"{match.group(1)}/{match.group(2)}"
+    return None
+
+
+def _quantization_config(importer: Importer, model: ImportedModel, path: Path, hub_id: str | None,
+                         base_model: str | None, counts: Mapping[str, Any], command: str) -> dict[str, Any]:
+    from ..format import iter_nodes
+    from ..plugins import get_plugins
+    from ..version import __version__
+
+    plugins = get_plugins()
+    owner = plugins.importer_owner.get(importer.name)
+    info = plugins.info.get(owner) if owner else None
+    records = counts["records_json"]
+    source: dict[str, Any] = {"id": hub_id or path.name, "format": model.source_format}
+    if hub_id is None:
+        source["local"] = True
+    if model.source_bits is not None:
+        source["bits_per_weight"] = round(float(model.source_bits), 4)
+    if model.details:
+        source["details"] = json.loads(json.dumps(model.details, default=str))
+    qconfig: dict[str, Any] = {
+        "method": "import", "method_params": {"format": importer.name},
+        "importer_plugin": f"{info.package} {info.version}" if info else importer.name,
+        "source": source, "quantized_modules": sorted(n.rsplit(".", 1)[0] for n in records),
+        "qformat_version": __version__, "command": command,
+    }
+    if base_model:
+        qconfig["base_model"] = base_model
+    used = {node["codec"] for record in records.values() for node in iter_nodes(record["weight"])}
+    providers = {}
+    for codec in sorted(used):
+        codec_owner = plugins.codec_owner.get(codec)
+        if codec_owner is not None:
+            owner_info = plugins.info[codec_owner]
+            providers[codec] = f"{owner_info.package}>={owner_info.version}"
+    if providers:
+        qconfig["codec_providers"] = providers
+    return qconfig
+
+
+def _command(importer: Importer, source: str, out: Path, format: str | None, base_model: str | None) -> str:
+    parts = ["qformat convert --method import", source, f"--out {out.name}"]
+    if format:
+        parts.append(f"-p format={importer.name}")
+    if base_model:
+        parts.append(f"--base-model {base_model}")
+    return " ".join(parts)
+
+
+def _model_card(config: dict[str, Any], qconfig: dict[str, Any], records: Mapping[str, dict]) -> str | None:
+    try:
+        from ..model_card import render_model_card
+    except ImportError:
+        return None
+    from ..format import FORMAT_VERSION
+    from ..format.container import QUANT_METHOD, rounded_bits
+
+    full = {**config, "quantization_config": {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
+                                              **qconfig, "bits_per_weight": rounded_bits(records.values())}}
+    return render_model_card(full)
