@@ -533,3 +533,75 @@ def _check_unknown_architecture(transform: Transform, config: TransformConfig, s
     if not delta <= rtol * scale + atol:
         raise PluginCheckError(f"{where}: not skipped, and outputs changed by max |Δ| = {delta:.3g} (mis-scaled)")
     return []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# importers
+
+
+@dataclass
+class ImportReport:
+    records: int
+    plain: int
+    exact: int  # records compared bit for bit against the reference
+    bits_per_weight: float | None
+    source_bits: float | None
+
+
+def check_import(importer: Any, source: str | os.PathLike,
+                 reference: Any = None, *, registry: CodecRegistry | None = None) -> ImportReport:
+    """Check an importer (:class:`qformat.importers.Importer`) on a real source file or folder.
+
+    - it detects ``source``; :meth:`open` describes the model (a config dict with ``architectures`` or
+      ``model_type``) without reading tensors;
+    - the tensors stream with unique names, each a valid record (written to and read back from a real file, so the
+      writer's checks run) or a plain array; iterating twice gives the same names in the same order;
+    - with ``reference`` (``name -> fp32 array or None``, e.g. the source library's own dequantization): every record
+      it knows decodes **bit-identically** (fp32, atol 0) to it, and every plain tensor equals it too.
+    Raises AssertionError naming the tensor on the first failure.
+    """
+    from .importers import ImportedModel, Importer
+
+    assert isinstance(importer, Importer), f"{importer!r} is not a qformat.importers.Importer"
+    path = Path(source)
+    assert importer.detect(path), f"importer {importer.name!r} does not detect {path}"
+    model = importer.open(path)
+    assert isinstance(model, ImportedModel), f"open() returned {type(model).__name__}, not ImportedModel"
+    assert isinstance(model.config, dict) and ("architectures" in model.config or "model_type" in model.config), \
+        "ImportedModel.config must be a Hugging Face config dict"
+    registry = registry or _installed_codecs()
+    names: list[str] = []
+    records = plain = exact = 0
+    stored_bits = 0.0
+    weights = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, value in model.iter_tensors():
+            assert name not in names, f"tensor {name!r} is returned twice"
+            names.append(name)
+            want = reference(name) if reference is not None else None
+            if isinstance(value, QuantizedTensor):
+                records += 1
+                assert value.name == name, f"record {value.name!r} returned under the name {name!r}"
+                file = Path(tmp) / "one.safetensors"
+                write_file(file, None, [value])  # the writer's own validation
+                qfile = open_file(file, registry)
+                got = qfile.decode(name)
+                stored_bits += value.bits_per_weight * got.size
+                weights += got.size
+                qfile.close()
+                if want is not None:
+                    want = np.asarray(want, dtype=np.float32).reshape(got.shape)
+                    same = np.array_equal(got.view(np.uint32), want.view(np.uint32))
+                    assert same, (f"record {name!r} differs from the reference at "
+                                  f"{int(np.count_nonzero(got.view(np.uint32) != want.view(np.uint32)))} of "
+                                  f"{got.size} elements (max |diff| {float(np.max(np.abs(got - want))):.3g})")
+                    exact += 1
+            else:
+                plain += 1
+                array = np.asarray(value)
+                if want is not None:
+                    assert np.array_equal(array.astype(np.float32), np.asarray(want, dtype=np.float32)), \
+                        f"plain tensor {name!r} differs from the reference"
+    again = [name for name, _ in model.iter_tensors()]
+    assert again == names, "iterating the tensors twice gives different names or order"
+    return ImportReport(records, plain, exact, stored_bits / weights if weights else None, model.source_bits)

@@ -197,3 +197,28 @@ def test_cli_without_method_on_a_plain_model_asks_for_one(foreign_plugins, tmp_p
     assert code != 0 and "--method is required: no importer recognises the source" in err
     code, _, err = run(capsys, "convert", "--method", "import", plain, "--out", tmp_path / "out")
     assert code != 0 and "is not a checkpoint any installed importer reads (importers: foreign" in err
+
+
+def test_harness_checks_an_importer_against_a_reference(foreign_plugins, tmp_path: Path) -> None:
+    from qformat.format import QuantizedTensor
+    from qformat.testing import check_import
+
+    source = write_foreign(tmp_path / "src")
+    manifest = json.loads((source / MANIFEST).read_text())
+
+    def reference(name: str) -> np.ndarray:
+        entry = manifest["tensors"][name]
+        if "plain" in entry:
+            return np.load(source / entry["plain"]).astype(np.float32)
+        parts = {t: np.load(source / f) for t, f in entry["parts"].items()}
+        return QuantizedTensor(name, entry["record"], parts).decode()
+
+    report = check_import(ForeignImporter(), source, reference)
+    assert (report.records, report.exact, report.source_bits) == (15, 15, 5.0)
+
+    def off_by_one_ulp(name: str) -> np.ndarray:
+        want = reference(name)
+        return (want.view(np.uint32) ^ 1).view(np.float32) if name.endswith("up_proj.weight") else want
+
+    with pytest.raises(AssertionError, match=r"record 'model.layers.0.mlp.up_proj.weight' differs from the reference"):
+        check_import(ForeignImporter(), source, off_by_one_ulp)

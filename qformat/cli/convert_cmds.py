@@ -336,8 +336,10 @@ def plugin_listing() -> list[dict[str, Any]]:
                 "architectures": sorted(known) if isinstance(known, (set, frozenset)) else "any it accepts",
                 "config": transform.config.__name__, "config_version": transform.config.version,
                 "params": [_param_listing(p) for p in transform.params]})
+        importers = [{"name": n, "description": plugins.importers[n].description} for n in info.importers]
         listing.append({"entry_point": name, "module": info.module, "package": info.package,
-                        "version": info.version, "methods": methods, "transforms": transforms, "codecs": info.codecs,
+                        "version": info.version, "methods": methods, "transforms": transforms, "importers": importers,
+                        "codecs": info.codecs,
                         "kernels": info.kernels, "error": info.error})
     return listing
 
@@ -378,6 +380,11 @@ def run_plugins(args: argparse.Namespace) -> int:
                 print(f"    parameters ({transform['config']}, version {transform['config_version']}):")
             for param in transform["params"]:
                 print(f"    - {param['describe']}")
-        if not any(plugin[k] for k in ("methods", "transforms", "codecs", "kernels")) and not plugin["error"]:
+        for importer in plugin["importers"]:
+            print(f"  importer {importer['name']} (qformat convert --method import; -p format={importer['name']})")
+            if importer["description"]:
+                print(f"    {importer['description']}")
+        if not any(plugin[k] for k in ("methods", "transforms", "importers", "codecs", "kernels")) \
+                and not plugin["error"]:
             print("  (no hook implementations)")
     return 0
