@@ -10,8 +10,10 @@ weight-only file fixes them from calibration instead: input channels whose max |
 columns are the zero code (bitsandbytes also zeroes those columns on the int8 side).
 
 Storage: ``sum(scale(affine(packed U8 codes = CB + 128, scale=SCB F16 [R, 1], zero=128, [1, C]), 1/127 F32 [1, 1]),
-sparse_csr(fp16 weights of the outlier columns))``; without outlier columns the sum is just its first term. SCB is an
-fp16 value (the max of fp16 weights), so F16 storage is exact: 8 bits per weight plus 16 bits per row.
+lowrank(fp16 weights of the k outlier columns [R, k], one-hot column selector [k, C] as 1-bit codes))``; without
+outlier columns the sum is just its first term. SCB is an fp16 value (the max of fp16 weights), so F16 storage is
+exact: 8 bits per weight plus 16 bits per row, plus 16 bits per weight of an outlier column (dense: a sparse_csr
+of those columns cost 32, value and column index).
 """
 
 from __future__ import annotations
@@ -77,15 +79,27 @@ class Int8(QuantizesThroughRun, Method):
         deq = dense
         n_outliers = int(outliers.sum())
         if n_outliers:
+            columns = torch.nonzero(outliers).flatten()
+            terms.append(self._outlier_term(b, w16[:, columns].numpy(), columns.numpy(), cols))
             kept = torch.zeros(rows, cols)
             kept[:, outliers] = w16[:, outliers]
-            terms.append(b.sparse_from_dense("outliers", kept.numpy(), np.float16))
-            deq = dense + kept  # the sum codec: int8 part (0 in these columns) plus the sparse part (0 elsewhere)
+            deq = dense + kept  # the sum codec: int8 part (0 in these columns) plus the outlier part (0 elsewhere)
         numel = rows * cols
         info = {"method": self.name, "params": config.to_params(), "outlier_columns": n_outliers,
                 "outlier_share": n_outliers / cols,
                 "bits_per_weight": sum(a.nbytes for a in b.tensors.values()) * 8 / numel}
         return MethodResult(b.finish(b.sum(terms), info), deq, info)
+
+    @staticmethod
+    def _outlier_term(b: Any, weights: np.ndarray, columns: np.ndarray, cols: int) -> Any:
+        """The outlier columns' fp16 weights, dense: ``lowrank(a = W16[:, columns] [R, k], b = one-hot [k, C])``.
+        Each output element is one product ``a · 1.0`` plus exact zeros, so the decode is exact in any summation
+        order; 16 bits per outlier weight (CSR needed 32: an fp16 value and a U16 column index) plus k·C one-hot bits.
+        """
+        onehot = np.zeros((columns.size, cols), dtype=np.uint8)
+        onehot[np.arange(columns.size), columns] = 1
+        selector = b.affine(b.packed("outlier_columns", onehot, 1), scale=1.0, bits=1, group_shape=(columns.size, cols))
+        return b.lowrank(b.tensor("outliers", weights.astype(np.float16)), selector)
 
     @staticmethod
     def _outlier_columns(layer: LayerInput, threshold: float, cols: int) -> torch.Tensor:

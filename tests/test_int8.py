@@ -111,8 +111,11 @@ def test_outlier_columns_are_those_reaching_the_threshold() -> None:
     qt = Int8().quantize(LayerInput("t", w, act_absmax=absmax), {"threshold": 6.0})
     node = qt.record["weight"]
     assert node["codec"] == "sum"
-    sparse = node["terms"][1]
-    assert sorted(set(qt.tensors[sparse["col_idx"]].tolist())) == [3, 17]
+    outliers = node["terms"][1]
+    assert outliers["codec"] == "lowrank"  # dense fp16 columns [R, k] times a one-hot selector [k, C]
+    selector = qt.tensors[outliers["b"]["codes"]["tensor"]]
+    assert np.flatnonzero(np.unpackbits(selector, axis=1, bitorder="little")[:, :32].any(axis=0)).tolist() == [3, 17]
+    assert qt.tensors[outliers["a"]["tensor"]].shape == (8, 2)
     assert qt.record["info"]["outlier_columns"] == 2
     plain = Int8().quantize(LayerInput("t", w), {"threshold": 0})  # needs no statistic
     assert plain.record["weight"]["codec"] == "scale"
@@ -186,7 +189,8 @@ def test_pipeline_collects_act_absmax_and_hands_it_to_the_method(tiny: Path, tmp
     qt = folder.quantized(q_proj)
     expected = set(torch.nonzero(reference["self_attn.q_proj"] >= threshold).reshape(-1).tolist())
     assert 0 < len(expected) < 64 and qt.record["info"]["outlier_columns"] == len(expected)
-    kept = set(np.asarray(qt.tensors[qt.record["weight"]["terms"][1]["col_idx"]]).tolist())
+    selector = np.asarray(qt.tensors[qt.record["weight"]["terms"][1]["b"]["codes"]["tensor"]])
+    kept = set(np.flatnonzero(np.unpackbits(selector, axis=1, bitorder="little").any(axis=0)).tolist())
     assert kept == expected
     folder.close()
 
