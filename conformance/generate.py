@@ -95,12 +95,16 @@ def as_2d(value: Any) -> np.ndarray:
     return array.reshape(1, 1) if array.ndim == 0 else array
 
 
-def affine_ref(q: np.ndarray, scale: Any, zero: Any, group: tuple[int, int]) -> np.ndarray:
-    """(q - zero) * scale in fp32, the order the spec fixes; scale and zero are numbers or per-tile arrays."""
+def affine_ref(q: np.ndarray, scale: Any, zero: Any, group: tuple[int, int], offset: Any = None) -> np.ndarray:
+    """((q - zero) * scale) + offset in fp32, the order the spec fixes (each step rounded, no fused multiply-add);
+    scale, zero and offset are numbers or per-tile arrays."""
     values = q.astype(np.float32)
     if zero is not None:
         values = values - tiles(as_2d(zero), group, q.shape)
-    return values * tiles(as_2d(scale), group, q.shape)
+    values = values * tiles(as_2d(scale), group, q.shape)
+    if offset is not None:
+        values = values + tiles(as_2d(offset), group, q.shape)
+    return values
 
 
 def csr(dense: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -297,6 +301,46 @@ def v_affine_w16() -> Valid:
     q = codes(d.rng, (3, 33), 16)
     s = fp16(d.rng, (3, 3), 1e-4, positive=True)
     return d.valid("16-bit codes (the widest), groups of 16 over 33 columns", *affine(d.b, q, 16, (1, 16), s, 32768))
+
+
+def v_affine_offset_constant() -> Valid:
+    d = draft("affine_v2_offset_constant", (5, 40))
+    q = codes(d.rng, (5, 40), 3)
+    s = fp16(d.rng, (5, 3), 0.1, positive=True)
+    b = d.b
+    node = b.affine(b.packed("codes", q, 3), scale=b.tensor("scale", s), zero=3.5, offset=-0.75, bits=3,
+                    group_shape=(1, 16))
+    return d.valid("affine version 2: 3-bit, groups of 16 over 40 columns, fp16 scale, constant zero 3.5 and constant "
+                   "offset -0.75: ((q - 3.5) * s) - 0.75, three fp32 roundings", node,
+                   affine_ref(q, s, 3.5, (1, 16), -0.75))
+
+
+def v_affine_offset_q4_1() -> Valid:
+    d = draft("affine_v2_offset_q4_1", (6, 80), "F16")
+    q = codes(d.rng, (6, 80), 4)
+    scale, offset = fp16(d.rng, (6, 3), 0.02), fp16(d.rng, (6, 3), 0.5)  # signed, like GGUF's d and m
+    b = d.b
+    node = b.affine(b.packed("codes", q, 4), scale=b.tensor("d", scale), offset=b.tensor("m", offset), bits=4,
+                    group_shape=(1, 32))
+    return d.valid("affine version 2, GGUF Q4_1-like: 4-bit codes in blocks of 32 (80 columns: the last block has "
+                   "16), fp16 d and m per block, no zero: d * q + m in fp32", node,
+                   affine_ref(q, scale, None, (1, 32), offset), info={"method": "gguf", "type": "Q4_1"})
+
+
+def v_affine_offset_nested() -> Valid:
+    d = draft("affine_v2_offset_nested", (4, 128), "F16")
+    q = codes(d.rng, (4, 128), 4)
+    sc, mn = codes(d.rng, (4, 4), 6), codes(d.rng, (4, 4), 6)
+    dd, dmin = fp16(d.rng, (4, 2), 0.01), fp16(d.rng, (4, 2), 0.01, positive=True)
+    b = d.b
+    scale = b.scale(b.packed("scale.codes", sc, 6), b.tensor("scale.d", dd), group_shape=(1, 2))
+    offset = b.scale(b.packed("offset.codes", mn, 6), b.tensor("offset.neg_dmin", -dmin), group_shape=(1, 2))
+    node = b.affine(b.packed("codes", q, 4), scale=scale, offset=offset, bits=4, group_shape=(1, 32))
+    s = f32(sc) * tiles(dd, (1, 2), sc.shape)
+    o = f32(mn) * tiles(-dmin, (1, 2), mn.shape)
+    return d.valid("affine version 2, GGUF K-quant-like: scale and offset are scale nodes of 6-bit codes per block "
+                   "of 32 times fp16 factors per 2 blocks (d, and -dmin stored negated): (d * sc) * q - dmin * mn",
+                   node, affine_ref(q, s, None, (1, 32), o), info={"method": "gguf", "type": "Q4_K-like"})
 
 
 def scaled_lut(b: RecordBuilder, q: np.ndarray, bits: int, table: np.ndarray, factor: tuple[str | dict, np.ndarray],
@@ -624,6 +668,7 @@ def valid_vectors() -> list[Valid]:
                 v_gptq_act_order(), v_spqr(), v_nf4_double_quant(), v_residual(), v_conv(), v_one_by_one(),
                 v_multi_record(), v_depth_limit()]
     vectors += [v_group_larger_than_output()]
+    vectors += [v_affine_offset_constant(), v_affine_offset_q4_1(), v_affine_offset_nested()]
     return vectors
 
 
@@ -844,8 +889,8 @@ def invalid_records() -> list[Invalid]:
 
     add("unknown_codec", "a node names codec 'hqq_magic' that no reader knows",
         edited(set_field((), "codec", "hqq_magic")), "unknown_codec", "weight/codec")
-    add("unsupported_codec_version", "an affine node of version 2",
-        edited(set_field((), "version", 2)), "unsupported_codec_version", "weight/version")
+    add("unsupported_codec_version", "an affine node of version 3 (versions 1 and 2 exist)",
+        edited(set_field((), "version", 3)), "unsupported_codec_version", "weight/version")
     add("codec_version_not_integer", "a node whose version is the list [1]",
         edited(set_field(("codes",), "version", [1])), "unsupported_codec_version", "weight/codes/version")
 
@@ -979,7 +1024,37 @@ def invalid_records() -> list[Invalid]:
 
     out.append(_sign_not_one_bit())
     out.append(_lut_table_too_small())
+    out += _invalid_offsets()
     return out
+
+
+def _invalid_offsets() -> list[Invalid]:
+    """affine version 2's offset: not in version 1, on the parameter grid, finite."""
+    def v1_offset(records: dict, tensors: dict) -> None:
+        node_at(records[BASE])["offset"] = 0.5
+
+    def v2_offset(value: Any, stored: np.ndarray | None = None) -> Callable[[dict, dict], None]:
+        def edit(records: dict, tensors: dict) -> None:
+            node = node_at(records[BASE])
+            node["version"] = 2
+            node["offset"] = value
+            if stored is not None:
+                tensors[BASE + ".offset"] = stored
+                records[BASE]["storage_bytes"] += stored.nbytes
+        return edit
+
+    two_groups = np.full((4, 2), -0.5, F16)  # groups of 16 over 40 columns need [4, 3]
+    offset_node = {"codec": "tensor", "version": 1, "tensor": BASE + ".offset"}
+    return [
+        Invalid("affine_v1_offset", "an affine version 1 node with an offset (a field only version 2 has)",
+                edited(v1_offset), "bad_field", "open", tensor=BASE, field="weight/offset"),
+        Invalid("affine_offset_grid_mismatch", "an affine version 2 offset [4, 2]: groups of 16 over 40 columns "
+                "need [4, 3]", edited(v2_offset(offset_node, two_groups)), "shape_mismatch", "open", tensor=BASE,
+                field="weight/offset"),
+        Invalid("affine_offset_non_finite", "an affine version 2 constant offset of -1e39: finite JSON, but infinite "
+                "once rounded to fp32", edited(v2_offset(-1e39)), "bad_field", "open", tensor=BASE,
+                field="weight/offset"),
+    ]
 
 
 def _sign_not_one_bit() -> Invalid:

@@ -10,7 +10,7 @@ The affine identity keeps the hot loop to one multiply-add per weight:
     y_r = sum_g S[r, g] * sum_{c in g} v(q_rc) x_c  -  sum_g ZS[r, g] * sum_{c in g} x_c
 with v(q) = q (affine) or table[q] (lut; per-tile tables are rows of a 2-D table picked by the row's block
 ``row_tab[r]`` plus the column group's ``grp_tab[g]``), S the product of every scale on the row/column-group grid
-and ZS = Z * S.
+and ZS = Z * S (minus an affine offset M times the factors above it: w = S q + M - Z S).
 A tile whose slots all fall in one group (tile_group >= 0) multiplies by S once per tile; otherwise each slot
 multiplies by its own group's scale (slice_group, unsigned so numba emits no negative-index fix-up). Group sums of
 x are computed once per call. Rows are handed out in blocks of 16 and swept in column chunks so the chunk of x

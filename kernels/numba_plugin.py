@@ -23,7 +23,7 @@ class NumbaKernel(Kernel):
     # for small layers).
     max_batch = 16
     supported: ClassVar[tuple[str, ...]] = (
-        "affine over packed | bit-plane | integer codes of 1-16 bits, scale/zero numbers or any tree (quantized "
+        "affine over packed | bit-plane | integer codes of 1-16 bits, scale/zero/offset numbers or any tree (quantized "
         "stats), groups [gr, gc] (fast path when gc is a multiple of 16 or covers the row)",
         "affine with statistics on row-block tiles [gr, 1] (HQQ axis 0; gr a multiple of 16): folded into x",
         "lut over packed | bit-plane | integer codes: global tables (NF4, FP4, FP8) and per-tile tables [Gr, Gc, T] "

@@ -88,7 +88,10 @@ def _batch_split(batch: int) -> list[int]:
 # terms
 
 class CodeTerm:
-    """sum_g S[r, g] sum_c v(q_rc) x_c - sum_g ZS[r, g] xsum_g over sliced b-bit words (affine, lut, raw codes)."""
+    """sum_g S[r, g] sum_c v(q_rc) x_c - sum_g ZS[r, g] xsum_g over sliced b-bit words (affine, lut, raw codes).
+
+    ZS is the zero point times the scale, minus the affine offset (version 2) times the factors above it: a
+    per-group bias, so an offset costs nothing in the hot loop."""
 
     def __init__(self, words: np.ndarray, bits: int, scale: np.ndarray, zero_scale: np.ndarray | None, grid: _Grid,
                  table: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None, fp8: int | None = None) -> None:
@@ -218,7 +221,7 @@ class CodeTerm:
 class RowBlockTerm(CodeTerm):
     """Affine codes whose scale and zero change along the row every few columns but hold for ``block`` rows (HQQ
     axis 0: groups [64, 1]): folded into x instead of a [R, C] grid of statistics,
-        y_r = f_r (sum_c q_rc (S[blk, c] x_c) - sum_c ZS[blk, c] x_c),  blk = r // block,
+        y_r = f_r (sum_c q_rc (S[blk, c] x_c) - sum_c ZS[blk, c] x_c),  blk = r // block,  (ZS = Z S - offset)
     so the kernel runs on unit scales with one scaled x per row block (``block`` a multiple of its row tiles)."""
 
     def __init__(self, words: np.ndarray, bits: int, row_factor: np.ndarray, block: int, scale: np.ndarray,
@@ -383,11 +386,12 @@ def _code_term(term: Term, rows: int, cols: int) -> CodeTerm:
     assert term.codes is not None
     params: list[Param] = []
     zero: Param | None = None
+    added: Param | None = None  # affine version 2's offset, added after the scale
     table = fp8 = None
     if codec == "affine":
         words, bits, _ = _words(term.codes, rows, cols, node["bits"])
         params.append(term.scale)
-        zero = term.zero
+        zero, added = term.zero, term.offset
     elif codec == "lut":
         table = term.table
         fp8 = fp8_mode(table, term.codes)
@@ -399,12 +403,17 @@ def _code_term(term: Term, rows: int, cols: int) -> CodeTerm:
     blocked = _row_block_term(term, words, bits, rows, cols) if codec == "affine" else None
     if blocked is not None:
         return blocked
-    params += [f.param for f in term.factors]
+    factors = [f.param for f in term.factors]
+    params += factors
     table_group = tuple(node.get("group_shape", (rows, cols))) if codec == "lut" else (rows, cols)
     per_tile = table is not None and table.ndim == 3 and table.shape[:2] != (1, 1)
-    grid = _Grid.common(params + ([zero] if zero else []), cols, (table_group[1],) if per_tile else ())
+    grid = _Grid.common(params + [p for p in (zero, added) if p is not None], cols,
+                        (table_group[1],) if per_tile else ())
     scale = grid.product(params, rows)
     zero_scale = grid.product([zero], rows) * scale if zero else None
+    if added is not None:  # w = F (q S + M - Z S): the kernels subtract zs * sum(x) per group, so zs = (Z S - M) F
+        bias = grid.product([added] + factors, rows)
+        zero_scale = -bias if zero_scale is None else zero_scale - bias
     return CodeTerm(words, bits, scale, zero_scale, grid,
                     _table_layout(table, table_group, bits, rows, grid) if table is not None else None, fp8)
 
@@ -450,7 +459,7 @@ def _row_block_term(term: Term, words: np.ndarray, bits: int, rows: int, cols: i
         return None
     if any(f.kind != "row" for f in term.factors):
         return None
-    if term.zero is not None and term.zero.values.shape != (1, 1) and term.zero.group != (gr, gc):
+    if any(p is not None and p.values.shape != (1, 1) and p.group != (gr, gc) for p in (term.zero, term.offset)):
         return None
     blocks = -(-rows // gr)
 
@@ -462,6 +471,8 @@ def _row_block_term(term: Term, words: np.ndarray, bits: int, rows: int, cols: i
 
     scale = expand(term.scale)
     zero_scale = expand(term.zero) * scale if term.zero is not None else None
+    if term.offset is not None:  # the offset enters as a negative zero point: ZS - M
+        zero_scale = -expand(term.offset) if zero_scale is None else zero_scale - expand(term.offset)
     row_factor = _row_factor(term.factors, rows, cols)
     if row_factor is None:
         row_factor = np.ones(rows, dtype=np.float32)

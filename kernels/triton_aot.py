@@ -27,16 +27,17 @@ LEADING = {
     "matmul": {"x_ptr": "*{x}", "y_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32"},
     "dequant": {"out_ptr": "*fp32", "N": "i32", "K": "i32"},
 }
-WEIGHT_ARGS = {"codes": "*i32", "KW": "i32", "s_ptr": "*{p}", "z_ptr": "*{p}", "s_across": "i32", "t_ptr": "*{p}",
-               "t_across": "i32", "T": "i32", "f_ptr": "*{p}", "f_across": "i32"}
-DEFAULTS = dict(BITS=4, PLANAR=False, KW4=True, PER=8, OFFSET=0, MAP=ops.MAP_AFFINE, HAS_ZERO=True, GR=1, GC=128,
-                TILED=False, TGR=1, TGC=1, HAS_FACTOR=False, FGR=1, FGC=1, VQ_M=1, VQ_D=1, VQ_VEC=False)
+WEIGHT_ARGS = {"codes": "*i32", "KW": "i32", "s_ptr": "*{p}", "z_ptr": "*{p}", "m_ptr": "*{p}", "s_across": "i32",
+               "t_ptr": "*{p}", "t_across": "i32", "T": "i32", "f_ptr": "*{p}", "f_across": "i32"}
+DEFAULTS = dict(BITS=4, PLANAR=False, KW4=True, PER=8, OFFSET=0, MAP=ops.MAP_AFFINE, HAS_ZERO=True, HAS_OFFSET=False,
+                GR=1, GC=128, TILED=False, TGR=1, TGC=1, HAS_FACTOR=False, FGR=1, FGC=1, VQ_M=1, VQ_D=1, VQ_VEC=False)
 
 # (kernel, constants that differ from DEFAULTS, launch meta incl. num_warps): one of each map and layout
 REPRESENTATIVE: list[tuple[str, dict[str, Any], dict[str, int]]] = [
     ("gemv", {}, dict(BN=16, BK=256, SPLIT_K=1, num_warps=4)),
     ("gemv", {"BITS": 3}, dict(BN=16, BK=512, SPLIT_K=4, num_warps=4)),
     ("gemv", {"BITS": 2, "GC": 64}, dict(BN=32, BK=256, SPLIT_K=1, num_warps=8)),
+    ("gemv", {"HAS_ZERO": False, "HAS_OFFSET": True, "GC": 32}, dict(BN=16, BK=256, SPLIT_K=1, num_warps=4)),  # Q4_1
     ("matmul", {"BITS": 3}, dict(BM=16, BN=64, BK=64, SPLIT_K=1, num_warps=4)),
     ("matmul", {"BITS": 4}, dict(BM=16, BN=64, BK=128, SPLIT_K=4, num_warps=4)),
     ("matmul", {"BITS": 7, "HAS_FACTOR": True, "FGC": 64}, dict(BM=32, BN=64, BK=128, SPLIT_K=2, num_warps=4)),

@@ -2,8 +2,9 @@
 
 Each weight tile [BN, BK] is decoded in registers from the sliced-words layout (see triton_plan): whole int32 words
 are loaded contiguously along a row and split with shifts, so packed codes cost one coalesced load per 32/w codes.
-Maps: affine (q - zero) * scale, lut table[q] (global or per tile), vq (sum of M codebook vectors), raw codes (+ an
-offset, for ternary); an optional per-tile factor multiplies the result (NF4 absmax, AQLM/AWQ channel scales).
+Maps: affine (q - zero) * scale (+ offset, version 2), lut table[q] (global or per tile), vq (sum of M codebook
+vectors), raw codes (+ OFFSET, for ternary); an optional per-tile factor multiplies the result (NF4 absmax, AQLM/AWQ
+channel scales).
 Arithmetic follows the reference decoder's order in fp32, so dequantize() matches it exactly.
 
 Import this module only after deciding on ``TRITON_INTERPRET``: triton reads it when the kernels are defined.
@@ -156,10 +157,10 @@ def _tile_index(rows, cols, r0, k0, K, tiles_across, GR: tl.constexpr, GC: tl.co
 
 @triton.jit
 def _weight_tile(r0, k0, N, K,
-                 codes, KW, s_ptr, z_ptr, s_across, t_ptr, t_across, T, f_ptr, f_across,
+                 codes, KW, s_ptr, z_ptr, m_ptr, s_across, t_ptr, t_across, T, f_ptr, f_across,
                  BITS: tl.constexpr, PLANAR: tl.constexpr, KW4: tl.constexpr, PER: tl.constexpr,
                  OFFSET: tl.constexpr, MAP: tl.constexpr,
-                 HAS_ZERO: tl.constexpr, GR: tl.constexpr, GC: tl.constexpr,
+                 HAS_ZERO: tl.constexpr, HAS_OFFSET: tl.constexpr, GR: tl.constexpr, GC: tl.constexpr,
                  TILED: tl.constexpr, TGR: tl.constexpr, TGC: tl.constexpr,
                  HAS_FACTOR: tl.constexpr, FGR: tl.constexpr, FGC: tl.constexpr,
                  VQ_M: tl.constexpr, VQ_D: tl.constexpr, VQ_VEC: tl.constexpr,
@@ -192,6 +193,8 @@ def _weight_tile(r0, k0, N, K,
             if HAS_ZERO:
                 w = w - _tile_param(z_ptr, rows, cols, r0, k0, K, s_across, GR, GC, PER, BN, BK)
             w = w * _tile_param(s_ptr, rows, cols, r0, k0, K, s_across, GR, GC, PER, BN, BK)
+            if HAS_OFFSET:  # affine version 2: + offset, rounded on its own (dequantize launches without FMA)
+                w = w + _tile_param(m_ptr, rows, cols, r0, k0, K, s_across, GR, GC, PER, BN, BK)
         elif MAP == 1:  # lut
             if TILED:
                 q = _tile_index(rows, cols, r0, k0, K, t_across, TGR, TGC, PER, BN, BK) * T + q
@@ -211,10 +214,10 @@ def _weight_tile(r0, k0, N, K,
 
 @triton.jit
 def gemv_kernel(x_ptr, y_ptr, N, K,
-                codes, KW, s_ptr, z_ptr, s_across, t_ptr, t_across, T, f_ptr, f_across,
+                codes, KW, s_ptr, z_ptr, m_ptr, s_across, t_ptr, t_across, T, f_ptr, f_across,
                 BITS: tl.constexpr, PLANAR: tl.constexpr, KW4: tl.constexpr, PER: tl.constexpr,
                 OFFSET: tl.constexpr, MAP: tl.constexpr,
-                HAS_ZERO: tl.constexpr, GR: tl.constexpr, GC: tl.constexpr,
+                HAS_ZERO: tl.constexpr, HAS_OFFSET: tl.constexpr, GR: tl.constexpr, GC: tl.constexpr,
                 TILED: tl.constexpr, TGR: tl.constexpr, TGC: tl.constexpr,
                 HAS_FACTOR: tl.constexpr, FGR: tl.constexpr, FGC: tl.constexpr,
                 VQ_M: tl.constexpr, VQ_D: tl.constexpr, VQ_VEC: tl.constexpr,
@@ -227,9 +230,9 @@ def gemv_kernel(x_ptr, y_ptr, N, K,
     k_hi = tl.minimum(k_lo + k_split, K)
     acc = tl.zeros([BN, BK], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BK):
-        w = _weight_tile(r0, k0, N, K, codes, KW, s_ptr, z_ptr, s_across, t_ptr, t_across, T, f_ptr, f_across,
-                         BITS, PLANAR, KW4, PER, OFFSET, MAP, HAS_ZERO, GR, GC, TILED, TGR, TGC, HAS_FACTOR, FGR, FGC,
-                         VQ_M, VQ_D, VQ_VEC, BN, BK)
+        w = _weight_tile(r0, k0, N, K, codes, KW, s_ptr, z_ptr, m_ptr, s_across, t_ptr, t_across, T, f_ptr, f_across,
+                         BITS, PLANAR, KW4, PER, OFFSET, MAP, HAS_ZERO, HAS_OFFSET, GR, GC, TILED, TGR, TGC,
+                         HAS_FACTOR, FGR, FGC, VQ_M, VQ_D, VQ_VEC, BN, BK)
         cols = k0 + tl.arange(0, BK)
         x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
         acc += w * x[None, :]
@@ -246,10 +249,10 @@ def gemv_kernel(x_ptr, y_ptr, N, K,
 
 @triton.jit
 def matmul_kernel(x_ptr, y_ptr, M, N, K, stride_xm,
-                  codes, KW, s_ptr, z_ptr, s_across, t_ptr, t_across, T, f_ptr, f_across,
+                  codes, KW, s_ptr, z_ptr, m_ptr, s_across, t_ptr, t_across, T, f_ptr, f_across,
                   BITS: tl.constexpr, PLANAR: tl.constexpr, KW4: tl.constexpr, PER: tl.constexpr,
                   OFFSET: tl.constexpr, MAP: tl.constexpr,
-                  HAS_ZERO: tl.constexpr, GR: tl.constexpr, GC: tl.constexpr,
+                  HAS_ZERO: tl.constexpr, HAS_OFFSET: tl.constexpr, GR: tl.constexpr, GC: tl.constexpr,
                   TILED: tl.constexpr, TGR: tl.constexpr, TGC: tl.constexpr,
                   HAS_FACTOR: tl.constexpr, FGR: tl.constexpr, FGC: tl.constexpr,
                   VQ_M: tl.constexpr, VQ_D: tl.constexpr, VQ_VEC: tl.constexpr,
@@ -263,9 +266,9 @@ def matmul_kernel(x_ptr, y_ptr, M, N, K, stride_xm,
     k_hi = tl.minimum(k_lo + k_split, K)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BK):
-        w = _weight_tile(r0, k0, N, K, codes, KW, s_ptr, z_ptr, s_across, t_ptr, t_across, T, f_ptr, f_across,
-                         BITS, PLANAR, KW4, PER, OFFSET, MAP, HAS_ZERO, GR, GC, TILED, TGR, TGC, HAS_FACTOR, FGR, FGC,
-                         VQ_M, VQ_D, VQ_VEC, BN, BK)
+        w = _weight_tile(r0, k0, N, K, codes, KW, s_ptr, z_ptr, m_ptr, s_across, t_ptr, t_across, T, f_ptr, f_across,
+                         BITS, PLANAR, KW4, PER, OFFSET, MAP, HAS_ZERO, HAS_OFFSET, GR, GC, TILED, TGR, TGC,
+                         HAS_FACTOR, FGR, FGC, VQ_M, VQ_D, VQ_VEC, BN, BK)
         cols = k0 + tl.arange(0, BK)
         x = tl.load(x_ptr + xm[:, None] * stride_xm + cols[None, :], mask=(xm < M)[:, None] & (cols < K)[None, :],
                     other=0.0)
@@ -284,10 +287,10 @@ def matmul_kernel(x_ptr, y_ptr, M, N, K, stride_xm,
 
 @triton.jit
 def dequant_kernel(out_ptr, N, K,
-                   codes, KW, s_ptr, z_ptr, s_across, t_ptr, t_across, T, f_ptr, f_across,
+                   codes, KW, s_ptr, z_ptr, m_ptr, s_across, t_ptr, t_across, T, f_ptr, f_across,
                    BITS: tl.constexpr, PLANAR: tl.constexpr, KW4: tl.constexpr, PER: tl.constexpr,
                    OFFSET: tl.constexpr, MAP: tl.constexpr,
-                   HAS_ZERO: tl.constexpr, GR: tl.constexpr, GC: tl.constexpr,
+                   HAS_ZERO: tl.constexpr, HAS_OFFSET: tl.constexpr, GR: tl.constexpr, GC: tl.constexpr,
                    TILED: tl.constexpr, TGR: tl.constexpr, TGC: tl.constexpr,
                    HAS_FACTOR: tl.constexpr, FGR: tl.constexpr, FGC: tl.constexpr,
                    VQ_M: tl.constexpr, VQ_D: tl.constexpr, VQ_VEC: tl.constexpr,
@@ -295,9 +298,9 @@ def dequant_kernel(out_ptr, N, K,
     """The fp32 weight [N, K], one [BN, BK] tile per program."""
     r0 = tl.program_id(0) * BN
     k0 = tl.program_id(1) * BK
-    w = _weight_tile(r0, k0, N, K, codes, KW, s_ptr, z_ptr, s_across, t_ptr, t_across, T, f_ptr, f_across,
-                     BITS, PLANAR, KW4, PER, OFFSET, MAP, HAS_ZERO, GR, GC, TILED, TGR, TGC, HAS_FACTOR, FGR, FGC,
-                     VQ_M, VQ_D, VQ_VEC, BN, BK)
+    w = _weight_tile(r0, k0, N, K, codes, KW, s_ptr, z_ptr, m_ptr, s_across, t_ptr, t_across, T, f_ptr, f_across,
+                     BITS, PLANAR, KW4, PER, OFFSET, MAP, HAS_ZERO, HAS_OFFSET, GR, GC, TILED, TGR, TGC,
+                     HAS_FACTOR, FGR, FGC, VQ_M, VQ_D, VQ_VEC, BN, BK)
     rows = r0 + tl.arange(0, BN)
     cols = k0 + tl.arange(0, BK)
     tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], w,
@@ -365,14 +368,14 @@ class FusedArgs:
 
     n: int
     k: int
-    tensors: tuple  # codes, scale, zero, table, factor (a placeholder where unused)
+    tensors: tuple  # codes, scale, zero, offset, table, factor (a placeholder where unused)
     ints: tuple  # KW (words in a one-bit row), s_across, t_across, T, f_across
     consts: dict
 
     def args(self) -> tuple:
-        codes, scale, zero, table, factor = self.tensors
+        codes, scale, zero, offset, table, factor = self.tensors
         kw, s_across, t_across, t_size, f_across = self.ints
-        return codes, kw, scale, zero, s_across, table, t_across, t_size, factor, f_across
+        return codes, kw, scale, zero, offset, s_across, table, t_across, t_size, factor, f_across
 
 
 def _block(n: int, cap: int, floor: int) -> int:
@@ -431,7 +434,9 @@ def dequantize(fa: FusedArgs, out: torch.Tensor, config: dict[str, int] | None =
         config = _interpret_config(fa, 1) if INTERPRET else {"BN": 32, "BK": 128}
         config = {"BN": config["BN"], "BK": max(config["BK"], fa.consts["VQ_D"] if fa.consts["VQ_VEC"] else 0)}
     grid = (triton.cdiv(fa.n, config["BN"]), triton.cdiv(fa.k, config["BK"]))
-    dequant_kernel[grid](out, fa.n, fa.k, *fa.args(), **fa.consts, BN=config["BN"], BK=config["BK"])
+    # (q - zero) * scale + offset rounds after the product, as the reference does: no fused multiply-add there
+    exact = {"enable_fp_fusion": False} if fa.consts["HAS_OFFSET"] else {}
+    dequant_kernel[grid](out, fa.n, fa.k, *fa.args(), **fa.consts, BN=config["BN"], BK=config["BK"], **exact)
 
 
 # ---------------------------------------------------------------------------------------------------------------

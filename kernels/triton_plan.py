@@ -115,6 +115,7 @@ class Fused:
     kind: str  # "affine" | "lut" | "vq" | "codes"
     scale: Grid | None = None
     zero: Grid | None = None
+    offset: Grid | None = None  # affine version 2: added after the scale
     table: np.ndarray | None = None  # lut [T] or [tiles down, tiles across, T]; vq [M, K, d]
     table_group: tuple[int, int] | None = None
     factor: Grid | None = None
@@ -177,14 +178,13 @@ def _fused(term: lowering.Term, shape: tuple[int, int]) -> Fused:
     assert term.codes is not None
     if term.codec == "affine":
         codes = _codes(term.codes, 1 << term.node["bits"])
-        scale = term.scale.values
-        zero = None if term.zero is None else term.zero.values
-        if zero is not None and zero.shape != scale.shape:  # one is a [1, 1] constant: give both one grid
-            grid_shape = max(zero.shape, scale.shape)
-            zero, scale = (np.broadcast_to(a, grid_shape).copy() for a in (zero, scale))
-        group = term.scale.group
-        return Fused(shape, codes, "affine", scale=_grid(scale, group, shape),
-                     zero=None if zero is None else _grid(zero, group, shape))
+        params = [None if p is None else p.values for p in (term.scale, term.zero, term.offset)]
+        shapes = {a.shape for a in params if a is not None}
+        if len(shapes) > 1:  # some are [1, 1] constants: give them all the one grid the kernel indexes
+            grid_shape = max(shapes)
+            params = [None if a is None else np.broadcast_to(a, grid_shape).copy() for a in params]
+        scale, zero, offset = (None if a is None else _grid(a, term.scale.group, shape) for a in params)
+        return Fused(shape, codes, "affine", scale=scale, zero=zero, offset=offset)
     if term.codec == "lut":
         table = term.table
         codes = _codes(term.codes, table.shape[-1])

@@ -32,13 +32,14 @@ def _narrow(values: np.ndarray, device: str) -> torch.Tensor:
 def _fused_args(term: plan_mod.Fused, device: str) -> ops.FusedArgs:
     n, k = term.shape
     codes = torch.from_numpy(term.codes.words).to(device)
-    scale = zero = table = factor = codes  # placeholders for pointers a map does not read
+    scale = zero = offset = table = factor = codes  # placeholders for pointers a map does not read
     s_across = t_across = t_size = f_across = 1
     kw = term.codes.padded_cols // 32
     widest = 1 if term.codes.planar else 1 << (term.codes.bits.bit_length() - 1)
     consts: dict[str, Any] = dict(BITS=term.codes.bits, PLANAR=term.codes.planar, KW4=kw % 4 == 0, PER=32 // widest,
                                   OFFSET=term.codes.offset,
-                                  MAP=ops.MAPS[term.kind], HAS_ZERO=False, GR=1, GC=1, TILED=False, TGR=1, TGC=1,
+                                  MAP=ops.MAPS[term.kind], HAS_ZERO=False, HAS_OFFSET=False, GR=1, GC=1,
+                                  TILED=False, TGR=1, TGC=1,
                                   HAS_FACTOR=False, FGR=1, FGC=1, VQ_M=1, VQ_D=1, VQ_VEC=False)
     if term.kind == "affine":
         scale, s_across = _narrow(term.scale.values, device), term.scale.values.shape[1]
@@ -46,6 +47,9 @@ def _fused_args(term: plan_mod.Fused, device: str) -> ops.FusedArgs:
         if term.zero is not None:
             zero = _narrow(term.zero.values, device)
             consts.update(HAS_ZERO=True)
+        if term.offset is not None:
+            offset = _narrow(term.offset.values, device)
+            consts.update(HAS_OFFSET=True)
     elif term.kind == "lut":
         table, t_size = _narrow(term.table, device), term.table.shape[-1]
         if term.table_group is not None:
@@ -59,7 +63,7 @@ def _fused_args(term: plan_mod.Fused, device: str) -> ops.FusedArgs:
         factor, f_across = _narrow(term.factor.values, device), term.factor.values.shape[1]
         consts.update(HAS_FACTOR=True, FGR=term.factor.group[0], FGC=term.factor.group[1])
     ints = (kw, s_across, t_across, t_size, f_across)
-    return ops.FusedArgs(n, k, (codes, scale, zero, table, factor), ints, consts)
+    return ops.FusedArgs(n, k, (codes, scale, zero, offset, table, factor), ints, consts)
 
 
 class _Csr:

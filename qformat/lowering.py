@@ -10,8 +10,9 @@ A weight tree is read as a sum of terms, each under the transforms above it::
             | sign_lowrank(sign, u, v)                                          kind "signs"
     codes  := packed | bitplanes | tensor (integer)
 
-Every node is version 1. A ``scale`` is a "row" scale when a tile of its factor covers whole rows, a "column" scale
-when there is one factor per input column (group [>= R, 1]: it can multiply x instead of W), else a "grid" scale.
+Every node is version 1, except ``affine``, also version 2 (an additive ``offset``, lowered like scale and zero).
+A ``scale`` is a "row" scale when a tile of its factor covers whole rows, a "column" scale when there is one factor
+per input column (group [>= R, 1]: it can multiply x instead of W), else a "grid" scale.
 What does not fit (dense float tensors as terms, ternary codes under affine/lut/vq, unknown codecs) raises
 :class:`Unsupported` with the reason.
 
@@ -21,8 +22,8 @@ Two passes:
   ``Kernel.supports``. Each :class:`Term` knows its ``transforms`` (outermost first), hence its input ``chain``
   (permutations and column scales) and its output ``factors`` (row and grid scales, innermost first).
 - :func:`lower`: validates the record (``validate_record``), plans it, lets the kernel refuse the plan (``check``),
-  then reads the data, each item once: statistics (affine scale and zero, lut tables, vq codebooks, scale factors,
-  low-rank matrices, outlier values), whatever their own tree, are decoded to fp32 by the reference decoder;
+  then reads the data, each item once: statistics (affine scale, zero and offset, lut tables, vq codebooks, scale
+  factors, low-rank matrices, outlier values), whatever their own tree, are decoded to fp32 by the reference decoder;
   permutations are checked (``check_permutation``), CSR arrays validated (:mod:`qformat.format.sparse`), code leaves
   checked as the reference decoder checks them (padding bits, ternary bytes, integer code ranges). Errors are the
   reference decoder's (same codes, same fields), with the record's name.
@@ -51,6 +52,7 @@ from .format.sparse import validate_csr
 CODE_SOURCES = ("packed", "bitplanes", "tensor")  # codes of affine, lut, vq and sign_lowrank
 CODE_TERMS = ("packed", "bitplanes", "ternary")  # code leaves that are terms by themselves (their values are codes)
 KNOWN_VERSION = 1
+KNOWN_VERSIONS = {"affine": frozenset({1, 2})}  # codecs with versions besides KNOWN_VERSION (affine 2: offset)
 
 
 class Unsupported(Exception):
@@ -147,6 +149,7 @@ class Term:
     # filled by lower(), by kind
     scale: Param | None = None  # affine
     zero: Param | None = None  # affine (None: no zero)
+    offset: Param | None = None  # affine version 2: w = (q - zero) * scale + offset (None: no offset)
     table: np.ndarray | None = None  # lut: [T] or [Gr, Gc, T]
     books: np.ndarray | None = None  # vq: [M, K, d]
     row_ptr: np.ndarray | None = None  # sparse: int64 [R + 1], validated
@@ -218,7 +221,8 @@ def plan_terms(record: Any) -> list[Term]:
 def _codec(node: Any, path: str) -> str:
     if not isinstance(node, dict) or not isinstance(node.get("codec"), str):
         raise Unsupported(f"{path}: not a codec node")
-    if node.get("version") != KNOWN_VERSION:
+    version = node.get("version")
+    if type(version) is not int or version not in KNOWN_VERSIONS.get(node["codec"], (KNOWN_VERSION,)):
         raise Unsupported(f"{path}: {node['codec']} version {node.get('version')!r}")
     return node["codec"]
 
@@ -393,6 +397,8 @@ class _Reader:
             term.scale = Param(self.value(node["scale"], f"{path}/scale"), group)
             if node.get("zero") is not None:
                 term.zero = Param(self.value(node["zero"], f"{path}/zero"), group)
+            if node.get("offset") is not None:
+                term.offset = Param(self.value(node["offset"], f"{path}/offset"), group)
         elif codec == "lut":
             term.table = self.value(node["table"], f"{path}/table")
             entries = term.table.shape[-1]

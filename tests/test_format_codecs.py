@@ -150,6 +150,15 @@ def plain_tensor() -> QuantizedTensor:
     return b.finish(b.tensor("w", np.ones((2, 3), F16)))
 
 
+def affine_offset() -> QuantizedTensor:
+    """Affine version 2: 4-bit codes over 4 x 40, groups of 16, F16 scale and offset (GGUF Q4_1-like)."""
+    rng = np.random.default_rng(5)
+    b = RecordBuilder(NAME, (4, 40), "F16")
+    return b.finish(b.affine(b.packed("codes", rng.integers(0, 16, (4, 40)), 4), bits=4, group_shape=(1, 16),
+                             scale=b.tensor("scale", rng.random((4, 3)).astype(F16)),
+                             offset=b.tensor("offset", rng.standard_normal((4, 3)).astype(F16))))
+
+
 # (id, record, edit, code, field, stage)
 CASES = [
     # envelope and record level
@@ -204,6 +213,24 @@ CASES = [
      "bad_field", "weight/scale", "open"),
     ("affine_scale_big_int", affine, both(setter((), "scale", 10**400), retensor("scale", np.zeros(0, np.uint8))),
      "bad_field", "weight/scale", "open"),
+    # affine version 2: the offset
+    ("affine_v1_offset", affine, setter((), "offset", 0.5), "bad_field", "weight/offset", "open"),
+    ("affine_v1_offset_node", affine, setter((), "offset", {"codec": "tensor", "version": 1, "tensor": f"{NAME}.zero"}),
+     "bad_field", "weight/offset", "open"),
+    ("affine_version_3", affine_offset, setter((), "version", 3), "unsupported_codec_version", "weight/version",
+     "open"),
+    ("affine_offset_grid", affine_offset, retensor("offset", np.ones((4, 2), F16)), "shape_mismatch",
+     "weight/offset", "open"),
+    ("affine_offset_1d", affine_offset, retensor("offset", np.ones(3, F16)), "shape_mismatch", "weight/offset",
+     "open"),
+    ("affine_offset_overflows_fp32", affine_offset, both(setter((), "offset", -1e39),
+                                                         retensor("offset", np.zeros(0, np.uint8))),
+     "bad_field", "weight/offset", "open"),
+    ("affine_offset_string", affine_offset,
+     both(setter((), "offset", "0.5"), retensor("offset", np.zeros(0, np.uint8))), "bad_field", "weight/offset",
+     "open"),
+    ("affine_offset_null", affine_offset, both(setter((), "offset", None), retensor("offset", np.zeros(0, np.uint8))),
+     "bad_field", "weight/offset", "open"),
     ("codec_version_list", affine, setter(("codes",), "version", [1]), "unsupported_codec_version",
      "weight/codes/version", "open"),
     ("codec_version_float", affine, setter(("codes",), "version", 1.0), "unsupported_codec_version",
@@ -386,6 +413,166 @@ def test_lut_1x1_tile_table_applies_everywhere(tmp_path):
     qt = b.finish(b.lut(b.packed("codes", codes, 4), b.tensor("table", table.reshape(1, 1, 16)), group_shape=(1, 4)))
     path = write_file(tmp_path / "t.safetensors", quantized=[qt])
     np.testing.assert_array_equal(open_file(path).decode(NAME), table[codes])
+
+
+# -- affine version 2: the offset ---------------------------------------------------------------------------------
+
+def bits_of(array: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
+
+
+def per_tile(params: np.ndarray, group: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
+    params = np.asarray(params, dtype=np.float32)
+    if params.shape == (1, 1):
+        return np.broadcast_to(params, shape)
+    return params[(np.arange(shape[0]) // group[0])[:, None], (np.arange(shape[1]) // group[1])[None, :]]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("zero", [None, "tensor", "number"])
+@pytest.mark.parametrize("offset", ["tensor", "number", "affine", "scale"])
+def test_affine_offset_decodes_as_float32_numpy_bit_for_bit(bits: int, zero: str | None, offset: str):
+    """((q - Z) * S) + M, each fp32-rounded; without zero exactly gguf-py's d * q + m."""
+    rng = np.random.default_rng([bits, len(offset), 0 if zero is None else len(zero)])
+    rows, cols, group = 5, 72, (1, 32)  # 72 columns: the last group has 8
+    grid = (rows, 3)
+    b = RecordBuilder(NAME, (rows, cols))
+    q = rng.integers(0, 1 << bits, (rows, cols))
+    d = (rng.standard_normal(grid) * 0.01).astype(F16)
+    m = (rng.standard_normal(grid) * 0.3).astype(F16)
+    z = {"tensor": rng.integers(0, 1 << bits, grid).astype(F16), "number": 7.5, None: None}[zero]
+    if offset == "tensor":
+        offset_value, M = b.tensor("offset", m), m.astype(np.float32)
+    elif offset == "number":
+        offset_value, M = -0.3125, np.full((1, 1), -0.3125, np.float32)
+    else:  # a nested node: 6-bit mins times a negated per-tensor dmin (the K-quants' "- dmin * mn")
+        mn = rng.integers(0, 64, grid)
+        neg_dmin = np.array([[-0.0123]], F16)
+        codes_node = b.packed("offset.codes", mn, 6)
+        if offset == "affine":
+            offset_value = b.affine(codes_node, scale=b.tensor("offset.dmin", neg_dmin), bits=6, group_shape=grid)
+        else:
+            offset_value = b.scale(codes_node, b.tensor("offset.dmin", neg_dmin), grid)
+        M = mn.astype(np.float32) * neg_dmin.astype(np.float32)
+    zero_value = b.tensor("zero", z) if isinstance(z, np.ndarray) else z
+    qt = b.finish(b.affine(b.packed("codes", q, bits), scale=b.tensor("scale", d), zero=zero_value, offset=offset_value,
+                           bits=bits, group_shape=group))
+    assert qt.record["weight"]["version"] == 2
+    expected = q.astype(np.float32)
+    if z is not None:
+        expected = expected - per_tile(np.full((1, 1), z) if np.ndim(z) == 0 else z, group, (rows, cols))
+    expected = expected * per_tile(d, group, (rows, cols))
+    expected = expected + per_tile(M, group, (rows, cols))
+    assert np.array_equal(bits_of(qt.decode()), bits_of(expected))
+    if z is None and offset == "tensor":  # literally d * q + m, as gguf-py writes it
+        gguf_like = per_tile(d, group, (rows, cols)) * q.astype(np.float32) + per_tile(m, group, (rows, cols))
+        assert np.array_equal(bits_of(qt.decode()), bits_of(gguf_like))
+
+
+def test_affine_builder_writes_version_2_only_with_an_offset():
+    b = RecordBuilder(NAME, (2, 8))
+    codes = b.packed("codes", np.arange(16).reshape(2, 8) % 16, 4)
+    assert b.affine(codes, scale=0.5, zero=8, bits=4, group_shape=(1, 8))["version"] == 1
+    node_ = b.affine(codes, scale=0.5, offset=-1.0, bits=4, group_shape=(1, 8))
+    assert node_["version"] == 2 and node_["offset"] == -1.0 and "zero" not in node_
+    np.testing.assert_array_equal(b.finish(node_).decode(), (np.arange(16).reshape(2, 8) % 16) * 0.5 - 1.0)
+
+
+def test_affine_version_2_without_offset_decodes_like_version_1(tmp_path):
+    qt = affine()
+    path = write(tmp_path, [qt], setter((), "version", 2))
+    np.testing.assert_array_equal(open_file(path).decode(NAME), qt.decode())
+
+
+def test_affine_offset_in_row_ranges_equals_the_whole_decode():
+    """A record large enough to be decoded in row ranges, with tiles of 5 rows straddling the range boundary."""
+    rng = np.random.default_rng(9)
+    rows, cols, group = 2100, 520, (5, 32)
+    grid = (-(-rows // 5), -(-cols // 32))
+    b = RecordBuilder(NAME, (rows, cols))
+    q = rng.integers(0, 16, (rows, cols))
+    d, m = rng.random(grid).astype(F16), rng.standard_normal(grid).astype(F16)
+    qt = b.finish(b.affine(b.packed("codes", q, 4), scale=b.tensor("scale", d), offset=b.tensor("offset", m), bits=4,
+                           group_shape=group))
+    expected = per_tile(d, group, (rows, cols)) * q.astype(np.float32) + per_tile(m, group, (rows, cols))
+    assert np.array_equal(bits_of(qt.decode()), bits_of(expected))
+
+
+def test_decode_work_counts_the_offset_node(tmp_path):
+    """The offset's subtree counts toward the decode-work limits like scale's and zero's (spec/record.md#limits)."""
+    qt = affine_offset()
+    walk = qt.context()
+    walk.infer(qt.record["weight"], "weight")
+    # affine [4, 40] + packed codes [4, 40] + scale [4, 3] + offset [4, 3]
+    assert walk.work == 2 * 4 * 40 + 2 * 4 * 3
+    n = 8192
+
+    def amplified(records: dict, tensors: dict) -> None:  # an inner [n, n] product inside an [n, 1] offset
+        u8 = {role: np.ones(shape, np.uint8) for role, shape in (("x", (n, 1)), ("y", (1, n)), ("z", (n, 1)))}
+        for role, array in u8.items():
+            tensors[f"{NAME}.{role}"] = array
+        record = records[NAME]
+        record["shape"] = [n, 16]
+        weight = record["weight"]
+        weight["group_shape"] = [1, 16]
+        weight["scale"] = 0.5
+        weight["codes"]["shape"] = [n, 16]
+        tensors[f"{NAME}.codes"] = np.zeros((n, 8), np.uint8)
+        del tensors[f"{NAME}.scale"], tensors[f"{NAME}.offset"]
+
+        def t(role: str) -> dict:
+            return {"codec": "tensor", "version": 1, "tensor": f"{NAME}.{role}"}
+        inner = {"codec": "lowrank", "version": 1, "a": t("x"), "b": t("y")}
+        weight["offset"] = {"codec": "lowrank", "version": 1, "a": inner, "b": t("z")}
+        record["storage_bytes"] = sum(a.nbytes for k, a in tensors.items() if k.startswith(NAME + "."))
+    assert_error(write(tmp_path, [affine_offset()], amplified), "limit_exceeded", NAME, "weight/offset/a", "open")
+
+
+def test_gguf_q4_1_blocks_decode_bit_identically():
+    """Random Q4_1 blocks (F16 d, F16 m, 16 bytes of nibbles): gguf-py's dequantize equals our affine v2 record."""
+    gguf = pytest.importorskip("gguf")
+    from gguf.quants import dequantize
+
+    rng = np.random.default_rng(41)
+    rows, blocks_per_row = 6, 4
+    n = rows * blocks_per_row
+    d = (rng.standard_normal(n) * 0.02).astype(F16)
+    m = (rng.standard_normal(n) * 0.5).astype(F16)
+    qs = rng.integers(0, 256, (n, 16), dtype=np.uint8)
+    raw = np.concatenate([d.view(np.uint8).reshape(n, 2), m.view(np.uint8).reshape(n, 2), qs], axis=1)
+    want = dequantize(raw.reshape(rows, -1), gguf.GGMLQuantizationType.Q4_1)
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=1).reshape(rows, -1)  # element j: low nibble of byte j, then
+    b = RecordBuilder(NAME, (rows, 32 * blocks_per_row), "F16")             # element j + 16: its high nibble
+    qt = b.finish(b.affine(b.packed("codes", codes, 4), bits=4, group_shape=(1, 32),
+                           scale=b.tensor("d", d.reshape(rows, -1)), offset=b.tensor("m", m.reshape(rows, -1))))
+    assert want.dtype == np.float32 and want.shape == (rows, 32 * blocks_per_row)
+    assert np.array_equal(bits_of(qt.decode()), bits_of(want))
+
+
+def test_gguf_q4_k_blocks_decode_bit_identically():
+    """Random Q4_K super-blocks: (d * sc) * q - dmin * mn as the spec's tree (composition.md, GGUF Q4_1 and Q4_K)."""
+    gguf = pytest.importorskip("gguf")
+    from gguf.quants import Q4_K, dequantize
+
+    rng = np.random.default_rng(42)
+    rows, supers_per_row = 3, 2
+    n = rows * supers_per_row
+    d = (rng.standard_normal(n) * 0.01).astype(F16)
+    dmin = (np.abs(rng.standard_normal(n)) * 0.01).astype(F16)
+    scales = rng.integers(0, 256, (n, 12), dtype=np.uint8)
+    qs = rng.integers(0, 256, (n, 128), dtype=np.uint8)
+    raw = np.concatenate([d.view(np.uint8).reshape(n, 2), dmin.view(np.uint8).reshape(n, 2), scales, qs], axis=1)
+    cols = 256 * supers_per_row
+    want = dequantize(raw.reshape(rows, -1), gguf.GGMLQuantizationType.Q4_K)
+    sc, mn = Q4_K.get_scale_min(scales)  # [n, 8] 6-bit sub-scales and mins: an importer's unpacking
+    chunks = qs.reshape(n, 4, 32)  # each 32 bytes: 32 elements in the low nibbles, the next 32 in the high ones
+    codes = np.concatenate([chunks & 0x0F, chunks >> 4], axis=2).reshape(rows, cols)
+    b = RecordBuilder(NAME, (rows, cols), "F16")
+    scale = b.scale(b.packed("scale.codes", sc.reshape(rows, -1), 6), b.tensor("scale.d", d.reshape(rows, -1)), (1, 8))
+    offset = b.scale(b.packed("offset.codes", mn.reshape(rows, -1), 6),
+                     b.tensor("offset.neg_dmin", (-dmin).reshape(rows, -1)), (1, 8))
+    qt = b.finish(b.affine(b.packed("codes", codes, 4), scale=scale, offset=offset, bits=4, group_shape=(1, 32)))
+    assert np.array_equal(bits_of(qt.decode()), bits_of(want))
 
 
 # -- bugs found in qformat/format (strict xfail: they start passing when fixed) -----------------------------------

@@ -153,6 +153,58 @@ def test_one_bit_and_one_by_one() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# affine version 2: an offset added after the scale (GGUF d * q + m; the K-quants' - dmin * mn as a nested node)
+
+def offset_value(b: RecordBuilder, rng: np.random.Generator, kind: str, grid: tuple[int, int]) -> object:
+    if kind == "tensor":
+        return b.tensor("offset", (rng.standard_normal(grid) * 0.05).astype(np.float16))
+    if kind == "number":
+        return -0.0625
+    return b.scale(b.packed("offset.mins", rng.integers(0, 64, grid), 6),  # 6-bit mins times a negated dmin
+                   b.tensor("offset.neg_dmin", np.array([[-0.002]], np.float16)), grid)
+
+
+def with_offset(b: RecordBuilder, node: dict, offset: object) -> dict:
+    return b.affine(node["codes"], scale=node["scale"], zero=node.get("zero"), offset=offset, bits=node["bits"],
+                    group_shape=node["group_shape"])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("offset", ["tensor", "number", "node"])
+@pytest.mark.parametrize("zero", ["none", "tensor"])
+def test_affine_offset(bits: int, offset: str, zero: str) -> None:
+    rng = np.random.default_rng([bits, len(offset), len(zero)])
+    rows, cols = 37, 272  # groups of 32: eight whole ones and a last one of 16 columns
+    b = builder((rows, cols))
+    node = with_offset(b, affine_node(b, rng, rows, cols, bits, 32, zero), offset_value(b, rng, offset, (rows, 9)))
+    assert node["version"] == 2
+    check(b.finish(node), batches=(1, 3, 6))
+
+
+@pytest.mark.parametrize("group", [(1, 24), (1, 0), (32, 5)])
+def test_affine_offset_odd_grids_and_outer_scales(group: tuple[int, int]) -> None:
+    """Groups that are not multiples of 16 (scalar path), per row, and row blocks folded into x (HQQ axis 0); the
+    offset also takes the row and column factors above the affine node."""
+    rng = np.random.default_rng(sum(group))
+    rows, cols = 64, 100
+    gr, gc = group[0], group[1] or cols
+    grid = (-(-rows // gr), -(-cols // gc))
+    b = builder((rows, cols))
+    node = b.affine(b.packed("codes", rng.integers(0, 16, (rows, cols)), 4),
+                    scale=b.tensor("scale", (rng.random(grid) * 0.1).astype(np.float32)),
+                    zero=b.tensor("zero", rng.integers(0, 16, grid).astype(np.float32)), bits=4, group_shape=(gr, gc),
+                    offset=offset_value(b, rng, "tensor", grid))
+    check(b.finish(node), batches=(1, 3))
+    b = builder((rows, cols))
+    node = b.affine(b.packed("codes", rng.integers(0, 16, (rows, cols)), 4),
+                    scale=b.tensor("scale", (rng.random(grid) * 0.1).astype(np.float32)), bits=4,
+                    group_shape=(gr, gc), offset=offset_value(b, rng, "node", grid))
+    row = b.scale(node, b.tensor("row", rng.random((rows, 1)).astype(np.float32) + 0.5), (1, cols))
+    check(b.finish(b.scale(row, b.tensor("col", rng.random((1, cols)).astype(np.float32) + 0.5), (rows, 1))),
+          batches=(1, 3))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # methods' trees: act-order permutation, SpQR (quantized stats + outliers), low-rank sidecars
 
 def _perm(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -360,7 +412,7 @@ def test_unknown_codec_is_refused() -> None:
     record = {"shape": [2, 2], "dtype": "F32", "storage_bytes": 0,
               "weight": {"codec": "mystery", "version": 1, "tensor": "x"}}
     assert not KERNEL.supports(record)
-    record["weight"] = {"codec": "affine", "version": 2}
+    record["weight"] = {"codec": "affine", "version": 3}
     assert not KERNEL.supports(record)
 
 

@@ -204,6 +204,27 @@ def int_codes_tree():
     return b.finish(b.scale(inner, b.tensor("in_scale", np.abs(_f16(rng, 1, C)) + 0.5), group_shape=(R, 1)))
 
 
+def offset_tree(bits: int, offset: str, zero: bool = False, factor: bool = False, group: int = 32):
+    """Affine version 2 (GGUF Q4_1-like d * q + m): groups of 32 over 200 columns (the last has 8), the offset an
+    fp16 tensor, a constant or a nested node (6-bit mins times a negated dmin, as the K-quants' - dmin * mn)."""
+    rng = _rng(f"offset{bits}{offset}{zero}{factor}{group}")
+    b = RecordBuilder("w", (R, C))
+    tiles = (R, -(-C // group))
+    if offset == "tensor":
+        value = b.tensor("m", _f16(rng, *tiles))
+    elif offset == "number":
+        value = -0.375
+    else:
+        neg_dmin = b.tensor("m.neg_dmin", -np.abs(_f16(rng, 1, 1)))
+        value = b.scale(b.packed("m.q", rng.integers(0, 64, tiles), 6), neg_dmin, group_shape=tiles)
+    zeros = b.tensor("zero", rng.integers(0, 1 << bits, tiles).astype(np.float16)) if zero else None
+    node = b.affine(b.packed("codes", rng.integers(0, 1 << bits, (R, C)), bits), bits=bits, group_shape=(1, group),
+                    scale=b.tensor("d", _f16(rng, *tiles)), zero=zeros, offset=value)
+    if factor:
+        node = b.scale(node, b.tensor("row", np.abs(_f16(rng, R, 1)) + 0.5), group_shape=(1, C))
+    return b.finish(node)
+
+
 TREES = {
     **{f"affine_w{bits}": (lambda bits=bits: affine_tree(bits)) for bits in (1, 2, 3, 4, 5, 6, 7, 8, 12, 16)},
     "affine_w4_g32": lambda: affine_tree(4, group=32),
@@ -223,6 +244,12 @@ TREES = {
     "ternary": ternary_tree,
     "int_codes": int_codes_tree,
     "bf16_params": bf16_params_tree,
+    "affine_offset_w4_g32": lambda: offset_tree(4, "tensor"),
+    "affine_offset_w8_g32_zero": lambda: offset_tree(8, "tensor", zero=True),
+    "affine_offset_w4_constant": lambda: offset_tree(4, "number", zero=True),
+    "affine_offset_w8_constant": lambda: offset_tree(8, "number"),
+    "affine_offset_w4_node_row_scale": lambda: offset_tree(4, "node", factor=True),
+    "affine_offset_w8_node_g24": lambda: offset_tree(8, "node", group=24),
 }
 EXACT = {name for name in TREES if name != "lowrank_sidecar"}  # matrix products may round in any order
 
@@ -316,7 +343,8 @@ def test_frozen_gemv_launch(split_k: int, dtype: torch.dtype, monkeypatch: pytes
 # spanning blocks. Run a few such configurations explicitly.
 SMALL_CONFIGS = [{"BN": 8, "BK": 64, "SPLIT_K": 1}, {"BN": 16, "BK": 32, "SPLIT_K": 4}, {"BN": 32, "BK": 128, "SPLIT_K": 2}]
 CONFIG_TREES = ["affine_w3", "act_order", "second_level_stats", "nf4_double_quant", "lut_per_tile", "vq_aqlm_2x8_d8",
-                "vq_1x12_d6", "bitplanes_affine_w3", "int_codes", "residual"]
+                "vq_1x12_d6", "bitplanes_affine_w3", "int_codes", "residual", "affine_offset_w8_g32_zero",
+                "affine_offset_w4_node_row_scale", "affine_offset_w8_node_g24"]
 
 
 @pytest.mark.parametrize("name", CONFIG_TREES)
@@ -392,7 +420,7 @@ def test_supports_only_what_it_handles() -> None:
               "group_shape": [1, 1]}
     assert not KERNEL.supports({"weight": nested})
     future = dict(affine_tree(4).record)
-    future["weight"] = {**future["weight"], "version": 2}
+    future["weight"] = {**future["weight"], "version": 3}
     assert not KERNEL.supports(future)
     assert all(KERNEL.supports(make().record) for make in TREES.values())
     assert all(KERNEL.why_unsupported(make().record) is None for make in TREES.values())

@@ -117,7 +117,8 @@ def test_nested_factors_are_innermost_first() -> None:
     ({"shape": [4], "weight": {}}, "not a record"),
     ({"shape": [4, True], "weight": {}}, "not a record"),
     ({"shape": [4, 8], "weight": {"codec": "tensor", "version": 1, "tensor": "w"}}, "weight: tensor as a term"),
-    ({"shape": [4, 8], "weight": {"codec": "affine", "version": 2}}, "weight: affine version 2"),
+    ({"shape": [4, 8], "weight": {"codec": "affine", "version": 3}}, "weight: affine version 3"),
+    ({"shape": [4, 8], "weight": {"codec": "lut", "version": 2}}, "weight: lut version 2"),
     ({"shape": [4, 8], "weight": {"codec": "sum", "version": 1, "terms": []}}, "weight: sum without terms"),
     ({"shape": [4, 8], "weight": {"codec": "scale", "version": 1, "group_shape": [0, 1], "input": {}}},
      "weight: group_shape [0, 1]"),
@@ -164,6 +165,27 @@ def test_lower_decodes_statistics_as_the_reference_decoder() -> None:
     for term in (codes, signs, lut, vq):
         np.testing.assert_array_equal(term.codes.values(), reference_decode_ints(qt, term.codes.node))
     assert lut.codes.top == int(qt.tensors[f"{NAME}.lut.codes"].max())
+
+
+@pytest.mark.parametrize("offset", ["tensor", "number", "node"])
+def test_affine_version_2_offset_is_lowered_like_scale_and_zero(offset: str) -> None:
+    rng = np.random.default_rng(len(offset))
+    b = builder()
+    grid = (R, C // 16)
+    value = {"tensor": lambda: b.tensor("codes.offset", rng.standard_normal(grid).astype(np.float16)),
+             "number": lambda: -0.25,
+             "node": lambda: b.scale(b.packed("codes.offset.mins", rng.integers(0, 64, grid), 6),
+                                     b.tensor("codes.offset.neg_dmin", np.array([[-0.01]], np.float16)), grid)}[offset]()
+    node = affine(b, rng)
+    node = b.affine(node["codes"], scale=node["scale"], zero=node["zero"], offset=value, bits=4, group_shape=(1, 16))
+    qt = b.finish(node)
+    (term,) = plan_terms(qt.record)
+    assert term.kind == "codes" and term.codec == "affine" and term.offset is None  # nothing read yet
+    (term,) = lower(qt).terms
+    assert term.offset.group == term.scale.group == (1, 16)
+    np.testing.assert_array_equal(term.offset.values, reference_decode(qt, node["offset"]))
+    assert term.offset.values.dtype == np.float32
+    assert lower(everything()).terms[0].offset is None  # version 1: no offset
 
 
 def reference_decode_ints(qt: QuantizedTensor, node: dict) -> np.ndarray:

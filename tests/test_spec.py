@@ -194,7 +194,10 @@ class SpecDecoder:
         w = q.astype(np.float32)
         if "zero" in node:
             w = w - grid(self.value(node["zero"]), node["group_shape"], q.shape)
-        return w * scale
+        w = w * scale
+        if "offset" in node:  # version 2: added after the product, a rounding of its own
+            w = w + grid(self.value(node["offset"]), node["group_shape"], q.shape)
+        return w
 
     def d_lut(self, node: dict) -> np.ndarray:
         q, table = self(node["codes"]), as_f32(self(node["table"]))
@@ -308,7 +311,7 @@ def make_tensors(record: dict, listed: dict[str, tuple[str, tuple[int, ...]]],
             put(node["tensor"], bitpack.pack_ternary(rng.integers(-1, 2, size=node["shape"])))
         elif codec == "affine":
             fill(node["codes"], 1 << node["bits"])
-            for key in ("scale", "zero"):
+            for key in ("scale", "zero", "offset"):
                 if isinstance(node.get(key), dict):
                     fill(node[key], None)
         elif codec == "lut":
@@ -365,7 +368,10 @@ GOOD_NODE = {"codec": "affine", "version": 1, "bits": 4, "group_shape": [1, 32],
 
 
 @pytest.mark.parametrize("mutate", [
-    lambda n: n.update(version=2),
+    lambda n: n.update(version=3),
+    lambda n: n.update(offset=0.5),
+    lambda n: n.update(version=2, offset="0.5"),
+    lambda n: n.update(version=2, offset=1e39),
     lambda n: n.update(version=True),
     lambda n: n.update(extra=1),
     lambda n: n.pop("scale"),
@@ -379,7 +385,7 @@ GOOD_NODE = {"codec": "affine", "version": 1, "bits": 4, "group_shape": [1, 32],
     lambda n: n["scale"].update(tensor=""),
     lambda n: n.update(codes={"codec": "sum", "version": 1, "terms": []}),
     lambda n: n.update(codec="acme.thing", version=0),
-], ids=["version2", "version_bool", "unknown_field", "missing_scale", "bits17", "group0", "zero_string",
+], ids=["version3", "v1_offset", "offset_string", "offset_overflows_fp32", "version_bool", "unknown_field", "missing_scale", "bits17", "group0", "zero_string",
         "zero_overflows_fp32", "dotless_unknown_codec", "bits0", "no_version", "empty_name", "empty_sum",
         "plugin_version0"])
 def test_schema_rejects_what_the_spec_forbids(mutate: Callable[[dict], Any]):
@@ -387,6 +393,12 @@ def test_schema_rejects_what_the_spec_forbids(mutate: Callable[[dict], Any]):
     node = copy.deepcopy(GOOD_NODE)
     mutate(node)
     assert not VALIDATORS["node"].is_valid(node)
+
+
+def test_schema_affine_version_2_adds_offset():
+    for offset in (0.5, -3, {"codec": "tensor", "version": 1, "tensor": "w.m"}):
+        assert VALIDATORS["node"].is_valid({**GOOD_NODE, "version": 2, "offset": offset})
+    assert VALIDATORS["node"].is_valid({**GOOD_NODE, "version": 2})  # the offset is optional in version 2
 
 
 def test_schema_plugin_escape_hatch():
@@ -515,7 +527,8 @@ def test_codec_names_agree_between_schema_registry_and_components():
     assert branches == CORE | {"plugin_node"}
     for codec in CORE:
         versions, _ = CORE_CODECS.names()[codec]
-        assert {defs[codec]["properties"]["version"]["const"]} == set(versions)
+        version = defs[codec]["properties"]["version"]
+        assert set(version["enum"] if "enum" in version else [version["const"]]) == set(versions), codec
         required = set(defs[codec]["required"]) - {"codec", "version"}
         assert required == set(CORE_CODECS.get(codec).required), codec
         optional = set(defs[codec]["properties"]) - set(defs[codec]["required"])
@@ -695,6 +708,25 @@ def test_nf4_double_quant_example_matches_the_bitsandbytes_formula():
     expected = nf4[q] * absmax[:, np.arange(256) // 64]
     got = QuantizedTensor(name, record, t).decode()
     np.testing.assert_array_equal(got, expected)
+
+
+def test_gguf_q4_k_example_matches_the_gguf_formula():
+    """(d * sc) * q - dmin * mn in fp32, as gguf-py's Q4_K dequantization computes it, bit for bit."""
+    record, t, name = example_by_method("gguf")
+    p = name + "."
+    q = bitpack.unpack_codes(t[p + "codes"], 4, 512).astype(np.float32)
+    sc = bitpack.unpack_codes(t[p + "scale.codes"], 6, 16).astype(np.float32)
+    mn = bitpack.unpack_codes(t[p + "offset.codes"], 6, 16).astype(np.float32)
+    d = as_f32(t[p + "scale.d"])
+    dmin = -as_f32(t[p + "offset.neg_dmin"])  # stored negated: exact
+    sub = np.arange(16) // 8
+    d_sub, dm = d[:, sub] * sc, dmin[:, sub] * mn
+    block = np.arange(512) // 32
+    expected = d_sub[:, block] * q - dm[:, block]
+    got = QuantizedTensor(name, record, t).decode()
+    np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
+    assert record["weight"]["version"] == 2
+    assert record["storage_bytes"] * 8 / (4 * 512) == 4.5
 
 
 # ---------------------------------------------------------------------------------------------------------------

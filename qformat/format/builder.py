@@ -91,8 +91,11 @@ class RecordBuilder:
 
     # -- value maps ---------------------------------------------------------------------------------------------
     def affine(self, codes: Node, *, scale: Value, zero: Value | None = None, bits: int,
-               group_shape: Sequence[int]) -> Node:
-        return _node("affine", codes=codes, bits=bits, scale=scale, zero=zero, group_shape=list(group_shape))
+               group_shape: Sequence[int], offset: Value | None = None) -> Node:
+        """``((q - zero) * scale) + offset`` per tile. Version 2 only with an ``offset`` (GGUF's ``d * q + m``), so
+        every other node stays readable by version-1 readers (spec/README.md, versioning rule 4)."""
+        return _node("affine", 2 if offset is not None else 1, codes=codes, bits=bits, scale=scale, zero=zero,
+                     offset=offset, group_shape=list(group_shape))
 
     def lut(self, codes: Node, table: Node, group_shape: Sequence[int] | None = None) -> Node:
         return _node("lut", codes=codes, table=table, group_shape=list(group_shape) if group_shape else None)

@@ -334,7 +334,7 @@ def _check_kind(ctx: Context, info: NodeInfo, kind: str, fld: str) -> None:
 
 
 def _value_or_number(ctx: Context, node: dict, key: str) -> NodeInfo | None:
-    """Scale/zero-like fields: a node, a JSON number (a constant, finite in fp32), or absent (never null)."""
+    """Scale/zero/offset-like fields: a node, a JSON number (a constant, finite in fp32), or absent (never null)."""
     if key not in node:
         return None
     value = node[key]
@@ -551,12 +551,20 @@ class TernaryCodec(Codec):
 
 @register
 class AffineCodec(Codec):
-    """w = (q - zero) * scale, with scale and zero given per tile of group_shape (and possibly quantized themselves)."""
+    """w = (q - zero) * scale + offset, with scale, zero and offset given per tile of group_shape (and possibly
+    quantized themselves). Version 2 is version 1 plus the optional ``offset`` (GGUF's ``d * q + m``)."""
 
     name = "affine"
+    versions = frozenset({1, 2})
     required = frozenset({"codes", "bits", "scale", "group_shape"})
-    optional = frozenset({"zero"})
+    optional = frozenset({"zero", "offset"})
     row_ranges = True
+
+    def check_fields(self, node: dict, ctx: Context) -> None:
+        super().check_fields(node, ctx)
+        if node["version"] == 1 and "offset" in node:  # a field version 1 does not have: unknown, as for any field
+            raise ctx.error("bad_field", "codec 'affine' version 1 has no field 'offset' (it needs version 2)",
+                            "offset")
 
     def infer(self, node: dict, ctx: Context) -> NodeInfo:
         bits = ctx.int_field(node, "bits", 1, 16)
@@ -567,7 +575,7 @@ class AffineCodec(Codec):
         if codes.max_code is not None and codes.max_code > (1 << bits):
             raise ctx.error("code_out_of_range", f"codes are {codes.max_code.bit_length() - 1} bits wide but the "
                             f"node declares bits={bits}", "codes")
-        for key in ("scale", "zero"):
+        for key in ("scale", "zero", "offset"):
             info = _value_or_number(ctx, node, key)
             if info is not None:
                 if len(info.shape) != 2:
@@ -582,11 +590,14 @@ class AffineCodec(Codec):
         first = rows[0] if rows else 0
         scale = _param(ctx, node, "scale", rows)
         zero = _param(ctx, node, "zero", rows)
+        offset = _param(ctx, node, "offset", rows)
         values = q.astype(np.float32, order="C")
         del q
-        if zero is not None:  # (q - zero) * scale, two fp32 roundings, as the spec fixes
+        if zero is not None:  # ((q - zero) * scale) + offset, one fp32 rounding each, in the order the spec fixes
             apply_tiles(values, zero, group, first, np.subtract)
         apply_tiles(values, scale, group, first, np.multiply)
+        if offset is not None:
+            apply_tiles(values, offset, group, first, np.add)
         return values
 
 
