@@ -129,3 +129,36 @@ def input_ids(n: int = 24, seed: int = 1):
     import torch
 
     return torch.randint(0, 256, (2, n), generator=torch.Generator().manual_seed(seed))
+
+
+# -- Hugging Face folders quantized by other tools (the importer tests) -----------------------------------------------
+
+HF_TINY = dict(vocab_size=128, hidden_size=128, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=64)
+
+
+def hf_llama(dtype: str = "bfloat16", seed: int = 0, **overrides):
+    """A tiny random LlamaForCausalLM (hidden 128, intermediate 192, 2 layers, vocab 128) in ``dtype``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**{**HF_TINY, **overrides})).eval()
+    return model.to(getattr(torch, dtype))
+
+
+def write_hf_folder(folder: Path, model, tensors: dict, quantization_config: dict, base_model: str | None = None) -> Path:
+    """A Hugging Face checkpoint folder as the quantizing tool saves it: config.json (the model's config plus the
+    tool's ``quantization_config``), model.safetensors holding ``tensors`` (torch), and a model card naming
+    ``base_model`` when given."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = json.loads(model.config.to_json_string())
+    config["architectures"] = [type(model).__name__]
+    config["quantization_config"] = quantization_config
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors", metadata={"format": "pt"})
+    if base_model:
+        (folder / "README.md").write_text(f"---\nbase_model: {base_model}\nlibrary_name: transformers\n---\n# model\n")
+    return folder

@@ -178,7 +178,7 @@ def test_cli_detects_and_imports(foreign_plugins, tmp_path: Path, capsys: pytest
     (["--method", "import", "--bits", "4"], "--bits does not apply to --method import"),
     (["--method", "import", "--transform", "awq"], "--transform does not apply to --method import"),
     (["--method", "import", "-p", "bits=4"], "--method import takes only -p format=NAME"),
-    (["--method", "import", "-p", "format=nope"], "unknown import format 'nope'; installed importers: foreign"),
+    (["--method", "import", "-p", "format=nope"], "unknown import format 'nope'; installed importers: "),
     (["--method", "import", "--base-model", "not a repo id"], "--base-model 'not a repo id' is not a Hub model id"),
 ])
 def test_cli_errors_before_any_work(foreign_plugins, tmp_path: Path, capsys: pytest.CaptureFixture, argv,
@@ -196,7 +196,7 @@ def test_cli_without_method_on_a_plain_model_asks_for_one(foreign_plugins, tmp_p
     code, _, err = run(capsys, "convert", plain, "--out", tmp_path / "out")
     assert code != 0 and "--method is required: no importer recognises the source" in err
     code, _, err = run(capsys, "convert", "--method", "import", plain, "--out", tmp_path / "out")
-    assert code != 0 and "is not a checkpoint any installed importer reads (importers: foreign" in err
+    assert code != 0 and "is not a checkpoint any installed importer reads (importers: " in err and "foreign" in err
 
 
 def test_harness_checks_an_importer_against_a_reference(foreign_plugins, tmp_path: Path) -> None:
