@@ -20,6 +20,8 @@ Contracts (also in docs/plugins.md):
   (``qformat convert --transform NAME``); ``get_transform(name)`` returns that one instance.
 - ``qformat_register_importers(register)``: ``register(importer)`` with a :class:`qformat.importers.Importer`
   instance that reads checkpoints another tool quantized, bit-exactly (``qformat convert --method import``).
+- ``qformat_register_exporters(register)``: ``register(exporter)`` with a :class:`qformat.exporters.Exporter`
+  instance that writes a qformat folder in another tool's format, exactly (``qformat export --to NAME``).
 - ``qformat_register_kernels(register)``: ``register(kernel)`` with a :class:`qformat.kernel_api.Kernel` instance that
   computes ``x @ W.T`` for the codec signatures it declares.
 
@@ -62,3 +64,8 @@ def qformat_register_transforms(register: Callable[[Any], None]) -> None:
 @hookspec
 def qformat_register_importers(register: Callable[[Any], None]) -> None:
     """Register checkpoint importers (qformat.importers.Importer instances)."""
+
+
+@hookspec
+def qformat_register_exporters(register: Callable[[Any], None]) -> None:
+    """Register exporters to other formats (qformat.exporters.Exporter instances)."""

@@ -26,6 +26,19 @@ The contracts are documented in docs/plugins.md; :mod:`qformat.testing` checks a
 from __future__ import annotations
 
 from .errors import FormatError, ParameterError, PluginError, SourceError
+from .exporters import (
+    ExportedTensor,
+    Exporter,
+    ExportReport,
+    ExportWarning,
+    Inexpressible,
+    InexpressibleError,
+    RequantizedWarning,
+    opened,
+    relative_error,
+    same_bits,
+    staged_output,
+)
 from .format import CORE_CODECS, Codec, CodecRegistry, Context, NodeInfo, QuantizedTensor, RecordBuilder, TensorInfo
 from .format.builder import Node
 from .hookspecs import hookimpl
@@ -61,6 +74,9 @@ __all__ = [
     "Kernel", "PreparedWeight",
     # importers of other tools' checkpoints
     "ImportedModel", "Importer",
+    # exporters to other formats
+    "ExportReport", "ExportWarning", "ExportedTensor", "Exporter", "Inexpressible", "InexpressibleError", "RequantizedWarning", "opened",
+    "relative_error", "same_bits", "staged_output",
     # errors
     "FormatError", "ParameterError", "PluginError", "SourceError",
 ]

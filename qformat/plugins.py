@@ -33,6 +33,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import PluginError
+from .exporters import Exporter
 from .format import CORE_CODECS, Codec, CodecRegistry
 from .importers import Importer
 from .kernel_api import Kernel
@@ -54,6 +55,7 @@ class PluginInfo:
     kernels: list[str] = field(default_factory=list)
     transforms: list[str] = field(default_factory=list)
     importers: list[str] = field(default_factory=list)
+    exporters: list[str] = field(default_factory=list)
     error: str | None = None
 
 
@@ -74,6 +76,8 @@ class Plugins:
     transform_owner: dict[str, str] = field(default_factory=dict)
     importers: dict[str, Importer] = field(default_factory=dict)
     importer_owner: dict[str, str] = field(default_factory=dict)
+    exporters: dict[str, Exporter] = field(default_factory=dict)
+    exporter_owner: dict[str, str] = field(default_factory=dict)
 
 
 def _allowed() -> set[str] | None:
@@ -211,6 +215,16 @@ def _importer_registrar(plugins: Plugins, plugin_name: str) -> Callable[[Importe
     return register
 
 
+def _exporter_registrar(plugins: Plugins, plugin_name: str) -> Callable[[Exporter], None]:
+    def register(exporter: Exporter) -> None:
+        _refuse_non_instance(exporter, Exporter, "exporter")
+        _claim(plugins, "exporter", plugins.exporters, plugins.exporter_owner, exporter.name, exporter, plugin_name)
+        register.registered.append(exporter.name)
+
+    register.registered = []
+    return register
+
+
 def _kernel_registrar(plugins: Plugins, plugin_name: str) -> Callable[[Kernel], None]:
     def register(kernel: Kernel) -> None:
         _refuse_non_instance(kernel, Kernel, "kernel")
@@ -246,7 +260,8 @@ def _codec_registrar(plugins: Plugins, plugin_name: str) -> Callable[[Codec], No
 
 # Hook order: methods, transforms, then codecs, then kernels (a kernel may look at the codecs when it is built).
 _HOOKS = (("qformat_register_methods", _method_registrar), ("qformat_register_transforms", _transform_registrar),
-          ("qformat_register_importers", _importer_registrar), ("qformat_register_codecs", _codec_registrar), ("qformat_register_kernels", _kernel_registrar))
+          ("qformat_register_importers", _importer_registrar),
+          ("qformat_register_exporters", _exporter_registrar), ("qformat_register_codecs", _codec_registrar), ("qformat_register_kernels", _kernel_registrar))
 
 
 def _collect(plugins: Plugins) -> None:
@@ -363,6 +378,16 @@ def get_importer(name: str) -> Importer:
         known = ", ".join(sorted(plugins.importers)) or "none installed"
         raise PluginError(f"unknown import format {name!r}; installed importers: {known}")
     return importer
+
+
+def get_exporter(name: str) -> Exporter:
+    """The registered exporter ``name``."""
+    plugins = get_plugins()
+    exporter = plugins.exporters.get(name)
+    if exporter is None:
+        known = ", ".join(sorted(plugins.exporters)) or "none installed"
+        raise PluginError(f"unknown export format {name!r}; installed exporters: {known}")
+    return exporter
 
 
 def detect_importer(source: Path) -> Importer | None:

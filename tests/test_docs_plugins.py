@@ -29,7 +29,8 @@ CONTRACTS = {
     **{name: f"qformat.plugin.{name}" for name in (
         "Method", "MethodConfig", "LayerInput", "Kernel", "PreparedWeight", "Codec", "Context", "NodeInfo",
         "TensorInfo", "CodecRegistry", "RecordBuilder", "QuantizedTensor", "Transform", "TransformConfig",
-        "BlockInput", "BlockResult", "InputTransform", "ColumnScale", "ScalePair", "Importer", "ImportedModel")},
+        "BlockInput", "BlockResult", "InputTransform", "ColumnScale", "ScalePair", "Importer", "ImportedModel",
+        "Exporter", "ExportReport", "ExportedTensor")},
     "Plugins": "qformat.plugins.Plugins", "PluginInfo": "qformat.plugins.PluginInfo",
 }
 _CLASS = "|".join(sorted(CONTRACTS, key=len, reverse=True))
@@ -153,7 +154,7 @@ def test_the_page_is_really_checked():
     assert len([s for s in spans(text) if s.startswith("qformat.plugin.")]) >= 15
     assert set(re.findall(r"\bqformat_register_\w+", text)) == {
         "qformat_register_methods", "qformat_register_transforms", "qformat_register_codecs",
-        "qformat_register_kernels", "qformat_register_importers"}
+        "qformat_register_kernels", "qformat_register_importers", "qformat_register_exporters"}
     assert {"QFORMAT_PLUGINS", "QFORMAT_TRACE_PLUGINS", "QFORMAT_KERNEL"} <= set(re.findall(r"QFORMAT_[A-Z_]+", text))
     assert {"check_method", "check_transform", "check_codec_vectors", "check_kernel", "check_import"} <= {
         m for s in spans(text) for m in re.findall(r"^(check_\w+)", s)}

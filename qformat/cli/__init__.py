@@ -10,7 +10,7 @@ import sys
 from ..errors import QformatError, shorten
 
 # Modules contributing subcommands; each defines add_parsers(subparsers) and sets `func` on its parsers.
-COMMAND_MODULES = ("format_cmds", "convert_cmds", "runtime_cmds", "kernel_cmds", "hub_cmds")
+COMMAND_MODULES = ("format_cmds", "convert_cmds", "export_cmds", "runtime_cmds", "kernel_cmds", "hub_cmds")
 
 
 def build_parser() -> argparse.ArgumentParser:

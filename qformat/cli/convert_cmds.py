@@ -337,9 +337,10 @@ def plugin_listing() -> list[dict[str, Any]]:
                 "config": transform.config.__name__, "config_version": transform.config.version,
                 "params": [_param_listing(p) for p in transform.params]})
         importers = [{"name": n, "description": plugins.importers[n].description} for n in info.importers]
+        exporters = [{"name": n, "description": plugins.exporters[n].description} for n in info.exporters]
         listing.append({"entry_point": name, "module": info.module, "package": info.package,
                         "version": info.version, "methods": methods, "transforms": transforms, "importers": importers,
-                        "codecs": info.codecs,
+                        "exporters": exporters, "codecs": info.codecs,
                         "kernels": info.kernels, "error": info.error})
     return listing
 
@@ -384,7 +385,11 @@ def run_plugins(args: argparse.Namespace) -> int:
             print(f"  importer {importer['name']} (qformat convert --method import; -p format={importer['name']})")
             if importer["description"]:
                 print(f"    {importer['description']}")
-        if not any(plugin[k] for k in ("methods", "transforms", "importers", "codecs", "kernels")) \
+        for exporter in plugin["exporters"]:
+            print(f"  exporter {exporter['name']} (qformat export --to {exporter['name']} DIR OUT)")
+            if exporter["description"]:
+                print(f"    {exporter['description']}")
+        if not any(plugin[k] for k in ("methods", "transforms", "importers", "exporters", "codecs", "kernels")) \
                 and not plugin["error"]:
             print("  (no hook implementations)")
     return 0

@@ -222,7 +222,7 @@ class RowReader:
         starts = np.flatnonzero(np.diff(wanted, prepend=-2) != 1)
         ends = np.append(starts[1:], wanted.size)
         try:
-            for begin, end in zip(starts.tolist(), ends.tolist()):
+            for begin, end in zip(starts.tolist(), ends.tolist(), strict=True):
                 lo = int(wanted[begin])
                 out[begin:end] = self._ctx.decode(self._weight, "weight", (lo, lo + end - begin))
         except FormatError as exc:
