@@ -240,10 +240,254 @@ def _fp8_tile(typingctx, words_t, r_t, t_t, x_t, nb_t, e4m3_t):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# a whole row (a range of tiles) in one call: vector accumulators live across tiles, several independent chains
+
+ROW_AFFINE, ROW_LUT, ROW_E4M3, ROW_E5M2, ROW_NIBBLE = 0, 1, 2, 3, 4  # decodings of ``_row_dot``
+VECTOR_WIDTH = 16 if _FEATURES.get("avx512f", False) else 8
+# 4-bit codes into a 16-entry table with AVX2: the "nibble" layout of a tile's 128 columns, looked up with vpshufb
+# on the four byte planes of the fp32 table (exact) and interleaved back into fp32 (vpunpck), 12 in-lane shuffles
+# per 32 codes instead of two lane-crossing permutes, a blend and two shifts per 8. Column c of a tile is vector
+# v = c // 8, element E = c % 8; vector v comes from half h = v // 8 (words 8h..8h+7), nibble part (v // 4) % 2 of
+# the bytes n = 16 (E // 4) + 4 (v % 4) + E % 4 (the order vpunpck{l,h}bw then vpunpck{l,h}wd produce), so x keeps
+# its natural column order and every vector of 8 codes lies in one scale group of 8 or more columns.
+NIBBLE_LUT = bool(_FEATURES.get("avx2", False))
+
+
+def _nibble_map() -> tuple[np.ndarray, np.ndarray]:
+    """(word, bit shift) of each of a tile's 128 columns in the nibble layout."""
+    c = np.arange(128)
+    v, e = c // 8, c % 8
+    n = 16 * (e // 4) + 4 * (v % 4) + e % 4
+    byte = 32 * (v // 8) + n
+    return (byte // 4).astype(np.intp), (8 * (byte % 4) + 4 * ((v // 4) % 2)).astype(np.uint32)
+
+
+NIBBLE_WORD, NIBBLE_SHIFT = _nibble_map()
+
+
+@intrinsic
+def _row_dot(typingctx, words_t, r_t, t0_t, t1_t, x_t, table_t, trow_t, scale_t, groups_t, nb_t, mode_t, bits_t,
+             spg_t):
+    """(sum_{t0 <= t < t1} sum_{k, p} S[r, g(t, k)] v(words[r, t, p], k) x[b, t, k, p] for b < nb), x as the fused
+    kernel lays it out. ``spg``: slots per scale group: 0 when the row has one group (scale[r, 0], applied once at
+    the end), >= cpw when every tile lies in one group (groups[t, 0]), else a divisor of cpw (runs of spg slots).
+    Decodings (``mode``): affine codes (masked as in the fused kernel, x pre-scaled), a table of up to 16 entries
+    (permutes; per run the table itself is scaled, so each value costs no multiply), FP8 E4M3 / E5M2 (fp16 bits, x
+    in ``_fp8_tile_position`` order). Products go round-robin into several accumulators per row of x, so the loop
+    is bound by decoding throughput, not by the latency of one chain of FMAs; they are reduced once per call."""
+    literals = (nb_t, mode_t, bits_t, spg_t)
+    if not all(isinstance(lit, types.IntegerLiteral) for lit in literals):
+        return None
+    nb, mode, bits, spg = (lit.literal_value for lit in literals)
+    cpw, mask = 32 // bits, (1 << bits) - 1
+    sig = types.UniTuple(types.float32, nb)(words_t, r_t, t0_t, t1_t, x_t, table_t, trow_t, scale_t, groups_t, nb_t,
+                                            mode_t, bits_t, spg_t)
+    fp8 = mode in (ROW_E4M3, ROW_E5M2)
+    nibble = mode == ROW_NIBBLE
+
+    def codegen(context, builder, signature, args):  # pragma: no cover - runs inside numba's compiler
+        words_ty, _, _, _, x_ty, table_ty, _, scale_ty, groups_ty = signature.args[:9]
+        r, t0, t1, trow = (context.cast(builder, args[i], signature.args[i], types.intp) for i in (1, 2, 3, 6))
+        words_a = context.make_array(words_ty)(context, builder, args[0])
+        x_a = context.make_array(x_ty)(context, builder, args[4])
+        table_a = context.make_array(table_ty)(context, builder, args[5])
+        scale_a = context.make_array(scale_ty)(context, builder, args[7])
+        groups_a = context.make_array(groups_ty)(context, builder, args[8])
+        width = 8 if fp8 or nibble else PERMUTE_WIDTH if mode == ROW_LUT else VECTOR_WIDTH
+        f32, i32, i16, intp = ir.FloatType(), ir.IntType(32), ir.IntType(16), context.get_value_type(types.intp)
+        vf, vi = ir.VectorType(f32, width), ir.VectorType(i32, width)
+        module = builder.module
+        fma = cgutils.get_or_insert_function(module, ir.FunctionType(vf, [vf, vf, vf]), f"llvm.fma.v{width}f32")
+        reduce_add = cgutils.get_or_insert_function(module, ir.FunctionType(f32, [f32, vf]),
+                                                    f"llvm.vector.reduce.fadd.v{width}f32")
+        if mode == ROW_LUT:
+            permute = cgutils.get_or_insert_function(module, ir.FunctionType(vf, [vf, vi]), (
+                "llvm.x86.avx512.permvar.sf.512" if width == 16 else "llvm.x86.avx2.permps"))
+
+        def const(value):
+            return ir.Constant(intp, value)
+
+        def ints(value):
+            return ir.Constant(vi, [value] * width)
+
+        def vector_at(ary_ty, ary, index, vec_ty):
+            ptr = cgutils.get_item_pointer(context, builder, ary_ty, ary, index)
+            return builder.load(builder.bitcast(ptr, vec_ty.as_pointer()), align=4)
+
+        def splat(value):
+            vec = builder.insert_element(ir.Constant(vf, ir.Undefined), value, ir.Constant(i32, 0))
+            return builder.shuffle_vector(vec, ir.Constant(vf, ir.Undefined), ir.Constant(vi, [0] * width))
+
+        def tree_sum(values):
+            values = list(values)
+            while len(values) > 1:
+                values = [builder.fadd(values[i], values[i + 1]) if i + 1 < len(values) else values[i]
+                          for i in range(0, len(values), 2)]
+            return values[0]
+
+        chains = 4 if nb == 1 else 2
+        zero = ir.Constant(vf, [0.0] * width)
+        accs = [[cgutils.alloca_once(builder, vf) for _ in range(chains)] for _ in range(nb)]
+        for row in accs:
+            for ptr in row:
+                builder.store(zero, ptr)
+        split = mode == ROW_LUT and width == 8 and bits == 4
+        tables = ([vector_at(table_ty, table_a, [trow, const(h * width)], vf) for h in range(1 + split)]
+                  if mode == ROW_LUT else [])
+        halves = LANES // width
+        i8 = ir.IntType(8)
+        v32i8 = ir.VectorType(i8, 32)
+        if nibble:  # the table's byte m of every entry, in both 128-bit lanes
+            pshufb = cgutils.get_or_insert_function(module, ir.FunctionType(v32i8, [v32i8, v32i8]),
+                                                    "llvm.x86.avx2.pshuf.b")
+            entries = builder.bitcast(vector_at(table_ty, table_a, [trow, const(0)], ir.VectorType(f32, 16)),
+                                      ir.VectorType(i8, 64))
+            planes = [builder.shuffle_vector(entries, ir.Constant(ir.VectorType(i8, 64), ir.Undefined),
+                                             ir.Constant(ir.VectorType(i32, 32), [4 * (e % 16) + m for e in range(32)]))
+                      for m in range(4)]
+        if fp8:
+            runs = [[(h, part, sub) for h in range(2) for part in range(2) for sub in range(2)]]
+        elif nibble:  # vectors of 8 columns, in column order
+            per_run = 16 if spg == 0 or spg >= cpw else 2 * spg
+            runs = [list(range(j, j + per_run)) for j in range(0, 16, per_run)]
+        elif spg == 0 or spg >= cpw:
+            runs = [[(k, h) for k in range(cpw) for h in range(halves)]]
+        else:
+            runs = [[(k, h) for k in range(j * spg, (j + 1) * spg) for h in range(halves)] for j in range(cpw // spg)]
+        counter = [0]
+
+        with cgutils.for_range_slice(builder, t0, t1, const(1), intp) as (t, _):
+            word_vs = [vector_at(words_ty, words_a, [r, t, const(h * width)], vi) for h in range(halves)]
+            fp8_parts = {}
+            if fp8:
+                for h in range(2):
+                    w = word_vs[h]
+                    if mode == ROW_E4M3:  # s eeee mmm -> fp16 bits s 0eeee mmm0000000 (bias 15, not 7: x 2**8)
+                        even = builder.and_(w, ints(0x00FF00FF))
+                        even = builder.shl(builder.add(even, builder.and_(w, ints(0x00800080))), ints(7))
+                        odd = builder.or_(builder.and_(builder.lshr(w, ints(1)), ints(0x3F803F80)),
+                                          builder.and_(w, ints(0x80008000)))
+                    else:  # E5M2 is the top byte of an fp16
+                        even = builder.shl(builder.and_(w, ints(0x00FF00FF)), ints(8))
+                        odd = builder.and_(w, ints(0xFF00FF00))
+                    for part, bits16 in enumerate((even, odd)):
+                        fp8_parts[h, part] = builder.bitcast(builder.bitcast(bits16, ir.VectorType(i16, 16)),
+                                                             ir.VectorType(ir.HalfType(), 16))
+
+            nibble_vs = {}
+            if nibble:
+                def unpack(a, b, size, high):
+                    n = 16 // size  # elements per 128-bit lane
+                    start = n // 2 if high else 0
+                    order = [i for lane in range(2) for e in range(start, start + n // 2)
+                             for i in (lane * n + e, 2 * n + lane * n + e)]
+                    return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, 2 * n), order))
+
+                v16i16 = ir.VectorType(i16, 16)
+                for h in range(2):
+                    for part in range(2):
+                        w = word_vs[h]
+                        codes = builder.and_(builder.lshr(w, ints(4)) if part else w, ints(0x0F0F0F0F))
+                        codes = builder.bitcast(codes, v32i8)
+                        p0, p1, p2, p3 = (builder.call(pshufb, [plane, codes]) for plane in planes)
+                        for half16 in range(2):  # bytes 0-7 / 8-15 of each lane, as 16-bit low and high halves
+                            low = builder.bitcast(unpack(p0, p1, 1, half16), v16i16)
+                            high = builder.bitcast(unpack(p2, p3, 1, half16), v16i16)
+                            for q2 in range(2):
+                                q = 2 * half16 + q2
+                                nibble_vs[(2 * h + part) * 4 + q] = builder.bitcast(unpack(low, high, 2, q2), vf)
+
+            def decode(item, tabs):
+                """(value vector, x index) of one vector of codes."""
+                if nibble:
+                    return nibble_vs[item], [t, const(item // 2), const(8 * (item % 2))]
+                if fp8:
+                    h, part, sub = item
+                    picked = builder.shuffle_vector(
+                        fp8_parts[h, part], ir.Constant(ir.VectorType(ir.HalfType(), 16), ir.Undefined),
+                        ir.Constant(ir.VectorType(i32, 8), list(range(8 * sub, 8 * sub + 8))))
+                    vector = h * 4 + part * 2 + sub
+                    return builder.fpext(picked, vf), [t, const(vector // 2), const(8 * (vector % 2))]
+                k, h = item
+                w = word_vs[h]
+                index = [t, const(k), const(h * width)]
+                if mode == ROW_AFFINE:
+                    if k * bits + bits <= 31:  # q * 2**(k*bits); x is pre-scaled
+                        return builder.sitofp(builder.and_(w, ints(mask << (k * bits))), vf), index
+                    return builder.sitofp(builder.lshr(w, ints(k * bits)), vf), index
+                shifted = builder.lshr(w, ints(k * bits)) if k else w
+                code = shifted if width == 8 and bits >= 3 else builder.and_(shifted, ints(mask))
+                value = builder.call(permute, [tabs[0], code])
+                if split:  # bit 4k+3 (the code's top bit) -> the sign bit selects the high half of the table
+                    high = builder.call(permute, [tabs[1], code])
+                    top = builder.shl(w, ints(28 - 4 * k)) if k < 7 else w
+                    value = builder.select(builder.icmp_signed("<", top, ints(0)), high, value)
+                return value, index
+
+            def accumulate(b, value, xv):
+                slot = accs[b][counter[0] % chains]
+                builder.store(builder.call(fma, [value, xv, builder.load(slot)]), slot)
+
+            for run in runs:
+                first = 0 if fp8 else run[0] // 2 if nibble else run[0][0]
+                factor = None
+                if spg != 0:
+                    group = builder.load(cgutils.get_item_pointer(context, builder, groups_ty, groups_a,
+                                                                  [t, const(first)]))
+                    factor = builder.load(cgutils.get_item_pointer(context, builder, scale_ty, scale_a,
+                                                                   [r, builder.zext(group, intp)]))
+                if mode == ROW_LUT or factor is None:  # scaled table (or no scale): straight into the chains
+                    tabs = [builder.fmul(tab, splat(factor)) for tab in tables] if factor is not None else tables
+                    for item in run:
+                        value, index = decode(item, tabs)
+                        for b in range(nb):
+                            accumulate(b, value, vector_at(x_ty, x_a, [const(b)] + index, vf))
+                        counter[0] += 1
+                    continue
+                # codes without a table: partial sums of the run, then one FMA by the run's scale
+                parts = [[] for _ in range(nb)]
+                for i, item in enumerate(run):
+                    value, index = decode(item, tables)
+                    for b in range(nb):
+                        xv = vector_at(x_ty, x_a, [const(b)] + index, vf)
+                        if i < chains:
+                            parts[b].append(builder.fmul(value, xv))
+                        else:
+                            parts[b][i % chains] = builder.call(fma, [value, xv, parts[b][i % chains]])
+                # each partial chain times the scale into its own accumulator: a sum of the partials first would let
+                # LLVM (unsafe-fp-math) fold the run back into one serial chain of FMAs
+                scaled = splat(factor)
+                for i in range(len(parts[0])):
+                    for b in range(nb):
+                        accumulate(b, parts[b][i], scaled)
+                    counter[0] += 1
+
+        sums = []
+        for b in range(nb):
+            total = builder.call(reduce_add, [ir.Constant(f32, 0.0), tree_sum(builder.load(p) for p in accs[b])])
+            total.fastmath.add("reassoc")
+            if spg == 0:
+                total = builder.fmul(total, builder.load(cgutils.get_item_pointer(context, builder, scale_ty, scale_a,
+                                                                                  [r, const(0)])))
+            if mode == ROW_E4M3:  # fp16's bias is 8 more than E4M3's
+                total = builder.fmul(total, ir.Constant(f32, 256.0))
+            sums.append(total)
+        return context.make_tuple(builder, signature.return_type, sums)
+
+    return sig, codegen
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # the fused grouped dot: y[b, r] += sum_c S[r, g(c)] * v(q_rc) * x[b, c] - sum_g ZS[r, g] * xsum[b, g]
 
-def _make_dot(bits: int, nb: int, lut_mode: int) -> Callable:
+_ROW_MODES = {LUT_NONE: ROW_AFFINE, LUT_PERMUTE: ROW_LUT, LUT_E4M3_TILE: ROW_E4M3, LUT_E5M2_TILE: ROW_E5M2}
+
+
+def _make_dot(bits: int, nb: int, lut_mode: int, spg: int = -1, nibble: bool = False) -> Callable:
     cpw = codes_per_word(bits)
+    # whole rows through ``_row_dot`` where the scale groups line up with slots (spg >= 0, ``row_dot_spg``)
+    row_path = spg >= 0 and lut_mode in _ROW_MODES
+    row_mode = ROW_NIBBLE if nibble else _ROW_MODES.get(lut_mode, 0)
     mask = (1 << bits) - 1
     lut = lut_mode == LUT_GATHER
     permute = lut_mode == LUT_PERMUTE
@@ -305,7 +549,16 @@ def _make_dot(bits: int, nb: int, lut_mode: int) -> Callable:
                     o1 = np.float32(0.0)
                     o2 = np.float32(0.0)
                     o3 = np.float32(0.0)
-                    for t in range(t_start, t_end):
+                    if row_path:
+                        sums = _row_dot(words, r, t_start, t_end, xs, table, tb, scale, slice_group, nb, row_mode,
+                                        bits, spg)
+                        o0 += sums[0]
+                        if nb > 1:
+                            o1 += sums[1]
+                        if nb > 2:
+                            o2 += sums[2]
+                            o3 += sums[3]
+                    for t in range(t_start, t_end if not row_path else t_start):
                         a0 = np.float32(0.0)
                         a1 = np.float32(0.0)
                         a2 = np.float32(0.0)
@@ -409,16 +662,52 @@ def _make_dot(bits: int, nb: int, lut_mode: int) -> Callable:
     return dot
 
 
-_DOTS: dict[tuple[int, int, int], Callable] = {}
+_DOTS: dict[tuple[int, int, int, int], Callable] = {}
 
 
-def dot_kernel(bits: int, nb: int, lut_mode: int) -> Callable:
-    """The fused kernel for b-bit codes and nb rows of x (compiled on first use, cached on disk)."""
-    key = (bits, nb, lut_mode)
+def row_dot_spg(bits: int, lut_mode: int, width: int, count: int) -> int:
+    """Slots per scale group for ``_row_dot`` (see there) on a grid of ``count`` column groups of ``width``
+    columns, or -1 where the groups do not line up with slots (then the kernel decodes tile by tile)."""
+    cpw = codes_per_word(bits)
+    if lut_mode not in _ROW_MODES or (lut_mode == LUT_PERMUTE and not PERMUTE_LUT):
+        return -1
+    if count == 1:
+        return 0
+    if width % (LANES * cpw) == 0:
+        return cpw
+    if lut_mode in (LUT_E4M3_TILE, LUT_E5M2_TILE):  # needs whole tiles per group
+        return -1
+    if width % LANES == 0 and cpw % (width // LANES) == 0:
+        return width // LANES
+    return -1
+
+
+def dot_kernel(bits: int, nb: int, lut_mode: int, spg: int = -1, nibble: bool = False) -> Callable:
+    """The fused kernel for b-bit codes and nb rows of x (compiled on first use, cached on disk); ``spg`` >= 0
+    (:func:`row_dot_spg`) selects the whole-row path, ``nibble`` its words in the nibble layout (4-bit tables)."""
+    key = (bits, nb, lut_mode, spg, nibble)
     kernel = _DOTS.get(key)
     if kernel is None:
-        kernel = _DOTS[key] = _make_dot(bits, nb, lut_mode)
+        kernel = _DOTS[key] = _make_dot(bits, nb, lut_mode, spg, nibble)
     return kernel
+
+
+def to_nibble_layout(words: np.ndarray) -> np.ndarray:
+    """Sliced 4-bit words [R, T, 16] (slot k of lane p = column 16k + p of the tile) in the nibble layout."""
+    out = np.zeros_like(words)
+    for c in range(128):
+        code = (words[:, :, c % 16] >> np.uint32(4 * (c // 16))) & np.uint32(15)
+        out[:, :, NIBBLE_WORD[c]] |= code << NIBBLE_SHIFT[c]
+    return out
+
+
+def from_nibble_layout(words: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`to_nibble_layout`."""
+    out = np.zeros_like(words)
+    for c in range(128):
+        code = (words[:, :, NIBBLE_WORD[c]] >> NIBBLE_SHIFT[c]) & np.uint32(15)
+        out[:, :, c % 16] |= code << np.uint32(4 * (c // 16))
+    return out
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)

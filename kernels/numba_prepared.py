@@ -134,6 +134,13 @@ class CodeTerm:
                 self.tile_group[t] = real[0] if real.size else 0
         if self.lut_mode in (K.LUT_E4M3, K.LUT_E5M2) and (self.tile_group >= 0).all():  # 32 codes per step
             self.lut_mode += K.LUT_E4M3_TILE - K.LUT_E4M3
+        self.spg = K.row_dot_spg(bits, self.lut_mode, grid.width, grid.count)  # -1: tile by tile
+        # 4-bit tables on whole rows: words in the nibble layout (byte-plane lookups, ``numba_gemv.ROW_NIBBLE``),
+        # where every run of slots covers whole vectors of 8 columns
+        self.nibble = (K.NIBBLE_LUT and self.lut_mode == K.LUT_PERMUTE and bits == 4 and self.spg >= 0
+                       and self.table.shape[1] == K.LANES)
+        if self.nibble:
+            self.words = K.to_nibble_layout(words)
         self._bind_rows()
 
     def _bind_rows(self) -> None:
@@ -161,7 +168,7 @@ class CodeTerm:
         """Whether ``other`` lays out its columns exactly as this term does, so that their rows can be stacked."""
         if type(self) is not CodeTerm or type(other) is not CodeTerm:  # a RowBlockTerm keeps its own x per block
             return False
-        scalars = ("bits", "cols", "lut", "lut_mode", "padded", "aligned")
+        scalars = ("bits", "cols", "lut", "lut_mode", "padded", "aligned", "spg", "nibble")
         if any(getattr(self, a) != getattr(other, a) for a in scalars):
             return False
         if (self.words.shape[1:], self.scale.shape[1:], self.zs.shape[1:], self.table.shape[1:]) != \
@@ -206,11 +213,12 @@ class CodeTerm:
     def _kernel(self, nb: int) -> Any:
         kernel = self._kernels.get(nb)
         if kernel is None:
-            kernel = self._kernels[nb] = K.dot_kernel(self.bits, nb, self.lut_mode)
+            kernel = self._kernels[nb] = K.dot_kernel(self.bits, nb, self.lut_mode, self.spg, self.nibble)
         return kernel
 
     def dequant_into(self, out: np.ndarray, overwrite: bool = False) -> None:
-        K.dequant_codes(self.words, self.bits, self.table, self.lut, self.row_tab, self.grp_tab, self.scale,
+        words = K.from_nibble_layout(self.words) if self.nibble else self.words
+        K.dequant_codes(words, self.bits, self.table, self.lut, self.row_tab, self.grp_tab, self.scale,
                         self.col_group, self.zs, out, overwrite)
 
     def arrays(self) -> list[np.ndarray]:
