@@ -27,6 +27,8 @@ MAX_SIDE_FILE = 64 << 20  # tokenizer files beyond this are not tokenizers
 class CheckpointFolder:
     """``config`` (dict), ``quantization_config`` (dict or None), :meth:`names`, :meth:`read`, :meth:`files`."""
 
+    file_class: type[SafetensorsFile] = SafetensorsFile  # the shard reader (a subclass may accept more dtypes)
+
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         config_path = self.path / "config.json"
@@ -78,7 +80,7 @@ class CheckpointFolder:
         if handle is None:
             path = self.path / shard
             try:
-                handle = SafetensorsFile(path)
+                handle = self.file_class(path)
             except FormatError as exc:
                 raise SourceError(f"unreadable safetensors shard: {exc}", file=str(path)) from None
             except OSError as exc:

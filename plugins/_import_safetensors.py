@@ -10,7 +10,6 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from qformat.errors import FormatError, SourceError
 from qformat.format.safetensors_io import SafetensorsFile, TensorEntry
 
 from ._import_folder import CheckpointFolder
@@ -49,18 +48,7 @@ class ForeignSafetensorsFile(SafetensorsFile):
 class ImportFolder(CheckpointFolder):
     """:class:`CheckpointFolder` whose shards may hold FP8 tensors."""
 
-    def _file(self, shard: str) -> SafetensorsFile:
-        handle = self._open.get(shard)
-        if handle is None:
-            path = self.path / shard
-            try:
-                handle = ForeignSafetensorsFile(path)
-            except FormatError as exc:
-                raise SourceError(f"unreadable safetensors shard: {exc}", file=str(path)) from None
-            except OSError as exc:
-                raise SourceError(f"cannot open: {exc.strerror or exc}", file=str(path)) from None
-            self._open[shard] = handle
-        return handle
+    file_class = ForeignSafetensorsFile
 
     def nbytes(self, name: str) -> int:
         """Stored bytes of tensor ``name`` (from the header, nothing read)."""

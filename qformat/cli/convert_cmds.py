@@ -250,20 +250,7 @@ def run_import(args: argparse.Namespace) -> int:
               f"{result.plain} plain tensors, {result.seconds:.1f} s")
     if eval_text is not None:
         output["eval"] = _evaluate_import(args, result.out, eval_text)
-    if args.push_to:
-        from ..hub import push_folder
-
-        pushed = push_folder(result.out, args.push_to, private=args.private, create_pr=args.create_pr,
-                             base_model=args.base_model)
-        output["push"] = {"repo_id": pushed.repo_id, "revision": pushed.revision, "commit": pushed.commit_sha,
-                          "url": pushed.pr_url or pushed.commit_url}
-        if not args.json:
-            print(f"pushed to {pushed.repo_id}@{pushed.revision}: {pushed.pr_url or pushed.commit_url or 'no changes'}")
-    if args.json:
-        print(json.dumps(output, indent=2, default=str))
-    elif args.quiet:
-        print(result.out)
-    return 0
+    return _publish_and_print(args, result.out, output)
 
 
 def _evaluate_import(args: argparse.Namespace, out: Path, eval_text: Path) -> dict[str, Any]:
@@ -298,10 +285,16 @@ def _convert_and_publish(converter: Converter, args: argparse.Namespace, eval_te
             print(f"prompt: {report.prompt!r}")
             print(f"  source:    {report.sample_before!r}")
             print(f"  quantized: {report.sample_after!r}")
+    return _publish_and_print(args, result.out, output)
+
+
+def _publish_and_print(args: argparse.Namespace, out: Path, output: dict[str, Any]) -> int:
+    """The end of convert and import alike: push with --push-to, then print the JSON summary or the folder."""
     if args.push_to:
         from ..hub import push_folder
 
-        pushed = push_folder(result.out, args.push_to, private=args.private, create_pr=args.create_pr)
+        lineage = {"base_model": args.base_model} if args.base_model else {}
+        pushed = push_folder(out, args.push_to, private=args.private, create_pr=args.create_pr, **lineage)
         output["push"] = {"repo_id": pushed.repo_id, "revision": pushed.revision, "commit": pushed.commit_sha,
                           "url": pushed.pr_url or pushed.commit_url}
         if not args.json:
@@ -309,7 +302,7 @@ def _convert_and_publish(converter: Converter, args: argparse.Namespace, eval_te
     if args.json:
         print(json.dumps(output, indent=2, default=str))
     elif args.quiet:
-        print(result.out)
+        print(out)
     return 0
 
 
