@@ -6,7 +6,8 @@ Every function takes fields laid out over the tensor's rows and returns uint8 ``
 - ``q``: unsigned codes uint8 ``[R, C]`` as the block stores them (Q4_0's ``x + 8``, Q3_K's ``low | high << 2``
   where a set high bit means "no -4", Q6_K's ``x + 32``, TQ2_0's ``t + 1``); Q8_0 takes ``x`` int8 instead;
 - ``d``/``m``/``dmin``: float16 ``[R, nb]`` (one per block or super-block; written as their bits);
-- ``sc``/``mn``: the K-quants' sub-block scales and mins, uint8 ``[R, nb * k]`` (Q6_K's ``sc`` is int8);
+- ``sc``/``mn``: the K-quants' and IQ4_XS's sub-block scales and mins, uint8 ``[R, nb * k]`` (Q6_K's ``sc`` is
+  int8);
 - TQ1_0's ``t``: int8 ``[R, C]`` in {-1, 0, 1}, re-encoded in ggml's base-3 fixed point
   (``ceil(v * 256 / 243)``, first trit in the highest digit), as gguf-py's ``quantize`` writes it.
 """
@@ -20,7 +21,7 @@ _NIBBLE = (0, 4)
 _CRUMB = (0, 2, 4, 6)
 _BIT = tuple(range(8))
 BLOCK = {"Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32, "IQ4_NL": 32, "Q2_K": QK_K, "Q3_K": QK_K,
-         "Q4_K": QK_K, "Q5_K": QK_K, "Q6_K": QK_K, "TQ1_0": QK_K, "TQ2_0": QK_K}
+         "Q4_K": QK_K, "Q5_K": QK_K, "Q6_K": QK_K, "IQ4_XS": QK_K, "TQ1_0": QK_K, "TQ2_0": QK_K}
 
 
 def _rows(values: np.ndarray, blocks: int) -> np.ndarray:
@@ -137,6 +138,16 @@ def iq4_nl(d, q):
     return q4_0(d, q)
 
 
+def iq4_xs(d, sc, q):
+    """``d``, then the sub-scales' high 2 bits (a little-endian uint16, bits 2i and 2i + 1 for sub-block i) and
+    low 4 bits (two per byte, low nibble first), then 8 sub-blocks of 32 codes in 16 bytes each."""
+    nb = d.shape[1]
+    sc = _rows(sc, nb)
+    high = _join(sc >> np.uint8(4), _CRUMB, 1)
+    low = _join(sc & np.uint8(0x0F), _NIBBLE, 1)
+    return _blocks([_f16(d), high, low, _join(_rows(q, nb) & np.uint8(0x0F), _NIBBLE, 16)])
+
+
 _POW5 = np.array([81, 27, 9, 3, 1], dtype=np.uint16)
 _POW4 = np.array([81, 27, 9, 3], dtype=np.uint16)
 
@@ -161,7 +172,8 @@ def tq2_0(d, q):
 
 
 PACK = {"Q4_0": q4_0, "Q4_1": q4_1, "Q5_0": q5_0, "Q5_1": q5_1, "Q8_0": q8_0, "Q2_K": q2_k, "Q3_K": q3_k,
-        "Q4_K": q4_k, "Q5_K": q5_k, "Q6_K": q6_k, "IQ4_NL": iq4_nl, "TQ1_0": tq1_0, "TQ2_0": tq2_0}
+        "Q4_K": q4_k, "Q5_K": q5_k, "Q6_K": q6_k, "IQ4_NL": iq4_nl, "IQ4_XS": iq4_xs, "TQ1_0": tq1_0,
+        "TQ2_0": tq2_0}
 
 
 def pack(type_name: str, fields: dict[str, np.ndarray]) -> np.ndarray:

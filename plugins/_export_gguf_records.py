@@ -16,6 +16,7 @@ bytes:
 ``affine v2(q:5, ...)`` as Q4_K                                                            Q5_K
 ``affine(q:6, zero 32, scale affine(sc:8, zero 128, scale d, [1,16]), [1,16])``            Q6_K
 ``scale(lut(q:4, IQ4_NL values), d, [1,32])``                                              IQ4_NL
+``scale(lut(q:4, IQ4_NL values), affine(sc:6, zero 32, scale d, [1,8]), [1,32])``          IQ4_XS
 ``scale(ternary, d, [1,256])``                                                             TQ1_0
 ``affine(q:2, zero 1, scale d, [1,256])``                                                  TQ2_0
 ========================================================================================  ==========
@@ -135,22 +136,41 @@ def _k_signed(tree: Tree, a: Affine, node: dict, type_name: str) -> dict[str, np
     return {"d": d, "sc": sc, "q": _codes(a, bits)}
 
 
+def _iq4_codes(tree: Tree, inner: dict) -> np.ndarray:
+    """The 4-bit codes of a global ``lut`` over IQ4_NL's 16 values (IQ4_NL and IQ4_XS share them)."""
+    table = tree.values(inner["table"], "input/table")
+    if table.shape != (16,) or not np.array_equal(table, np.array(IQ4_NL_VALUES, np.float32)):
+        raise NotExpressible("a lut whose table is not IQ4_NL's values")
+    q = np.asarray(tree.decode(inner["codes"], "input/codes"))
+    if q.max(initial=0) > 15:
+        raise NotExpressible("lut codes wider than 4 bits")
+    return q.astype(np.uint8)
+
+
+def _iq4_xs(tree: Tree, q: np.ndarray, factor: dict) -> dict[str, np.ndarray]:
+    """The factor of ``scale(lut(q:4), factor, [1,32])`` as IQ4_XS's ``affine(sc:6, zero 32, scale d, [1,8])``."""
+    sub = affine_parts(tree, factor)
+    rows, cols = tree.shape
+    if sub.shape != (rows, cols // 32) or sub.offset is not None or not _constant(sub.zero, 32):
+        raise NotExpressible("not IQ4_XS's sub-block scales")
+    d = f16_exact(sub.per_block(sub.scale, QK_K // 32, "super-block scale"), "super-block scale")
+    return {"d": d, "sc": _codes(sub, 6), "q": q}
+
+
 def _scaled(tree: Tree) -> tuple[str, dict[str, np.ndarray]]:
-    """``scale(lut(q:4, IQ4_NL), d, [1,32])`` (IQ4_NL) or ``scale(ternary, d, [1,256])`` (TQ1_0)."""
+    """``scale(lut(q:4, IQ4_NL), d, [1,32])`` (IQ4_NL), ``scale(lut(q:4, IQ4_NL), affine(sc:6, zero 32, scale d,
+    [1,8]), [1,32])`` (IQ4_XS) or ``scale(ternary, d, [1,256])`` (TQ1_0)."""
     node = tree.weight
     inner = node["input"]
-    factor = tree.values(node["factor"], "factor")
     group = tuple(node["group_shape"])
     shape = tuple(tree.shape)
     if isinstance(inner, dict) and inner.get("codec") == "lut" and group[1] == 32 and "group_shape" not in inner:
-        table = tree.values(inner["table"], "input/table")
-        if table.shape != (16,) or not np.array_equal(table, np.array(IQ4_NL_VALUES, np.float32)):
-            raise NotExpressible("a lut whose table is not IQ4_NL's values")
-        q = np.asarray(tree.decode(inner["codes"], "input/codes"))
-        if q.max(initial=0) > 15:
-            raise NotExpressible("lut codes wider than 4 bits")
-        return "IQ4_NL", {"d": f16_exact(per_block(factor, group, shape, 32, "scale"), "scale"),
-                          "q": q.astype(np.uint8)}
+        q = _iq4_codes(tree, inner)
+        if isinstance(node["factor"], dict) and node["factor"].get("codec") == "affine" and group[0] == 1:
+            return "IQ4_XS", _iq4_xs(tree, q, node["factor"])
+        factor = tree.values(node["factor"], "factor")
+        return "IQ4_NL", {"d": f16_exact(per_block(factor, group, shape, 32, "scale"), "scale"), "q": q}
+    factor = tree.values(node["factor"], "factor")
     if isinstance(inner, dict) and inner.get("codec") == "ternary" and group[1] == QK_K:
         t = np.asarray(tree.decode(inner, "input")).astype(np.int8)
         return "TQ1_0", {"d": f16_exact(per_block(factor, group, shape, QK_K, "scale"), "scale"), "t": t}

@@ -6,7 +6,7 @@ along the row) and returns arrays laid out over the tensor's rows:
 - ``codes``: uint8 ``[R, C]``, the unsigned integers the format packs (GGUF's signed values shifted by the constant
   the format's ``zero`` removes again: Q8_0's int8 ``x`` as ``x + 128``, Q6_K's sub-scales likewise);
 - block scales/mins: float16 ``[R, nb]`` (the bytes as stored; ``view``, never a conversion);
-- sub-block scales/mins of the K-quants: uint8 ``[R, nb * k]``;
+- sub-block scales/mins of the K-quants and IQ4_XS: uint8 ``[R, nb * k]``;
 - TQ1_0's ``trits``: int8 ``[R, C]`` in {-1, 0, +1}.
 
 The element order inside a block is the one of gguf-py's ``dequantize_blocks`` (``gguf/quants.py``), which in turn
@@ -118,6 +118,15 @@ def iq4_nl(b: np.ndarray) -> dict[str, np.ndarray]:
     return {"d": _f16(b, 0), "codes": _flat(b, _nibbles(b[..., 2:18]))}
 
 
+def iq4_xs(b: np.ndarray) -> dict[str, np.ndarray]:
+    """d (0:2), scales_h (2:4, little-endian uint16: bits 2i, 2i+1 are sub-block i's high bits), scales_l (4:8: low
+    nibble of byte j for sub-block 2j, high for 2j + 1), then 8 sub-blocks of 32 codes in 16 bytes each."""
+    low = _split(b[..., 4:8], _NIBBLE, 0x0F, 1)
+    high = _split(b[..., 2:4], _CRUMB, 0x03, 1)
+    return {"d": _f16(b, 0), "sc": _flat(b, low | (high << np.uint8(4))),
+            "codes": _flat(b, _split(b[..., 8:136], _NIBBLE, 0x0F, 16))}
+
+
 def _trits(part: np.ndarray, powers: np.ndarray) -> np.ndarray:
     """TQ1_0's base-3 fixed point: digit k of byte x is ``((x * 3^k mod 256) * 3) >> 8``, element k·n + j."""
     r, nb, n = part.shape
@@ -136,7 +145,8 @@ def tq2_0(b: np.ndarray) -> dict[str, np.ndarray]:
 
 
 UNPACK = {"Q4_0": q4_0, "Q4_1": q4_1, "Q5_0": q5_0, "Q5_1": q5_1, "Q8_0": q8_0, "Q2_K": q2_k, "Q3_K": q3_k,
-          "Q4_K": q4_k, "Q5_K": q5_k, "Q6_K": q6_k, "IQ4_NL": iq4_nl, "TQ1_0": tq1_0, "TQ2_0": tq2_0}
+          "Q4_K": q4_k, "Q5_K": q5_k, "Q6_K": q6_k, "IQ4_NL": iq4_nl, "IQ4_XS": iq4_xs, "TQ1_0": tq1_0,
+          "TQ2_0": tq2_0}
 
 
 def unpack(type_name: str, raw: np.ndarray, type_size: int) -> dict[str, np.ndarray]:

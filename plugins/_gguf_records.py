@@ -19,6 +19,8 @@ Q5_K     as Q4_K with ``q:5``
 Q6_K     ``affine(q:6, zero 32, scale affine(sc+128:8, zero 128, scale d, [1,16]), [1,16])``
                                                                               ``(d * sc) * (q - 32)``, int8 sc
 IQ4_NL   ``scale(lut(q:4, kvalues), d, [1,32])``                               ``d * kvalues[q]``
+IQ4_XS   ``scale(lut(q:4, kvalues), affine(sc:6, zero 32, scale d, [1,8]), [1,32])``
+                                                                              ``(d * (sc - 32)) * kvalues[q]``
 TQ1_0    ``scale(ternary(t), d, [1,256])``                                     ``d * t``, t in {-1, 0, 1}
 TQ2_0    ``affine(q:2, zero 1, scale d, [1,256])``                             ``d * (q - 1)``
 ======== =========================================================================================================
@@ -27,6 +29,9 @@ TQ2_0    ``affine(q:2, zero 1, scale d, [1,256])``                             `
 ``x + (-(dmin * mn))`` is IEEE-identical to gguf-py's ``x - dmin * mn``. TQ1_0's five trits per byte use ggml's
 base-3 fixed point (``ceil(v * 256 / 243)``, first value in the highest digit); the format's ``ternary`` codec stores
 the same trits as an exact base-3 number (first value in the lowest digit), so they are re-encoded, 5 per byte.
+IQ4_XS's 6-bit ``sc`` takes its low 4 bits from ``scales_l``, its high 2 from ``scales_h``; its products are exact
+in fp32 (fp16 ``d``: 11 significant bits, ``|sc - 32| <= 32``, ``|kvalues| <= 127``), the tree keeps gguf-py's grouping
+all the same.
 """
 
 from __future__ import annotations
@@ -108,6 +113,14 @@ def _iq4_nl(t: _Tree, f: dict) -> dict:
     return t.b.scale(t.b.lut(t.packed("codes", f["codes"], 4), table), t.f16("scale", f["d"]), (1, 32))
 
 
+def _iq4_xs(t: _Tree, f: dict) -> dict:
+    """``(d * (sc - 32)) * kvalues[q]``: gguf-py's ``dl = d * float32(sc - 32)``, then ``dl * kvalues[q]``."""
+    table = t.b.tensor("table", np.array(IQ4_NL_VALUES, dtype=np.float16))
+    scale = t.b.affine(t.packed("sub_scale.codes", f["sc"], 6), scale=t.f16("sub_scale.scale", f["d"]), zero=32,
+                       bits=6, group_shape=(1, blocks.QK_K // 32))
+    return t.b.scale(t.b.lut(t.packed("codes", f["codes"], 4), table), scale, (1, 32))
+
+
 def _tq1_0(t: _Tree, f: dict) -> dict:
     return t.b.scale(t.b.ternary("trits", f["trits"]), t.f16("scale", f["d"]), (1, blocks.QK_K))
 
@@ -124,6 +137,7 @@ TREES = {
     "Q5_K": lambda t, f: _k_sub(t, f, 5, 32, 6),
     "Q6_K": lambda t, f: _k_signed(t, f, 6, 32, 8, 128),
     "IQ4_NL": _iq4_nl,
+    "IQ4_XS": _iq4_xs,
     "TQ1_0": _tq1_0,
     "TQ2_0": lambda t, f: _affine_d(t, f, 2, 1, blocks.QK_K),
 }

@@ -62,7 +62,7 @@ class _Written:
 
 class GGUFExporter(Exporter):
     name = "gguf"
-    description = ("llama.cpp GGUF (Q4_0/1, Q5_0/1, Q8_0, Q2_K-Q6_K, IQ4_NL, TQ1_0, TQ2_0; F32/F16/BF16) for "
+    description = ("llama.cpp GGUF (Q4_0/1, Q5_0/1, Q8_0, Q2_K-Q6_K, IQ4_NL, IQ4_XS, TQ1_0, TQ2_0; F32/F16/BF16) for "
                    "Llama, Mistral and Qwen2, exactly (checked with gguf-py's dequantize)")
 
     def export(self, folder: Any, out: Path, *, allow_requant: bool = False) -> ExportReport:

@@ -5,8 +5,8 @@ is bit for bit what gguf-py's ``dequantize`` computes from the same file (the tr
 - **Source**: a ``.gguf`` file (first four bytes ``GGUF``), or a folder holding exactly one ``.gguf`` file at its top
   level and no ``config.json`` (a folder with a Hugging Face model is converted with a method instead). Split GGUFs
   (``split.count`` > 1) are refused: merge them first (``llama-gguf-split --merge``).
-- **Types**: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, TQ1_0, TQ2_0 become records;
-  F32, F16 and BF16 tensors stay plain arrays in their stored dtype. Any other type is refused by name.
+- **Types**: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, TQ1_0, TQ2_0 become
+  records; F32, F16 and BF16 tensors stay plain arrays in their stored dtype. Any other type is refused by name.
 - **Model**: config, tokenizer and tensor names are transformers' own for this GGUF (``_gguf_hf``), so the folder
   holds what ``AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)`` builds, including its row permutation
   of Llama's q/k projections (a permutation of quantized rows, which is lossless). A GGUF without ``output.weight``
@@ -68,7 +68,7 @@ def gguf_file(source: Path) -> Path | None:
 
 class GGUFImporter(Importer):
     name = "gguf"
-    description = ("llama.cpp GGUF files (Q4_0/1, Q5_0/1, Q8_0, Q2_K-Q6_K, IQ4_NL, TQ1_0, TQ2_0; F16/BF16/F32), "
+    description = ("llama.cpp GGUF files (Q4_0/1, Q5_0/1, Q8_0, Q2_K-Q6_K, IQ4_NL, IQ4_XS, TQ1_0, TQ2_0; F16/BF16/F32), "
                    "bit-exact")
     priority = 10
 

