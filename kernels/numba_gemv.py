@@ -242,7 +242,7 @@ def _fp8_tile(typingctx, words_t, r_t, t_t, x_t, nb_t, e4m3_t):
 # ---------------------------------------------------------------------------------------------------------------
 # a whole row (a range of tiles) in one call: vector accumulators live across tiles, several independent chains
 
-ROW_AFFINE, ROW_LUT, ROW_E4M3, ROW_E5M2, ROW_NIBBLE = 0, 1, 2, 3, 4  # decodings of ``_row_dot``
+ROW_AFFINE, ROW_LUT, ROW_E4M3, ROW_E5M2, ROW_NIBBLE, ROW_NIBBLE8 = 0, 1, 2, 3, 4, 5  # decodings of ``_row_dot``
 VECTOR_WIDTH = 16 if _FEATURES.get("avx512f", False) else 8
 # 4-bit codes into a 16-entry table with AVX2: the "nibble" layout of a tile's 128 columns, looked up with vpshufb
 # on the four byte planes of the fp32 table (exact) and interleaved back into fp32 (vpunpck), 12 in-lane shuffles
@@ -265,6 +265,21 @@ def _nibble_map() -> tuple[np.ndarray, np.ndarray]:
 NIBBLE_WORD, NIBBLE_SHIFT = _nibble_map()
 
 
+# 4-bit codes into a table of small integers times 2**24 (``numba_prepared`` normalises tables whose entries are
+# integer multiples, |k| <= 127, of one power of two: E2M1 for MXFP4/NVFP4, GGUF's IQ4_NL values, ...): one vpshufb
+# on the table's int8 plane per 32 codes, then each byte of a dword moved to the top byte (a shift and a mask) and
+# converted, k * 2**24 exactly: 1 shuffle per 32 codes instead of 12. The "byte" layout: column c of a tile is
+# vector v = c // 8, element E = c % 8, from word 8 (v // 8) + E, byte v % 4, nibble part (v // 4) % 2.
+def _byte_map() -> tuple[np.ndarray, np.ndarray]:
+    """(word, bit shift) of each of a tile's 128 columns in the byte layout."""
+    c = np.arange(128)
+    v, e = c // 8, c % 8
+    return (8 * (v // 8) + e).astype(np.intp), (8 * (v % 4) + 4 * ((v // 4) % 2)).astype(np.uint32)
+
+
+BYTE_WORD, BYTE_SHIFT = _byte_map()
+
+
 @intrinsic
 def _row_dot(typingctx, words_t, r_t, t0_t, t1_t, x_t, table_t, trow_t, scale_t, groups_t, nb_t, mode_t, bits_t,
              spg_t):
@@ -283,7 +298,8 @@ def _row_dot(typingctx, words_t, r_t, t0_t, t1_t, x_t, table_t, trow_t, scale_t,
     sig = types.UniTuple(types.float32, nb)(words_t, r_t, t0_t, t1_t, x_t, table_t, trow_t, scale_t, groups_t, nb_t,
                                             mode_t, bits_t, spg_t)
     fp8 = mode in (ROW_E4M3, ROW_E5M2)
-    nibble = mode == ROW_NIBBLE
+    nibble = mode in (ROW_NIBBLE, ROW_NIBBLE8)
+    int8_table = mode == ROW_NIBBLE8
 
     def codegen(context, builder, signature, args):  # pragma: no cover - runs inside numba's compiler
         words_ty, _, _, _, x_ty, table_ty, _, scale_ty, groups_ty = signature.args[:9]
@@ -337,11 +353,18 @@ def _row_dot(typingctx, words_t, r_t, t0_t, t1_t, x_t, table_t, trow_t, scale_t,
         halves = LANES // width
         i8 = ir.IntType(8)
         v32i8 = ir.VectorType(i8, 32)
-        if nibble:  # the table's byte m of every entry, in both 128-bit lanes
+        if nibble:
             pshufb = cgutils.get_or_insert_function(module, ir.FunctionType(v32i8, [v32i8, v32i8]),
                                                     "llvm.x86.avx2.pshuf.b")
-            entries = builder.bitcast(vector_at(table_ty, table_a, [trow, const(0)], ir.VectorType(f32, 16)),
-                                      ir.VectorType(i8, 64))
+            entries = vector_at(table_ty, table_a, [trow, const(0)], ir.VectorType(f32, 16))
+        if int8_table:  # k of every entry k * 2**24, in both 128-bit lanes
+            v16i32 = ir.VectorType(i32, 16)
+            small = builder.trunc(builder.ashr(builder.fptosi(entries, v16i32), ir.Constant(v16i32, [24] * 16)),
+                                  ir.VectorType(i8, 16))
+            plane8 = builder.shuffle_vector(small, ir.Constant(ir.VectorType(i8, 16), ir.Undefined),
+                                            ir.Constant(ir.VectorType(i32, 32), [e % 16 for e in range(32)]))
+        elif nibble:  # the table's byte m of every entry, in both 128-bit lanes
+            entries = builder.bitcast(entries, ir.VectorType(i8, 64))
             planes = [builder.shuffle_vector(entries, ir.Constant(ir.VectorType(i8, 64), ir.Undefined),
                                              ir.Constant(ir.VectorType(i32, 32), [4 * (e % 16) + m for e in range(32)]))
                       for m in range(4)]
@@ -375,7 +398,17 @@ def _row_dot(typingctx, words_t, r_t, t0_t, t1_t, x_t, table_t, trow_t, scale_t,
                                                              ir.VectorType(ir.HalfType(), 16))
 
             nibble_vs = {}
-            if nibble:
+            if int8_table:
+                for h in range(2):
+                    for part in range(2):
+                        w = word_vs[h]
+                        codes = builder.and_(builder.lshr(w, ints(4)) if part else w, ints(0x0F0F0F0F))
+                        looked = builder.bitcast(builder.call(pshufb, [plane8, builder.bitcast(codes, v32i8)]), vi)
+                        for k in range(4):  # byte k of each dword to the top byte: k * 2**24, sign in place
+                            top = builder.shl(looked, ints(24 - 8 * k)) if k < 3 else looked
+                            top = builder.and_(top, ints(-(1 << 24))) if k > 0 else top
+                            nibble_vs[(2 * h + part) * 4 + k] = builder.sitofp(top, vf)
+            elif nibble:
                 def unpack(a, b, size, high):
                     n = 16 // size  # elements per 128-bit lane
                     start = n // 2 if high else 0
@@ -483,11 +516,14 @@ def _row_dot(typingctx, words_t, r_t, t0_t, t1_t, x_t, table_t, trow_t, scale_t,
 _ROW_MODES = {LUT_NONE: ROW_AFFINE, LUT_PERMUTE: ROW_LUT, LUT_E4M3_TILE: ROW_E4M3, LUT_E5M2_TILE: ROW_E5M2}
 
 
-def _make_dot(bits: int, nb: int, lut_mode: int, spg: int = -1, nibble: bool = False) -> Callable:
+NIBBLE_OFF, NIBBLE_PLANES, NIBBLE_INT8 = 0, 1, 2  # how a whole-row 4-bit table kernel looks codes up
+
+
+def _make_dot(bits: int, nb: int, lut_mode: int, spg: int = -1, nibble: int = NIBBLE_OFF) -> Callable:
     cpw = codes_per_word(bits)
     # whole rows through ``_row_dot`` where the scale groups line up with slots (spg >= 0, ``row_dot_spg``)
     row_path = spg >= 0 and lut_mode in _ROW_MODES
-    row_mode = ROW_NIBBLE if nibble else _ROW_MODES.get(lut_mode, 0)
+    row_mode = {NIBBLE_PLANES: ROW_NIBBLE, NIBBLE_INT8: ROW_NIBBLE8}.get(nibble, _ROW_MODES.get(lut_mode, 0))
     mask = (1 << bits) - 1
     lut = lut_mode == LUT_GATHER
     permute = lut_mode == LUT_PERMUTE
@@ -662,7 +698,7 @@ def _make_dot(bits: int, nb: int, lut_mode: int, spg: int = -1, nibble: bool = F
     return dot
 
 
-_DOTS: dict[tuple[int, int, int, int], Callable] = {}
+_DOTS: dict[tuple[int, int, int, int, int], Callable] = {}
 
 
 def row_dot_spg(bits: int, lut_mode: int, width: int, count: int) -> int:
@@ -682,9 +718,10 @@ def row_dot_spg(bits: int, lut_mode: int, width: int, count: int) -> int:
     return -1
 
 
-def dot_kernel(bits: int, nb: int, lut_mode: int, spg: int = -1, nibble: bool = False) -> Callable:
+def dot_kernel(bits: int, nb: int, lut_mode: int, spg: int = -1, nibble: int = NIBBLE_OFF) -> Callable:
     """The fused kernel for b-bit codes and nb rows of x (compiled on first use, cached on disk); ``spg`` >= 0
-    (:func:`row_dot_spg`) selects the whole-row path, ``nibble`` its words in the nibble layout (4-bit tables)."""
+    (:func:`row_dot_spg`) selects the whole-row path, ``nibble`` its 4-bit table lookups: NIBBLE_PLANES (words in
+    the nibble layout, fp32 byte planes) or NIBBLE_INT8 (the byte layout, a table normalised to k * 2**24)."""
     key = (bits, nb, lut_mode, spg, nibble)
     kernel = _DOTS.get(key)
     if kernel is None:
@@ -692,20 +729,27 @@ def dot_kernel(bits: int, nb: int, lut_mode: int, spg: int = -1, nibble: bool = 
     return kernel
 
 
-def to_nibble_layout(words: np.ndarray) -> np.ndarray:
-    """Sliced 4-bit words [R, T, 16] (slot k of lane p = column 16k + p of the tile) in the nibble layout."""
+def _layout_map(int8_table: bool) -> tuple[np.ndarray, np.ndarray]:
+    return (BYTE_WORD, BYTE_SHIFT) if int8_table else (NIBBLE_WORD, NIBBLE_SHIFT)
+
+
+def to_nibble_layout(words: np.ndarray, int8_table: bool = False) -> np.ndarray:
+    """Sliced 4-bit words [R, T, 16] (slot k of lane p = column 16k + p of the tile) in the nibble layout (or, for
+    tables normalised to int8 values, the byte layout)."""
+    word_of, shift_of = _layout_map(int8_table)
     out = np.zeros_like(words)
     for c in range(128):
         code = (words[:, :, c % 16] >> np.uint32(4 * (c // 16))) & np.uint32(15)
-        out[:, :, NIBBLE_WORD[c]] |= code << NIBBLE_SHIFT[c]
+        out[:, :, word_of[c]] |= code << shift_of[c]
     return out
 
 
-def from_nibble_layout(words: np.ndarray) -> np.ndarray:
+def from_nibble_layout(words: np.ndarray, int8_table: bool = False) -> np.ndarray:
     """The inverse of :func:`to_nibble_layout`."""
+    word_of, shift_of = _layout_map(int8_table)
     out = np.zeros_like(words)
     for c in range(128):
-        code = (words[:, :, NIBBLE_WORD[c]] >> NIBBLE_SHIFT[c]) & np.uint32(15)
+        code = (words[:, :, word_of[c]] >> shift_of[c]) & np.uint32(15)
         out[:, :, c % 16] |= code << np.uint32(4 * (c // 16))
     return out
 

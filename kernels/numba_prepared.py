@@ -137,10 +137,15 @@ class CodeTerm:
         self.spg = K.row_dot_spg(bits, self.lut_mode, grid.width, grid.count)  # -1: tile by tile
         # 4-bit tables on whole rows: words in the nibble layout (byte-plane lookups, ``numba_gemv.ROW_NIBBLE``),
         # where every run of slots covers whole vectors of 8 columns
-        self.nibble = (K.NIBBLE_LUT and self.lut_mode == K.LUT_PERMUTE and bits == 4 and self.spg >= 0
-                       and self.table.shape[1] == K.LANES)
-        if self.nibble:
-            self.words = K.to_nibble_layout(words)
+        self.nibble = K.NIBBLE_OFF
+        if K.NIBBLE_LUT and self.lut_mode == K.LUT_PERMUTE and bits == 4 and self.spg >= 0 \
+                and self.table.shape[1] == K.LANES:
+            self.nibble = K.NIBBLE_PLANES
+            int8_form = int8_table_form(self.table, self.scale)
+            if int8_form is not None:  # small-integer tables: one int8 plane (``numba_gemv.ROW_NIBBLE8``)
+                self.nibble = K.NIBBLE_INT8
+                self.table, self.scale = int8_form
+            self.words = K.to_nibble_layout(words, self.nibble == K.NIBBLE_INT8)
         self._bind_rows()
 
     def _bind_rows(self) -> None:
@@ -217,7 +222,7 @@ class CodeTerm:
         return kernel
 
     def dequant_into(self, out: np.ndarray, overwrite: bool = False) -> None:
-        words = K.from_nibble_layout(self.words) if self.nibble else self.words
+        words = K.from_nibble_layout(self.words, self.nibble == K.NIBBLE_INT8) if self.nibble else self.words
         K.dequant_codes(words, self.bits, self.table, self.lut, self.row_tab, self.grp_tab, self.scale,
                         self.col_group, self.zs, out, overwrite)
 
@@ -424,6 +429,28 @@ def _code_term(term: Term, rows: int, cols: int) -> CodeTerm:
         zero_scale = -bias if zero_scale is None else zero_scale - bias
     return CodeTerm(words, bits, scale, zero_scale, grid,
                     _table_layout(table, table_group, bits, rows, grid) if table is not None else None, fp8)
+
+
+def int8_table_form(table: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(table', scale') with every entry of table' an integer k, |k| <= 127, times 2**24 and scale' = scale * 2**(e -
+    24), when every entry of ``table`` is such a k times one power of two 2**e (E2M1, IQ4_NL's values, ...) and the
+    rescaled scales stay exact; None otherwise. table'[q] * scale' is then table[q] * scale, the same product."""
+    values = table.astype(np.float64)
+    nonzero = values[values != 0]
+    if not np.isfinite(values).all() or nonzero.size == 0:
+        return None
+    mantissa, exponent = np.frexp(nonzero)  # value = m * 2**x, |m| in [0.5, 1), 24 significant bits
+    integer = np.abs(mantissa * 2.0 ** 24).astype(np.int64)
+    trailing = np.array([(int(i) & -int(i)).bit_length() - 1 for i in integer])
+    unit = int((exponent - 24 + trailing).min())  # the coarsest power of two every entry is a multiple of
+    ints = np.ldexp(values, -unit)
+    if np.abs(ints).max() > 127:
+        return None
+    rescaled = np.ldexp(scale.astype(np.float32), unit - 24)
+    kept = np.abs(rescaled[scale != 0])
+    if not np.array_equal(np.ldexp(rescaled, 24 - unit), scale) or (kept < np.finfo(np.float32).tiny).any():
+        return None  # the scales would leave fp32's normal range
+    return np.ascontiguousarray(np.ldexp(ints, 24).astype(np.float32)), np.ascontiguousarray(rescaled)
 
 
 def _fp8_tables() -> dict[int, np.ndarray]:

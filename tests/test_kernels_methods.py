@@ -187,3 +187,47 @@ def test_triton_refuses_scales_that_do_not_nest() -> None:
     qt = b.finish(b.scale(inner, b.tensor("b", np.ones((8, 4), np.float32)), (1, 24)))
     assert kernel.why_unsupported(qt.record) == "weight: nested scales on grids that do not nest"
     assert NUMBA.supports(qt.record)  # the Numba kernels multiply any row/column grids
+
+
+# tables of small integers times one power of two (E2M1 and the formats built on it, GGUF's IQ4_NL values) take the
+# one-plane int8 lookup; tables that are not (NF4, bitsandbytes' FP4, per-row k-means) keep the fp32 byte planes
+INT8_TABLES = ("e2m1", "mxfp4", "nvfp4", "nvfp4n")
+
+
+@pytest.mark.skipif(not K.NIBBLE_LUT, reason="no AVX2 on this CPU")
+@pytest.mark.parametrize("name", SIXTEEN_ENTRY)
+def test_small_integer_tables_take_the_int8_plane(name: str) -> None:
+    codes = [t for t in _terms(name) if isinstance(t, CodeTerm)]
+    three_bit = name.startswith("squeeze3")  # 8-entry tables: one permute, no nibble layout
+    expected = K.NIBBLE_OFF if three_bit else K.NIBBLE_INT8 if name in INT8_TABLES else K.NIBBLE_PLANES
+    assert codes and all(t.nibble == expected for t in codes)
+
+
+def test_int8_table_form_is_exact() -> None:
+    from qformat_kernels.numba_prepared import int8_table_form
+
+    e2m1 = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6], dtype=np.float32)
+    scale = np.array([[0.1, 3e-5], [7.0, 0.0]], dtype=np.float32)
+    table, rescaled = int8_table_form(e2m1[None], scale)
+    assert np.array_equal(table[0] / 2.0 ** 24 / 2, e2m1)  # k = 2 * value, unit 2**-1
+    assert np.array_equal(table[0][:, None, None] * rescaled, e2m1[:, None, None] * scale)
+    iq4 = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32)
+    assert np.array_equal(int8_table_form(iq4[None], scale)[0][0], iq4 * 2.0 ** 24)
+    assert int8_table_form(np.array([[0, 1, 255]], dtype=np.float32), scale) is None  # k beyond int8
+    assert int8_table_form(np.array([[0, 1 / 3]], dtype=np.float32), scale) is None  # no short binary form
+    assert int8_table_form(iq4[None], np.array([[1e-38]], dtype=np.float32)) is None  # scale would go subnormal
+
+
+@pytest.mark.skipif(not K.NIBBLE_LUT, reason="no AVX2 on this CPU")
+def test_iq4_nl_table_through_the_int8_plane() -> None:
+    """GGUF IQ4_NL's shape of record (16 integer values, a scale per 32 columns) on the int8 lookup, whole rows."""
+    rng = np.random.default_rng(11)
+    rows, cols = 40, 512
+    iq4 = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float16)
+    b = RecordBuilder("w", (rows, cols), "F16")
+    lut = b.lut(b.packed("codes", rng.integers(0, 16, (rows, cols)), 4), b.tensor("table", iq4))
+    scale = (rng.standard_normal((rows, cols // 32)) * 1e-3).astype(np.float16)
+    qt = b.finish(b.scale(lut, b.tensor("scale", scale), (1, 32)))
+    terms = [t for _, group in NUMBA.prepare(qt).groups for t in group]
+    assert [t.nibble for t in terms if isinstance(t, CodeTerm)] == [K.NIBBLE_INT8]
+    check_kernel(NUMBA, [qt], batches=(1, 2, 4))
