@@ -35,6 +35,32 @@ def quant_method_of(source: Path) -> tuple[str, dict[str, Any]] | None:
     return (method.lower(), qconfig) if isinstance(method, str) and qconfig is not None else None
 
 
+def detects_quant_method(source: Path, quant_method: str) -> bool:
+    """``detect`` of an importer of folders whose config.json says ``quant_method``."""
+    found = quant_method_of(source)
+    return found is not None and found[0] == quant_method
+
+
+def open_quantized_folder(source: Path) -> tuple[CheckpointFolder, dict[str, Any], str]:
+    """The start of ``open``: (the folder, its ``quantization_config``, config.json's path for errors)."""
+    folder = CheckpointFolder(Path(source))
+    return folder, folder.quantization_config or {}, str(folder.path / "config.json")
+
+
+def quantized_modules(folder: CheckpointFolder, marker: str, what: str, known: Iterable[str],
+                      required: Iterable[str]) -> Iterator[tuple[str, dict[str, str]]]:
+    """(prefix, tensors by suffix) of every module holding a ``<prefix>.<marker>`` tensor, in name order, each with
+    no tensor outside ``known`` and every one of ``required``; a SourceError when there is none."""
+    names = folder.names()
+    prefixes = {n[: -len(marker) - 1] for n in names if n.endswith(f".{marker}")}
+    if not prefixes:
+        raise SourceError(f"no {what} modules ({marker} tensors) in the checkpoint", file=str(folder.path))
+    for prefix, tensors in sorted(group_modules(names, prefixes).items()):
+        refuse_unknown(folder, tensors, known, what)
+        require(folder, tensors, prefix, *required)
+        yield prefix, tensors
+
+
 def where(folder: CheckpointFolder, name: str) -> str:
     return str(folder.path / folder.shard_of(name)) if folder.has(name) else str(folder.path)
 

@@ -25,12 +25,11 @@ from ._import_hf import (
     Planned,
     check_shape,
     config_dtype,
+    detects_quant_method,
     expected_shapes,
-    group_modules,
     imported_model,
-    quant_method_of,
-    refuse_unknown,
-    require,
+    open_quantized_folder,
+    quantized_modules,
     source_error,
 )
 
@@ -45,13 +44,10 @@ class AQLMImporter(Importer):
     priority = 10
 
     def detect(self, source: Path) -> bool:
-        found = quant_method_of(source)
-        return found is not None and found[0] == "aqlm"
+        return detects_quant_method(source, "aqlm")
 
     def open(self, source: Path) -> ImportedModel:
-        folder = CheckpointFolder(Path(source))
-        qconfig = folder.quantization_config or {}
-        config_file = str(folder.path / "config.json")
+        folder, qconfig, config_file = open_quantized_folder(source)
         params = {}
         for key in FIELDS:
             value = qconfig.get(key)
@@ -67,14 +63,9 @@ class AQLMImporter(Importer):
                               field="nbits_per_codebook")
         shapes = expected_shapes(folder.plain_config())
         dtype = config_dtype(folder.config)
-        names = folder.names()
-        prefixes = {n[: -len(".codebooks")] for n in names if n.endswith(".codebooks")}
-        if not prefixes:
-            raise SourceError("no AQLM modules (codebooks tensors) in the checkpoint", file=str(folder.path))
         planned = []
-        for prefix, tensors in sorted(group_modules(names, prefixes).items()):
-            refuse_unknown(folder, tensors, ("codes", "codebooks", "scales", "bias"), "AQLM")
-            require(folder, tensors, prefix, "codes", "codebooks", "scales")
+        for prefix, tensors in quantized_modules(folder, "codebooks", "AQLM", ("codes", "codebooks", "scales", "bias"),
+                                                 ("codes", "codebooks", "scales")):
             codes = folder.read(tensors["codes"])
             if codes.ndim != 3 or codes.shape[2] != books or codes.dtype.name not in CODE_DTYPES:
                 raise source_error(folder, tensors["codes"], f"codes {codes.dtype} {list(codes.shape)} are not "

@@ -33,12 +33,11 @@ from ._import_hf import (
     Planned,
     check_shape,
     config_dtype,
+    detects_quant_method,
     expected_shapes,
-    group_modules,
     imported_model,
-    quant_method_of,
-    refuse_unknown,
-    require,
+    open_quantized_folder,
+    quantized_modules,
     source_error,
 )
 
@@ -52,13 +51,10 @@ class BitNetImporter(Importer):
     priority = 10
 
     def detect(self, source: Path) -> bool:
-        found = quant_method_of(source)
-        return found is not None and found[0] == "bitnet"
+        return detects_quant_method(source, "bitnet")
 
     def open(self, source: Path) -> ImportedModel:
-        folder = CheckpointFolder(Path(source))
-        qconfig = folder.quantization_config or {}
-        config_file = str(folder.path / "config.json")
+        folder, qconfig, config_file = open_quantized_folder(source)
         linear_class = qconfig.get("linear_class", "bitlinear")
         if linear_class not in CLASSES:
             raise SourceError(f"linear_class {linear_class!r} is none of {CLASSES}", file=config_file,
@@ -70,14 +66,9 @@ class BitNetImporter(Importer):
         divide = linear_class == "bitlinear"
         shapes = expected_shapes(folder.plain_config())
         default = config_dtype(folder.config, "BF16")
-        names = folder.names()
-        prefixes = {n[: -len(".weight_scale")] for n in names if n.endswith(".weight_scale")}
-        if not prefixes:
-            raise SourceError("no BitNet modules (weight_scale tensors) in the checkpoint", file=str(folder.path))
         planned = []
-        for prefix, tensors in sorted(group_modules(names, prefixes).items()):
-            refuse_unknown(folder, tensors, ("weight", "weight_scale", "bias"), "BitNet")
-            require(folder, tensors, prefix, "weight", "weight_scale")
+        for prefix, tensors in quantized_modules(folder, "weight_scale", "BitNet", ("weight", "weight_scale", "bias"),
+                                            ("weight", "weight_scale")):
             packed = folder.read(tensors["weight"])
             if packed.dtype != np.uint8 or packed.ndim != 2:
                 raise source_error(folder, tensors["weight"], f"a packed ternary weight is uint8 [out / 4, in], not "

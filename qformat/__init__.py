@@ -21,7 +21,7 @@ from .version import __version__ as __version__
 
 _REGISTRY_MODULE = "transformers.quantizers.auto"  # where transformers keeps quant_method -> quantizer
 _LAZY = {"load": "api", "load_dequantized": "api", "load_any": "api", "convert": "api", "method_config": "api",
-         "transform_config": "api",
+         "transform_config": "api", "import_checkpoint": "api",
          "MethodConfig": "methods", "QLinear": "runtime.nn"}
 
 

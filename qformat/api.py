@@ -6,6 +6,7 @@ local paths only (the runtime and the conversion pipeline never import the Hub c
     qformat.convert("HuggingFaceTB/SmolLM2-135M", "out/smol", qformat.SpQRConfig(bits=3))
     qformat.convert("HuggingFaceTB/SmolLM2-135M", "out/smol", "spqr", params={"bits": 3})   # the same
     qformat.convert("HuggingFaceTB/SmolLM2-135M", "out/smol", qformat.GPTQConfig(bits=3), transforms=["awq"])
+    qformat.convert("org/Model-GGUF", "out/imported", "import", params={"gguf_file": "model.Q4_K_M.gguf"})
 
 ``qformat.GPTQConfig`` (any installed method's config class, by class name) and :func:`method_config` give configs.
 """
@@ -23,6 +24,7 @@ from .transforms import TransformConfig
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+    from .conversion.importing import ImportResult
     from .conversion.pipeline import ConvertResult
 
 
@@ -62,7 +64,7 @@ def load_any(source: str | os.PathLike, device: Any = "cpu", *, revision: str | 
 
 def convert(source: str | os.PathLike, out: str | os.PathLike, method: MethodConfig | str, *,
             params: Mapping[str, Any] | None = None, revision: str | None = None,
-            transforms: Sequence[Any] = (), **options: Any) -> ConvertResult:
+            transforms: Sequence[Any] = (), **options: Any) -> ConvertResult | ImportResult:
     """Convert ``source`` (a folder, a ``.gguf`` file or a Hub id) into a qformat folder ``out``.
 
     ``method`` is a method's config (``qformat.GPTQConfig(bits=4)``: the method is the one it configures) or a method's
@@ -71,11 +73,21 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, method: MethodCon
     (``"awq"``), ``"NAME:key=value,..."`` or ``{"transform": name, "params": {...}}``; a parameter a name or dict
     leaves out takes the method's parameter of the same name (bits, group_size). ``options`` are the other fields of
     :class:`qformat.conversion.pipeline.ConvertOptions` (``calib``, ``include``, ``seed``, ``overwrite``, ...).
+
+    ``method="import"`` imports a checkpoint another tool quantized instead (:func:`import_checkpoint`; ``params``:
+    ``format``, ``gguf_file``), as ``qformat convert --method import`` does.
     """
     from .conversion.pipeline import ConvertOptions
     from .conversion.pipeline import convert as run
     from .hub import resolve_model_source
 
+    if method == IMPORT:
+        unknown = sorted(set(params or {}) - {"format", "gguf_file"})
+        if unknown or transforms:
+            wrong = f"parameter {unknown[0]!r}" if unknown else "transforms"
+            raise TypeError(f"qformat.convert(..., 'import'): {wrong} does not apply to an import, which keeps the "
+                            "source's own quantization (params: format, gguf_file)")
+        return import_checkpoint(source, out, revision=revision, **dict(params or {}), **options)
     if isinstance(method, MethodConfig):
         if params is not None:
             raise TypeError("qformat.convert: give the parameters in the config or as params= with a method name, "
@@ -89,6 +101,31 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, method: MethodCon
         transforms = [transforms]  # one transform given bare
     return run(ConvertOptions(os.fspath(source), out, name, given, revision=revision, transforms=tuple(transforms),
                               resolve_hub=resolve_model_source, **options))
+
+
+IMPORT = "import"
+
+
+def import_checkpoint(source: str | os.PathLike, out: str | os.PathLike, *, format: str | None = None,
+                      gguf_file: str | None = None, revision: str | None = None, base_model: str | None = None,
+                      overwrite: bool = False, quiet: bool = True, check: bool = True) -> ImportResult:
+    """Import a checkpoint another tool quantized (a file, a folder or a Hub id) bit-exactly into the qformat folder
+    ``out`` (:func:`qformat.conversion.importing.import_checkpoint`). ``format``: the importer (default: the one that
+    detects the source). ``gguf_file``: the file of a GGUF repo (``org/Model-GGUF``) or folder to import, the only
+    file downloaded; it may be left out when the repo holds one ``.gguf``."""
+    from .conversion.importing import import_checkpoint as run
+    from .hub import resolve_import_source
+
+    if format is not None:
+        from .plugins import get_importer
+
+        get_importer(format)  # an unknown name fails before any download
+
+    def resolve(text: str) -> Path:
+        return resolve_import_source(text, revision, gguf_file=gguf_file, gguf=format == "gguf")
+
+    return run(os.fspath(source), out, format=format, base_model=base_model, overwrite=overwrite, quiet=quiet,
+               check=check, resolve=resolve, gguf_file=gguf_file)
 
 
 def method_config(method: str, **params: Any) -> MethodConfig:

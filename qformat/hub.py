@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token, snapshot_download
+from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     HfHubHTTPError,
     LocalEntryNotFoundError,
@@ -345,7 +345,7 @@ def download_model(
     cache and return the snapshot folder. Other files in the repo (``*.bin``, ``*.gguf``, ...) are not fetched."""
     endpoint = _endpoint(endpoint)
     kw: dict[str, Any] = {"token": token, "endpoint": endpoint, "cache_dir": cache_dir}
-    try:
+    with _download_errors(endpoint, repo_id, revision):
         if allow_patterns is not None:
             return Path(snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns, **kw))
         meta = Path(snapshot_download(repo_id, revision=revision, allow_patterns=MODEL_FILE_PATTERNS, **kw))
@@ -355,19 +355,132 @@ def download_model(
         weights = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
             else ["*.safetensors"]
         return Path(snapshot_download(repo_id, revision=pinned, allow_patterns=weights, **kw))
-    except LocalEntryNotFoundError as e:
+
+
+class _download_errors:
+    """Context manager turning what a download raises into a HubError that says what to do."""
+
+    def __init__(self, endpoint: str, repo_id: str, revision: str | None) -> None:
+        self.endpoint, self.repo_id, self.revision = endpoint, repo_id, revision
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, tp: type[BaseException] | None, e: BaseException | None, tb: Any) -> None:
+        if e is None or isinstance(e, HubError) or not isinstance(e, Exception):
+            return
+        repo_id, revision, endpoint = self.repo_id, self.revision, self.endpoint
+        if isinstance(e, LocalEntryNotFoundError):
+            if constants.HF_HUB_OFFLINE:
+                raise HubError(f"HF_HUB_OFFLINE is set and {repo_id} (revision {revision or 'main'}) is not in the "
+                               "local cache; unset HF_HUB_OFFLINE or pass a local folder") from e
+            raise HubError(f"could not reach {endpoint} to download {repo_id}; pass a local folder or set "
+                           "HF_HUB_OFFLINE=1 with a populated cache") from e
+        if isinstance(e, RevisionNotFoundError):
+            raise HubError(f"revision {revision!r} not found in {repo_id} on {endpoint}") from e
+        if isinstance(e, RepositoryNotFoundError):
+            raise HubError(f"model {repo_id} not found on {endpoint}; check the id, and for a private repo set "
+                           "HF_TOKEN or log in with `hf auth login`") from e
+        raise _translate(e, endpoint, repo_id, "download") from e  # network errors come under several types
+
+
+# ------------------------------------------------------------------------------------------------ GGUF repositories
+
+
+@dataclass(frozen=True)
+class RepoFiles:
+    """The files of a Hub repo at one commit."""
+
+    repo_id: str
+    commit: str
+    files: tuple[str, ...]
+
+    @property
+    def gguf_files(self) -> list[str]:
+        return sorted(f for f in self.files if f.lower().endswith(".gguf"))
+
+    @property
+    def is_gguf_repo(self) -> bool:
+        """A repo of GGUF files (``org/Model-GGUF``: one or several quantizations, no transformers config)."""
+        return bool(self.gguf_files) and "config.json" not in self.files
+
+
+def list_repo_files(repo_id: str, revision: str | None = None, *, token: str | None = None,
+                    endpoint: str | None = None, cache_dir: str | os.PathLike[str] | None = None) -> RepoFiles:
+    """The repo's files at ``revision`` (one API call; nothing is downloaded). With ``HF_HUB_OFFLINE``: the
+    ``.gguf`` files and config.json of the cached snapshot."""
+    endpoint = _endpoint(endpoint)
+    with _download_errors(endpoint, repo_id, revision):
         if constants.HF_HUB_OFFLINE:
-            raise HubError(f"HF_HUB_OFFLINE is set and {repo_id} (revision {revision or 'main'}) is not in the "
-                           "local cache; unset HF_HUB_OFFLINE or pass a local folder") from e
-        raise HubError(f"could not reach {endpoint} to download {repo_id}; pass a local folder or set "
-                       "HF_HUB_OFFLINE=1 with a populated cache") from e
-    except RevisionNotFoundError as e:
-        raise HubError(f"revision {revision!r} not found in {repo_id} on {endpoint}") from e
-    except RepositoryNotFoundError as e:
-        raise HubError(f"model {repo_id} not found on {endpoint}; check the id, and for a private repo set HF_TOKEN "
-                       "or log in with `hf auth login`") from e
-    except Exception as e:  # network errors surface under several library-specific types
-        raise _translate(e, endpoint, repo_id, "download") from e
+            folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=["*.gguf", "config.json"],
+                                            local_files_only=True, token=token, cache_dir=cache_dir))
+            names = (p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+            return RepoFiles(repo_id, folder.name, tuple(sorted(names)))
+        info = HfApi(endpoint=endpoint, token=token, library_name="qformat").model_info(repo_id, revision=revision)
+        return RepoFiles(repo_id, info.sha or revision or constants.DEFAULT_REVISION,
+                         tuple(sorted(s.rfilename for s in info.siblings or ())))
+
+
+def choose_gguf_file(listing: RepoFiles, gguf_file: str | None = None) -> str:
+    """``gguf_file`` when the repo holds it, else the repo's only ``.gguf``; a HubError listing the repo's ``.gguf``
+    files when ``gguf_file`` is not one of them, or when there are several and none was chosen."""
+    available = listing.gguf_files
+    where = f"{listing.repo_id} (revision {listing.commit[:12]})"
+    names = ", ".join(available)
+    if gguf_file is not None:
+        if gguf_file in available:
+            return gguf_file
+        held = f"its .gguf files: {names}" if available else "it holds no .gguf file"
+        raise HubError(f"gguf_file {gguf_file!r} is not in {where}; {held}")
+    if len(available) == 1:
+        return available[0]
+    if not available:
+        raise HubError(f"{where} holds no .gguf file")
+    raise HubError(f"{where} holds {len(available)} .gguf files; choose one with -p gguf_file=NAME (gguf_file= in "
+                   f"Python): {names}")
+
+
+def download_gguf(repo_id: str, gguf_file: str | None = None, revision: str | None = None, *,
+                  token: str | None = None, endpoint: str | None = None,
+                  cache_dir: str | os.PathLike[str] | None = None, listing: RepoFiles | None = None) -> Path:
+    """Download one GGUF file of a Hub repo (``gguf_file``, or the repo's only one: :func:`choose_gguf_file`, checked
+    before any download) into the HF cache and return its path there; no other file of the repo is fetched."""
+    endpoint = _endpoint(endpoint)
+    listing = listing or list_repo_files(repo_id, revision, token=token, endpoint=endpoint, cache_dir=cache_dir)
+    name = choose_gguf_file(listing, gguf_file)
+    with _download_errors(endpoint, repo_id, revision):
+        # By the revision asked for, not the listed commit: the cache then maps that revision (main) to the
+        # snapshot, so the same import works offline later.
+        return Path(hf_hub_download(repo_id, name, revision=revision, token=token, endpoint=endpoint,
+                                    cache_dir=cache_dir))
+
+
+def resolve_import_source(source: str | os.PathLike[str], revision: str | None = None, *,
+                          gguf_file: str | None = None, gguf: bool = False, token: str | None = None,
+                          endpoint: str | None = None, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """What an import reads: a local path as is; for a Hub id, one GGUF file (:func:`download_gguf`) when
+    ``gguf_file`` is given, ``gguf`` is set (the GGUF importer was named) or the repo holds ``.gguf`` files and no
+    config.json; otherwise the model's files (:func:`download_model`)."""
+    local = _local_source(source, revision)
+    if local is not None:
+        return local
+    repo_id = os.fspath(source)
+    listing = list_repo_files(repo_id, revision, token=token, endpoint=endpoint, cache_dir=cache_dir)
+    if gguf_file is not None or gguf or listing.is_gguf_repo:
+        return download_gguf(repo_id, gguf_file, revision, token=token, endpoint=endpoint, cache_dir=cache_dir,
+                             listing=listing)
+    return download_model(repo_id, revision, token=token, endpoint=endpoint, cache_dir=cache_dir)
+
+
+def is_gguf_repo(source: str | os.PathLike[str], revision: str | None = None) -> bool:
+    """Whether ``source`` is the Hub id of a GGUF repo (never a local path): an importer reads it, not a method.
+    False, without a request, for what is neither a local path nor a Hub id (the caller's own error says so)."""
+    try:
+        if _local_source(source, revision) is not None:
+            return False
+    except HubError:
+        return False
+    return list_repo_files(os.fspath(source), revision).is_gguf_repo
 
 
 def resolve_model_source(
@@ -380,6 +493,14 @@ def resolve_model_source(
 ) -> Path:
     """A local folder or ``.gguf`` file is returned as is; anything shaped like ``namespace/name`` is a Hub id and is
     downloaded (see :func:`download_model`)."""
+    local = _local_source(source, revision)
+    if local is not None:
+        return local
+    return download_model(os.fspath(source), revision, token=token, endpoint=endpoint, cache_dir=cache_dir)
+
+
+def _local_source(source: str | os.PathLike[str], revision: str | None) -> Path | None:
+    """The local path ``source`` names, or None when it is a Hub id; a HubError when it is neither."""
     text = os.fspath(source)
     path = Path(text).expanduser()
     try:
@@ -393,7 +514,7 @@ def resolve_model_source(
     looks_local = text.endswith(".gguf") or text.startswith((".", "/", "~")) or "\\" in text
     if looks_local or not _REPO_ID.fullmatch(text) or "--" in text or ".." in text:
         raise HubError(f"{shorten(repr(text))} is neither an existing local path nor a Hub model id (namespace/name)")
-    return download_model(text, revision, token=token, endpoint=endpoint, cache_dir=cache_dir)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------- errors

@@ -184,55 +184,21 @@ def _refuse_non_instance(obj: Any, contract: type, kind: str) -> None:
                               f"register an instance: register(My{contract.__name__}())")
 
 
-def _method_registrar(plugins: Plugins, plugin_name: str) -> Callable[[Method], None]:
-    def register(method: Method) -> None:
-        _refuse_non_instance(method, Method, "method")
-        _claim(plugins, "method", plugins.methods, plugins.method_owner, method.name, method, plugin_name)
-        register.registered.append(method.name)
+def _registrar(kind: str, contract: type) -> Callable[[Plugins, str], Callable[[Any], None]]:
+    """The registrar factory of one plugin kind: ``register(obj)`` accepts a named instance of ``contract`` and files
+    it under ``plugins.<kind>s`` / ``plugins.<kind>_owner`` (a name two plugins claim is a :class:`NameClash`)."""
+    def make(plugins: Plugins, plugin_name: str) -> Callable[[Any], None]:
+        table, owners = getattr(plugins, f"{kind}s"), getattr(plugins, f"{kind}_owner")
 
-    register.registered = []
-    return register
+        def register(obj: Any) -> None:
+            _refuse_non_instance(obj, contract, kind)
+            _claim(plugins, kind, table, owners, obj.name, obj, plugin_name)
+            register.registered.append(obj.name)
 
+        register.registered = []
+        return register
 
-def _transform_registrar(plugins: Plugins, plugin_name: str) -> Callable[[Transform], None]:
-    def register(transform: Transform) -> None:
-        _refuse_non_instance(transform, Transform, "transform")
-        _claim(plugins, "transform", plugins.transforms, plugins.transform_owner, transform.name, transform,
-               plugin_name)
-        register.registered.append(transform.name)
-
-    register.registered = []
-    return register
-
-
-def _importer_registrar(plugins: Plugins, plugin_name: str) -> Callable[[Importer], None]:
-    def register(importer: Importer) -> None:
-        _refuse_non_instance(importer, Importer, "importer")
-        _claim(plugins, "importer", plugins.importers, plugins.importer_owner, importer.name, importer, plugin_name)
-        register.registered.append(importer.name)
-
-    register.registered = []
-    return register
-
-
-def _exporter_registrar(plugins: Plugins, plugin_name: str) -> Callable[[Exporter], None]:
-    def register(exporter: Exporter) -> None:
-        _refuse_non_instance(exporter, Exporter, "exporter")
-        _claim(plugins, "exporter", plugins.exporters, plugins.exporter_owner, exporter.name, exporter, plugin_name)
-        register.registered.append(exporter.name)
-
-    register.registered = []
-    return register
-
-
-def _kernel_registrar(plugins: Plugins, plugin_name: str) -> Callable[[Kernel], None]:
-    def register(kernel: Kernel) -> None:
-        _refuse_non_instance(kernel, Kernel, "kernel")
-        _claim(plugins, "kernel", plugins.kernels, plugins.kernel_owner, kernel.name, kernel, plugin_name)
-        register.registered.append(kernel.name)
-
-    register.registered = []
-    return register
+    return make
 
 
 def _codec_registrar(plugins: Plugins, plugin_name: str) -> Callable[[Codec], None]:
@@ -258,10 +224,14 @@ def _codec_registrar(plugins: Plugins, plugin_name: str) -> Callable[[Codec], No
     return register
 
 
-# Hook order: methods, transforms, then codecs, then kernels (a kernel may look at the codecs when it is built).
-_HOOKS = (("qformat_register_methods", _method_registrar), ("qformat_register_transforms", _transform_registrar),
-          ("qformat_register_importers", _importer_registrar),
-          ("qformat_register_exporters", _exporter_registrar), ("qformat_register_codecs", _codec_registrar), ("qformat_register_kernels", _kernel_registrar))
+# Hook order: methods, transforms, importers, exporters, then codecs, then kernels (a kernel may look at the codecs
+# when it is built).
+_HOOKS = (("qformat_register_methods", _registrar("method", Method)),
+          ("qformat_register_transforms", _registrar("transform", Transform)),
+          ("qformat_register_importers", _registrar("importer", Importer)),
+          ("qformat_register_exporters", _registrar("exporter", Exporter)),
+          ("qformat_register_codecs", _codec_registrar),
+          ("qformat_register_kernels", _registrar("kernel", Kernel)))
 
 
 def _collect(plugins: Plugins) -> None:
@@ -298,7 +268,7 @@ def _clash(kind: str, name: str, first: str, second: str) -> NameClash:
 
 def _claim(plugins: Plugins, kind: str, table: dict[str, Any], owners: dict[str, str], name: str, entry: Any,
            plugin_name: str) -> None:
-    """Record that ``plugin_name`` provides the ``kind`` (method, transform or kernel) ``name``."""
+    """Record that ``plugin_name`` provides the ``kind`` (method, transform, importer, exporter or kernel) ``name``."""
     if name in table:
         raise _clash(kind, name, _owner_label(plugins, owners[name]), _owner_label(plugins, plugin_name))
     table[name] = entry

@@ -26,7 +26,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "Hugging Face-style qformat folder. Only one decoder block is in memory at a time; a run that is killed "
         "can be started again with the same command and resumes from the last finished block.")
     conv.add_argument("source", metavar="SRC", help="local model folder (config.json + safetensors), Hub id "
-                      "(namespace/name) or .gguf file")
+                      "(namespace/name; a repo of several GGUF files: -p gguf_file=NAME) or .gguf file")
     conv.add_argument("--method", help="quantization method (a plugin; see `qformat plugins`), or `import` to bring a "
                       "checkpoint another tool quantized (GGUF, GPTQ, AWQ, compressed-tensors, bitsandbytes, HQQ, ...) "
                       "in bit-exactly with its own integers and scales (-p format=NAME picks the importer); left out, "
@@ -36,7 +36,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     conv.add_argument("--bits", help="the method's `bits` parameter")
     conv.add_argument("--group-size", help="the method's `group_size` parameter")
     conv.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
-                      help="any other method parameter, e.g. -p outlier_threshold=0.2 (repeatable)")
+                      help="any other method parameter, e.g. -p outlier_threshold=0.2 (repeatable); an import takes "
+                      "-p format=IMPORTER and -p gguf_file=NAME (the file of a GGUF repo or folder to import)")
     conv.add_argument("--transform", action="append", default=[], metavar="NAME[:KEY=VALUE,...]",
                       help="a block transform (a plugin; see `qformat plugins`) applied to each decoder block before "
                            "the method, e.g. --transform awq or --transform hadamard:block=64; repeatable, applied in "
@@ -89,19 +90,21 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     plug.set_defaults(func=run_plugins)
 
 
+def parse_params(items: list[str]) -> dict[str, str]:
+    """``-p KEY=VALUE`` options by key (values still strings)."""
+    from ..conversion.transform_chain import parse_key_values
+
+    return parse_key_values(items, malformed="-p expects KEY=VALUE")
+
+
 def method_config(method: Any, args: argparse.Namespace) -> MethodConfig:
     """The method's config from ``-p k=v`` pairs plus ``--bits``/``--group-size``, each parsed and checked against the
     method's declared parameters (before any work, naming the parameter)."""
     declared = {p.name for p in method.params}
-    values: dict[str, str] = {}
-    for item in args.param:
-        key, sep, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key:
-            raise ParameterError(f"-p expects KEY=VALUE, got {item!r}")
-        if key in values:
-            raise ParameterError(f"parameter {key!r} is given twice")
-        values[key] = value.strip()
+    values = parse_params(args.param)
+    if GGUF_FILE in values and GGUF_FILE not in declared:
+        raise ParameterError(f"-p {GGUF_FILE}= picks the GGUF file of a repository to import (--method import, or no "
+                             f"--method); method {method.name!r} converts a local .gguf file: download it first")
     for flag, key in (("--bits", "bits"), ("--group-size", "group_size")):
         value = getattr(args, key)
         if value is None:
@@ -137,6 +140,7 @@ def quiet_openmp_waits() -> bool:
 
 
 IMPORT = "import"
+GGUF_FILE = "gguf_file"  # transformers' name for the file of a GGUF repo: from_pretrained(repo, gguf_file=...)
 
 
 def run_convert(args: argparse.Namespace) -> int:
@@ -183,11 +187,15 @@ def check_base_model(value: str | None) -> None:
 
 
 def _method_by_detection(args: argparse.Namespace) -> str:
-    """`import` when an installed importer recognises the (local) source; otherwise the user must name a method."""
+    """`import` when an installed importer recognises the (local) source, or the source is a Hub repo of GGUF files
+    (or -p gguf_file= names one); otherwise the user must name a method."""
+    from ..hub import is_gguf_repo
     from ..plugins import detect_importer
 
     path = Path(args.source).expanduser()
     if path.exists() and detect_importer(path) is not None:
+        return IMPORT
+    if not path.exists() and (GGUF_FILE in parse_params(args.param) or is_gguf_repo(args.source, args.revision)):
         return IMPORT
     raise ParameterError("--method is required: no importer recognises the source as a quantized checkpoint, so "
                          "name a quantization method (see `qformat plugins`), e.g. --method rtn")
@@ -199,45 +207,37 @@ _NOT_FOR_IMPORT = (("bits", "--bits"), ("group_size", "--group-size"), ("transfo
                    ("true_sequential", "--true-sequential"), ("restart", "--restart"))
 
 
-def import_format(args: argparse.Namespace) -> str | None:
-    """The importer named with -p format=NAME (the only parameter an import takes)."""
-    chosen = None
-    for item in args.param:
-        key, sep, value = item.partition("=")
-        if key.strip().replace("-", "_") != "format" or not sep or not value.strip():
-            raise ParameterError(f"--method import takes only -p format=NAME (an importer; see `qformat plugins`), "
-                                 f"got -p {item!r}")
-        if chosen is not None:
-            raise ParameterError("parameter 'format' is given twice")
-        chosen = value.strip()
-    return chosen
+def import_params(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """(importer, GGUF file): -p format=NAME and -p gguf_file=NAME, the only parameters an import takes."""
+    values = parse_params(args.param)
+    for key, value in values.items():
+        if key not in ("format", GGUF_FILE) or not value:
+            raise ParameterError(f"--method import takes only -p format=NAME (an importer; see `qformat plugins`) "
+                                 f"and -p {GGUF_FILE}=NAME (the GGUF file of a repository), got -p {key}={value!r}")
+    return values.get("format"), values.get(GGUF_FILE)
 
 
 def run_import(args: argparse.Namespace) -> int:
-    from ..conversion.importing import choose_importer, import_checkpoint
+    from ..api import import_checkpoint
+    from ..conversion.importing import choose_importer
     from ..conversion.quality import resolve_eval_text
-    from ..hub import resolve_model_source
 
     for attr, flag in _NOT_FOR_IMPORT:
         if getattr(args, attr):
             raise ParameterError(f"{flag} does not apply to --method import: an import keeps the source's own "
                                  "quantization bit for bit (convert the original model with a method to change it)")
-    fmt = import_format(args)
+    fmt, gguf_file = import_params(args)
     if fmt is not None:
         from ..plugins import get_importer
 
         get_importer(fmt)  # an unknown name fails before any download
     check_eval_options(args)
     eval_text = resolve_eval_text(args.eval) if args.eval else None
-
-    def resolve(source: str) -> Path:
-        return resolve_model_source(source, args.revision)
-
     local = Path(args.source).expanduser()
-    if local.exists() and fmt is None:
+    if local.exists() and fmt is None and gguf_file is None:
         choose_importer(local)  # "no importer reads this" before anything else happens
-    result = import_checkpoint(args.source, args.out, format=fmt, base_model=args.base_model,
-                               overwrite=args.overwrite, quiet=args.quiet, resolve=resolve)
+    result = import_checkpoint(args.source, args.out, format=fmt, gguf_file=gguf_file, revision=args.revision,
+                               base_model=args.base_model, overwrite=args.overwrite, quiet=args.quiet)
     output: dict[str, Any] = {"out": str(result.out), "importer": result.importer, "source_format": result.source_format,
                               "records": result.records, "plain_tensors": result.plain,
                               "bits_per_weight": result.bits_per_weight, "source_bits_per_weight": result.source_bits,

@@ -58,27 +58,35 @@ def choose_importer(source: Path, format: str | None = None) -> Importer:
 def import_checkpoint(source: str | Path, out: str | Path, *, format: str | None = None,
                       base_model: str | None = None, overwrite: bool = False, quiet: bool = True,
                       check: bool = True, resolve: Callable[[str], Path] | None = None,
-                      command: str | None = None) -> ImportResult:
-    """Import ``source`` (a file, a folder, or a Hub id when ``resolve`` downloads it) into the folder ``out``."""
+                      command: str | None = None, gguf_file: str | None = None) -> ImportResult:
+    """Import ``source`` (a file, a folder, or a Hub id when ``resolve`` downloads it) into the folder ``out``.
+
+    ``gguf_file``: the file of a folder or Hub repo of several GGUF files to import (for a Hub id, ``resolve`` is the
+    one that downloads it); the lineage records it beside the repo id."""
     start = time.perf_counter()
     text = str(source)
     path = Path(text).expanduser()
-    if not path.exists():
+    out = Path(out)
+    if path.exists():
+        path = _chosen_file(path, gguf_file) if gguf_file is not None else path
+    else:
         if resolve is None:
             raise ConversionError(f"{text} does not exist")
+        _refuse_unwritable_output(out, overwrite)  # before the download, not after it
         path = resolve(text)
     importer = choose_importer(path, format)
     model = importer.open(path)
     lineage = base_model or model.base_model or hub_id_from_cache_path(path)
     hub_id = text if not Path(text).expanduser().exists() and resolve is not None else None
-    out = Path(out)
     try:
         writer = FolderWriter(out, overwrite=overwrite)
     except FormatError as exc:
         raise ConversionError(str(exc)) from None
     counts = _write_shards(writer, model, importer, path, check, quiet)
-    qconfig = _quantization_config(importer, model, path, hub_id, lineage, counts,
-                                   command or _command(importer, hub_id or path.name, out, format, base_model))
+    origin = _origin(hub_id, gguf_file, path)
+    qconfig = _quantization_config(importer, model, path, origin, lineage, counts,
+                                   command or _command(importer, hub_id or Path(text).expanduser().name, out, format,
+                                                      base_model, origin.file))
     config = dict(model.config)
     config.pop("quantization_config", None)
     card = _model_card(config, qconfig, counts["records_json"])
@@ -95,6 +103,34 @@ def import_checkpoint(source: str | Path, out: str | Path, *, format: str | None
     bits = total_bits_per_weight(records.values()) if records else None
     return ImportResult(out, importer.name, model.source_format, len(records), counts["plain"], bits,
                         model.source_bits, time.perf_counter() - start, qconfig)
+
+
+def _chosen_file(folder: Path, name: str) -> Path:
+    """The file ``name`` of a local folder (``gguf_file=`` picks one of several GGUF files)."""
+    if not folder.is_dir():
+        raise ConversionError(f"gguf_file picks a file in a folder or Hub repository, but {folder} is a file")
+    chosen = folder / name
+    if Path(name).is_absolute() or ".." in Path(name).parts or not chosen.is_file():
+        held = sorted(p.name for p in folder.iterdir() if p.suffix.lower() == ".gguf")
+        raise ConversionError(f"gguf_file {name!r} is not a file in {folder}; its .gguf files: "
+                              f"{', '.join(held) or 'none'}")
+    return chosen
+
+
+def _refuse_unwritable_output(out: Path, overwrite: bool) -> None:
+    """The output checks of :class:`FolderWriter`, made before a download (the writer is created after it)."""
+    from ..format.container import output_replace_problem
+
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not overwrite:
+        raise ConversionError(str(FormatError("output_exists", "the output folder exists; choose another or pass "
+                                              "overwrite", file=str(out))))
+    problem = output_replace_problem(out)
+    if problem is not None:
+        raise ConversionError(str(FormatError("output_exists", f"{problem}; only a qformat output folder is ever "
+                                              "replaced: choose another output or remove it yourself",
+                                              file=str(out))))
 
 
 def _stage_files(work_dir: Path, files: Mapping[str, bytes]) -> list[Path]:
@@ -187,7 +223,35 @@ def hub_id_from_cache_path(path: Path) -> str | None:
     return None
 
 
-def _quantization_config(importer: Importer, model: ImportedModel, path: Path, hub_id: str | None,
+def snapshot_location(path: Path) -> tuple[str, str] | None:
+    """(commit, path inside the repo) when ``path`` lies in a Hugging Face cache snapshot
+    ``models--org--name/snapshots/<commit>/...``, else None."""
+    parts = Path(path).absolute().parts
+    for i in range(1, len(parts) - 1):
+        if parts[i] == "snapshots" and _HUB_CACHE_DIR.fullmatch(parts[i - 1]):
+            return parts[i + 1], "/".join(parts[i + 2:])
+    return None
+
+
+@dataclass(frozen=True)
+class _Origin:
+    """Where an import came from: the Hub repo, the file of it that was imported, the commit."""
+
+    hub_id: str | None
+    file: str | None
+    revision: str | None
+
+
+def _origin(hub_id: str | None, gguf_file: str | None, path: Path) -> _Origin:
+    """A Hub source names its commit, and the file it was imported from when that is one file (a GGUF repo's)."""
+    where = snapshot_location(path) if hub_id else None
+    if where is None:
+        return _Origin(hub_id, gguf_file, None)
+    commit, inside = where
+    return _Origin(hub_id, gguf_file or (inside if inside and path.is_file() else None), commit)
+
+
+def _quantization_config(importer: Importer, model: ImportedModel, path: Path, origin: _Origin,
                          base_model: str | None, counts: Mapping[str, Any], command: str) -> dict[str, Any]:
     from ..format import iter_nodes
     from ..plugins import get_plugins
@@ -197,9 +261,13 @@ def _quantization_config(importer: Importer, model: ImportedModel, path: Path, h
     owner = plugins.importer_owner.get(importer.name)
     info = plugins.info.get(owner) if owner else None
     records = counts["records_json"]
-    source: dict[str, Any] = {"id": hub_id or path.name, "format": model.source_format}
-    if hub_id is None:
+    source: dict[str, Any] = {"id": origin.hub_id or path.name, "format": model.source_format}
+    if origin.hub_id is None:
         source["local"] = True
+    if origin.file is not None:
+        source["file"] = origin.file
+    if origin.revision is not None:
+        source["revision"] = origin.revision
     if model.source_bits is not None:
         source["bits_per_weight"] = round(float(model.source_bits), 4)
     if model.details:
@@ -224,10 +292,13 @@ def _quantization_config(importer: Importer, model: ImportedModel, path: Path, h
     return qconfig
 
 
-def _command(importer: Importer, source: str, out: Path, format: str | None, base_model: str | None) -> str:
+def _command(importer: Importer, source: str, out: Path, format: str | None, base_model: str | None,
+             gguf_file: str | None) -> str:
     parts = ["qformat convert --method import", source, f"--out {out.name}"]
     if format:
         parts.append(f"-p format={importer.name}")
+    if gguf_file:
+        parts.append(f"-p gguf_file={gguf_file}")
     if base_model:
         parts.append(f"--base-model {base_model}")
     return " ".join(parts)

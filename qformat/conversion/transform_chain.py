@@ -20,22 +20,30 @@ TransformSpec = str | Mapping[str, Any] | TransformConfig
 Chain = list[tuple[Transform, TransformConfig]]
 
 
+def parse_key_values(items: Iterable[str], *, malformed: str, prefix: str = "") -> dict[str, str]:
+    """``key=value`` items → {key: value}, keys with ``-`` read as ``_``, values stripped (still strings: a config
+    parses them). The one parser of ``-p KEY=VALUE`` and of ``--transform NAME:key=value,...``; its errors are
+    ``{prefix}{malformed}, got 'item'`` and ``{prefix}parameter 'key' is given twice``."""
+    values: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ParameterError(f"{prefix}{malformed}, got {item!r}")
+        if key in values:
+            raise ParameterError(f"{prefix}parameter {key!r} is given twice")
+        values[key] = value.strip()
+    return values
+
+
 def parse_spec(text: str) -> tuple[str, dict[str, str]]:
     """``NAME[:key=value,...]`` → (name, {key: value}) (values stay strings: the config parses them)."""
     name, _, rest = text.partition(":")
     name = name.strip()
     if not name:
         raise ParameterError(f"--transform expects NAME[:key=value,...], got {text!r}")
-    params: dict[str, str] = {}
-    for item in filter(None, (part.strip() for part in rest.split(","))):
-        key, sep, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key:
-            raise ParameterError(f"--transform {text!r}: expected key=value, got {item!r}")
-        if key in params:
-            raise ParameterError(f"--transform {text!r}: parameter {key!r} is given twice")
-        params[key] = value.strip()
-    return name, params
+    items = filter(None, (part.strip() for part in rest.split(",")))
+    return name, parse_key_values(items, malformed="expected key=value", prefix=f"--transform {text!r}: ")
 
 
 def _explicit(spec: TransformSpec) -> tuple[str, dict[str, Any] | TransformConfig, int | None]:
