@@ -656,6 +656,32 @@ def v_group_larger_than_output() -> Valid:
                  "and a reader must not allocate in proportion to the group", records, expected)
 
 
+def v_reshape_hqq_axis0() -> Valid:
+    d = draft("reshape_hqq_axis0", (12, 20), "F16", "model.layers.0.self_attn.q_proj.weight")
+    q = codes(d.rng, (8, 30), 4)  # HQQ's M = W.reshape(8, 30): one scale and zero per column of M
+    s, z = fp16(d.rng, (1, 30), 0.05, positive=True), fp16(d.rng, (1, 30), 8.0)
+    node, m = affine(d.b, q, 4, (8, 1), s, z)
+    return d.valid("HQQ axis-0 groups of 8 on a 12x20 weight: affine over M [8, 30] with group_shape [8, 1], "
+                   "reshaped row-major to [12, 20] (each group takes every 30th weight)", d.b.reshape(node),
+                   m.reshape(12, 20))
+
+
+def v_reshape_blocks_across_rows() -> Valid:
+    d = draft("reshape_blocks_across_rows", (6, 24), "BF16")
+    q = codes(d.rng, (9, 16), 4)  # bitsandbytes blocks of 16 over the flattened 6x24 weight: one per row of [9, 16]
+    absmax = (np.abs(d.rng.standard_normal((9, 1))) * 0.05 + 0.01).astype(np.float32)
+    node, blocks = scaled_lut(d.b, q, 4, NF4, ("absmax", absmax), (1, 16))
+    return d.valid("NF4 absmax blocks of 16 that end mid-row (rows of 24): the scale(lut) tree over [9, 16], one "
+                   "block per row, reshaped to [6, 24]", d.b.reshape(node), blocks.reshape(6, 24))
+
+
+def v_reshape_int_input() -> Valid:
+    d = draft("reshape_int_input", (3, 4))
+    x = d.rng.integers(-100, 100, size=(2, 6)).astype(np.int16)
+    return d.valid("a reshape of an I16 tensor [2, 6] to [3, 4]: integers convert to fp32", d.b.reshape(
+        d.b.tensor("x", x)), f32(x).reshape(3, 4))
+
+
 def valid_vectors() -> list[Valid]:
     vectors = [v_tensor(F32, "f32"), v_tensor(F16, "f16"), v_tensor(BF16, "bf16")]
     vectors += [v_packed(bits) for bits in (1, 2, 3, 4, 5, 6, 7, 8, 12, 16)]
@@ -669,6 +695,7 @@ def valid_vectors() -> list[Valid]:
                 v_multi_record(), v_depth_limit()]
     vectors += [v_group_larger_than_output()]
     vectors += [v_affine_offset_constant(), v_affine_offset_q4_1(), v_affine_offset_nested()]
+    vectors += [v_reshape_hqq_axis0(), v_reshape_blocks_across_rows(), v_reshape_int_input()]
     return vectors
 
 
@@ -1025,7 +1052,36 @@ def invalid_records() -> list[Invalid]:
     out.append(_sign_not_one_bit())
     out.append(_lut_table_too_small())
     out += _invalid_offsets()
+    out += _invalid_reshapes()
     return out
+
+
+def _invalid_reshapes() -> list[Invalid]:
+    """reshape: the element count, its dims, and the input's grids over the input's own shape."""
+    rng = rng_for("invalid-reshape")
+    b = RecordBuilder(BASE, (4, 40), "F16")  # groups of 8 along the flattened weight: M = W.reshape(8, 20)
+    inner, _ = affine(b, codes(rng, (8, 20), 4), 4, (8, 1), fp16(rng, (1, 20), 0.02, True), fp16(rng, (1, 20), 8.0))
+    qt = b.finish(b.reshape(inner))
+
+    def count(records: dict, tensors: dict) -> None:
+        node_at(records[BASE])["shape"] = records[BASE]["shape"] = [4, 41]
+
+    def zero_dim(records: dict, tensors: dict) -> None:
+        node_at(records[BASE])["shape"] = [0, 160]
+
+    def grid_of_output(records: dict, tensors: dict) -> None:  # one scale per output column: not M's grid
+        tensors[BASE + ".scale"] = np.ones((1, 40), F16)
+        records[BASE]["storage_bytes"] += 40
+
+    return [
+        Invalid("reshape_count_mismatch", "a reshape to [4, 41] of an input with 8 x 20 = 160 elements",
+                edited(count, qt), "shape_mismatch", "open", tensor=BASE, field="weight/input"),
+        Invalid("reshape_dim_zero", "a reshape whose shape is [0, 160]", edited(zero_dim, qt), "bad_field", "open",
+                tensor=BASE, field="weight/shape"),
+        Invalid("reshape_input_grid_mismatch", "the affine below a reshape has a [1, 40] scale (the output's "
+                "columns); its own [8, 20] codes in groups of [8, 1] need [1, 20]", edited(grid_of_output, qt),
+                "shape_mismatch", "open", tensor=BASE, field="weight/input/scale"),
+    ]
 
 
 def _invalid_offsets() -> list[Invalid]:

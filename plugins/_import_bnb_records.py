@@ -6,11 +6,17 @@ codes into ``nested_quant_map`` times ``nested_absmax`` per ``nested_blocksize``
 bitsandbytes' ``dequantize_4bit`` computes ``table[q] * absmax`` in fp32 (the absmax first as
 ``nested_quant_map[c] * nested_absmax + offset``) and casts to the quant state's dtype.
 
-``scale(lut(packed codes, table F32[16]), absmax, [1, blocksize])``, the absmax either the stored fp32 array or
+``scale(lut(packed codes, table F32[16]), absmax, [1, blocksize])`` over [R, C] when the blocks are tiles of the
+weight (``blocksize`` dividing the row, or whole rows); when blocks end mid-row, the same tree over the flattened
+weight's ``[R·C / w, w]`` (``w = gcd(R·C, blocksize)``: blocks of whole rows) or, for an odd ``w``, ``[1, R·C]`` (one
+packed row), inside a ``reshape`` to [R, C]. The absmax either the stored fp32 array or
 ``sum(scale(lut(U8 codes, map F32[256]), nested_absmax), lowrank(ones, offset))``. Codes are re-laid into the
 ``packed`` order (nibbles swapped), never changed. The table is the one bitsandbytes' kernels decode with (its
 ``quant_map`` is stored but not read when dequantizing): NF4 as stored; FP4 with code 8 as -0.0, which is what the
-CPU and CUDA kernels compute from that bit pattern (``get_4bit_type("fp4")`` lists +0.0 there).
+CPU and CUDA kernels compute from that bit pattern (``get_4bit_type("fp4")`` lists +0.0 there). Weights with an odd
+row length are the exception: bitsandbytes' CPU ``dequantize_4bit`` hands them to its generic torch path, which looks
+codes up in ``get_4bit_type`` (code 8 +0.0), so those records use that table and match it bit for bit (its CUDA
+kernel still gives -0.0 there: a sign of zero, equal in every product).
 
 **8-bit** (``Int8Params``, LLM.int8): ``weight`` int8 ``CB`` [R, C] and ``SCB`` fp32 [R]; ``int8_vectorwise_dequant``
 is ``CB * SCB * 7.874015718698502e-3`` in fp32, left to right. Outlier columns are not stored apart (bitsandbytes
@@ -43,10 +49,11 @@ def quant_map(quant_type: str) -> np.ndarray:
     return values / np.abs(values).max()
 
 
-def kernel_table(quant_type: str) -> np.ndarray:
-    """The 16 values bitsandbytes' dequantize kernels give each code (FP4 code 8 is -0.0 there)."""
+def kernel_table(quant_type: str, row_length: int = 2) -> np.ndarray:
+    """The 16 values bitsandbytes' CPU ``dequantize_4bit`` gives each code for rows of ``row_length``: its kernels'
+    (FP4 code 8 is -0.0 there) for even rows, ``get_4bit_type``'s (+0.0) for odd rows, which its generic path takes."""
     table = quant_map(quant_type)
-    if quant_type == "fp4":
+    if quant_type == "fp4" and row_length % 2 == 0:
         table[8] = -0.0
     return table
 
@@ -74,12 +81,25 @@ def absmax_grid(rows: int, cols: int, block: int) -> tuple[tuple[int, int], tupl
     return None
 
 
+def block_layout(rows: int, cols: int, block: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """(shape the codes are laid out in, absmax grid, group_shape): [rows, cols] when the blocks are tiles of it, else
+    the flattened weight as [n / w, w] (``w = gcd(n, block)``, even so rows are whole bytes; blocks are then whole
+    rows) or [1, n], which a ``reshape`` lays out as [rows, cols]."""
+    found = absmax_grid(rows, cols, block)
+    if found is not None:
+        return (rows, cols), *found
+    n = rows * cols
+    width = math.gcd(n, block)
+    if width % 2:  # an odd count of weights: one row, whose trailing nibble is padding
+        return (1, n), (1, -(-n // block)), (1, block)
+    found = absmax_grid(n // width, width, block)
+    assert found is not None  # width divides block
+    return (n // width, width), *found
+
+
 def fourbit_record(name: str, shape: tuple[int, int], dtype: str, quant_type: str, blocksize: int,
                    packed: np.ndarray, absmax: np.ndarray | Nested, info: dict) -> QuantizedTensor:
-    rows, cols = shape
-    grid = absmax_grid(rows, cols, blocksize)
-    assert grid is not None  # checked when planned
-    (arows, acols), group = grid
+    (rows, cols), (arows, acols), group = block_layout(*shape, blocksize)
     b = RecordBuilder(name, shape, dtype)
     flat = np.asarray(packed).reshape(-1)
     if cols % 2 == 0:  # each row is whole bytes: swap the nibbles into the packed order (first code low)
@@ -89,12 +109,13 @@ def fourbit_record(name: str, shape: tuple[int, int], dtype: str, quant_type: st
     else:
         pairs = np.stack([flat >> 4, flat & 0x0F], axis=1).reshape(-1)[: rows * cols]
         codes = b.packed("codes", pairs.reshape(rows, cols), 4)
-    values = b.lut(codes, b.tensor(quant_type, kernel_table(quant_type)))
+    values = b.lut(codes, b.tensor(quant_type, kernel_table(quant_type, shape[1])))
     if isinstance(absmax, Nested):
         factor = _nested(b, absmax, arows, acols)
     else:
         factor = b.tensor("absmax", np.asarray(absmax).reshape(arows, acols))
-    return b.finish(b.scale(values, factor, group), info)
+    node = b.scale(values, factor, group)
+    return b.finish(node if (rows, cols) == tuple(shape) else b.reshape(node), info)
 
 
 def _nested(b: RecordBuilder, nested: Nested, rows: int, cols: int) -> Node:

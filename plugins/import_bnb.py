@@ -6,8 +6,8 @@ exactly what ``bitsandbytes.functional.dequantize_4bit`` / ``int8_vectorwise_deq
 - **4-bit** modules: ``weight`` (packed uint8, or any quant storage dtype, read as bytes), ``weight.absmax``,
   ``weight.quant_map``, ``weight.quant_state.bitsandbytes__nf4|fp4`` (a JSON blob: quant_type, blocksize, dtype,
   shape, and with double quantization nested_blocksize, nested_dtype, nested_offset), ``weight.nested_absmax``,
-  ``weight.nested_quant_map``. Blocks of ``blocksize`` run along the flattened weight: blocks that end mid-row are
-  refused (the format's parameter grids cannot express them).
+  ``weight.nested_quant_map``. Blocks of ``blocksize`` run along the flattened weight: where they end mid-row, the
+  record's tree runs over a shape whose rows hold whole blocks, inside a ``reshape`` to [out, in].
 - **8-bit** modules: ``weight`` int8 [out, in], ``SCB`` fp32 [out], ``weight_format`` (0 = row-major; others refused).
 - Everything else (embeddings, norms, lm_head, biases, skipped modules) passes through as stored.
 """
@@ -24,7 +24,7 @@ import numpy as np
 
 from qformat.plugin import ImportedModel, Importer, SourceError, hookimpl
 
-from ._import_bnb_records import Nested, absmax_grid, fourbit_record, int8_record, quant_map
+from ._import_bnb_records import Nested, fourbit_record, int8_record, quant_map
 from ._import_folder import CheckpointFolder
 from ._import_hf import (
     RECORD_DTYPES,
@@ -109,9 +109,6 @@ class _FourBit:
         weight = f"{prefix}.weight"
         check_shape(folder, self.shapes, weight, shape, blob)
         block = state["blocksize"]
-        if absmax_grid(rows, cols, block) is None:
-            raise source_error(folder, blob, f"blocks of {block} weights end mid-row in rows of {cols}: the "
-                               "format's parameter grids cannot express that layout", "blocksize")
         nested = bool(state.keys() & NESTED_FIELDS)
         require(folder, tensors, prefix, "weight", "weight.absmax", "weight.quant_map",
                 *(("weight.nested_absmax", "weight.nested_quant_map") if nested else ()))

@@ -9,14 +9,17 @@ before multiplying, a rounding the format's fp32 ``affine`` does not make: a rec
 HQQ's half-precision result by one unit in the last place where that first rounding mattered.)
 
 Groups: axis 1 groups of ``g`` consecutive weights become ``group_shape [1, g]`` (``g`` dividing the row) or
-``[g / in, in]`` (whole rows; groups that end mid-row are refused); axis 0 with ``group_size == out`` is one group
-per input column ``[out, 1]``; without ``channel_wise`` one scale and zero for the tensor. HQQ's other axis-0 groups
-take every ``(out * in / g)``-th weight (rows strided ``out / g`` apart): no parameter grid expresses that, and such
-modules are refused by name.
+``[g / in, in]`` (whole rows); axis 0 with ``group_size == out`` is one group per input column ``[out, 1]``; without
+``channel_wise`` one scale and zero for the tensor. Every other layout (HQQ accepts any ``group_size`` dividing
+``out * in``) is not a grid of tiles of [out, in]: axis-0 groups take every ``(out * in / g)``-th weight, axis-1
+groups may end mid-row. Those are tiles of HQQ's own group matrix ``M`` ([g, out * in / g] on axis 0, one scale and
+zero per column: ``group_shape [g, 1]``; [out * in / g, g] on axis 1, ``[1, g]``), so the record is the same
+``affine`` over ``M``'s shape inside a ``reshape`` to [out, in], which is HQQ's final ``.reshape(shape)``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -53,9 +56,29 @@ def parameter_grid(meta: HQQMeta) -> tuple[tuple[int, int], tuple[int, int]] | N
     return ((1, cols), (rows, 1)) if mr == rows else None
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where the record's affine runs: ``shape`` (the weight's [out, in], or HQQ's group matrix M inside a
+    ``reshape`` when ``reshaped``), its scale/zero ``grid`` and ``group`` shape over that shape."""
+
+    shape: tuple[int, int]
+    grid: tuple[int, int]
+    group: tuple[int, int]
+    reshaped: bool
+
+
+def layout(meta: HQQMeta) -> Layout:
+    """A parameter grid over [out, in] where HQQ's groups are its tiles, else the grid over the group matrix M."""
+    found = parameter_grid(meta)
+    if found is not None:
+        return Layout(meta.shape, *found, reshaped=False)
+    mr, mc = meta.group_matrix  # axis 1: one scale per row of M; axis 0: one per column
+    return Layout((mr, mc), *(((mr, 1), (1, mc)) if meta.axis == 1 else ((1, mc), (mr, 1))), reshaped=True)
+
+
 class HQQImporter(Importer):
     name = "hqq"
-    description = "HQQ checkpoints (HQQLinear W_q + metadata; 1-8 bit, axis 1 groups, axis 0 per column), bit-exact"
+    description = "HQQ checkpoints (HQQLinear W_q + metadata; 1-8 bit, any group size on axis 0 or 1), bit-exact"
     priority = 10
 
     def detect(self, source: Path) -> bool:
@@ -74,12 +97,7 @@ class HQQImporter(Importer):
             meta = read_meta(folder, prefix, tensors)
             weight = f"{prefix}.weight"
             check_shape(folder, shapes, weight, meta.shape, tensors["shape"])
-            grid = parameter_grid(meta)
-            if grid is None:
-                how = "end mid-row" if meta.axis == 1 else "take rows strided across the column"
-                raise source_error(folder, tensors["W_q"], f"HQQ axis {meta.axis} groups of {meta.group_size} "
-                                   f"weights in {list(meta.shape)} {how}: they are not tiles of the weight, and the "
-                                   "format's parameter grids cannot express them", "group_size")
+            where = layout(meta)
             packed_words(folder, tensors["W_q"], meta)
             for key in ("scale", "zero"):
                 _check_parameter(folder, tensors, key, meta)
@@ -88,7 +106,7 @@ class HQQImporter(Importer):
                     "axis": meta.axis, "packing": meta.packing}
             sources = tuple(n for s, n in tensors.items() if s != "bias")
             planned.append(Planned(weight, sources, meta.shape[0] * meta.shape[1],
-                                   partial(_record, folder, weight, tensors, meta, grid, info)))
+                                   partial(_record, folder, weight, tensors, meta, where, info)))
         described = ", ".join(f"{b}-bit g{g} axis {a}" for b, g, a in sorted(kinds, key=str))
         return imported_model(folder, planned, f"hqq {described}",
                               {"modules": len(planned), "layouts": sorted(map(list, kinds), key=str)})
@@ -105,15 +123,15 @@ def _check_parameter(folder: CheckpointFolder, tensors: dict[str, str], key: str
                            f"matrix {[mr, mc]} on axis {meta.axis} needs a float {list(want[0])}", key)
 
 
-def _record(folder: CheckpointFolder, name: str, tensors: dict[str, str], meta: HQQMeta,
-            grid: tuple[tuple[int, int], tuple[int, int]], info: dict) -> Any:
-    (prows, pcols), group = grid
-    codes = unpack(folder, tensors["W_q"], meta).reshape(meta.shape)  # the dequantize's final reshape, C order
+def _record(folder: CheckpointFolder, name: str, tensors: dict[str, str], meta: HQQMeta, where: Layout,
+            info: dict) -> Any:
+    codes = unpack(folder, tensors["W_q"], meta).reshape(where.shape)  # M, or the dequantize's final reshape
     b = RecordBuilder(name, meta.shape, meta.dtype)
-    scale = b.tensor("scale", np.asarray(folder.read(tensors["scale"])).reshape(prows, pcols))
-    zero = b.tensor("zero", np.asarray(folder.read(tensors["zero"])).reshape(prows, pcols))
-    node = b.affine(b.packed("codes", codes, meta.bits), scale=scale, zero=zero, bits=meta.bits, group_shape=group)
-    return b.finish(node, info)
+    scale = b.tensor("scale", np.asarray(folder.read(tensors["scale"])).reshape(where.grid))
+    zero = b.tensor("zero", np.asarray(folder.read(tensors["zero"])).reshape(where.grid))
+    node = b.affine(b.packed("codes", codes, meta.bits), scale=scale, zero=zero, bits=meta.bits,
+                    group_shape=where.group)
+    return b.finish(b.reshape(node) if where.reshaped else node, info)
 
 
 @hookimpl

@@ -72,6 +72,17 @@ def test_vectors_for_the_reader_hardening():
     assert VECTORS["group_larger_than_output"]["kind"] == "valid"
 
 
+def test_vectors_for_reshape():
+    """The reshape codec: valid layouts of HQQ axis 0 and blocks across rows, and each check a reader must make."""
+    for vid in ("reshape_hqq_axis0", "reshape_blocks_across_rows", "reshape_int_input"):
+        assert VECTORS[vid]["kind"] == "valid" and "reshape" in VECTORS[vid]["codecs"] and VECTORS[vid]["exact"]
+    expected = {"reshape_count_mismatch": ("shape_mismatch", "weight/input"),
+                "reshape_dim_zero": ("bad_field", "weight/shape"),
+                "reshape_input_grid_mismatch": ("shape_mismatch", "weight/input/scale")}
+    for vid, (code, fld) in expected.items():
+        assert (VECTORS[vid]["error"]["code"], VECTORS[vid]["error"]["field"]) == (code, fld), vid
+
+
 def test_generator_reproduces_the_checked_in_vectors_byte_for_byte():
     assert generate.check() == []
 

@@ -16,7 +16,7 @@ from helpers import make_affine_record
 from qformat_conformance.generate import file_of
 
 from qformat.errors import FormatError, UnknownCodecError
-from qformat.format import QuantizedTensor, RecordBuilder, open_file, signature, write_file
+from qformat.format import QuantizedTensor, RecordBuilder, bitpack, open_file, signature, write_file
 from qformat.format.codecs import CORE_CODECS, Codec, NodeInfo
 
 NAME = "model.layers.0.mlp.up_proj.weight"
@@ -159,6 +159,20 @@ def affine_offset() -> QuantizedTensor:
                              offset=b.tensor("offset", rng.standard_normal((4, 3)).astype(F16))))
 
 
+def reshaped() -> QuantizedTensor:
+    """HQQ axis 0 in small: an affine over [4, 15] with one scale per column (groups of 4), laid out as [6, 10]."""
+    rng = np.random.default_rng(6)
+    b = RecordBuilder(NAME, (6, 10))
+    codes = b.packed("codes", rng.integers(0, 16, (4, 15)), 4)
+    return b.finish(b.reshape(b.affine(codes, scale=b.tensor("scale", rng.random((1, 15)).astype(F16)), bits=4,
+                                       group_shape=(4, 1))))
+
+
+def reshaped_tensor() -> QuantizedTensor:
+    b = RecordBuilder(NAME, (6, 10))
+    return b.finish(b.reshape(b.tensor("x", np.arange(60, dtype=F16).reshape(3, 20))))
+
+
 # (id, record, edit, code, field, stage)
 CASES = [
     # envelope and record level
@@ -297,6 +311,26 @@ CASES = [
      "weight/perm", "decode"),
     ("perm_too_large", permuted, retensor("perm", np.array([0, 1, 2, 3, 5], np.int64)), "bad_permutation",
      "weight/perm", "decode"),
+    # reshape
+    ("reshape_count", reshaped, both(setter((), "shape", [6, 11]), lambda r, t: r[NAME].update(shape=[6, 11])),
+     "shape_mismatch", "weight/input", "open"),
+    ("reshape_dim_zero", reshaped, setter((), "shape", [0, 60]), "bad_field", "weight/shape", "open"),
+    ("reshape_dim_negative", reshaped, setter((), "shape", [-6, -10]), "bad_field", "weight/shape", "open"),
+    ("reshape_shape_rank", reshaped, setter((), "shape", [60]), "bad_field", "weight/shape", "open"),
+    ("reshape_shape_missing", reshaped, lambda r, t: node(r[NAME]).pop("shape"), "bad_record", "weight/shape",
+     "open"),
+    ("reshape_input_missing", reshaped_tensor, both(lambda r, t: node(r[NAME]).pop("input"),
+                                                    lambda r, t: r[NAME].update(storage_bytes=0),
+                                                    lambda r, t: t.pop(f"{NAME}.x")), "bad_record", "weight/input",
+     "open"),
+    # the input's grid is checked against the input's own [4, 15], not the output's [6, 10]
+    ("reshape_input_grid", reshaped, retensor("scale", np.ones((1, 10), F16)), "shape_mismatch",
+     "weight/input/scale", "open"),
+    ("reshape_input_3d", reshaped_tensor, retensor("x", np.ones((3, 20, 1), F16)), "shape_mismatch", "weight/input",
+     "open"),
+    ("reshape_vs_record", reshaped, setter((), "shape", [10, 6]), "shape_mismatch", "weight", "open"),
+    ("reshape_input_padding", reshaped, retensor("codes", np.full((4, 8), 0xF0, np.uint8)), "nonzero_padding",
+     "weight/input/codes/tensor", "decode"),
 ]
 
 
@@ -603,3 +637,71 @@ def test_record_dtype_of_wrong_type(tmp_path):
 
 def test_record_with_huge_dimension(tmp_path):
     raises_format_error(write(tmp_path, [affine()], lambda r, t: r[NAME].update(shape=[4, 10**30])))
+
+
+# -- reshape ------------------------------------------------------------------------------------------------------
+
+def test_reshape_lays_out_the_inputs_elements_row_major():
+    qt = reshaped()
+    t = {k.rsplit(".", 1)[1]: v for k, v in qt.tensors.items()}
+    m = bitpack.unpack_codes(t["codes"], 4, 15).astype(np.float32) * t["scale"].astype(np.float32)
+    assert bits_of(qt.decode()).tolist() == bits_of(m.reshape(6, 10)).tolist()
+    assert signature(qt.record["weight"]) == "reshape(affine[4](packed[4],tensor))"
+    ints = RecordBuilder(NAME, (2, 6))  # an int input converts to fp32
+    plain = ints.finish(ints.reshape(ints.tensor("x", np.arange(12, dtype=np.int16).reshape(3, 4))))
+    assert plain.decode().tolist() == np.arange(12, dtype=np.float32).reshape(2, 6).tolist()
+
+
+@pytest.mark.parametrize(("inner", "chunk"), [((2, 30000), 1 << 12), ((1, 60000), 1 << 12), ((3000, 20), 1 << 10),
+                                              ((7, 60000 // 7 + 1), 1 << 12)],
+                         ids=["long-input-rows", "one-input-row", "short-input-rows", "ragged"])
+def test_reshape_row_ranges_equal_the_whole_decode(monkeypatch, inner, chunk):
+    """Ranges whose first and last input rows are partial, input rows longer than a range (decoded once and
+    sliced), and a RowReader's scattered rows all give the whole decode's values."""
+    from qformat.format import record
+
+    rows, cols = 300, 200
+    n = inner[0] * inner[1]
+    rng = np.random.default_rng(12)
+    if n != rows * cols:  # ragged: the input is [7, 8572] = 60004 elements, so use a matching output
+        rows, cols = 4, n // 4
+    b = RecordBuilder(NAME, (rows, cols))
+    q = rng.integers(0, 8, inner)
+    scale = (rng.random((inner[0], 1)) + 0.5).astype(F16)
+    qt = b.finish(b.reshape(b.affine(b.packed("codes", q, 3), scale=b.tensor("scale", scale), zero=3.5, bits=3,
+                                     group_shape=(1, inner[1]))))
+    expected = ((q.astype(np.float32) - np.float32(3.5)) * scale.astype(np.float32)).reshape(rows, cols)
+    whole = qt.decode()
+    monkeypatch.setattr(record, "CHUNK_ELEMENTS", chunk)
+    ranged = qt.decode()
+    assert bits_of(whole).tolist() == bits_of(expected).tolist() == bits_of(ranged).tolist()
+    picks = np.array([0, rows - 1, rows // 2, 1, rows // 2 + 1])
+    assert bits_of(qt.row_reader().rows(picks)).tolist() == bits_of(expected[picks]).tolist()
+
+
+def test_decode_work_counts_the_reshape_node():
+    qt = reshaped()
+    walk = qt.context()
+    walk.infer(qt.record["weight"], "weight")
+    assert walk.work == 60 + 60 + 60 + 15  # reshape, affine, packed codes, scale
+
+
+def test_reshape_runs_through_the_runtime_reference_path():
+    """The kernels' lowering does not know reshape: the dispatcher takes the torch reference path, correctly."""
+    import torch
+
+    from qformat.lowering import Unsupported, plan
+    from qformat.runtime.dispatch import REFERENCE, prepare_weight
+    from qformat.runtime.nn import QLinear
+
+    qt = reshaped()
+    with pytest.raises(Unsupported, match="reshape"):
+        plan(qt.record)
+    layer = QLinear(10, 6, bias=False, record=qt.record)
+    layer.attach(prepare_weight(qt))
+    assert layer.prepared.kernel is REFERENCE
+    x = torch.randn(3, 10)
+    with torch.no_grad():
+        for rows in (x[:1], x):  # the one-row decode path and a batch
+            want = rows.double() @ torch.from_numpy(qt.decode()).double().T
+            torch.testing.assert_close(layer(rows).double(), want, rtol=1e-5, atol=1e-5)

@@ -215,12 +215,67 @@ def test_shapes_that_disagree_with_the_config(tmp_path: Path) -> None:
     assert caught.value.field == "shape" and ".mlp." in caught.value.tensor and "config implies" in str(caught.value)
 
 
-def test_blocks_ending_mid_row_are_refused(tmp_path: Path) -> None:
-    """Rows of 160 with blocks of 64: bitsandbytes' flattened blocks straddle rows, which no parameter grid holds."""
-    path = serialized_checkpoint(tmp_path, "nf4", False, 64, "bfloat16", intermediate_size=160)
-    with pytest.raises(SourceError) as caught:
-        BnbImporter().open(path)
-    assert caught.value.field == "blocksize" and "down_proj" in caught.value.tensor
+MID_ROW = [
+    # (quant_type, double_quant, blocksize, dtype, intermediate_size, the down_proj tree's shape inside the reshape)
+    ("nf4", False, 64, "bfloat16", 160, [320, 64]),  # rows of 160, blocks of 64
+    ("nf4", True, 64, "bfloat16", 160, [320, 64]),
+    ("fp4", True, 128, "float16", 200, [200, 128]),
+    ("fp4", False, 256, "bfloat16", 96, [48, 256]),  # gate/up: blocks of two whole rows of 128, no reshape
+    ("fp4", True, 256, "bfloat16", 99, [99, 128]),  # odd rows; 128 x 99 is not a multiple of 256: a partial block
+    ("nf4", False, 256, "float16", 99, [99, 128]),
+    ("nf4", True, 512, "float32", 224, [56, 512]),
+]
+
+
+@pytest.mark.parametrize(("quant_type", "double_quant", "blocksize", "dtype", "inter", "inner"), MID_ROW,
+                         ids=[f"{q}-{'dq' if d else 'plain'}-{b}-rows{i}" for q, d, b, _, i, _ in MID_ROW])
+def test_blocks_ending_mid_row_are_bit_exact(tmp_path: Path, quant_type: str, double_quant: bool, blocksize: int,
+                                             dtype: str, inter: int, inner: list[int]) -> None:
+    """bitsandbytes' blocks run along the flattened weight and here end mid-row in down_proj (rows of ``inter``):
+    the scale(lut) tree runs over a shape whose rows hold whole blocks, inside a reshape to [out, in]."""
+    path = serialized_checkpoint(tmp_path, quant_type, double_quant, blocksize, dtype, intermediate_size=inter)
+    state = state_dict(path)
+    report = check_import(BnbImporter(), path, reference(state))
+    assert (report.records, report.exact) == (14, 14)
+    if dtype != "float32":
+        assert check_native_dtype(path, state) == 14
+    records = {n: v.record for n, v in BnbImporter().open(path).iter_tensors() if not isinstance(v, np.ndarray)}
+    down = records["model.layers.0.mlp.down_proj.weight"]["weight"]
+    assert down["codec"] == "reshape" and down["shape"] == [128, inter]
+    assert down["input"]["input"]["codes"]["shape"] == inner
+    assert records["model.layers.0.self_attn.q_proj.weight"]["weight"]["codec"] == "scale"  # rows of 128: tiles
+    if quant_type == "fp4" and inter % 2:  # odd rows: bitsandbytes' CPU path decodes code 8 as +0.0 there
+        packed = state["model.layers.0.mlp.down_proj.weight"].reshape(-1)
+        assert bool(((packed >> 4) == 8).any() or ((packed & 15) == 8).any())
+
+
+ODD = [((37, 53), 64, False, "fp4"), ((37, 53), 64, True, "nf4"), ((30, 50), 64, True, "fp4"),
+       ((36, 53), 32, False, "nf4"), ((129, 70), 256, True, "fp4")]
+
+
+@pytest.mark.parametrize(("shape", "blocksize", "double_quant", "quant_type"), ODD,
+                         ids=[f"{s[0]}x{s[1]}-{b}-{'dq' if d else 'plain'}-{q}" for s, b, d, q in ODD])
+def test_block_layouts_of_odd_shapes_are_bit_exact(shape: tuple[int, int], blocksize: int, double_quant: bool,
+                                                   quant_type: str) -> None:
+    """Shapes no tiny Llama has (an odd number of weights: one packed row [1, n] reshaped; a last block cut short),
+    built by the importer's record function from quantize_4bit's own state, against dequantize_4bit."""
+    from qformat_plugins._import_bnb_records import Nested, block_layout, fourbit_record
+
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    packed, quant_state = F.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant,
+                                          quant_type=quant_type)
+    absmax = quant_state.absmax.numpy()
+    if double_quant:
+        nested = quant_state.state2
+        absmax = Nested(absmax, nested.code.numpy(), nested.absmax.numpy(), float(np.float32(quant_state.offset)),
+                        nested.blocksize)
+    qt = fourbit_record("m.weight", shape, "BF16", quant_type, blocksize, packed.numpy().reshape(-1), absmax, {})
+    n = shape[0] * shape[1]
+    layout = block_layout(*shape, blocksize)[0]
+    assert qt.record["weight"]["codec"] == "reshape" and layout == ((1, n) if n % 2 else layout)
+    quant_state.dtype = torch.float32
+    want = F.dequantize_4bit(packed, quant_state).numpy()
+    assert np.array_equal(qt.decode().view(np.uint32), want.view(np.uint32))
 
 
 def test_int8_bad_scb_and_weight_format(tmp_path: Path) -> None:

@@ -125,20 +125,70 @@ def test_axis_0_per_column_and_float_view(tmp_path: Path) -> None:
     check_bf16(path, state)
 
 
-def test_strided_axis_0_groups_are_refused(tmp_path: Path) -> None:
-    """HQQ's axis-0 groups smaller than a column take every (numel / g)-th weight: not tiles, so not expressible."""
+AXIS_0 = [(4, 64), (3, 64), (2, 32), (4, 128)]
+
+
+@pytest.mark.parametrize(("nbits", "group"), AXIS_0, ids=[f"{n}bit-g{g}" for n, g in AXIS_0])
+def test_axis_0_groups_along_the_flattened_weight_are_bit_exact(tmp_path: Path, nbits: int, group: int) -> None:
+    """HQQ's axis-0 groups smaller than a column take every (numel / g)-th weight: the affine runs over HQQ's group
+    matrix M [g, numel / g] (one scale and zero per column) inside a reshape to [out, in]."""
+    path = hqq_checkpoint(tmp_path, nbits, group, 0)
+    state = state_dict(path)
+    report = check_import(HQQImporter(), path, reference(state))
+    assert (report.records, report.exact) == (7, 7)
+    assert report.bits_per_weight == pytest.approx(nbits + 32 / group)
+    records = {n: v.record for n, v in HQQImporter().open(path).iter_tensors() if not isinstance(v, np.ndarray)}
+    for name, record in records.items():
+        out, cols = record["shape"]
+        weight = record["weight"]
+        if out == group:  # k_proj/v_proj [64, 128] with groups of 64: one group per input column, no reshape
+            assert weight["codec"] == "affine" and weight["group_shape"] == [out, 1], name
+            continue
+        assert weight["codec"] == "reshape" and weight["shape"] == [out, cols], name
+        inner = weight["input"]
+        assert inner["group_shape"] == [group, 1] and inner["codes"]["shape"] == [group, out * cols // group], name
+    assert any(r["weight"]["codec"] == "reshape" for r in records.values())
+    check_bf16(path, state)
+
+
+def test_axis_1_groups_ending_mid_row_are_bit_exact(tmp_path: Path) -> None:
+    """Groups of 128 on down_proj's rows of 192 end mid-row: one scale per row of M [numel / 128, 128], reshaped."""
+    path = hqq_checkpoint(tmp_path, 4, 128, 1)
+    state = state_dict(path)
+    report = check_import(HQQImporter(), path, reference(state))
+    assert (report.records, report.exact) == (7, 7)
+    tensors = dict(HQQImporter().open(path).iter_tensors())
+    down = tensors["model.layers.0.mlp.down_proj.weight"].record["weight"]
+    assert down["codec"] == "reshape" and down["input"]["group_shape"] == [1, 128]
+    assert down["input"]["codes"]["shape"] == [128 * 192 // 128, 128]
+    assert tensors["model.layers.0.mlp.up_proj.weight"].record["weight"]["codec"] == "affine"  # rows of 128
+    check_bf16(path, state)
+
+
+def test_reshaped_records_load_and_run_through_the_reference_path(tmp_path: Path) -> None:
+    """An imported axis-0 folder loads with qformat.load; the reshape records run on the torch reference path (the
+    Numba/Triton lowering does not know reshape) and compute x @ W.T with HQQ's own weights."""
+    import qformat
+    from qformat.conversion.importing import import_checkpoint
+    from qformat.runtime.nn import qlinear_modules
+
     path = hqq_checkpoint(tmp_path, 4, 64, 0)
-    with pytest.raises(SourceError) as caught:
-        HQQImporter().open(path)
-    assert caught.value.field == "group_size" and caught.value.tensor.endswith(".W_q")
-    assert "strided" in str(caught.value)
-
-
-def test_groups_ending_mid_row_are_refused(tmp_path: Path) -> None:
-    path = hqq_checkpoint(tmp_path, 4, 128, 1)  # down_proj rows of 192
-    with pytest.raises(SourceError) as caught:
-        HQQImporter().open(path)
-    assert caught.value.field == "group_size" and "down_proj" in caught.value.tensor and "mid-row" in str(caught.value)
+    state = state_dict(path)
+    import_checkpoint(path, tmp_path / "out")
+    model = qformat.load(tmp_path / "out")
+    layers = {n: m for n, m in qlinear_modules(model).items() if ".layers.0." in n}
+    assert len(layers) == 7
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            reshaped = layer.record["weight"]["codec"] == "reshape"
+            assert (layer.kernel_name == "torch") or not reshaped, name
+            w = hqq_dequantize(state, name, torch.float32).to(torch.bfloat16).float()
+            inputs = x if w.shape[1] == 128 else torch.randn(3, w.shape[1], dtype=torch.bfloat16)
+            want = inputs.float() @ w.T
+            torch.testing.assert_close(layer(inputs).float(), want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
+        logits = model(torch.arange(12).reshape(1, 12)).logits
+    assert torch.isfinite(logits).all()
 
 
 def rewrite(path: Path, change) -> None:

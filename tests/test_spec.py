@@ -261,6 +261,13 @@ class SpecDecoder:
         out[:, perm] = x
         return out
 
+    def d_reshape(self, node: dict) -> np.ndarray:
+        x = as_f32(self(node["input"]))
+        rows, cols = node["shape"]
+        assert x.ndim == 2 and x.size == rows * cols
+        flat = [x[k // x.shape[1], k % x.shape[1]] for k in range(rows * cols)]  # row-major, element by element
+        return np.array(flat, dtype=np.float32).reshape(rows, cols)
+
 
 def assert_decodes_like_spec(qt: QuantizedTensor) -> np.ndarray:
     reference = qt.decode()
@@ -492,6 +499,11 @@ def built_records(rng: np.random.Generator) -> list[QuantizedTensor]:
                              b.tensor(f"b{i}.u", rng.standard_normal((5, 1)).astype(np.float16)),
                              b.tensor(f"b{i}.v", rng.standard_normal((1, 9)).astype(np.float16))) for i in range(2)]
     out.append(b.finish(b.sum(blocks)))
+
+    b = RecordBuilder("m.reshape.weight", (6, 10))  # HQQ axis 0: groups of 4 along the flattened weight
+    codes = b.packed("codes", rng.integers(0, 16, (4, 15)), 4)
+    stats = {k: b.tensor(k, (rng.random((1, 15)) + 0.1).astype(np.float16)) for k in ("scale", "zero")}
+    out.append(b.finish(b.reshape(b.affine(codes, bits=4, group_shape=(4, 1), **stats))))
     return out
 
 
@@ -708,6 +720,19 @@ def test_nf4_double_quant_example_matches_the_bitsandbytes_formula():
     expected = nf4[q] * absmax[:, np.arange(256) // 64]
     got = QuantizedTensor(name, record, t).decode()
     np.testing.assert_array_equal(got, expected)
+
+
+def test_hqq_axis_0_example_matches_the_hqq_formula():
+    """((M - zero) * scale).reshape(R, C) with M = W.reshape(64, 192), as HQQ dequantizes axis-0 groups."""
+    record, t, name = next((r, make_tensors(r, listed, np.random.default_rng(5)), record_name(list(listed)))
+                           for _, r, listed in record_examples_with_tensors()
+                           if r.get("info", {}).get("format") == "hqq")
+    p = name + "."
+    m = bitpack.unpack_codes(t[p + "codes"], 4, 192).astype(np.float32)
+    expected = ((m - as_f32(t[p + "zero"])) * as_f32(t[p + "scale"])).reshape(96, 128)
+    got = QuantizedTensor(name, record, t).decode()
+    np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
+    assert record["storage_bytes"] * 8 / (96 * 128) == 4.5
 
 
 def test_gguf_q4_k_example_matches_the_gguf_formula():

@@ -12,7 +12,7 @@ from .jsontext import Pairs, Raw
 from .sample import DTYPES, MISSING, FileSample, tensor_refs
 
 CODECS = ["tensor", "packed", "bitplanes", "ternary", "affine", "lut", "scale", "vq", "sparse_csr", "lowrank",
-          "sign_lowrank", "sum", "permute"]
+          "sign_lowrank", "sum", "permute", "reshape"]
 FIELDS = ["codec", "version", "tensor", "bits", "shape", "codes", "scale", "zero", "group_shape", "table", "input",
           "factor", "codebooks", "row_ptr", "col_idx", "values", "a", "b", "sign", "u", "v", "terms", "perm"]
 EXTREME_INTS = [0, -1, 1, 2, 3, 7, 8, 15, 16, 17, 255, 256, 65535, 65536, 2**24 + 1, 2**31 - 1, 2**31, 2**32 - 1,
@@ -117,7 +117,7 @@ class MutatorBase:
             entry = self.s.entry(node.get("tensor")) if isinstance(node.get("tensor"), str) else None
             shape = entry.get("shape") if entry else None
             return tuple(shape) if isinstance(shape, list) and all(type(d) is int for d in shape) else None
-        if codec in ("packed", "bitplanes", "ternary", "vq", "sparse_csr"):
+        if codec in ("packed", "bitplanes", "ternary", "vq", "sparse_csr", "reshape"):
             shape = node.get("shape")
             ok = isinstance(shape, list) and len(shape) == 2 and all(type(d) is int for d in shape)
             return tuple(shape) if ok else None

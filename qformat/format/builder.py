@@ -138,6 +138,11 @@ class RecordBuilder:
         perm_dtype = np.uint16 if perm.shape[0] <= 65536 else np.int32
         return _node("permute", input=inner, perm=self.store(role, perm.astype(perm_dtype)))
 
+    def reshape(self, inner: Node, shape: Sequence[int] | None = None) -> Node:
+        """The input's elements in row-major order laid out as ``shape`` (default: the record's matrix shape), for
+        groups that run along the flattened weight: build ``inner`` over the shape whose tiles they are."""
+        return _node("reshape", input=inner, shape=list(shape or self.matrix_shape))
+
     # -- finishing ----------------------------------------------------------------------------------------------
     def finish(self, weight: Node, info: dict[str, Any] | None = None) -> QuantizedTensor:
         """Close the record: compute storage_bytes from the real tensors and validate the whole tree."""

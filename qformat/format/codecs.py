@@ -870,6 +870,42 @@ class PermuteCodec(Codec):
         return out
 
 
+@register
+class ReshapeCodec(Codec):
+    """The input's elements in row-major order laid out as ``shape`` [R, C]: groups that run along the flattened
+    weight (HQQ axis 0, bitsandbytes blocks crossing rows) are tiles of the input's own shape, reshaped."""
+
+    name = "reshape"
+    required = frozenset({"input", "shape"})
+    row_ranges = True
+
+    def infer(self, node: dict, ctx: Context) -> NodeInfo:
+        rows, cols = ctx.shape_field(node, "shape", 2)
+        inner = ctx.infer(node["input"], "input")  # its grids are checked against its own shape, by its codec
+        if len(inner.shape) != 2:
+            raise ctx.error("shape_mismatch", f"input must be 2-D, got {list(inner.shape)}", "input")
+        if inner.shape[0] * inner.shape[1] != rows * cols:
+            raise ctx.error("shape_mismatch", f"input {list(inner.shape)} has {inner.shape[0] * inner.shape[1]} "
+                            f"elements; shape {[rows, cols]} needs {rows * cols}", "input")
+        return NodeInfo((rows, cols), "float")
+
+    def decode(self, node: dict, ctx: Context, rows: tuple[int, int] | None = None) -> np.ndarray:
+        n_rows, cols = node["shape"]
+        if rows is None:
+            return _as_float(ctx.decode(node["input"], "input")).reshape(n_rows, cols)
+        in_cols = ctx.info_of(node["input"], "input").shape[1]
+        lo, hi = rows[0] * cols, rows[1] * cols  # the output rows' elements in the flattened order
+        if in_cols > hi - lo:
+            # An input row longer than the range ([1, R*C] say): decode the input once per record and slice it,
+            # rather than decoding whole input rows again for every range.
+            flat = _as_float(ctx.whole(node["input"], "input")).reshape(-1)
+            return flat[lo:hi].reshape(rows[1] - rows[0], cols)
+        first, end = lo // in_cols, -(-hi // in_cols)  # at most one partial input row at each end
+        flat = _as_float(ctx.decode(node["input"], "input", (first, end))).reshape(-1)
+        start = lo - first * in_cols
+        return flat[start:start + hi - lo].reshape(rows[1] - rows[0], cols)
+
+
 def check_permutation(ctx: Context, perm: np.ndarray) -> None:
     n = perm.shape[0]
     if n and (int(perm.min()) < 0 or int(perm.max()) >= n or np.unique(perm).shape[0] != n):
