@@ -11,13 +11,19 @@ than ``STALL_FACTOR`` times the best seen for the same kernel and shape, and mor
 thread meets easily (1 ms plus the bytes read at 4 GB/s; the budget alone decides while no good time has been seen,
 for a run may start stalled). The calling thread then runs single-threaded for ``BACKOFF_S`` seconds (no barrier,
 nothing to stall) and tries parallel again afterwards.
+
+The governor can be switched off, so that benchmarks can show where it helps (``bench/gemv.py --governor both``):
+``GOVERNOR.set_enabled(False)``, or the environment variable ``QFORMAT_THREAD_GOVERNOR=off`` (also ``0``, ``false``,
+``no``) read at import. Off, every call runs on numba's current thread count and nothing is judged. It is on by
+default.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numba
@@ -26,6 +32,13 @@ BACKOFF_S = 2.0
 STALL_FACTOR = 6.0
 STALL_FIXED_S = 1e-3
 STALL_BYTES_PER_S = 4e9
+ENV_SWITCH = "QFORMAT_THREAD_GOVERNOR"
+_OFF_VALUES = frozenset({"off", "0", "false", "no"})
+
+
+def enabled_by_env(environ: Mapping[str, str] = os.environ) -> bool:
+    """False when ``QFORMAT_THREAD_GOVERNOR`` says off (off, 0, false, no; any case); True otherwise."""
+    return environ.get(ENV_SWITCH, "on").strip().lower() not in _OFF_VALUES
 
 
 def stall_budget(nbytes: int) -> float:
@@ -36,10 +49,21 @@ def stall_budget(nbytes: int) -> float:
 class ThreadGovernor:
     """Per calling thread (numba's thread count is thread-local): parallel unless recent calls stalled."""
 
-    def __init__(self, backoff_s: float = BACKOFF_S, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(self, backoff_s: float = BACKOFF_S, clock: Callable[[], float] = time.perf_counter,
+                 enabled: bool = True) -> None:
         self.backoff_s = backoff_s
         self.clock = clock
+        self.enabled = enabled
         self._local = threading.local()
+
+    def set_enabled(self, enabled: bool) -> None:
+        """Switch the governor on or off for all threads. Off, a thread backing off returns to its thread count on
+        its next call (the calling thread at once)."""
+        self.enabled = bool(enabled)
+        state = self._state()
+        if not self.enabled and state.restore:
+            numba.set_num_threads(state.restore)
+            state.restore = 0
 
     def _state(self) -> Any:
         state = self._local
@@ -59,11 +83,14 @@ class ThreadGovernor:
         state = self._state()
         clock = self.clock
         if state.restore:
-            if clock() < state.until:
+            if clock() < state.until and self.enabled:
                 kernel(*args)  # backing off: single-threaded, nothing to judge
                 return
             numba.set_num_threads(state.restore)
             state.restore = 0
+        if not self.enabled:
+            kernel(*args)
+            return
         start = clock()
         kernel(*args)
         elapsed = clock() - start
@@ -83,4 +110,4 @@ class ThreadGovernor:
         return bool(self._state().restore)
 
 
-GOVERNOR = ThreadGovernor()
+GOVERNOR = ThreadGovernor(enabled=enabled_by_env())
