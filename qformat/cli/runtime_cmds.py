@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
+ENGINES = ("auto", "lean", "transformers")
 
 
 def int_at_least(minimum: int) -> Any:
@@ -45,12 +47,18 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     gen = sub.add_parser("generate", help="generate text from a prompt and report tokens/s",
                          description="Greedy decoding (unless --sample) from a prompt; prints the text, then the "
-                         "number of new tokens and the speed (after a one-token warm-up run, prompt included).")
+                         "number of new tokens and the speed (after a one-token warm-up run, prompt included). "
+                         "--engine lean runs Llama, Mistral and Qwen2 models through qformat's lean decode loop "
+                         "(qformat.runtime.decode_engine: static KV cache, no transformers forward/generate); auto "
+                         "(default) uses it where it applies and says why not otherwise.")
     gen.add_argument("model", help="qformat folder or Hub id (also a plain transformers folder/Hub id or a .gguf)")
     gen.add_argument("prompt", help="prompt text")
     gen.add_argument("--max-new-tokens", type=int_at_least(1), default=64, help="tokens to generate (default 64)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     gen.add_argument("--sample", action="store_true", help="sample (temperature 0.7, top-p 0.9) instead of greedy")
+    gen.add_argument("--engine", choices=ENGINES, default="auto",
+                     help="decode loop: lean (qformat's, Llama/Mistral/Qwen2), transformers (model.generate), or "
+                     "auto (default): lean where it applies, else transformers with a one-line note why")
     _common(gen)
     gen.set_defaults(func=run_generate)
 
@@ -116,6 +124,22 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lean_engine(model: Any, choice: str, max_len: int) -> Any:
+    """The lean decode engine for ``model`` (None: use transformers' generate); ``choice`` is --engine."""
+    if choice == "transformers":
+        return None
+    from ..runtime.decode_engine import DecodeEngine, check_supported, why_unsupported
+
+    if choice == "lean":
+        check_supported(model, max_len)  # UnsupportedModel (a QformatError): a one-line error
+        return DecodeEngine(model, max_len)
+    reason = why_unsupported(model, max_len)
+    if reason is not None:
+        print(f"qformat: the lean engine does not apply ({reason}); using transformers' generate", file=sys.stderr)
+        return None
+    return DecodeEngine(model, max_len)
+
+
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -129,12 +153,19 @@ def run_generate(args: argparse.Namespace) -> int:
     else:
         ids = tokenizer(args.prompt, return_tensors="pt").input_ids
     ids = ids.to(args.device)
+    engine = _lean_engine(model, args.engine, ids.shape[1] + args.max_new_tokens)
     sampling = {"do_sample": True, "temperature": 0.7, "top_p": 0.9} if args.sample else {"do_sample": False}
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with torch.inference_mode():
-        model.generate(ids, max_new_tokens=1, pad_token_id=pad, do_sample=False)  # one-time costs: kernel caches
+    if engine is not None:
+        eos = getattr(model.generation_config, "eos_token_id", None)
+        engine.generate(ids, 1)  # one-time costs: kernel caches
         start = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=args.max_new_tokens, pad_token_id=pad, **sampling)
+        out = engine.generate(ids, args.max_new_tokens, eos_token_id=eos, **sampling)
+    else:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        with torch.inference_mode():
+            model.generate(ids, max_new_tokens=1, pad_token_id=pad, do_sample=False)  # one-time costs: kernel caches
+            start = time.perf_counter()
+            out = model.generate(ids, max_new_tokens=args.max_new_tokens, pad_token_id=pad, **sampling)
     seconds = time.perf_counter() - start
     new = out[0, ids.shape[1]:]
     print(tokenizer.decode(out[0] if not args.chat else new, skip_special_tokens=True))
