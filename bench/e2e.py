@@ -183,6 +183,18 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def ask_worker(proc: subprocess.Popen, label: str, command: str | None = None) -> dict[str, Any]:
+    """Send ``command`` (if any) to a worker process and return the next JSON line it prints; exit with its stderr if
+    it dies instead."""
+    if command is not None:
+        proc.stdin.write(command + "\n")
+        proc.stdin.flush()
+    for line in proc.stdout:
+        if line.startswith("{"):
+            return json.loads(line)
+    sys.exit(f"{label} run failed:\n{proc.stderr.read()[-4000:]}")
+
+
 class Worker:
     def __init__(self, label: str, kind: str, folder: Path, args: argparse.Namespace,
                  engine: str = "transformers") -> None:
@@ -196,13 +208,7 @@ class Worker:
         self.rates: list[float] = []
 
     def ask(self, command: str | None = None) -> dict[str, Any]:
-        if command is not None:
-            self.proc.stdin.write(command + "\n")
-            self.proc.stdin.flush()
-        for line in self.proc.stdout:
-            if line.startswith("{"):
-                return json.loads(line)
-        sys.exit(f"{self.label} run failed:\n{self.proc.stderr.read()[-4000:]}")
+        return ask_worker(self.proc, self.label, command)
 
     def finish(self) -> dict[str, Any]:
         result = self.ask("quit")

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from e2e import cache_dir, converted_folder, fp32_folder, gguf_path  # noqa: E402
+from e2e import ask_worker, cache_dir, converted_folder, fp32_folder, gguf_path  # noqa: E402
 
 TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wiki_eval.txt"
 CODECS = {  # label -> qformat convert arguments after the method
@@ -129,13 +129,7 @@ class Worker:
         self.best: dict[int, float] = {}
 
     def ask(self, command: str | None = None) -> dict[str, Any]:
-        if command is not None:
-            self.proc.stdin.write(command + "\n")
-            self.proc.stdin.flush()
-        for line in self.proc.stdout:
-            if line.startswith("{"):
-                return json.loads(line)
-        sys.exit(f"{self.label} failed:\n{self.proc.stderr.read()[-4000:]}")
+        return ask_worker(self.proc, self.label, command)
 
     def run(self, n: int) -> None:
         seconds = self.ask(f"run {n}")["seconds"]
