@@ -26,6 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e import PROMPT, Worker, cache_dir, gguf_path, warm_up  # noqa: E402
 
 
+def _mib(value: float | None) -> str:
+    return "?" if value is None else f"{value:.0f} MiB"
+
+
 def imported_folder() -> Path:
     """The GGUF imported bit-exactly into a qformat folder (cached)."""
     out = cache_dir() / "smollm2-135m-q4_1-imported"
@@ -73,7 +77,16 @@ def llama_worker(gguf: str, tokens: int, threads: int) -> None:
     if command != "quit":
         return
     text = PROMPT + model.detokenize(out).decode(errors="replace")
-    print(json.dumps({"kind": "llama.cpp", "folder": gguf, "text": text}), flush=True)
+    print(json.dumps({"kind": "llama.cpp", "engine": "llama.cpp", "folder": gguf, "text": text,
+                      "rss_after_bytes": _vm_rss()}), flush=True)
+
+
+def _vm_rss() -> int:
+    """This process's resident bytes now (VmRSS)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 class LlamaWorker(Worker):
@@ -93,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--no-fuse", action="store_true", help="load qformat without fusing q/k/v and gate/up")
+    parser.add_argument("--engine", choices=("transformers", "lean", "both"), default="lean",
+                        help="qformat's decode loop: the lean engine (default, what qformat generate picks), "
+                             "transformers' generate, or both (one process each, interleaved)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--llama-worker", metavar="GGUF", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -105,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit("llama-cpp-python is not installed: pip install llama-cpp-python (builds llama.cpp, 10-15 min)")
     warm_up()  # compiles the kernels once in this process so the worker finds numba's cache warm
     folder = imported_folder()
-    workers = [LlamaWorker("llama.cpp", gguf_path(), args), Worker("qformat", "qformat", folder, args)]
+    engines = ["lean", "transformers"] if args.engine == "both" else [args.engine]
+    workers = [LlamaWorker("llama.cpp", gguf_path(), args)] + [
+        Worker(f"qformat {engine}", "qformat", folder, args, engine) for engine in engines]
     for worker in workers:
         worker.ask()
     loads = []
@@ -114,25 +132,33 @@ def main(argv: list[str] | None = None) -> int:
         for worker in workers if round_ % 2 == 0 else workers[::-1]:
             worker.rates.append(worker.ask("run")["rate"])
     results = [w.finish() for w in workers]
-    llama, ours = results
-    paired = sorted(q / c for q, c in zip(ours["rates"], llama["rates"], strict=True))
+    llama, ours = results[0], results[1:]
+    rows = []
+    for worker, result in zip(workers[1:], ours, strict=True):
+        paired = sorted(q / c for q, c in zip(result["rates"], llama["rates"], strict=True))
+        rows.append({"engine": result["engine"], "tokens_per_s": result["decode_tokens_per_s"],
+                     "ratio_best": result["decode_tokens_per_s"] / llama["decode_tokens_per_s"],
+                     "ratio_median_paired": paired[len(paired) // 2], "rss_mib": result["rss_after_bytes"] / 2**20,
+                     "text": result["text"], "kernels": result.get("kernels"), "label": worker.label})
     summary: dict[str, Any] = {
         "tokens": args.tokens, "threads": args.threads, "rounds": args.repeat, "load_averages": loads,
-        "llama_cpp_tokens_per_s": llama["decode_tokens_per_s"], "qformat_tokens_per_s": ours["decode_tokens_per_s"],
-        "ratio_best": ours["decode_tokens_per_s"] / llama["decode_tokens_per_s"],
-        "ratio_median_paired": paired[len(paired) // 2],
-        "llama_cpp_text": llama["text"], "qformat_text": ours["text"], "qformat_kernels": ours.get("kernels")}
+        "llama_cpp_tokens_per_s": llama["decode_tokens_per_s"], "llama_cpp_rss_mib": llama["rss_after_bytes"] / 2**20,
+        "llama_cpp_text": llama["text"], "qformat": rows}
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
     print(f"SmolLM2-135M Q4_1, identical weights; greedy decode of {args.tokens} tokens, {args.threads} threads, "
           f"best of {args.repeat} interleaved rounds (load average per round: {' '.join(f'{x:.1f}' for x in loads)})")
-    print(f"  llama.cpp {summary['llama_cpp_tokens_per_s']:7.1f} tokens/s")
-    print(f"  qformat   {summary['qformat_tokens_per_s']:7.1f} tokens/s   kernels {summary['qformat_kernels']}")
-    print(f"  qformat / llama.cpp: {summary['ratio_best']:.2f}x best vs best, {summary['ratio_median_paired']:.2f}x "
-          "median of paired rounds")
+    print("  resident: the whole process after the rounds (VmRSS: libraries, interpreter and model)")
+    print(f"  {'llama.cpp':22s} {summary['llama_cpp_tokens_per_s']:7.1f} tokens/s   resident "
+          f"{_mib(summary['llama_cpp_rss_mib'])}")
+    for row in rows:
+        print(f"  {row['label']:22s} {row['tokens_per_s']:7.1f} tokens/s   resident {_mib(row['rss_mib'])}   "
+              f"x llama.cpp: {row['ratio_best']:.2f} best vs best, {row['ratio_median_paired']:.2f} median of paired "
+              f"rounds   kernels {row['kernels']}")
     print(f"  llama.cpp: {summary['llama_cpp_text']!r}")
-    print(f"  qformat:   {summary['qformat_text']!r}")
+    for row in rows:
+        print(f"  {row['label']}: {row['text']!r}")
     return 0
 
 
