@@ -286,6 +286,46 @@ class LayerInput:
     act_absmax: Any | None = None
 
 
+class BlockTuning:
+    """One decoder block handed to :meth:`Method.tune_block` once all its selected linears are quantized.
+
+    ``index``, ``prefix`` ("model.layers.3."), ``block`` (the decoder layer: every quantized linear's weight is its
+    record decoded, the other tensors as the shard will hold them, after any block transform), ``records``
+    (relative module name, e.g. "self_attn.q_proj" -> its :class:`QuantizedTensor`, in quantization order), ``seed``
+    (this block's; torch's global RNG is seeded with it too). The calibration data: :attr:`batches` micro-batches;
+    :meth:`forward` runs the block on one with autograd enabled (the inputs are what the quantized previous blocks
+    produce, as in the file), :meth:`target` is the original block's fp32 output on the same input (before
+    quantization), the goal of the tuning. A method builds whatever differentiable form of its records it needs
+    (codes fixed, codebooks and scales trainable, say), may also tune the block's float parameters in place (norm
+    weights, biases: set ``requires_grad`` itself; the pipeline rounds them to their stored dtype afterwards and
+    writes them), and returns the tuned records.
+    """
+
+    index: int
+    prefix: str
+    block: Any
+    records: dict[str, QuantizedTensor]
+    seed: int
+
+    def __init__(self, index: int, prefix: str, block: Any, records: Mapping[str, QuantizedTensor],
+                 forward: Any, targets: list[Any], seed: int = 0) -> None:
+        self.index, self.prefix, self.block, self.seed = index, prefix, block, seed
+        self.records = dict(records)
+        self._forward, self._targets = forward, targets
+
+    @property
+    def batches(self) -> int:
+        return len(self._targets)
+
+    def forward(self, batch: int) -> Any:
+        """The block's output on calibration micro-batch ``batch`` with its current parameters, differentiable."""
+        return self._forward(batch)
+
+    def target(self, batch: int) -> Any:
+        """The original (unquantized) block's output on micro-batch ``batch`` (fp32, no grad)."""
+        return self._targets[batch]
+
+
 class Method:
     """Base class for method plugins. Subclass, set ``config`` (a :class:`MethodConfig` class; ``name`` defaults to
     its ``method``), ``description`` and ``calibration``, and implement :meth:`quantize`."""
@@ -349,3 +389,16 @@ class Method:
     def quantize(self, layer: LayerInput, config: Any) -> QuantizedTensor:
         """Quantize one layer with this method's config (as :meth:`validate_params` returns it)."""
         raise NotImplementedError
+
+    def tune_block(self, block: BlockTuning, config: Any) -> Mapping[str, QuantizedTensor] | None:
+        """Optional second stage, run by the pipeline per decoder block after :meth:`quantize` (calibrating
+        methods only): tune the block to its original outputs (AQLM's fine-tuning: codebooks, scales and the float
+        parameters, codes fixed). Return the tuned records, keyed as ``block.records`` with the same names and
+        shapes, or None to keep the block as quantized. Must be deterministic given ``block.seed``: a resumed
+        conversion replays nothing of it, it just reads the shard."""
+        return None
+
+    @property
+    def tunes_blocks(self) -> bool:
+        """Whether this method implements :meth:`tune_block` (the pipeline then keeps the original block outputs)."""
+        return type(self).tune_block is not Method.tune_block

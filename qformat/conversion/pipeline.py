@@ -51,7 +51,7 @@ from ..format.container import (
     rounded_bits,
 )
 from ..format.dtypes import WEIGHT_DTYPES
-from ..methods import LayerInput, Method, MethodConfig
+from ..methods import BlockTuning, LayerInput, Method, MethodConfig
 from ..text import tokenize
 from ..transforms import BlockInput, TransformedBlock, apply_chain, wrap_record
 from . import calibration as calib_data
@@ -588,6 +588,9 @@ class Converter:
         progress.start_block(index, len(selected))
         stored = self._load_block(index)
         modules = dict(block.named_modules())
+        tuning = calls is not None and bool(selected) and self.method.tunes_blocks
+        # the original block's outputs: what a tuning method tunes the quantized block towards
+        targets = run_block(block, index, calls, inputs) if tuning else []
         transformed = self._transform_block(index, selected, calls, inputs, stored)
         records: list[QuantizedTensor] = []
         if calls is None:
@@ -611,14 +614,20 @@ class Converter:
                 for name in group:
                     records.append(self._quantize_module(prefix + name, modules[name], stats))
                     progress.layer_done(name)
+        tuned = False
+        if tuning:
+            assert calls is not None
+            records, tuned = self._tune_block(index, records, calls, inputs, targets, stored)
+            del targets
         if transformed is not None:
             records = self._finish_transformed(index, records, transformed)
         last = index == len(self.skeleton.blocks) - 1
         outputs = run_block(block, index, calls, inputs) if calls is not None and (
             not last or self.need_final_hidden) else []
         quantized = {qt.name for qt in records}
-        # After a transform the block's own tensors are written: folded norms and rows are part of the model now.
-        plain = {prefix + n: to_numpy(stored[prefix + n] if transformed is None
+        # After a transform or a tuning the block's own tensors are written: folded norms and rows, tuned norms and
+        # biases are part of the model now.
+        plain = {prefix + n: to_numpy(stored[prefix + n] if transformed is None and not tuned
                                       else _module_tensor(block, n).to(stored[prefix + n].dtype))
                  for n in self.block_names[index] if prefix + n not in quantized}
         self._write_shard(index, plain, records)
@@ -651,6 +660,70 @@ class Converter:
                 set_tensor(block, name, rounded)
         return done
 
+    def _tune_block(self, index: int, records: list[QuantizedTensor], calls: BlockCalls, inputs: list[torch.Tensor],
+                    targets: list[torch.Tensor], stored: Mapping[str, torch.Tensor]
+                    ) -> tuple[list[QuantizedTensor], bool]:
+        """The method's block tuning (:meth:`Method.tune_block`): the tuned records, each module's weight set to its
+        tuned record decoded and the block's other tensors rounded to their stored dtype, so the block computes
+        what the shard will hold; (records, whether anything was tuned)."""
+        block, prefix = self.skeleton.blocks[index], self.skeleton.block_prefix(index)
+        by_module = {qt.name[len(prefix):-len(".weight")]: qt for qt in records}
+        # The captured call arguments and inputs are inference tensors, which autograd cannot save: plain copies.
+        batches = [(hidden.clone(), *self._call_arguments(calls, index, hidden)) for hidden in inputs]
+        targets = [t.clone() for t in targets]
+
+        def forward(batch: int) -> torch.Tensor:
+            hidden, args, kwargs = batches[batch]
+            with torch.inference_mode(False), torch.enable_grad():
+                out = block(hidden, *args, **kwargs)
+            return out[0] if isinstance(out, (tuple, list)) else out
+
+        seed = (zlib.crc32(f"tune:{prefix}".encode()) ^ self.options.seed) & 0x7FFFFFFF
+        torch.manual_seed(seed)
+        with torch.inference_mode(False):
+            tuned = self.method.tune_block(BlockTuning(index, prefix, block, by_module, forward, targets, seed),
+                                           self.config)
+            for parameter in block.parameters():
+                parameter.requires_grad_(False)
+        if tuned is None:
+            return records, False
+        if set(tuned) != set(by_module):
+            raise PluginError(f"method {self.method.name!r} ({self.plugin_label}) tuned block {index} into records "
+                              f"for {sorted(tuned)}, not for its quantized linears {sorted(by_module)}")
+        out = []
+        for name, original in by_module.items():
+            qt = tuned[name]
+            if not isinstance(qt, QuantizedTensor) or qt.name != original.name or \
+                    list(qt.record.get("shape", [])) != list(original.record.get("shape", [])):
+                raise PluginError(f"method {self.method.name!r} tuned {original.name} into "
+                                  f"{getattr(qt, 'name', type(qt).__name__)} with shape "
+                                  f"{getattr(qt, 'record', {}).get('shape')}: not the same tensor")
+            module = block.get_submodule(name)
+            decoded = np.array(qt.decode(self.codecs), dtype=np.float32).reshape(tuple(module.weight.shape))
+            module._parameters["weight"] = nn.Parameter(torch.from_numpy(decoded), requires_grad=False)
+            out.append(qt)
+        quantized = {f"{n}.weight" for n in by_module}
+        for name in self.block_names[index]:
+            if name not in quantized:
+                value = _module_tensor(block, name).detach()
+                set_tensor(block, name, value.to(stored[prefix + name].dtype).to(torch.float32))
+        return out, True
+
+    @staticmethod
+    def _call_arguments(calls: BlockCalls, index: int, hidden: torch.Tensor) -> tuple[tuple, dict]:
+        args, kwargs = calls.extra[(index, hidden.shape[0])]
+
+        def plain(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                return value.clone()
+            if isinstance(value, tuple):
+                return tuple(plain(v) for v in value)
+            if isinstance(value, list):
+                return [plain(v) for v in value]
+            return value
+
+        return plain(tuple(args)), {k: plain(v) for k, v in kwargs.items()}
+
     def _finish_transformed(self, index: int, records: list[QuantizedTensor],
                             done: TransformedBlock) -> list[QuantizedTensor]:
         """Wrap each record in its input transforms' codecs and give its module the decoded effective weight (no
@@ -678,7 +751,8 @@ class Converter:
         self._load_block(index)  # also re-hashes the source tensors the shard was made from
         qfile = QFile(self.writer.shard_path(index), self.codecs)
         try:
-            if self.chain:  # the transforms changed plain tensors too (folded norms): the shard's are the model's
+            if self.chain or self.method.tunes_blocks:  # transforms and tunings change plain tensors too (folded or
+                # tuned norms): the shard's are the model's
                 for name in qfile.plain_names:
                     set_tensor(block, name[len(prefix):],
                                torch.from_numpy(np.array(qfile.tensor(name), dtype=np.float32)))
