@@ -1,6 +1,6 @@
 """The harness every plugin author runs: methods, transforms, codecs and kernels checked the way qformat checks its own.
 
-    from qformat.testing import check_method, check_transform, check_codec_vectors, check_kernel
+    from qformat.testing import check_method, check_block_tuning, check_transform, check_codec_vectors, check_kernel
 
     def test_my_method():
         report = check_method(MyMethod(), params={"bits": 4})
@@ -26,7 +26,7 @@ from .errors import FormatError, ParameterError
 from .format import CORE_CODECS, CodecRegistry, QuantizedTensor, open_file, validate_record, write_file
 from .format.codecs import Codec
 from .kernel_api import Kernel
-from .methods import LayerInput, Method, MethodConfig
+from .methods import BlockTuning, LayerInput, Method, MethodConfig
 from .transforms import BlockInput, Transform, TransformConfig, apply_chain, wrap_record
 
 
@@ -390,6 +390,128 @@ def tiny_block(architecture: str, seed: int = 0, hidden: int = 64, intermediate:
         handle.remove()
     kwargs = {k: v for k, v in captured.items() if k not in ("hidden_states", "past_key_values", "cache")}
     return TinyBlock(architecture, config, layer, inputs, kwargs)
+
+
+@dataclass
+class BlockTuningReport:
+    method: str
+    params: dict[str, Any]
+    architecture: str
+    error_before: float  # mean squared error of the quantized block's outputs against the original block's
+    error_after: float  # the same after tune_block (equal to error_before when the method returned None)
+    tuned: bool  # whether tune_block returned records (None: it left the block as quantized)
+    records: dict[str, QuantizedTensor] = field(default_factory=dict)
+
+
+def _quantize_tiny_block(method: Method, config: MethodConfig, tiny: TinyBlock, prefix: str
+                         ) -> dict[str, QuantizedTensor]:
+    """Every linear of ``tiny``'s block quantized with the statistics the method asks for (each from the original
+    block's inputs), its weight replaced by the record decoded."""
+    import torch
+
+    linears = {n: m for n, m in tiny.block.named_modules() if isinstance(m, torch.nn.Linear)}
+    seen: dict[str, list[Any]] = {n: [] for n in linears}
+    handles = [m.register_forward_pre_hook(lambda _m, args, n=n: seen[n].append(args[0].reshape(-1, args[0].shape[-1])))
+               for n, m in linears.items()]
+    try:
+        tiny.forward(keep=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    records = {}
+    for name, module in linears.items():
+        x = torch.cat(seen[name]).to(torch.float64)
+        calibration = method.calibration
+        layer = LayerInput(
+            name=f"{prefix}{name}.weight", weight=module.weight.detach().clone(), dtype="F32",
+            hessian=(2.0 / x.shape[0] * x.T @ x).to(torch.float32) if "hessian" in calibration else None,
+            act_norms=x.norm(dim=0).to(torch.float32) if "act_norms" in calibration else None,
+            n_tokens=x.shape[0],
+            act_absmax=x.abs().amax(dim=0).to(torch.float32) if "act_absmax" in calibration else None)
+        records[name] = method.quantize(layer, config)
+        decoded = np.array(records[name].decode(_installed_codecs()), dtype=np.float32)
+        module._parameters["weight"] = torch.nn.Parameter(torch.from_numpy(decoded.reshape(module.weight.shape)),
+                                                          requires_grad=False)
+    return records
+
+
+def _tuning_run(method: Method, config: MethodConfig, architecture: str, seed: int, registry: CodecRegistry
+                ) -> tuple[float, float, dict[str, QuantizedTensor] | None, dict[str, bytes]]:
+    import torch
+
+    prefix = "model.layers.0."
+    tiny = tiny_block(architecture, seed=seed)
+    targets = [t.clone() for t in tiny.forward()]
+    records = _quantize_tiny_block(method, config, tiny, prefix)
+    kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else tuple(t.clone() for t in v) if isinstance(v, tuple)
+              else v for k, v in tiny.kwargs.items()}
+
+    def forward(batch: int) -> Any:
+        with torch.inference_mode(False), torch.enable_grad():
+            out = tiny.block(tiny.inputs[batch].clone(), **kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def error() -> float:
+        with torch.no_grad():
+            return float(sum(torch.mean((forward(i) - t) ** 2) for i, t in enumerate(targets)) / len(targets))
+
+    before = error()
+    torch.manual_seed(seed)
+    tuned = method.tune_block(BlockTuning(0, prefix, tiny.block, records, forward, targets, seed), config)
+    for parameter in tiny.block.parameters():
+        parameter.requires_grad_(False)
+    where = f"{method.name}.tune_block on a tiny {architecture} block"
+    if tuned is None:
+        return before, before, None, _state_bytes(tiny.block)
+    if not isinstance(tuned, Mapping) or set(tuned) != set(records):
+        raise PluginCheckError(f"{where}: returned {sorted(tuned) if isinstance(tuned, Mapping) else tuned!r}, "
+                               f"not records keyed by the block's linears {sorted(records)}")
+    for name, qt in tuned.items():
+        if not isinstance(qt, QuantizedTensor) or qt.name != records[name].name or \
+                list(qt.record["shape"]) != list(records[name].record["shape"]):
+            raise PluginCheckError(f"{where}: the record for {name} is not a QuantizedTensor of the same name and shape")
+        try:
+            validate_record(qt.name, qt.record, qt.tensor_info, registry)
+        except FormatError as exc:
+            raise PluginCheckError(f"{where}: invalid tuned record for {name}: {exc}") from None
+        module = tiny.block.get_submodule(name)
+        decoded = np.array(qt.decode(registry), dtype=np.float32)
+        if not np.all(np.isfinite(decoded)):
+            raise PluginCheckError(f"{where}: the tuned record for {name} decodes to non-finite values")
+        module._parameters["weight"] = torch.nn.Parameter(torch.from_numpy(decoded.reshape(module.weight.shape)),
+                                                          requires_grad=False)
+    return before, error(), dict(tuned), _state_bytes(tiny.block)
+
+
+def check_block_tuning(method: Method, params: Mapping[str, Any] | MethodConfig | None = None,
+                       architecture: str = "llama", seed: int = 0, registry: CodecRegistry | None = None,
+                       slack: float = 1e-6) -> BlockTuningReport:
+    """Check a method's :meth:`Method.tune_block` on a tiny random-weight decoder block (:func:`tiny_block`): its
+    linears quantized with the method (statistics from the block's inputs), then tuned towards the original block's
+    outputs, as the conversion pipeline does.
+
+    - the tuned records are valid records of the same linears (names, shapes), decoding to finite weights;
+    - tuning does not make the block's output error worse (mean squared error, up to ``slack`` relative);
+    - two runs give byte-identical records and float parameters (deterministic given the seed).
+    """
+    if not method.tunes_blocks:
+        raise PluginCheckError(f"method {method.name!r} does not implement tune_block")
+    registry = registry if registry is not None else _installed_codecs()
+    config = method.validate_params(params if isinstance(params, MethodConfig) else dict(params or {}))
+    before, after, tuned, state = _tuning_run(method, config, architecture, seed, registry)
+    if after > before * (1 + slack) + 1e-30:
+        raise PluginCheckError(f"{method.name}.tune_block made the block's output error worse: mean squared error "
+                               f"{before:.4g} before, {after:.4g} after")
+    again = _tuning_run(method, config, architecture, seed, registry)
+    records = tuned or {}
+    if (again[2] is None) != (tuned is None) or again[3] != state or any(
+            again[2][n].record != qt.record or any(not np.array_equal(again[2][n].tensors[k], v)
+                                                   for k, v in qt.tensors.items())
+            for n, qt in records.items()):
+        raise PluginCheckError(f"{method.name}.tune_block: two runs with the same seed gave different records or "
+                               "float parameters")
+    return BlockTuningReport(method.name, config.to_params(), architecture, before, after, tuned is not None,
+                             records)
 
 
 @dataclass

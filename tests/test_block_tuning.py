@@ -176,3 +176,33 @@ def test_a_tuning_that_returns_other_modules_is_refused(plugin_set, tiny: Path, 
 def test_methods_without_tuning_say_so(plugin_set) -> None:
     assert get_method("normtune").tunes_blocks
     assert not get_method("rtn").tunes_blocks and not get_method("gptq").tunes_blocks
+
+
+def test_harness_checks_a_tuning_method(plugin_set) -> None:
+    from qformat.testing import PluginCheckError, check_block_tuning
+
+    report = check_block_tuning(get_method("normtune"), {"bits": 3, "group_size": 32, "steps": 20})
+    assert report.tuned and report.error_after < report.error_before
+    assert set(report.records) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    with pytest.raises(PluginCheckError, match=r"returned \['self_attn.nope'\], not records keyed by the block's"):
+        check_block_tuning(get_method("badtune"), {"bits": 3, "group_size": 32})
+    worse = get_method("normtune")
+    tune = type(worse).tune_block
+
+    def spoil(self, block, config):  # tunes, then pushes every norm weight away from its tuned value
+        records = tune(self, block, config)
+        with torch.no_grad():
+            for name, p in block.block.named_parameters():
+                if name.endswith("layernorm.weight"):
+                    p.mul_(3.0)
+        return records
+
+    type(worse).tune_block = spoil
+    try:
+        with pytest.raises(PluginCheckError, match="made the block's output error worse"):
+            check_block_tuning(worse, {"bits": 3, "group_size": 32, "steps": 5})
+    finally:
+        type(worse).tune_block = tune
+    with pytest.raises(PluginCheckError, match="method 'rtn' does not implement tune_block"):
+        check_block_tuning(get_method("rtn"))
