@@ -180,6 +180,11 @@ def render_model_card(
         lines += [f"| {_fmt(t['transform'])} | {t.get('version', 1)} | {_fmt(t.get('params') or {})} |"
                   for t in transforms]
 
+    output = qc.get("output_layer")
+    if isinstance(output, dict) and output.get("method"):
+        lines += ["", f"The output layer (`{output.get('module', 'lm_head')}`) has a method of its own: "
+                  f"`{output['method']}` with {_fmt(output.get('params') or {})} (`--output-layer`)."]
+
     by_type: dict[str, Any] = qc.get("bits_by_layer_type") or {}
     if by_type or bpw is not None:
         lines += ["", "## Bits per weight", "", "| Layer type | Bits/weight |", "|---|---|"]

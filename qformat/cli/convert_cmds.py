@@ -43,6 +43,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                            "the method, e.g. --transform awq or --transform hadamard:block=64; repeatable, applied in "
                            "the order given; parameters left out take the method's of the same name (--bits, "
                            "--group-size); needs calibration")
+    conv.add_argument("--output-layer", metavar="METHOD[:KEY=VALUE,...]",
+                      help="quantize the output layer (lm_head) with its own method, e.g. --output-layer rtn:bits=8 "
+                           "(llama.cpp keeps it at 8 bits too) or --output-layer int8; 'keep' (default): it follows "
+                           "--include like any module (left as it is unless named there)")
     cal = conv.add_argument_group("calibration (methods that need statistics: gptq, spqr, ...)")
     cal.add_argument("--calib", metavar="FILE", help="UTF-8 calibration text (default: the shipped Wikipedia text, "
                      "works offline)")
@@ -150,7 +154,7 @@ def run_convert(args: argparse.Namespace) -> int:
         args.method = _method_by_detection(args)
     if args.method == IMPORT:
         return run_import(args)
-    from ..conversion.pipeline import Converter, ConvertOptions
+    from ..conversion.pipeline import Converter, ConvertOptions, resolve_output_layer
     from ..conversion.quality import resolve_eval_text
     from ..conversion.transform_chain import resolve_chain
     from ..hub import resolve_model_source
@@ -159,11 +163,12 @@ def run_convert(args: argparse.Namespace) -> int:
     method = get_method(args.method)
     config = method_config(method, args)
     resolve_chain(args.transform, method, config)  # unknown names and bad parameters before anything else
+    resolve_output_layer(args.output_layer)
     check_eval_options(args)
     eval_text = resolve_eval_text(args.eval) if args.eval else None
     options = ConvertOptions(
         source=args.source, out=args.out, method=args.method, params=config, transforms=tuple(args.transform),
-        revision=args.revision,
+        revision=args.revision, output_layer=args.output_layer,
         calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
         include=args.include, exclude=args.exclude, true_sequential=args.true_sequential, overwrite=args.overwrite,
         restart=args.restart, quiet=args.quiet, resolve_hub=resolve_model_source, base_model=args.base_model)
@@ -204,7 +209,8 @@ def _method_by_detection(args: argparse.Namespace) -> str:
 # Options that quantize; an import keeps the source's own quantization, so each of them is refused by name.
 _NOT_FOR_IMPORT = (("bits", "--bits"), ("group_size", "--group-size"), ("transform", "--transform"),
                    ("calib", "--calib"), ("include", "--include"), ("exclude", "--exclude"),
-                   ("true_sequential", "--true-sequential"), ("restart", "--restart"))
+                   ("true_sequential", "--true-sequential"), ("restart", "--restart"),
+                   ("output_layer", "--output-layer"))
 
 
 def import_params(args: argparse.Namespace) -> tuple[str | None, str | None]:

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConversionError, FormatError, PluginError
+from ..errors import ConversionError, FormatError, ParameterError, PluginError
 from ..format import FORMAT_VERSION, FolderWriter, QFile, QuantizedTensor, bits_by_layer_type, iter_nodes
 from ..format.container import (
     QUANT_METHOD,
@@ -69,7 +69,15 @@ from .report import (
 )
 from .selection import Selection, select_modules
 from .source import HubResolver, ModelSource, Skeleton, build_skeleton, open_source, release, set_tensor, tied_source
-from .transform_chain import Chain, TransformSpec, chain_command, chain_dicts, explicit_name, resolve_chain
+from .transform_chain import (
+    Chain,
+    TransformSpec,
+    chain_command,
+    chain_dicts,
+    explicit_name,
+    parse_key_values,
+    resolve_chain,
+)
 
 STATE_NAME = "state.json"
 DIGESTS_NAME = "source-digests.json"
@@ -101,6 +109,10 @@ class ConvertOptions:
     quiet: bool = False
     # Block transforms applied before the method, in order: names, "NAME:key=value,..." specs, dicts or configs.
     transforms: Sequence[TransformSpec] = ()
+    # The output layer (lm_head) quantized with its own method: "METHOD[:key=value,...]" (e.g. "rtn:bits=8") or a
+    # MethodConfig; None or "keep": the output layer follows --include like any other module (kept as it is unless
+    # named there, then quantized with the main method).
+    output_layer: str | MethodConfig | None = None
     # Downloads Hub ids (qformat.hub.resolve_model_source); the layer above passes it in. Not part of the state.
     resolve_hub: HubResolver | None = None
     # The Hub model this one derives from, for the card's base_model link (a Hub source is its own base; a local
@@ -127,6 +139,28 @@ def convert(options: ConvertOptions, *, on_block_done: BlockHook | None = None) 
     converter = Converter(options)
     converter.prepare()
     return converter.run(on_block_done=on_block_done)
+
+
+def resolve_output_layer(spec: str | MethodConfig | None) -> tuple[Method | None, MethodConfig | None]:
+    """--output-layer's method and config: None or "keep" for none, else "METHOD[:key=value,...]" or a config."""
+    from ..plugins import get_method
+
+    if spec is None or (isinstance(spec, str) and spec.strip() == "keep"):
+        return None, None
+    if isinstance(spec, MethodConfig):
+        method = get_method(spec._method_name())
+        return method, method.validate_params(spec)
+    if not isinstance(spec, str):
+        raise ParameterError(f"--output-layer is a method spec 'METHOD[:key=value,...]', 'keep' or a method config, "
+                             f"not {type(spec).__name__}")
+    name, _, rest = spec.partition(":")
+    items = filter(None, (part.strip() for part in rest.split(",")))
+    params = parse_key_values(items, malformed="expected key=value", prefix=f"--output-layer {spec!r}: ")
+    method = get_method(name.strip())
+    try:
+        return method, method.validate_params(params)
+    except ParameterError as exc:
+        raise ParameterError(f"--output-layer {spec!r}: {exc}") from None
 
 
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -208,12 +242,14 @@ class Converter:
         self.method: Method = get_method(opts.method)
         self.config: MethodConfig = self.method.validate_params(opts.params)
         self.chain: Chain = resolve_chain(opts.transforms, self.method, self.config)
+        self.output_method, self.output_config = resolve_output_layer(opts.output_layer)
         owner = get_plugins().method_owner.get(opts.method)
         info = get_plugins().info.get(owner) if owner else None
         self.plugin_label = f"{info.package} {info.version}" if info else "?"
         self.codecs = get_plugins().codecs  # shards are read back with the plugin codecs the method may use
         # A transform sees the block's calibration inputs, so a chain calibrates even for RTN.
-        self.needs_calibration = bool(self.method.calibration & CALIBRATED) or bool(self.chain)
+        self.needs_calibration = bool(self.method.calibration & CALIBRATED) or bool(self.chain) or (
+            self.output_method is not None and bool(self.output_method.calibration & CALIBRATED))
         _check_int("--seed", opts.seed, 0, MAX_SEED)
         if self.needs_calibration:
             _check_int("--calib-samples", opts.calib_samples, 1, MAX_CALIB)
@@ -333,13 +369,23 @@ class Converter:
                 raise ConversionError(f"the source model {self.options.source} lacks the tensor {name!r} that "
                                       f"{type(sk.model).__name__} needs")
             self.tied[name] = target
+        self.output_name: str | None = None
+        if self.output_method is not None:
+            head = sk.model.get_output_embeddings()
+            found = [n for n, m in sk.model.named_modules() if m is head and head is not None]
+            if not found or not isinstance(head, nn.Linear):
+                raise ConversionError(f"--output-layer: {type(sk.model).__name__} has no linear output layer")
+            self.output_name = found[0]
+            if self.output_name not in self.selection.outside:
+                self.selection.outside.append(self.output_name)
         self.outside_quantized = [f"{m}.weight" for m in self.selection.outside]
         self.need_final_hidden = self.needs_calibration and bool(self.outside_quantized)
         for weight in self.outside_quantized:
             module_name = weight.rsplit(".", 1)[0]
             module = sk.model.get_submodule(module_name)
-            if self.needs_calibration and isinstance(module, nn.Embedding):
-                raise ConversionError(f"{module_name} is an embedding: method {self.method.name!r} needs calibration "
+            method = self._outside_method(module_name)[0]
+            if self.needs_calibration and method.calibration & CALIBRATED and isinstance(module, nn.Embedding):
+                raise ConversionError(f"{module_name} is an embedding: method {method.name!r} needs calibration "
                                       "statistics, which embeddings do not have; quantize embeddings with a method "
                                       "without calibration (e.g. rtn) or leave them out")
             if self.needs_calibration and not isinstance(getattr(sk.model.base_model, "norm", None), nn.Module):
@@ -381,10 +427,28 @@ class Converter:
                            "true_sequential": opts.true_sequential}
         return {"state_version": STATE_VERSION, "method": self.method.name, "method_params": self.config.to_params(),
                 "method_config_version": self.config.version,
-                "method_plugin": self.plugin_label, "transforms": self._chain_state(), "source": self.source.describe(),
+                "method_plugin": self.plugin_label, "transforms": self._chain_state(),
+                "output_layer": self._output_layer_state(), "source": self.source.describe(),
                 "source_fingerprint": self.source.fingerprint(), "calibration": calibration,
                 "include": list(opts.include), "exclude": list(opts.exclude), "seed": opts.seed,
                 "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+    def _output_layer_state(self) -> dict[str, Any] | None:
+        if self.output_method is None:
+            return None
+        from ..plugins import get_plugins
+
+        plugins = get_plugins()
+        info = plugins.info.get(plugins.method_owner.get(self.output_method.name, ""))
+        return {"method": self.output_method.name, "params": self.output_config.to_params(),
+                "version": self.output_config.version, "plugin": f"{info.package} {info.version}" if info else "?"}
+
+    def _outside_method(self, module_name: str) -> tuple[Method, MethodConfig]:
+        """The method and config quantizing a module outside the blocks: --output-layer's for the output layer."""
+        if self.output_method is not None and module_name == self.output_name:
+            assert self.output_config is not None
+            return self.output_method, self.output_config
+        return self.method, self.config
 
     def _chain_state(self) -> list[dict[str, Any]]:
         """The chain with each transform's plugin: a different chain never resumes another's work."""
@@ -780,8 +844,9 @@ class Converter:
             module_name = weight_name.rsplit(".", 1)[0]
             weight = stored[self.tied.get(weight_name, weight_name)]
             stats = None
-            if self.needs_calibration:
-                stats = LinearStats.for_method(self.method.calibration)
+            method, config = self._outside_method(module_name)
+            if self.needs_calibration and method.calibration & CALIBRATED:
+                stats = LinearStats.for_method(method.calibration)
                 norm = model.base_model.norm
                 norm_prefix = next(n for n, m in model.named_modules() if m is norm)
                 for name in self.outside_names:
@@ -792,7 +857,7 @@ class Converter:
                         stats.add(module_name, norm(hidden))
                 release(norm)
             records.append(self._quantize_tensor(weight_name, weight.to(torch.float32), self._dtype(weight_name),
-                                                 stats, module_name))
+                                                 stats, module_name, method, config))
         quantized = {qt.name for qt in records}
         plain = {n: to_numpy(stored[n]) for n in self.outside_names if n not in quantized}
         self._write_shard(len(self.skeleton.blocks), plain, records)
@@ -809,19 +874,21 @@ class Converter:
         return qt
 
     def _quantize_tensor(self, weight_name: str, weight: torch.Tensor, dtype: str, stats: LinearStats | None,
-                         stats_name: str) -> QuantizedTensor:
+                         stats_name: str, method: Method | None = None,
+                         config: MethodConfig | None = None) -> QuantizedTensor:
+        method, config = method or self.method, config or self.config
         absmax = stats.act_absmax(stats_name) if stats is not None else None
         hessian, norms, tokens = stats.pop(stats_name) if stats is not None else (None, None, 0)
         layer = LayerInput(weight_name, weight.detach().to(torch.float32).clone(), dtype, hessian, norms, tokens,
                            act_absmax=absmax)
         # Seeded per layer, so a resumed run draws the same random numbers as an uninterrupted one.
         torch.manual_seed((zlib.crc32(weight_name.encode()) ^ self.options.seed) & 0x7FFFFFFF)
-        qt = self.method.quantize(layer, self.config)
+        qt = method.quantize(layer, config)
         if not isinstance(qt, QuantizedTensor) or qt.name != weight_name:
-            raise PluginError(f"method {self.method.name!r} ({self.plugin_label}) returned "
+            raise PluginError(f"method {method.name!r} returned "
                               f"{type(qt).__name__} for {weight_name}, not a QuantizedTensor named so")
         if list(qt.record.get("shape", [])) != list(weight.shape):
-            raise PluginError(f"method {self.method.name!r} returned shape {qt.record.get('shape')} for "
+            raise PluginError(f"method {method.name!r} returned shape {qt.record.get('shape')} for "
                               f"{weight_name}, whose shape is {list(weight.shape)}")
         return qt
 
@@ -942,6 +1009,11 @@ class Converter:
             qconfig["base_model"] = lineage
         if self.chain:
             qconfig["transforms"] = chain_dicts(self.chain)
+        if self.output_method is not None:
+            assert self.output_config is not None and self.output_name is not None
+            qconfig["output_layer"] = {"module": self.output_name, "method": self.output_method.name,
+                                       "params": self.output_config.to_params(),
+                                       "version": self.output_config.version}
         return qconfig
 
     def _cached_hub_id(self) -> str | None:
@@ -961,6 +1033,11 @@ class Converter:
         defaults = {p.name: p.default for p in self.config.params()}
         parts += [f"-p {k}={v}" for k, v in sorted(asdict(self.config).items()) if defaults.get(k) != v]
         parts += chain_command(self.chain)
+        if self.output_method is not None:
+            assert self.output_config is not None
+            out_defaults = {p.name: p.default for p in self.output_config.params()}
+            given = [f"{k}={v}" for k, v in sorted(asdict(self.output_config).items()) if out_defaults.get(k) != v]
+            parts.append(f"--output-layer {self.output_method.name}" + (":" + ",".join(given) if given else ""))
         if self.needs_calibration:
             if opts.calib is not None:
                 parts.append(f"--calib {Path(opts.calib).name}")
