@@ -31,8 +31,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 
-# name -> (method, parameters, label); the parameter "true_sequential" is the convert flag --true-sequential, and
-# "transform" ("NAME[:key=value;...]", several joined by "+") becomes --transform options, applied before the method.
+# name -> (method, parameters, label); the parameter "true_sequential" is the convert flag --true-sequential,
+# "output_layer" ("METHOD[:key=value;...]") the --output-layer option, and "transform" ("NAME[:key=value;...]",
+# several joined by "+") becomes --transform options, applied before the method.
 CONFIGS: dict[str, tuple[str | None, dict[str, object], str]] = {
     "fp32": (None, {}, "fp32 (source)"),
     "rtn4": ("rtn", {"bits": 4, "group_size": 128}, "RTN 4-bit g128"),
@@ -63,6 +64,15 @@ CONFIGS: dict[str, tuple[str | None, dict[str, object], str]] = {
     "squeeze3": ("squeeze", {"bits": 3}, "SqueezeLLM 3-bit (per-row k-means, Hessian-diagonal weights)"),
     "squeeze4": ("squeeze", {"bits": 4}, "SqueezeLLM 4-bit (per-row k-means, Hessian-diagonal weights)"),
     "squeeze3s": ("squeeze", {"bits": 3, "outlier_fraction": 0.0045}, "SqueezeLLM 3-bit + 0.45% fp16 outliers"),
+    # the output layer's own method (--output-layer; ";" between its parameters): what the default should be
+    "rtn4o8": ("rtn", {"bits": 4, "group_size": 128, "output_layer": "rtn:bits=8;group_size=128"},
+               "RTN 4-bit g128, output layer RTN 8-bit g128"),
+    "rtn4o8c": ("rtn", {"bits": 4, "group_size": 128, "output_layer": "rtn:bits=8;group_size=-1"},
+                "RTN 4-bit g128, output layer RTN 8-bit per channel"),
+    "rtn4o6": ("rtn", {"bits": 4, "group_size": 128, "output_layer": "rtn:bits=6;group_size=128"},
+               "RTN 4-bit g128, output layer RTN 6-bit g128"),
+    "rtn4o4": ("rtn", {"bits": 4, "group_size": 128, "output_layer": "rtn:bits=4;group_size=128"},
+               "RTN 4-bit g128, output layer RTN 4-bit g128"),
 }
 
 
@@ -99,6 +109,8 @@ def convert(name: str, model: str, out: Path, args: argparse.Namespace) -> dict:
         elif key == "transform":
             for spec in filter(None, str(value).split("+")):
                 cmd += ["--transform", spec.replace(";", ",")]
+        elif key == "output_layer":
+            cmd += ["--output-layer", str(value).replace(";", ",")]
         else:
             cmd += ["-p", f"{key}={value}"]
     env = dict(os.environ)
