@@ -30,7 +30,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from qformat.format import QuantizedTensor, RecordBuilder, signature, write_file
+from qformat.format import QuantizedTensor, RecordBuilder, bitpack, signature, write_file
 
 SEED = 20250611
 MANIFEST_VERSION = 1
@@ -447,6 +447,62 @@ def v_vq_tensor_codes() -> Valid:
                    b.vq(b.tensor("codes", q), b.tensor("codebooks", books)), vq_ref(q.astype(np.int64), books))
 
 
+def vq2_ref(q: np.ndarray, books: np.ndarray, vector_shape: tuple[int, int]) -> np.ndarray:
+    """vq version 2, element by element from the spec: w[i*p + a, j*d + b] = sum_m B[m, q[i, j*M + m], a*d + b]."""
+    p, d = vector_shape
+    m = books.shape[0]
+    books = f32(books)
+    rows, cols = q.shape[0] * p, q.shape[1] // m * d
+    out = np.zeros((rows, cols), np.float32)
+    for i in range(q.shape[0]):
+        for j in range(q.shape[1] // m):
+            for a in range(p):
+                for t in range(d):
+                    acc = books[0, q[i, j * m], a * d + t]
+                    for k in range(1, m):
+                        acc = np.float32(acc + books[k, q[i, j * m + k], a * d + t])
+                    out[i * p + a, j * d + t] = acc
+    return out
+
+
+def v_vq2_columns() -> Valid:
+    d = draft("vq_v2_column_vectors", (16, 6))
+    books = fp16(d.rng, (1, 256, 8), 0.1)
+    q = codes(d.rng, (2, 6), 8)  # 16 rows / p = 8, 6 columns / d = 1, one codebook
+    b = d.b
+    return d.valid("vq version 2, VPTQ-like: vector_shape [8, 1] (8 output rows of one column), one 256 x 8 fp16 "
+                   "codebook, 8-bit codes [2, 6] including 0 and 255",
+                   b.vq(b.packed("codes", q, 8), b.tensor("codebooks", books), vector_shape=(8, 1)),
+                   vq2_ref(q, books, (8, 1)))
+
+
+def v_vq2_tiles() -> Valid:
+    d = draft("vq_v2_tile_vectors", (6, 12))
+    books = fp16(d.rng, (2, 16, 8), 0.25)
+    q = codes(d.rng, (3, 3 * 2), 4)  # 2 x 4 tiles: 6 rows / 2, 12 columns / 4 vectors x 2 codebooks
+    q[1, 2:4] = (15, 0)
+    b = d.b
+    return d.valid("vq version 2: vector_shape [2, 4] (AQLM out_group_size 2), 2 additive codebooks of 16 entries of "
+                   "2 x 4 values (row-major), 4-bit codes [3, 6] including 0 and 15, summed in codebook order",
+                   b.vq(b.packed("codes", q, 4), b.tensor("codebooks", books), vector_shape=(2, 4)),
+                   vq2_ref(q, books, (2, 4)))
+
+
+def v_vq2_vptq_residual() -> Valid:
+    d = draft("vq_v2_vptq_residual_norm", (16, 10))
+    main = fp16(d.rng, (1, 32, 4), 0.5)
+    res = fp16(d.rng, (1, 4, 4), 0.05)
+    qm, qr = codes(d.rng, (4, 10), 5), codes(d.rng, (4, 10), 2)
+    s = fp16(d.rng, (1, 10), 1.0, positive=True)
+    b = d.b
+    terms = [b.vq(b.packed("main.codes", qm, 5), b.tensor("main.codebooks", main), vector_shape=(4, 1)),
+             b.vq(b.packed("res.codes", qr, 2), b.tensor("res.codebooks", res), vector_shape=(4, 1))]
+    return d.valid("VPTQ v4: main (32 entries) plus residual (4 entries) vq version 2 nodes [4, 1] under sum, "
+                   "times a per-input-column norm (scale group [16, 1], factor [1, 10])",
+                   b.scale(b.sum(terms), b.tensor("in_scale", s), group_shape=(16, 1)),
+                   (vq2_ref(qm, main, (4, 1)) + vq2_ref(qr, res, (4, 1))) * tiles(s, (16, 1), (16, 10)))
+
+
 def sparse_dense(rng: np.random.Generator, shape: tuple[int, int], density: float) -> np.ndarray:
     mask = rng.random(shape) < density
     mask[1] = False  # an empty row
@@ -696,6 +752,7 @@ def valid_vectors() -> list[Valid]:
     vectors += [v_group_larger_than_output()]
     vectors += [v_affine_offset_constant(), v_affine_offset_q4_1(), v_affine_offset_nested()]
     vectors += [v_reshape_hqq_axis0(), v_reshape_blocks_across_rows(), v_reshape_int_input()]
+    vectors += [v_vq2_columns(), v_vq2_tiles(), v_vq2_vptq_residual()]
     return vectors
 
 
@@ -1049,11 +1106,73 @@ def invalid_records() -> list[Invalid]:
     add("vq_cols_not_multiple", "30 columns are not a multiple of the vector length 4",
         edited(vq_cols, vq), "shape_mismatch", "weight/codebooks")
 
+    out += _invalid_vq2()
+
     out.append(_sign_not_one_bit())
     out.append(_lut_table_too_small())
     out += _invalid_offsets()
     out += _invalid_reshapes()
     return out
+
+
+def _invalid_vq2() -> list[Invalid]:
+    """vq version 2's vector_shape: not in version 1, required in version 2, two integers >= 1, dividing the shape,
+    matching the codebooks; codes [R / p, (C / d) * M]; no version 3."""
+    rng = rng_for("invalid-vq2")
+    b = RecordBuilder(BASE, (8, 6))  # vector_shape [4, 1], codebooks [1, 16, 4], codes [2, 6]
+    vq2 = b.finish(b.vq(b.packed("codes", codes(rng, (2, 6), 4), 4), b.tensor("codebooks", fp16(rng, (1, 16, 4))),
+                        vector_shape=(4, 1)))
+    b = RecordBuilder(BASE, (8, 6))
+    u16 = b.finish(b.vq(b.tensor("codes", rng.integers(0, 16, (2, 6)).astype(np.uint16)),
+                        b.tensor("codebooks", fp16(rng, (1, 16, 4))), vector_shape=(4, 1)))
+    b = RecordBuilder(BASE, (2, 32))
+    vq1 = b.finish(b.vq(b.packed("codes", codes(rng, (2, 8), 4), 4), b.tensor("codebooks", fp16(rng, (1, 16, 4)))))
+
+    def rows(count: int) -> Callable[[dict, dict], None]:
+        def edit(records: dict, tensors: dict) -> None:
+            node_at(records[BASE])["shape"] = [count, 6]
+            records[BASE]["shape"] = [count, 6]
+        return edit
+
+    def drop(records: dict, tensors: dict) -> None:
+        del node_at(records[BASE])["vector_shape"]
+
+    def codes_full_rows(records: dict, tensors: dict) -> None:  # [R, C] codes as if p were 1
+        node_at(records[BASE], "codes")["shape"] = [8, 6]
+        tensors[BASE + ".codes"] = bitpack.pack_codes(np.zeros((8, 6), np.int64), 4)
+        records[BASE]["storage_bytes"] += 6 * 3
+
+    def invalid(vid: str, description: str, edit: Callable[[dict, dict], None], code: str, fld: str,
+                qt: QuantizedTensor = vq2) -> Invalid:
+        return Invalid(vid, description, edited(edit, qt), code, "open", tensor=BASE, field=fld)
+
+    return [
+        invalid("vq_v2_rows_not_multiple", "vq version 2 with vector_shape [4, 1] over 10 rows (10 mod 4 != 0)",
+                rows(10), "shape_mismatch", "weight/vector_shape"),
+        invalid("vq_v1_vector_shape", "a vq version 1 node with a vector_shape (a field only version 2 has)",
+                set_field((), "vector_shape", [1, 4]), "bad_field", "weight/vector_shape", vq1),
+        invalid("vq_v2_missing_vector_shape", "a vq version 2 node without its required vector_shape", drop,
+                "bad_record", "weight/vector_shape"),
+        invalid("vq_v2_vector_shape_zero", "vq version 2 with vector_shape [0, 1]",
+                set_field((), "vector_shape", [0, 1]), "bad_field", "weight/vector_shape"),
+        invalid("vq_v2_vector_shape_rank", "vq version 2 with vector_shape [4] (one dimension)",
+                set_field((), "vector_shape", [4]), "bad_field", "weight/vector_shape"),
+        invalid("vq_v2_vector_shape_not_integer", "vq version 2 with vector_shape [4.0, 1] (integers are written "
+                "without a fraction)", set_field((), "vector_shape", [4.0, 1]), "bad_field", "weight/vector_shape"),
+        invalid("vq_v2_tile_codes_mismatch", "vq version 2 with vector_shape [2, 2]: codebooks [1, 16, 4] hold 4 = p*d "
+                "values, but 8 rows / 2 x 6 columns / 2 needs codes [4, 3], not [2, 6]",
+                set_field((), "vector_shape", [2, 2]), "shape_mismatch", "weight/codes"),
+        invalid("vq_v2_entries_not_p_times_d", "vq version 2 with vector_shape [2, 1]: codebooks [1, 16, 4] hold 4 "
+                "values per entry, not p*d = 2", set_field((), "vector_shape", [2, 1]), "shape_mismatch",
+                "weight/codebooks"),
+        invalid("vq_v2_codes_rows", "vq version 2 [4, 1] with codes [8, 6] (one row per output row instead of R / p)",
+                codes_full_rows, "shape_mismatch", "weight/codes"),
+        invalid("vq_unsupported_version_3", "a vq node of version 3 (versions 1 and 2 exist)",
+                set_field((), "version", 3), "unsupported_codec_version", "weight/version"),
+        Invalid("vq_v2_code_out_of_range", "vq version 2 [4, 1]: a U16 code 16 into codebooks of 16 entries",
+                edited(lambda r, t: bitflip(t, BASE + ".codes", (1, 5), 16), u16), "code_out_of_range", "decode",
+                tensor=BASE, field="weight/codes"),
+    ]
 
 
 def _invalid_reshapes() -> list[Invalid]:

@@ -11,6 +11,8 @@ A weight tree is read as a sum of terms, each under the transforms above it::
     codes  := packed | bitplanes | tensor (integer)
 
 Every node is version 1, except ``affine``, also version 2 (an additive ``offset``, lowered like scale and zero).
+``vq`` version 2 (``vector_shape`` [p, d], vectors spanning rows) is refused (:class:`Unsupported`): kernels run
+row vectors only, and a refused record runs on the runtime's reference path.
 A ``scale`` is a "row" scale when a tile of its factor covers whole rows, a "column" scale when there is one factor
 per input column (group [>= R, 1]: it can multiply x instead of W), else a "grid" scale.
 What does not fit (dense float tensors as terms, ternary codes under affine/lut/vq, unknown codecs) raises
@@ -222,6 +224,10 @@ def _codec(node: Any, path: str) -> str:
     if not isinstance(node, dict) or not isinstance(node.get("codec"), str):
         raise Unsupported(f"{path}: not a codec node")
     version = node.get("version")
+    if node["codec"] == "vq" and version == 2:
+        # vq version 2 (vector_shape [p, d]: vectors across p rows, VPTQ's [v, 1]) has no term kind here: the
+        # kernels' vq term is row vectors [M, K, d]. Refused, so such records run on the reference path.
+        raise Unsupported(f"{path}: vq version 2 (vector_shape {node.get('vector_shape')!r}, vectors across rows)")
     if type(version) is not int or version not in KNOWN_VERSIONS.get(node["codec"], (KNOWN_VERSION,)):
         raise Unsupported(f"{path}: {node['codec']} version {node.get('version')!r}")
     return node["codec"]

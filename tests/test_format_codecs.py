@@ -630,6 +630,45 @@ def test_vq_zero_codebooks_is_rejected(tmp_path):
     raises_format_error(write(tmp_path, [vq()], edit))
 
 
+def vq2_record(rows: int = 12, cols: int = 8, p: int = 3, d: int = 2, m: int = 2, k: int = 16,
+               seed: int = 0) -> tuple[QuantizedTensor, np.ndarray]:
+    """A vq version 2 record ([p, d] tiles) and its decode computed tile by tile from the spec's formula."""
+    rng = np.random.default_rng(seed)
+    books = rng.standard_normal((m, k, p * d)).astype(F16)
+    q = rng.integers(0, k, (rows // p, cols // d * m))
+    b = RecordBuilder(NAME, (rows, cols))
+    qt = b.finish(b.vq(b.packed("codes", q, (k - 1).bit_length()), b.tensor("books", books), vector_shape=(p, d)))
+    want = np.zeros((rows, cols), np.float32)
+    for i in range(rows // p):
+        for j in range(cols // d):
+            acc = books[0, q[i, j * m]].astype(np.float32)
+            for t in range(1, m):
+                acc = acc + books[t, q[i, j * m + t]].astype(np.float32)
+            want[i * p:(i + 1) * p, j * d:(j + 1) * d] = acc.reshape(p, d)
+    return qt, want
+
+
+@pytest.mark.parametrize("tile", [(3, 2), (8, 1), (1, 4), (2, 8)])
+def test_vq_version_2_decodes_whole_and_by_row_ranges(tmp_path, tile):
+    p, d = tile
+    qt, want = vq2_record(rows=p * 5, cols=d * 3, p=p, d=d)
+    assert qt.record["weight"]["version"] == (1 if p == 1 else 2)  # the lowest version that expresses it
+    assert ("vector_shape" in qt.record["weight"]) == (p > 1)
+    assert np.array_equal(qt.decode(), want)
+    reader = qt.row_reader()
+    for rows in ([0], [p * 5 - 1], [1, p, p + 1, 2 * p - 1], list(range(p * 5))[::-1]):
+        assert np.array_equal(reader.rows(np.array(rows)), want[rows])
+    qfile = open_file(write_file(tmp_path / "v2.safetensors", {}, [qt]))
+    assert np.array_equal(qfile.decode(NAME), want)
+
+
+def test_vq_builder_checks_vector_shape_against_the_codebooks():
+    b = RecordBuilder(NAME, (8, 4))
+    books = b.tensor("books", np.ones((1, 4, 4), F16))
+    with pytest.raises(ValueError, match="vector_shape"):
+        b.vq(b.packed("codes", np.zeros((4, 4), np.int64), 2), books, vector_shape=(2, 1))
+
+
 def test_record_dtype_of_wrong_type(tmp_path):
     exc = raises_format_error(write(tmp_path, [affine()], lambda r, t: r[NAME].update(dtype=["F16"])))
     assert exc.code == "bad_field" and exc.field == "dtype"

@@ -216,13 +216,15 @@ class SpecDecoder:
     def d_vq(self, node: dict) -> np.ndarray:
         rows, cols = node["shape"]
         books, q = as_f32(self(node["codebooks"])), self(node["codes"])
-        m, _, d = books.shape
+        m, _, width = books.shape
+        p, d = node.get("vector_shape", [1, width])  # version 2: p x d tiles, entries row-major
         out = np.zeros((rows, cols), dtype=np.float32)
-        for j in range(cols // d):
-            acc = books[0][q[:, j * m]]
-            for i in range(1, m):
-                acc = acc + books[i][q[:, j * m + i]]
-            out[:, j * d:(j + 1) * d] = acc
+        for i in range(rows // p):
+            for j in range(cols // d):
+                acc = books[0][q[i, j * m]]
+                for k in range(1, m):
+                    acc = acc + books[k][q[i, j * m + k]]
+                out[i * p:(i + 1) * p, j * d:(j + 1) * d] = acc.reshape(p, d)
         return out
 
     def d_sparse_csr(self, node: dict) -> np.ndarray:

@@ -103,8 +103,21 @@ class RecordBuilder:
     def scale(self, inner: Node, factor: Node, group_shape: Sequence[int]) -> Node:
         return _node("scale", input=inner, factor=factor, group_shape=list(group_shape))
 
-    def vq(self, codes: Node, codebooks: Node, shape: Sequence[int] | None = None) -> Node:
-        return _node("vq", codes=codes, codebooks=codebooks, shape=list(shape or self.matrix_shape))
+    def vq(self, codes: Node, codebooks: Node, shape: Sequence[int] | None = None,
+           vector_shape: Sequence[int] | None = None) -> Node:
+        """Additive vector codebooks. Vectors along rows ([1, d], d from the codebooks) are version 1; a
+        ``vector_shape`` [p, d] with p > 1 (VPTQ's [v, 1] along output features, AQLM's [og, ig]) is version 2,
+        with codebooks [M, K, p*d] and codes [R / p, (C / d) * M] (spec/components.md, vq)."""
+        shape = list(shape or self.matrix_shape)
+        if vector_shape is None:
+            return _node("vq", codes=codes, codebooks=codebooks, shape=shape)
+        p, d = (int(v) for v in vector_shape)
+        stored = self.tensors.get(codebooks.get("tensor")) if codebooks.get("codec") == "tensor" else None
+        if stored is not None and (stored.ndim != 3 or stored.shape[2] != p * d):
+            raise ValueError(f"vector_shape {[p, d]} needs codebooks [M, K, {p * d}], got {list(stored.shape)}")
+        if p == 1:  # the lowest version that expresses it (spec/README.md, versioning rule 4)
+            return _node("vq", codes=codes, codebooks=codebooks, shape=shape)
+        return _node("vq", 2, codes=codes, codebooks=codebooks, shape=shape, vector_shape=[p, d])
 
     # -- additive parts and transforms -------------------------------------------------------------------------
     def sparse_csr(self, role: str, row_ptr: np.ndarray, col_idx: np.ndarray, values: Node | np.ndarray,

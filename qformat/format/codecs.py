@@ -678,29 +678,66 @@ class ScaleCodec(Codec):
 
 @register
 class VqCodec(Codec):
-    """Additive vector codebooks: each d-wide slice of a row is the sum of M codebook entries (AQLM, VPTQ)."""
+    """Additive vector codebooks: each vector of the output is the sum of M codebook entries (AQLM, VPTQ).
+
+    Version 1: vectors are d consecutive columns of one row (codebooks [M, K, d]). Version 2 adds ``vector_shape``
+    [p, d]: a vector is a p x d tile (p rows, d columns), its p*d entries row-major over the tile (codebooks
+    [M, K, p*d], codes [R / p, (C / d) * M]); VPTQ's vectors along output features are [v, 1].
+    """
 
     name = "vq"
+    versions = frozenset({1, 2})
     required = frozenset({"codes", "codebooks", "shape"})
+    optional = frozenset({"vector_shape"})
     row_ranges = True
+
+    def check_fields(self, node: dict, ctx: Context) -> None:
+        super().check_fields(node, ctx)
+        if node["version"] == 1 and "vector_shape" in node:  # a field version 1 does not have: unknown
+            raise ctx.error("bad_field", "codec 'vq' version 1 has no field 'vector_shape' (it needs version 2)",
+                            "vector_shape")
+        if node["version"] == 2 and "vector_shape" not in node:
+            raise ctx.error("bad_record", "codec 'vq' version 2 requires field 'vector_shape'", "vector_shape")
+
+    @staticmethod
+    def _tile(node: dict, ctx: Context | None = None) -> tuple[int, int] | None:
+        """[p, d] of a version 2 node (checked when ``ctx`` is given), None for version 1."""
+        if node["version"] == 1:
+            return None
+        if ctx is None:
+            return tuple(node["vector_shape"])
+        return ctx.shape_field(node, "vector_shape", 2)
 
     def infer(self, node: dict, ctx: Context) -> NodeInfo:
         rows, cols = ctx.shape_field(node, "shape", 2)
+        tile = self._tile(node, ctx)
         books = ctx.infer(node["codebooks"], "codebooks")
         if len(books.shape) != 3 or books.kind != "float":
-            raise ctx.error("shape_mismatch", f"codebooks must be float [M, K, d], got {list(books.shape)}",
+            want = "[M, K, d]" if tile is None else "[M, K, p*d]"
+            raise ctx.error("shape_mismatch", f"codebooks must be float {want}, got {list(books.shape)}",
                             "codebooks")
-        m, k, d = books.shape
-        if min(m, k, d) < 1:
+        m, k, width = books.shape
+        if min(m, k, width) < 1:
             raise ctx.error("shape_mismatch", f"codebooks {list(books.shape)} must have M, K, d >= 1", "codebooks")
-        if cols % d:
-            raise ctx.error("shape_mismatch", f"{cols} columns are not a multiple of the vector length {d}",
-                            "codebooks")
+        if tile is None:
+            p, d = 1, width
+            if cols % d:
+                raise ctx.error("shape_mismatch", f"{cols} columns are not a multiple of the vector length {d}",
+                                "codebooks")
+        else:
+            p, d = tile
+            if width != p * d:
+                raise ctx.error("shape_mismatch", f"codebooks {list(books.shape)} must hold vectors of p*d = "
+                                f"{p * d} entries for vector_shape {[p, d]}", "codebooks")
+            if rows % p or cols % d:
+                raise ctx.error("shape_mismatch", f"shape {[rows, cols]} is not a multiple of vector_shape "
+                                f"{[p, d]} (rows mod p and columns mod d must be 0)", "vector_shape")
         codes = ctx.infer(node["codes"], "codes")
         _check_kind(ctx, codes, "int", "codes")
-        expected = (rows, cols // d * m)
+        expected = (rows // p, cols // d * m)
         if codes.shape != expected:
-            raise ctx.error("shape_mismatch", f"codes must be {list(expected)} (rows, vectors x codebooks), got "
+            what = "rows" if p == 1 else "rows / p"
+            raise ctx.error("shape_mismatch", f"codes must be {list(expected)} ({what}, vectors x codebooks), got "
                             f"{list(codes.shape)}", "codes")
         if codes.max_code is not None and codes.max_code > k:
             raise ctx.error("code_out_of_range", f"codes can reach {codes.max_code - 1} but codebooks have {k} "
@@ -709,15 +746,24 @@ class VqCodec(Codec):
 
     def decode(self, node: dict, ctx: Context, rows: tuple[int, int] | None = None) -> np.ndarray:
         books = _as_float(ctx.whole(node["codebooks"], "codebooks"))
-        m, k, d = books.shape
-        q = ctx.decode(node["codes"], "codes", rows)
+        m, k, width = books.shape
+        p, d = self._tile(node) or (1, width)
+        code_rows = None if rows is None or p == 1 else (rows[0] // p, -(-rows[1] // p))
+        q = ctx.decode(node["codes"], "codes", rows if p == 1 else code_rows)
         _codes_within(ctx, q, k, "codes", f"vq with {k} entries per codebook")
         height = q.shape[0]
         q = q.reshape(height, -1, m)
-        out = books[0][q[:, :, 0]]
+        out = books[0][q[:, :, 0]]  # [height, vectors, p*d]
         for i in range(1, m):  # fixed order m = 0, 1, ... keeps fp32 sums reproducible
             out += books[i][q[:, :, i]]
-        return out.reshape(height, -1)
+        if p == 1:
+            return out.reshape(height, -1)
+        # entry a*d + b of vector (i, j) is element (i*p + a, j*d + b)
+        out = out.reshape(height, -1, p, d).transpose(0, 2, 1, 3).reshape(height * p, -1)
+        if code_rows is not None:
+            first = rows[0] - code_rows[0] * p
+            out = out[first:first + rows[1] - rows[0]]
+        return np.ascontiguousarray(out)
 
 
 # ---------------------------------------------------------------------------------------------------------------
