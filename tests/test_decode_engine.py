@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import TINY, write_folder
 
 import qformat
@@ -100,6 +101,73 @@ def test_greedy_tokens_and_scores_match_generate(folders, arch):
     assert len(scores) == len(ref.logits) == 20
     for got, want in zip(scores, ref.logits, strict=True):
         assert_logits_close(got, want)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_numba_ops_match_torch_ops_step_by_step(folders, arch):
+    """The fp32 CPU step runs lean_ops between the linears by default; the torch ops (numba_ops=False) agree at every
+    step to float rounding, and greedy continuations are the same."""
+    model = load(folders[arch])
+    ids = prompt(5, seed=6)
+    fast, ref = DecodeEngine(model, max_len=40), DecodeEngine(model, max_len=40, numba_ops=False)
+    assert fast.numba_ops and not ref.numba_ops
+    want = ref.prefill(ids)
+    assert_logits_close(fast.prefill(ids), want)  # the prefill is torch code in both
+    for _ in range(30):
+        token = int(want.argmax())
+        got, want = fast.step(token), ref.step(token)
+        assert_logits_close(got, want)
+    torch.testing.assert_close(fast.k_cache[:, :, :35], ref.k_cache[:, :, :35], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.v_cache[:, :, :35], ref.v_cache[:, :, :35], rtol=1e-5, atol=1e-5)
+    assert generate(model, ids, 12).tolist() == generate(model, ids, 12, numba_ops=False).tolist()
+
+
+def test_lean_ops_against_torch():
+    """Each compiled op against its torch formulation, on SmolLM2-like shapes (9 query heads over 3 KV heads)."""
+    import numpy as np
+
+    from qformat.runtime import lean_ops
+
+    rng = np.random.default_rng(0)
+    f32 = np.float32
+    x = np.linspace(-87, 88, 100001, dtype=f32)
+    y = np.empty_like(x)
+    lean_ops.silu_mul(x, np.ones_like(x), y)  # exp through silu: x * sigmoid(x)
+    torch.testing.assert_close(torch.from_numpy(y), F.silu(torch.from_numpy(x)), rtol=1e-6, atol=1e-30)
+    h, delta, w = (rng.standard_normal(576).astype(f32) for _ in range(3))
+    out = np.empty(576, f32)
+    want_h = torch.from_numpy(h + delta)
+    want = torch.from_numpy(w) * (want_h * torch.rsqrt(want_h.pow(2).mean(-1, keepdim=True) + 1e-5))
+    lean_ops.add_rms_norm(h, delta, w, f32(1e-5), out)
+    torch.testing.assert_close(torch.from_numpy(h), want_h, rtol=0, atol=0)  # the residual add is exact
+    torch.testing.assert_close(torch.from_numpy(out), want, rtol=1e-6, atol=1e-6)
+    heads, kv, d, max_len, p = 9, 3, 64, 80, 57
+    q, k, v = (rng.standard_normal(n * d).astype(f32) for n in (heads, kv, kv))
+    cos, sin = rng.standard_normal(d).astype(f32), rng.standard_normal(d).astype(f32)
+    k_cache, v_cache = (rng.standard_normal((kv, max_len, d)).astype(f32) for _ in range(2))
+    kt, vt = torch.from_numpy(k_cache.copy()), torch.from_numpy(v_cache.copy())
+    a = np.empty(heads * d, f32)
+    lean_ops.rope_attend(q, k, v, cos, sin, k_cache, v_cache, p, f32(0.125), a, np.empty(d, f32),
+                         np.empty(max_len, f32))
+    ct, st = torch.from_numpy(cos), torch.from_numpy(sin)
+    qt = torch.from_numpy(q).view(heads, d)
+    kt[:, p] = torch.from_numpy(k).view(kv, d) * ct + torch.from_numpy(k).view(kv, d).roll(d // 2, -1) * st
+    vt[:, p] = torch.from_numpy(v).view(kv, d)
+    qt = qt * ct + qt.roll(d // 2, -1) * st
+    want = F.scaled_dot_product_attention(qt.view(1, kv, heads // kv, d), kt[None, :, :p + 1], vt[None, :, :p + 1],
+                                          scale=0.125).reshape(-1)
+    torch.testing.assert_close(torch.from_numpy(k_cache), kt, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.from_numpy(v_cache), vt, rtol=0, atol=0)
+    torch.testing.assert_close(torch.from_numpy(a), want, rtol=1e-5, atol=1e-5)
+
+
+def test_other_dtypes_keep_torch_ops():
+    model = make_model("llama").to(torch.bfloat16)
+    engine = DecodeEngine(model, 12)
+    assert not engine.numba_ops
+    with pytest.raises(ValueError, match="numba_ops runs fp32 on the CPU"):
+        DecodeEngine(model, 12, numba_ops=True)
+    assert generate(model, prompt(4, seed=3), 6).shape == (1, 10)
 
 
 def test_fused_siblings_compute_once_per_layer(folders):
