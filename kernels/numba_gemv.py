@@ -35,6 +35,7 @@ from llvmlite import binding as llvm_binding
 from llvmlite import ir
 from numba import config, njit, prange, types
 from numba.core import cgutils
+from numba.core.imputils import impl_ret_borrowed
 from numba.extending import intrinsic
 
 LANES = 16
@@ -251,6 +252,10 @@ VECTOR_WIDTH = 16 if _FEATURES.get("avx512f", False) else 8
 # the bytes n = 16 (E // 4) + 4 (v % 4) + E % 4 (the order vpunpck{l,h}bw then vpunpck{l,h}wd produce), so x keeps
 # its natural column order and every vector of 8 codes lies in one scale group of 8 or more columns.
 NIBBLE_LUT = bool(_FEATURES.get("avx2", False))
+# A run of vectors sharing a scale is summed in len(run) // RUN_DEPTH partial chains (1 to 4), each times the run's
+# scale into an accumulator: short runs (groups of 16 or 32 columns) then cost one multiply-add per vector plus one
+# per run, not two per vector; a chain of 4 FMAs per run is short enough for the out-of-order core to overlap runs.
+RUN_DEPTH = 4
 
 
 def _nibble_map() -> tuple[np.ndarray, np.ndarray]:
@@ -281,10 +286,11 @@ BYTE_WORD, BYTE_SHIFT = _byte_map()
 
 
 @intrinsic
-def _row_dot(typingctx, words_t, r_t, t0_t, t1_t, x_t, table_t, trow_t, scale_t, groups_t, nb_t, mode_t, bits_t,
-             spg_t):
-    """(sum_{t0 <= t < t1} sum_{k, p} S[r, g(t, k)] v(words[r, t, p], k) x[b, t, k, p] for b < nb), x as the fused
-    kernel lays it out. ``spg``: slots per scale group: 0 when the row has one group (scale[r, 0], applied once at
+def _row_dot(typingctx, words_t, r_t, t0_t, t1_t, x_t, table_t, trow_t, scale_t, sr_t, groups_t, nb_t, mode_t,
+             bits_t, spg_t):
+    """(sum_{t0 <= t < t1} sum_{k, p} S[sr, g(t, k)] v(words[r, t, p], k) x[b, t, k, p] for b < nb), x as the fused
+    kernel lays it out (``sr``: the row of ``scale`` that holds row r's scales: r, or a row of scales the kernel
+    decoded). ``spg``: slots per scale group: 0 when the row has one group (scale[sr, 0], applied once at
     the end), >= cpw when every tile lies in one group (groups[t, 0]), else a divisor of cpw (runs of spg slots).
     Decodings (``mode``): affine codes (masked as in the fused kernel, x pre-scaled), a table of up to 16 entries
     (permutes; per run the table itself is scaled, so each value costs no multiply), FP8 E4M3 / E5M2 (fp16 bits, x
@@ -295,20 +301,20 @@ def _row_dot(typingctx, words_t, r_t, t0_t, t1_t, x_t, table_t, trow_t, scale_t,
         return None
     nb, mode, bits, spg = (lit.literal_value for lit in literals)
     cpw, mask = 32 // bits, (1 << bits) - 1
-    sig = types.UniTuple(types.float32, nb)(words_t, r_t, t0_t, t1_t, x_t, table_t, trow_t, scale_t, groups_t, nb_t,
-                                            mode_t, bits_t, spg_t)
+    sig = types.UniTuple(types.float32, nb)(words_t, r_t, t0_t, t1_t, x_t, table_t, trow_t, scale_t, sr_t, groups_t,
+                                            nb_t, mode_t, bits_t, spg_t)
     fp8 = mode in (ROW_E4M3, ROW_E5M2)
     nibble = mode in (ROW_NIBBLE, ROW_NIBBLE8)
     int8_table = mode == ROW_NIBBLE8
 
     def codegen(context, builder, signature, args):  # pragma: no cover - runs inside numba's compiler
-        words_ty, _, _, _, x_ty, table_ty, _, scale_ty, groups_ty = signature.args[:9]
-        r, t0, t1, trow = (context.cast(builder, args[i], signature.args[i], types.intp) for i in (1, 2, 3, 6))
+        words_ty, _, _, _, x_ty, table_ty, _, scale_ty, _, groups_ty = signature.args[:10]
+        r, t0, t1, trow, sr = (context.cast(builder, args[i], signature.args[i], types.intp) for i in (1, 2, 3, 6, 8))
         words_a = context.make_array(words_ty)(context, builder, args[0])
         x_a = context.make_array(x_ty)(context, builder, args[4])
         table_a = context.make_array(table_ty)(context, builder, args[5])
         scale_a = context.make_array(scale_ty)(context, builder, args[7])
-        groups_a = context.make_array(groups_ty)(context, builder, args[8])
+        groups_a = context.make_array(groups_ty)(context, builder, args[9])
         width = 8 if fp8 or nibble else PERMUTE_WIDTH if mode == ROW_LUT else VECTOR_WIDTH
         f32, i32, i16, intp = ir.FloatType(), ir.IntType(32), ir.IntType(16), context.get_value_type(types.intp)
         vf, vi = ir.VectorType(f32, width), ir.VectorType(i32, width)
@@ -398,41 +404,41 @@ def _row_dot(typingctx, words_t, r_t, t0_t, t1_t, x_t, table_t, trow_t, scale_t,
                                                              ir.VectorType(ir.HalfType(), 16))
 
             nibble_vs = {}
-            if int8_table:
-                for h in range(2):
-                    for part in range(2):
-                        w = word_vs[h]
-                        codes = builder.and_(builder.lshr(w, ints(4)) if part else w, ints(0x0F0F0F0F))
-                        looked = builder.bitcast(builder.call(pshufb, [plane8, builder.bitcast(codes, v32i8)]), vi)
-                        for k in range(4):  # byte k of each dword to the top byte: k * 2**24, sign in place
-                            top = builder.shl(looked, ints(24 - 8 * k)) if k < 3 else looked
-                            top = builder.and_(top, ints(-(1 << 24))) if k > 0 else top
-                            nibble_vs[(2 * h + part) * 4 + k] = builder.sitofp(top, vf)
-            elif nibble:
-                def unpack(a, b, size, high):
-                    n = 16 // size  # elements per 128-bit lane
-                    start = n // 2 if high else 0
-                    order = [i for lane in range(2) for e in range(start, start + n // 2)
-                             for i in (lane * n + e, 2 * n + lane * n + e)]
-                    return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, 2 * n), order))
 
+            def unpack(a, b, size, high):
+                n = 16 // size  # elements per 128-bit lane
+                start = n // 2 if high else 0
+                order = [i for lane in range(2) for e in range(start, start + n // 2)
+                         for i in (lane * n + e, 2 * n + lane * n + e)]
+                return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, 2 * n), order))
+
+            def nibble_group(h, part):
+                """The 4 vectors of 8 codes from nibble part ``part`` of words 8h..8h+7 (decoded when first used,
+                so that few decoded vectors are live at once)."""
+                w = word_vs[h]
+                codes = builder.and_(builder.lshr(w, ints(4)) if part else w, ints(0x0F0F0F0F))
+                if int8_table:
+                    looked = builder.bitcast(builder.call(pshufb, [plane8, builder.bitcast(codes, v32i8)]), vi)
+                    for k in range(4):  # byte k of each dword to the top byte: k * 2**24, sign in place
+                        top = builder.shl(looked, ints(24 - 8 * k)) if k < 3 else looked
+                        top = builder.and_(top, ints(-(1 << 24))) if k > 0 else top
+                        nibble_vs[(2 * h + part) * 4 + k] = builder.sitofp(top, vf)
+                    return
                 v16i16 = ir.VectorType(i16, 16)
-                for h in range(2):
-                    for part in range(2):
-                        w = word_vs[h]
-                        codes = builder.and_(builder.lshr(w, ints(4)) if part else w, ints(0x0F0F0F0F))
-                        codes = builder.bitcast(codes, v32i8)
-                        p0, p1, p2, p3 = (builder.call(pshufb, [plane, codes]) for plane in planes)
-                        for half16 in range(2):  # bytes 0-7 / 8-15 of each lane, as 16-bit low and high halves
-                            low = builder.bitcast(unpack(p0, p1, 1, half16), v16i16)
-                            high = builder.bitcast(unpack(p2, p3, 1, half16), v16i16)
-                            for q2 in range(2):
-                                q = 2 * half16 + q2
-                                nibble_vs[(2 * h + part) * 4 + q] = builder.bitcast(unpack(low, high, 2, q2), vf)
+                codes = builder.bitcast(codes, v32i8)
+                p0, p1, p2, p3 = (builder.call(pshufb, [plane, codes]) for plane in planes)
+                for half16 in range(2):  # bytes 0-7 / 8-15 of each lane, as 16-bit low and high halves
+                    low = builder.bitcast(unpack(p0, p1, 1, half16), v16i16)
+                    high = builder.bitcast(unpack(p2, p3, 1, half16), v16i16)
+                    for q2 in range(2):
+                        q = 2 * half16 + q2
+                        nibble_vs[(2 * h + part) * 4 + q] = builder.bitcast(unpack(low, high, 2, q2), vf)
 
             def decode(item, tabs):
                 """(value vector, x index) of one vector of codes."""
                 if nibble:
+                    if item not in nibble_vs:
+                        nibble_group(item // 8, (item // 4) % 2)
                     return nibble_vs[item], [t, const(item // 2), const(8 * (item % 2))]
                 if fp8:
                     h, part, sub = item
@@ -468,7 +474,7 @@ def _row_dot(typingctx, words_t, r_t, t0_t, t1_t, x_t, table_t, trow_t, scale_t,
                     group = builder.load(cgutils.get_item_pointer(context, builder, groups_ty, groups_a,
                                                                   [t, const(first)]))
                     factor = builder.load(cgutils.get_item_pointer(context, builder, scale_ty, scale_a,
-                                                                   [r, builder.zext(group, intp)]))
+                                                                   [sr, builder.zext(group, intp)]))
                 if mode == ROW_LUT or factor is None:  # scaled table (or no scale): straight into the chains
                     tabs = [builder.fmul(tab, splat(factor)) for tab in tables] if factor is not None else tables
                     for item in run:
@@ -479,14 +485,15 @@ def _row_dot(typingctx, words_t, r_t, t0_t, t1_t, x_t, table_t, trow_t, scale_t,
                     continue
                 # codes without a table: partial sums of the run, then one FMA by the run's scale
                 parts = [[] for _ in range(nb)]
+                pchains = max(1, min(chains, len(run) // RUN_DEPTH))
                 for i, item in enumerate(run):
                     value, index = decode(item, tables)
                     for b in range(nb):
                         xv = vector_at(x_ty, x_a, [const(b)] + index, vf)
-                        if i < chains:
+                        if i < pchains:
                             parts[b].append(builder.fmul(value, xv))
                         else:
-                            parts[b][i % chains] = builder.call(fma, [value, xv, parts[b][i % chains]])
+                            parts[b][i % pchains] = builder.call(fma, [value, xv, parts[b][i % pchains]])
                 # each partial chain times the scale into its own accumulator: a sum of the partials first would let
                 # LLVM (unsafe-fp-math) fold the run back into one serial chain of FMAs
                 scaled = splat(factor)
@@ -501,7 +508,7 @@ def _row_dot(typingctx, words_t, r_t, t0_t, t1_t, x_t, table_t, trow_t, scale_t,
             total.fastmath.add("reassoc")
             if spg == 0:
                 total = builder.fmul(total, builder.load(cgutils.get_item_pointer(context, builder, scale_ty, scale_a,
-                                                                                  [r, const(0)])))
+                                                                                  [sr, const(0)])))
             if mode == ROW_E4M3:  # fp16's bias is 8 more than E4M3's
                 total = builder.fmul(total, ir.Constant(f32, 256.0))
             sums.append(total)
@@ -517,9 +524,47 @@ _ROW_MODES = {LUT_NONE: ROW_AFFINE, LUT_PERMUTE: ROW_LUT, LUT_E4M3_TILE: ROW_E4M
 
 
 NIBBLE_OFF, NIBBLE_PLANES, NIBBLE_INT8 = 0, 1, 2  # how a whole-row 4-bit table kernel looks codes up
+# How the whole-row path reads the scale of a group: fp32, or one byte per group decoded exactly in the kernel (a
+# quarter of the bytes; ``numba_prepared.compact_scales`` picks it only where the decoding reproduces the fp32 scales
+# bit for bit): SCALE_E8M0, scales that are powers of two (MXFP4's shared exponents): the byte is the fp32 exponent
+# field, 2**(e - 127), 0 -> 0.0; SCALE_E4M3: an FP8 E4M3 byte under fp32's sign, exponent and mantissa fields
+# (its value times 2**-120, exact: E4M3's subnormals become fp32 subnormals) times one fp32 factor ``scale_mul``
+# (NVFP4's global scale times 2**120). Each row decodes a column chunk's groups into an fp32 buffer in L1.
+SCALE_F32, SCALE_E8M0, SCALE_E4M3 = 0, 1, 2
 
 
-def _make_dot(bits: int, nb: int, lut_mode: int, spg: int = -1, nibble: int = NIBBLE_OFF) -> Callable:
+@intrinsic
+def _pick(typingctx, first_t, second_t, which_t):
+    """``second`` if the literal ``which`` is true, else ``first`` (arguments of different types: the kernel's scales
+    as given or as decoded)."""
+    if not isinstance(which_t, (types.BooleanLiteral, types.IntegerLiteral)):
+        return None
+    chosen = second_t if which_t.literal_value else first_t
+    sig = chosen(first_t, second_t, which_t)
+
+    def codegen(context, builder, signature, args):  # pragma: no cover - runs inside numba's compiler
+        value = args[1] if which_t.literal_value else args[0]
+        return impl_ret_borrowed(context, builder, chosen, value)
+
+    return sig, codegen
+
+
+@intrinsic
+def _f32_from_bits(typingctx, bits_t):
+    """The float32 whose bits are the low 32 of the integer ``bits``."""
+    sig = types.float32(bits_t)
+
+    def codegen(context, builder, signature, args):  # pragma: no cover - runs inside numba's compiler
+        value = args[0]
+        if value.type.width != 32:
+            value = builder.trunc(value, ir.IntType(32))
+        return builder.bitcast(value, ir.FloatType())
+
+    return sig, codegen
+
+
+def _make_dot(bits: int, nb: int, lut_mode: int, spg: int = -1, nibble: int = NIBBLE_OFF,
+              scale_code: int = 0) -> Callable:
     cpw = codes_per_word(bits)
     # whole rows through ``_row_dot`` where the scale groups line up with slots (spg >= 0, ``row_dot_spg``)
     row_path = spg >= 0 and lut_mode in _ROW_MODES
@@ -532,10 +577,12 @@ def _make_dot(bits: int, nb: int, lut_mode: int, spg: int = -1, nibble: int = NI
     fp8_tile = lut_mode in (LUT_E4M3_TILE, LUT_E5M2_TILE)
     tile_e4m3 = lut_mode == LUT_E4M3_TILE
     masked = lut_mode == LUT_NONE  # affine codes are read without a shift (module docstring)
+    compact = scale_code != SCALE_F32
+    e8m0_scale = scale_code == SCALE_E8M0
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def dot(words, table, row_tab, grp_tab, scale, tile_group, slice_group, zs, group_starts, block_rows, xin,
-            y):  # pragma: no cover - compiled
+    def dot(words, table, row_tab, grp_tab, scale, scale_mul, tile_group, slice_group, zs, group_starts, block_rows,
+            xin, y):  # pragma: no cover - compiled
         rows = words.shape[0]
         tiles = words.shape[1]
         nzg = zs.shape[1]
@@ -568,6 +615,8 @@ def _make_dot(bits: int, nb: int, lut_mode: int, spg: int = -1, nibble: int = NI
                     acc += xin[b, c]
                 xsum[b, g] = acc
         row_blocks = (rows + ROW_BLOCK - 1) // ROW_BLOCK
+        sbuf = np.empty((row_blocks if compact else 0, scale.shape[1] if compact else 0), dtype=np.float32)
+        sc = _pick(scale, sbuf, compact)  # fp32 scales for the tile-by-tile paths (not taken with byte scales)
         for rb in prange(row_blocks):
             r_end = min(rows, (rb + 1) * ROW_BLOCK)
             xb = (rb * ROW_BLOCK // block_rows) * nb if block_rows > 0 else 0
@@ -586,8 +635,18 @@ def _make_dot(bits: int, nb: int, lut_mode: int, spg: int = -1, nibble: int = NI
                     o2 = np.float32(0.0)
                     o3 = np.float32(0.0)
                     if row_path:
-                        sums = _row_dot(words, r, t_start, t_end, xs, table, tb, scale, slice_group, nb, row_mode,
-                                        bits, spg)
+                        if compact:  # this chunk's groups decoded into fp32, row rb of sbuf
+                            g_end = slice_group[t_end - 1, cpw - 1] + np.uint32(1)
+                            for g in range(slice_group[t_start, 0], g_end):
+                                if e8m0_scale:
+                                    sbuf[rb, g] = _f32_from_bits(np.uint32(scale[r, g]) << np.uint32(23))
+                                else:
+                                    q = np.uint32(scale[r, g])  # E4M3 under fp32's fields (2**-120 x)
+                                    sbuf[rb, g] = _f32_from_bits(((q << np.uint32(24)) & np.uint32(0x80000000)) |
+                                                                 ((q << np.uint32(20)) & np.uint32(0x07F00000))
+                                                                 ) * scale_mul
+                        sums = _row_dot(words, r, t_start, t_end, xs, table, tb, _pick(scale, sbuf, compact),
+                                        rb if compact else r, slice_group, nb, row_mode, bits, spg)
                         o0 += sums[0]
                         if nb > 1:
                             o1 += sums[1]
@@ -602,7 +661,7 @@ def _make_dot(bits: int, nb: int, lut_mode: int, spg: int = -1, nibble: int = NI
                         g = tile_group[t]
                         if fp8_tile:  # every tile in one group (checked at load)
                             sums = _fp8_tile(words, r, t, xs, nb, tile_e4m3)
-                            s = scale[r, g]
+                            s = sc[r, g]
                             o0 += s * sums[0]
                             if nb > 1:
                                 o1 += s * sums[1]
@@ -611,10 +670,10 @@ def _make_dot(bits: int, nb: int, lut_mode: int, spg: int = -1, nibble: int = NI
                                 o3 += s * sums[3]
                         elif permute:  # one table per row (grp_tab is all zeros in this mode)
                             if g >= 0:
-                                sums = _lut16_tile(table, tb, words, r, t, xs, scale, slice_group, nb, bits, False)
-                                s = scale[r, g]
+                                sums = _lut16_tile(table, tb, words, r, t, xs, sc, slice_group, nb, bits, False)
+                                s = sc[r, g]
                             else:
-                                sums = _lut16_tile(table, tb, words, r, t, xs, scale, slice_group, nb, bits, True)
+                                sums = _lut16_tile(table, tb, words, r, t, xs, sc, slice_group, nb, bits, True)
                                 s = np.float32(1.0)
                             o0 += s * sums[0]
                             if nb > 1:
@@ -643,7 +702,7 @@ def _make_dot(bits: int, nb: int, lut_mode: int, spg: int = -1, nibble: int = NI
                                     if nb > 2:
                                         a2 += v * x2[t, k, p]
                                         a3 += v * x3[t, k, p]
-                            s = scale[r, g]
+                            s = sc[r, g]
                             o0 += s * a0
                             if nb > 1:
                                 o1 += s * a1
@@ -666,7 +725,7 @@ def _make_dot(bits: int, nb: int, lut_mode: int, spg: int = -1, nibble: int = NI
                                         v = np.float32(np.int32(w & np.uint32(mask << (k * bits))))
                                     else:
                                         v = np.float32(np.int32(w >> np.uint32(k * bits)))
-                                    v *= scale[r, sg]
+                                    v *= sc[r, sg]
                                     a0 += v * x0[t, k, p]
                                     if nb > 1:
                                         a1 += v * x1[t, k, p]
@@ -698,7 +757,7 @@ def _make_dot(bits: int, nb: int, lut_mode: int, spg: int = -1, nibble: int = NI
     return dot
 
 
-_DOTS: dict[tuple[int, int, int, int, int], Callable] = {}
+_DOTS: dict[tuple[int, int, int, int, int, int], Callable] = {}
 
 
 def row_dot_spg(bits: int, lut_mode: int, width: int, count: int) -> int:
@@ -718,14 +777,17 @@ def row_dot_spg(bits: int, lut_mode: int, width: int, count: int) -> int:
     return -1
 
 
-def dot_kernel(bits: int, nb: int, lut_mode: int, spg: int = -1, nibble: int = NIBBLE_OFF) -> Callable:
+def dot_kernel(bits: int, nb: int, lut_mode: int, spg: int = -1, nibble: int = NIBBLE_OFF,
+               scale_code: int = 0) -> Callable:
     """The fused kernel for b-bit codes and nb rows of x (compiled on first use, cached on disk); ``spg`` >= 0
     (:func:`row_dot_spg`) selects the whole-row path, ``nibble`` its 4-bit table lookups: NIBBLE_PLANES (words in
-    the nibble layout, fp32 byte planes) or NIBBLE_INT8 (the byte layout, a table normalised to k * 2**24)."""
-    key = (bits, nb, lut_mode, spg, nibble)
+    the nibble layout, fp32 byte planes) or NIBBLE_INT8 (the byte layout, a table normalised to k * 2**24);
+    ``scale_code`` how the whole-row path reads the scales (SCALE_F32, or one byte per group: SCALE_E8M0,
+    SCALE_E4M3; then ``scale`` is uint8 and the kernel decodes each column chunk's groups into fp32)."""
+    key = (bits, nb, lut_mode, spg, nibble, scale_code)
     kernel = _DOTS.get(key)
     if kernel is None:
-        kernel = _DOTS[key] = _make_dot(bits, nb, lut_mode, spg, nibble)
+        kernel = _DOTS[key] = _make_dot(bits, nb, lut_mode, spg, nibble, scale_code)
     return kernel
 
 

@@ -21,7 +21,7 @@ if importlib.util.find_spec("triton") is not None and "triton.language" not in s
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (see test_kernels_triton.py)
 
 import torch  # noqa: E402
-from qformat_kernels import method_trees  # noqa: E402
+from qformat_kernels import method_trees, numba_prepared  # noqa: E402
 from qformat_kernels import numba_gemv as K  # noqa: E402
 from qformat_kernels.numba_plugin import NumbaKernel  # noqa: E402
 from qformat_kernels.numba_prepared import CodeTerm, RowBlockTerm  # noqa: E402
@@ -231,3 +231,55 @@ def test_iq4_nl_table_through_the_int8_plane() -> None:
     terms = [t for _, group in NUMBA.prepare(qt).groups for t in group]
     assert [t.nibble for t in terms if isinstance(t, CodeTerm)] == [K.NIBBLE_INT8]
     check_kernel(NUMBA, [qt], batches=(1, 2, 4))
+
+
+# block scales the whole-row kernels keep as one byte per group (decoded exactly in the kernel): MXFP4's shared
+# exponents (powers of two: the fp32 exponent field), NVFP4's E4M3 scales times its global scale (or alone)
+@pytest.mark.skipif(not K.NIBBLE_LUT, reason="no AVX2 on this CPU")
+@pytest.mark.parametrize("name, code", [("mxfp4", K.SCALE_E8M0), ("nvfp4", K.SCALE_E4M3), ("nvfp4n", K.SCALE_E4M3),
+                                        ("e2m1", K.SCALE_F32), ("nf4", K.SCALE_F32), ("fp4", K.SCALE_F32)])
+def test_block_scales_kept_as_bytes(name: str, code: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(numba_prepared, "COMPACT_E4M3", True)  # NVFP4's byte scales are off by default
+    qt = method_trees.build(name, 64, 320, seed=3)
+    prepared = NUMBA.prepare(qt)
+    terms = [t for _, group in prepared.groups for t in group if isinstance(t, CodeTerm)]
+    assert [t.scale_code for t in terms] == [code]
+    assert terms[0].scale.dtype == (np.float32 if code == K.SCALE_F32 else np.uint8)
+    check_kernel(NUMBA, [qt], batches=(1, 2, 3))
+    # rows stacked (q/k/v) keep the byte scales and compute exactly what each part does
+    parts = [NUMBA.prepare(method_trees.build(name, rows, 320, seed=seed)) for seed, rows in ((4, 48), (5, 23))]
+    fused = parts[0].fuse_rows(parts)  # (method_trees' NVFP4 global scale is the same in both parts)
+    assert fused is not None
+    whole, views = fused
+    assert [t.scale_code for _, group in whole.groups for t in group] == [code]
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal((2, 320)).astype(np.float32))
+    torch.testing.assert_close(whole.matmul(x), torch.cat([p.matmul(x) for p in parts], dim=1), rtol=0, atol=0)
+    for view, part in zip(views, parts, strict=True):
+        torch.testing.assert_close(view.dequantize(), part.dequantize(), rtol=0, atol=0)
+
+
+def test_compact_scales_only_where_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qformat_kernels.numba_prepared import compact_scales, decode_scales
+
+    monkeypatch.setattr(numba_prepared, "COMPACT_E4M3", False)
+    block = np.array([[0.5, 448.0]], dtype=np.float32)
+    assert compact_scales(block * np.float32(0.0123), block) is None  # the default: NVFP4's scales stay fp32
+    monkeypatch.setattr(numba_prepared, "COMPACT_E4M3", True)
+
+    powers = np.ldexp(np.ones((3, 4), dtype=np.float32), np.arange(-20, -8).reshape(3, 4)).astype(np.float32)
+    powers[0, 0] = 0.0
+    codes, kind, mul = compact_scales(powers, None)
+    assert kind == K.SCALE_E8M0 and codes.dtype == np.uint8
+    assert np.array_equal(decode_scales(codes, kind, mul).view(np.uint32), powers.view(np.uint32))
+    assert compact_scales(-powers, None) is None  # negative scales: no E8M0 byte
+    assert compact_scales(np.float32(3.0) * powers, None) is None  # not powers of two, no block to match
+    subnormal = powers.copy()
+    subnormal[1, 1] = np.float32(1e-40)
+    assert compact_scales(subnormal, None) is None
+    block = np.array([[0.5, 448.0, -2.0, 0.0], [0.015625, 1.125, 3.5, 240.0]], dtype=np.float32)  # E4M3 values
+    scale = block * np.float32(0.0123)
+    codes, kind, mul = compact_scales(scale, block)
+    assert kind == K.SCALE_E4M3 and mul == np.float32(np.ldexp(np.float32(0.0123), 120))
+    assert np.array_equal(decode_scales(codes, kind, mul).view(np.uint32), scale.view(np.uint32))
+    assert compact_scales(scale, block + np.float32(0.01)) is None  # not E4M3 values
+    assert compact_scales(scale * np.linspace(1, 2, 4, dtype=np.float32), block) is None  # not one factor
