@@ -3,7 +3,7 @@
     python bench/gemv.py                      # affine4/affine3 g128 + torch int4 at 4096^2 and the SmolLM2-135M shapes
     python bench/gemv.py --shapes 4096x4096 11008x4096 --group-size 32 --batch 1 8 64 --governor both
     python bench/gemv.py --shapes 4096x4096 --codecs affine4 nf4 fp4 e2m1 mxfp4 nvfp4 fp8 int8 hqq4 squeeze3 awq
-    QFORMAT_THREAD_GOVERNOR=off python bench/gemv.py      # the governor off (as --governor off)
+    QFORMAT_THREAD_GOVERNOR=on python bench/gemv.py       # the governor on (as --governor on)
 
 The commands of the full measurement (all shapes, g32 and g128, batches 1 8 64, governor both) are in
 bench/GEMV_NOTES.md.
@@ -443,8 +443,8 @@ def main() -> None:
                         help="group of the affine codecs and of torch-int4 (the method trees keep their own)")
     parser.add_argument("--batch", nargs="+", type=int, default=[1])
     parser.add_argument("--governor", choices=list(GOVERNOR_MODES), default="on" if GOVERNOR.enabled else "off",
-                        help="qformat's thread governor on, off, or both (each row timed with both); default: on, "
-                             "unless QFORMAT_THREAD_GOVERNOR=off")
+                        help="qformat's thread governor on, off, or both (each row timed with both); default: off, "
+                             "unless QFORMAT_THREAD_GOVERNOR=on")
     parser.add_argument("--no-torch-int4", action="store_true", help="skip torch's int4 kernel and its check")
     parser.add_argument("--repeat", type=int, default=7, help="rounds per measurement (best is kept)")
     parser.add_argument("--budget", type=float, default=0.05, help="seconds per round (sets calls per round)")

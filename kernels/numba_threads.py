@@ -12,10 +12,14 @@ thread meets easily (1 ms plus the bytes read at 4 GB/s; the budget alone decide
 for a run may start stalled). The calling thread then runs single-threaded for ``BACKOFF_S`` seconds (no barrier,
 nothing to stall) and tries parallel again afterwards.
 
-The governor can be switched off, so that benchmarks can show where it helps (``bench/gemv.py --governor both``):
-``GOVERNOR.set_enabled(False)``, or the environment variable ``QFORMAT_THREAD_GOVERNOR=off`` (also ``0``, ``false``,
-``no``) read at import. Off, every call runs on numba's current thread count and nothing is judged. It is on by
-default.
+It is **off by default**, decided by measurement (issue 16): on a quiet 2-core machine it never helps a kernel
+(``bench/gemv.py --governor both``: off/on 0.92-1.06 at 4096^2) and it hurts end to end, because a decode step's
+many short calls get judged stalled and sent to one thread for seconds (``QFORMAT_THREAD_GOVERNOR=on`` vs ``off``,
+``bench/llama_race.py --engine lean``, SmolLM2 Q4_1, load 1.3, two runs two minutes apart: 45.5 vs 62.1 tokens/s, llama.cpp 85.5 and 93.5 beside them). Where other
+processes keep the cores busy it does rescue stalled calls (the loaded smoke run in bench/GEMV_NOTES.md: off/on up to
+2.6 at 4096^2 cold and ~150 at 192x576), so turn it on there: ``QFORMAT_THREAD_GOVERNOR=on`` (also ``1``, ``true``,
+``yes``) read at import, or ``GOVERNOR.set_enabled(True)``. Off, every call runs on numba's current thread count and
+nothing is judged.
 """
 
 from __future__ import annotations
@@ -33,12 +37,12 @@ STALL_FACTOR = 6.0
 STALL_FIXED_S = 1e-3
 STALL_BYTES_PER_S = 4e9
 ENV_SWITCH = "QFORMAT_THREAD_GOVERNOR"
-_OFF_VALUES = frozenset({"off", "0", "false", "no"})
+_ON_VALUES = frozenset({"on", "1", "true", "yes"})
 
 
 def enabled_by_env(environ: Mapping[str, str] = os.environ) -> bool:
-    """False when ``QFORMAT_THREAD_GOVERNOR`` says off (off, 0, false, no; any case); True otherwise."""
-    return environ.get(ENV_SWITCH, "on").strip().lower() not in _OFF_VALUES
+    """True when ``QFORMAT_THREAD_GOVERNOR`` says on (on, 1, true, yes; any case); False otherwise (the default)."""
+    return environ.get(ENV_SWITCH, "off").strip().lower() in _ON_VALUES
 
 
 def stall_budget(nbytes: int) -> float:

@@ -1,4 +1,4 @@
-"""The thread governor's off switch (kernels/numba_threads.py): set_enabled and QFORMAT_THREAD_GOVERNOR."""
+"""The thread governor's switch (off by default) (kernels/numba_threads.py): set_enabled and QFORMAT_THREAD_GOVERNOR."""
 
 from __future__ import annotations
 
@@ -83,8 +83,8 @@ def test_off_returns_a_backing_off_thread_to_its_threads_on_its_next_call() -> N
 
 
 @pytest.mark.parametrize(("value", "enabled"), [
-    (None, True), ("on", True), ("1", True), ("", True), ("off", False), ("OFF", False), (" 0 ", False),
-    ("false", False), ("no", False),
+    (None, False), ("on", True), ("ON", True), (" 1 ", True), ("true", True), ("yes", True), ("", False),
+    ("off", False), ("0", False), ("no", False),
 ])
 def test_the_environment_switch(value: str | None, enabled: bool) -> None:
     environ = {} if value is None else {ENV_SWITCH: value}
