@@ -23,8 +23,11 @@ iterations instead of up to 100 epochs × 100 steps and 100 iterations) so a 135
 codebook order of the beam search is the natural one (the reference may shuffle it); the k-means starts from a seeded
 generator of its own instead of torch's global RNG and fits on at most 128 points per centre (the reference's
 ``max_points_per_centroid``, off by default there), then assigns every vector; the beam search keeps ``(ΔW H)`` up to
-date in lazy blocks of 128 columns instead of one [R, C] × [C, g] product per step (same codes, tested). The block fine-tuning stage (codebooks, scales and norms tuned
-to the block's output, codes fixed) is separate: :class:`AQLMResult` keeps codes, codebooks and scales apart.
+date in lazy blocks of 128 columns instead of one [R, C] × [C, g] product per step (same codes, tested).
+
+Block fine-tuning (``finetune``, on by default; :meth:`AQLM.tune_block`, :mod:`._aqlm_tune`): once a block's
+linears are quantized, codes fixed, its codebooks, scales and norm weights are tuned with Adam to the original
+block's outputs on the calibration inputs (the reference's ``finetune`` stage, with a small step budget here).
 """
 
 from __future__ import annotations
@@ -37,9 +40,20 @@ import numpy as np
 import torch
 
 from qformat.errors import ConversionError
-from qformat.plugin import LayerInput, Method, MethodConfig, ParameterError, RecordBuilder, hookimpl, param
+from qformat.format import QuantizedTensor
+from qformat.plugin import (
+    BlockTuning,
+    LayerInput,
+    Method,
+    MethodConfig,
+    ParameterError,
+    RecordBuilder,
+    hookimpl,
+    param,
+)
 
-from ._aqlm_core import AQLMResult, AQLMSettings, quantize_layer
+from ._aqlm_core import AQLMResult, AQLMSettings, quantize_layer, round_books, round_scales
+from ._aqlm_tune import tune
 from ._common import MethodResult, QuantizesThroughRun, record_builder, weight_matrix
 from ._gptq_core import check_hessian
 from ._quantizers import to_fp16
@@ -67,6 +81,13 @@ class AQLMConfig(MethodConfig):
     relative_tolerance: float = param(0.01, "stop when an epoch lowers the loss by less than this share",
                                       min=0.0, max=1.0)
     seed: int = param(0, "seed of the k-means starting points", min=0, max=(1 << 63) - 1)
+    finetune: bool = param(True, "after a block's linears are quantized, tune its codebooks, scales and norms to the "
+                           "original block's outputs (codes fixed; AQLM's fine-tuning stage)")
+    finetune_steps: int = param(20, "Adam steps of the block fine-tuning, one calibration micro-batch each",
+                                min=1, max=100000)
+    finetune_lr: float = param(1e-4, "Adam learning rate of the block fine-tuning (betas (0.9, 0.95))",
+                               min=1e-8, max=1.0)
+    finetune_norms: bool = param(True, "the block fine-tuning also tunes the block's norm weights")
 
     def check(self) -> None:
         if self.beam_size > 1 << self.codebook_bits:
@@ -136,6 +157,27 @@ class AQLM(QuantizesThroughRun, Method):
                 "relative_output_error": result.loss / reference if reference > 0 else 0.0,
                 "bits_per_weight": sum(a.nbytes for a in b.tensors.values()) * 8 / (rows * cols)}
         return MethodResult(b.finish(node, info), result.dequantized, info)
+
+
+    def tune_block(self, block: BlockTuning, config: AQLMConfig) -> dict[str, QuantizedTensor] | None:
+        """AQLM's fine-tuning of the block (:mod:`._aqlm_tune`): codes fixed; codebooks, scales (and norms) tuned
+        to the original block's outputs, then rounded to fp16 and stored with the same codes."""
+        if not config.finetune:
+            return None
+
+        def rebuild(qt: QuantizedTensor, codes: torch.Tensor, books: torch.Tensor,
+                    scales: torch.Tensor) -> QuantizedTensor:
+            rows, cols = (int(n) for n in qt.record["shape"])
+            kept = AQLMResult(codes, round_books(books), round_scales(scales), torch.empty(0), 0.0, 0.0)
+            b = RecordBuilder(qt.name, (rows, cols), qt.record["dtype"])
+            node = aqlm_record(b, kept, config.codebook_bits, (rows, cols))
+            info = {**(qt.record.get("info") or {}), "finetuned": {"steps": config.finetune_steps,
+                                                                   "lr": config.finetune_lr,
+                                                                   "norms": config.finetune_norms}}
+            info["bits_per_weight"] = sum(a.nbytes for a in b.tensors.values()) * 8 / (rows * cols)
+            return b.finish(node, info)
+
+        return tune(block, config.finetune_steps, config.finetune_lr, config.finetune_norms, rebuild)
 
 
 @hookimpl

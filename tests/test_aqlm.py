@@ -266,3 +266,48 @@ def test_cli_converts_a_tiny_model(tmp_path: Path) -> None:
     bad = main(["convert", "--method", "aqlm", str(src), "--out", str(tmp_path / "bad"), "-p", "in_group_size=7",
                 "--calib", str(calib), "--calib-samples", "2", "--calib-seqlen", "32"])
     assert bad != 0 and not (tmp_path / "bad").exists()
+
+
+FAST_TUNE = {"max_epochs": 2, "steps_per_epoch": 5, "init_iters": 5, "codebook_bits": 6, "finetune_steps": 30,
+             "finetune_lr": 1e-3}
+
+
+def test_block_fine_tuning_passes_the_harness_and_lowers_the_block_error() -> None:
+    from qformat.testing import check_block_tuning
+
+    report = check_block_tuning(AQLM(), FAST_TUNE)
+    assert report.tuned and report.error_after < 0.5 * report.error_before, (report.error_before, report.error_after)
+    for qt in report.records.values():
+        assert qt.record["info"]["finetuned"] == {"steps": 30, "lr": 1e-3, "norms": True}
+    off = check_block_tuning(AQLM(), {**FAST_TUNE, "finetune": False})
+    assert not off.tuned and off.error_after == off.error_before
+
+
+def test_fine_tuning_keeps_the_codes_and_changes_codebooks_scales_and_norms(tmp_path: Path) -> None:
+    from tiny_model import make_tiny_llama
+
+    import qformat
+    from qformat.format import open_folder
+    from qformat.text import DEFAULT_CALIBRATION
+
+    src = make_tiny_llama(tmp_path / "tiny", layers=1)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(DEFAULT_CALIBRATION.read_text(encoding="utf-8")[:20_000])
+    folders = {}
+    for tuned in (True, False):
+        out = tmp_path / f"tuned{tuned}"
+        qformat.convert(src, out, "aqlm", params={**FAST_TUNE, "finetune": tuned}, calib=calib, calib_samples=2,
+                        calib_seqlen=32, quiet=True)
+        folders[tuned] = open_folder(out)
+    try:
+        name = "model.layers.0.mlp.down_proj.weight"
+        tuned, plain = (folders[k].quantized(name) for k in (True, False))
+        codes = [next(v for k, v in qt.tensors.items() if k.endswith("codes")) for qt in (tuned, plain)]
+        books = [next(v for k, v in qt.tensors.items() if k.endswith("codebooks")) for qt in (tuned, plain)]
+        np.testing.assert_array_equal(*codes)  # the fine-tuning keeps the codes (block 0 saw the same inputs)
+        assert not np.array_equal(*books)
+        norm = "model.layers.0.post_attention_layernorm.weight"
+        assert not np.array_equal(np.array(folders[True].tensor(norm)), np.array(folders[False].tensor(norm)))
+    finally:
+        for folder in folders.values():
+            folder.close()
