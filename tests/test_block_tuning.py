@@ -57,13 +57,13 @@ def _tuning_methods() -> list[Method]:
                 return sum(torch.nn.functional.mse_loss(block.forward(i), block.target(i))
                            for i in range(block.batches)) / block.batches
 
-            before = float(loss())
+            before = float(loss().detach())
             for _ in range(config.steps):
                 opt.zero_grad()
                 value = loss()
                 value.backward()
                 opt.step()
-            self.seen.append((block.index, before, float(loss())))
+            self.seen.append((block.index, before, float(loss().detach())))
             return block.records  # codes untouched: only the float parameters were tuned
 
     @dataclass(frozen=True)
