@@ -162,3 +162,54 @@ def write_hf_folder(folder: Path, model, tensors: dict, quantization_config: dic
     if base_model:
         (folder / "README.md").write_text(f"---\nbase_model: {base_model}\nlibrary_name: transformers\n---\n# model\n")
     return folder
+
+
+# -- converted folders ------------------------------------------------------------------------------------------------
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file of a folder by name: two conversions are identical when these are equal."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def decoded_logits(source: Path, folder: Path | None):
+    """Logits of the transformers model at ``source`` on fixed random ids, with every tensor of the qformat ``folder``
+    (records decoded by the reference decoder, plain tensors as stored) loaded over it when given."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qformat.format import open_folder
+
+    model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32).eval()
+    if folder is not None:
+        qfolder = open_folder(folder)
+        state = {n: torch.from_numpy(np.array(qfolder.decode(n), dtype=np.float32))
+                 for n in [*qfolder.records, *qfolder.plain_names]}
+        qfolder.close()
+        model.load_state_dict(state, strict=False)
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model(ids).logits
+
+
+# -- method layers (qformat.testing.sample_layers) ------------------------------------------------------------------
+
+
+def layer_input(sample, hessian: bool = True):
+    """A method's LayerInput for a sampled real layer, with its calibration Hessian unless ``hessian`` is False."""
+    import torch
+
+    from qformat.methods import LayerInput
+
+    return LayerInput(sample.name, torch.from_numpy(sample.weight.copy()), "F32",
+                      torch.from_numpy(sample.hessian()) if hessian else None)
+
+
+def hessian_weighted_error(sample, deq) -> float:
+    """tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) of a decoded weight ``deq`` (torch) against the sampled layer: the relative output
+    error the GPTQ-family and VQ methods minimise."""
+    import torch
+
+    w, h = torch.from_numpy(sample.weight).double(), torch.from_numpy(sample.hessian()).double()
+    dw = w - deq.double()
+    return float(((dw @ h) * dw).sum() / ((w @ h) * w).sum())

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import hessian_weighted_error, layer_input
 from qformat_plugins import _aqlm_core as core
 from qformat_plugins.aqlm import AQLM
 from qformat_plugins.gptq import GPTQ
@@ -30,17 +31,6 @@ from qformat.testing import check_method, sample_layers
 
 LAYERS = sample_layers(2)  # MiniLM: query 384x384, intermediate 1536x384
 QUICK = {"max_epochs": 1, "init_iters": 5}
-
-
-def layer_input(sample, hessian: bool = True) -> LayerInput:
-    return LayerInput(sample.name, torch.from_numpy(sample.weight.copy()), "F32",
-                      torch.from_numpy(sample.hessian()) if hessian else None)
-
-
-def proxy_loss(sample, deq: torch.Tensor) -> float:
-    w, h = torch.from_numpy(sample.weight).double(), torch.from_numpy(sample.hessian()).double()
-    dw = w - deq.double()
-    return float(((dw @ h) * dw).sum() / ((w @ h) * w).sum())
 
 
 def test_check_method_harness() -> None:
@@ -115,7 +105,7 @@ def test_beats_rtn_and_gptq_2bit_g64_at_fewer_bits() -> None:
     aq = AQLM().run(li, {"max_epochs": 4})
     rtn = RTN().run(li, {"bits": 2, "group_size": 64})
     gptq = GPTQ().run(li, {"bits": 2, "group_size": 64})
-    errors = [proxy_loss(sample, r.dequantized) for r in (aq, rtn, gptq)]
+    errors = [hessian_weighted_error(sample, r.dequantized) for r in (aq, rtn, gptq)]
     bits = [r.qt.bits_per_weight for r in (aq, rtn, gptq)]
     print(f"\n{sample.name}: tr(dW H dW^T)/tr(W H W^T) aqlm 2x8 g8 {errors[0]:.4f} ({bits[0]:.3f} b/w), "
           f"rtn2 g64 {errors[1]:.4f} ({bits[1]:.3f}), gptq2 g64 {errors[2]:.4f} ({bits[2]:.3f})")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import decoded_logits, folder_bytes
 from tiny_model import make_tiny_llama
 
 from qformat.conversion.pipeline import Converter, ConvertOptions, convert
@@ -101,25 +102,6 @@ def options(source: Path, out: Path, method: str, **kw) -> ConvertOptions:
                           calib=source.parent / "calib.txt", params={"bits": 3, "group_size": 32}, **{**CALIB, **kw})
 
 
-def folder_bytes(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
-
-
-def logits(source: Path, folder: Path | None) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32).eval()
-    if folder is not None:
-        qfolder = open_folder(folder)
-        state = {n: torch.from_numpy(np.array(qfolder.decode(n), dtype=np.float32))
-                 for n in [*qfolder.records, *qfolder.plain_names]}
-        qfolder.close()
-        model.load_state_dict(state, strict=False)
-    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        return model(ids).logits
-
-
 def test_tuning_lowers_the_block_error_and_the_shard_holds_the_tuned_block(plugin_set, tiny: Path,
                                                                           tmp_path: Path) -> None:
     method = get_method("normtune")
@@ -146,7 +128,7 @@ def test_tuning_lowers_the_block_error_and_the_shard_holds_the_tuned_block(plugi
     model = qformat.load(tmp_path / "tuned")
     with torch.no_grad():
         loaded = model(torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))).logits
-    torch.testing.assert_close(loaded, logits(tiny, tmp_path / "tuned"), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(loaded, decoded_logits(tiny, tmp_path / "tuned"), rtol=1e-3, atol=1e-3)
 
 
 def test_resume_of_a_tuned_conversion_is_byte_identical(plugin_set, tiny: Path, tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import folder_bytes
 from tiny_model import make_tiny_llama
 
 from qformat.conversion.pipeline import Converter, ConvertOptions, convert
@@ -35,10 +36,6 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def options(source: Path, out: Path, method: str = "gptq", **kw) -> ConvertOptions:
     calib = {"calib": source.parent / "calib.txt"} if (source.parent / "calib.txt").is_file() else {}
     return ConvertOptions(str(source), out, method, quiet=True, resolve_hub=resolve_model_source, **{**CALIB, **calib, **kw})
-
-
-def folder_bytes(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
 def dequantized(source: Path, folder: Path) -> torch.nn.Module:

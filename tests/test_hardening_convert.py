@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import folder_bytes
 from tiny_model import make_tiny_llama
 
 from qformat.cli import main
@@ -48,10 +49,6 @@ def options(source: Path | str, out: Path, method: str = "rtn", **kw) -> Convert
 def copy_source(tiny: Path, dest: Path) -> Path:
     shutil.copytree(tiny, dest)
     return dest
-
-
-def folder_bytes(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
 def cli(capsys: pytest.CaptureFixture, *argv: object) -> tuple[int, str, str]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import decoded_logits, folder_bytes
 from tiny_model import make_tiny_llama
 
 import qformat
@@ -348,25 +349,6 @@ def test_the_worked_example_in_the_docs_is_function_preserving(monkeypatch: pyte
 # ------------------------------------------------------------------------------------------------ pipeline
 
 
-def folder_bytes(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
-
-
-def logits(source: Path, folder: Path | None) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32).eval()
-    if folder is not None:
-        qfolder = open_folder(folder)
-        state = {n: torch.from_numpy(np.array(qfolder.decode(n), dtype=np.float32))
-                 for n in [*qfolder.records, *qfolder.plain_names]}
-        qfolder.close()
-        model.load_state_dict(state, strict=False)
-    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        return model(ids).logits
-
-
 def test_cli_composition_records_and_stays_close(plugin_set, tiny: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert main(["convert", str(tiny), "--out", str(out), "--method", "rtn", "--bits", "8", "--group-size", "32",
@@ -388,7 +370,7 @@ def test_cli_composition_records_and_stays_close(plugin_set, tiny: Path, tmp_pat
 
     source_norm = load_file(str(tiny / "model.safetensors"))["model.layers.0.input_layernorm.weight"]
     assert not np.allclose(folded, source_norm)  # the folded norm is what was written
-    a, b = logits(tiny, None), logits(tiny, out)
+    a, b = decoded_logits(tiny, None), decoded_logits(tiny, out)
     assert float((a - b).norm() / a.norm()) < 0.02  # 8-bit: the transforms changed nothing but the rounding
     model = qformat.load(out)
     with torch.no_grad():
