@@ -75,7 +75,7 @@ from .transform_chain import (
     chain_command,
     chain_dicts,
     explicit_name,
-    parse_key_values,
+    parse_spec,
     resolve_chain,
 )
 
@@ -153,10 +153,8 @@ def resolve_output_layer(spec: str | MethodConfig | None) -> tuple[Method | None
     if not isinstance(spec, str):
         raise ParameterError(f"--output-layer is a method spec 'METHOD[:key=value,...]', 'keep' or a method config, "
                              f"not {type(spec).__name__}")
-    name, _, rest = spec.partition(":")
-    items = filter(None, (part.strip() for part in rest.split(",")))
-    params = parse_key_values(items, malformed="expected key=value", prefix=f"--output-layer {spec!r}: ")
-    method = get_method(name.strip())
+    name, params = parse_spec(spec, "--output-layer")
+    method = get_method(name)
     try:
         return method, method.validate_params(params)
     except ParameterError as exc:

@@ -36,14 +36,15 @@ def parse_key_values(items: Iterable[str], *, malformed: str, prefix: str = "") 
     return values
 
 
-def parse_spec(text: str) -> tuple[str, dict[str, str]]:
-    """``NAME[:key=value,...]`` → (name, {key: value}) (values stay strings: the config parses them)."""
+def parse_spec(text: str, option: str = "--transform") -> tuple[str, dict[str, str]]:
+    """``NAME[:key=value,...]`` → (name, {key: value}) (values stay strings: the config parses them); errors name
+    ``option``, the command-line option the spec came from."""
     name, _, rest = text.partition(":")
     name = name.strip()
     if not name:
-        raise ParameterError(f"--transform expects NAME[:key=value,...], got {text!r}")
+        raise ParameterError(f"{option} expects NAME[:key=value,...], got {text!r}")
     items = filter(None, (part.strip() for part in rest.split(",")))
-    return name, parse_key_values(items, malformed="expected key=value", prefix=f"--transform {text!r}: ")
+    return name, parse_key_values(items, malformed="expected key=value", prefix=f"{option} {text!r}: ")
 
 
 def _explicit(spec: TransformSpec) -> tuple[str, dict[str, Any] | TransformConfig, int | None]:
