@@ -183,7 +183,8 @@ def render_model_card(
     output = qc.get("output_layer")
     if isinstance(output, dict) and output.get("method"):
         lines += ["", f"The output layer (`{output.get('module', 'lm_head')}`) has a method of its own: "
-                  f"`{output['method']}` with {_fmt(output.get('params') or {})} (`--output-layer`)."]
+                  f"`{output['method']}` with {_fmt(output.get('params') or {})} (`--output-layer`; qformat's default "
+                  "is 8 bits per output channel, which measured as good as the float layer and decodes faster)."]
 
     by_type: dict[str, Any] = qc.get("bits_by_layer_type") or {}
     if by_type or bpw is not None:

@@ -364,7 +364,7 @@ def test_convert_end_to_end(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFi
     assert chain[0]["params"]["bits"] == 4 and chain[0]["params"]["group_size"] == 32  # taken from the method
     folder = open_folder(out)
     names = set(folder.records)
-    assert len(names) == 14
+    assert len(names) == 15 and "lm_head.weight" in names  # and the default 8-bit output layer
     plain = {n: np.array(folder.tensor(n)) for n in folder.plain_names if "layernorm" in n}
     folder.close()
     from safetensors.numpy import load_file

@@ -37,7 +37,7 @@ def test_convert_with_bits_group_size_and_param(tiny: Path, tmp_path: Path, caps
                             "--json")
     assert code == 0, err
     report = json.loads(stdout)
-    assert report["out"] == str(out) and report["summary"]["records"] == 14
+    assert report["out"] == str(out) and report["summary"]["records"] == 15  # 14 linears + the 8-bit lm_head
     params = json.loads((out / "config.json").read_text())["quantization_config"]["method_params"]
     assert params["bits"] == 3 and params["group_size"] == 32 and params["act_order"] is True
     assert params["damp"] == 0.05

@@ -77,13 +77,14 @@ def test_methods_convert_verify_and_stay_close(tiny: Path, tmp_path: Path, metho
     out = tmp_path / "out"
     result = convert(options(tiny, out, method, params=params))
     summary = verify_folder(out)
-    assert summary["records"] == 3 * 7 and summary["checksums_verified"] == summary["shards"] == 4
+    assert summary["records"] == 3 * 7 + 1 and summary["checksums_verified"] == summary["shards"] == 4
     config = json.loads((out / "config.json").read_text())
     qc = config["quantization_config"]
     assert qc["method"] == method and qc["method_params"]["bits"] == params["bits"]
     assert set(qc["bits_by_layer_type"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                              "down_proj"}
-    assert len(qc["quantized_modules"]) == 21 and qc["source"]["id"] == tiny.name and qc["source"]["local"]
+                                              "down_proj", "lm_head"}
+    assert qc["output_layer"]["method"] == "rtn" and qc["output_layer"]["params"]["bits"] == 8
+    assert len(qc["quantized_modules"]) == 22 and qc["source"]["id"] == tiny.name and qc["source"]["local"]
     assert str(tiny.parent) not in (out / "config.json").read_text()  # no path of the converting machine
     assert (qc["calibration"] is None) == (method == "rtn")
     assert config["num_hidden_layers"] == 3 and config["hidden_size"] == 64
@@ -114,7 +115,7 @@ def test_infinite_parameter_is_written_as_strict_json(tiny: Path, tmp_path: Path
     text = (out / "config.json").read_text()
     qc = json.loads(text, parse_constant=lambda token: pytest.fail(f"config.json holds {token}"))["quantization_config"]
     assert qc["method_params"]["outlier_threshold"] == "inf"
-    assert verify_folder(out)["records"] == 3 * 7
+    assert verify_folder(out)["records"] == 3 * 7 + 1  # + the default 8-bit lm_head
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the peak can be reset only on Linux")
@@ -218,7 +219,7 @@ def test_exclude_keeps_layers_plain(tiny: Path, tmp_path: Path) -> None:
     convert(options(tiny, out, "rtn", exclude=["down_proj", "layers.0.self_attn.*"]))
     folder = open_folder(out)
     assert not any("down_proj" in n or n.startswith("model.layers.0.self_attn") for n in folder.records)
-    assert len(folder.records) == 3 * 7 - 3 - 4
+    assert len(folder.records) == 3 * 7 - 3 - 4 + 1  # + the default 8-bit lm_head
     assert "model.layers.1.mlp.down_proj.weight" in folder.plain_names
     folder.close()
 

@@ -31,7 +31,8 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def quantized(tiny: Path, out: Path, method: str, **params) -> Path:
-    convert(tiny, out, method, params=params, quiet=True, **(CALIB if method == "gptq" else {}))
+    # output_layer="keep": one scheme throughout (the default 8-bit head is its own test)
+    convert(tiny, out, method, params=params, quiet=True, output_layer="keep", **(CALIB if method == "gptq" else {}))
     return out
 
 
@@ -71,6 +72,20 @@ CASES = [
     ("rtn", {"bits": 8, "group_size": -1, "sym": False}, "pack-quantized int8 channel asym"),
     ("rtn", {"bits": 3, "group_size": 64, "sym": False}, "pack-quantized int3 group 64 asym"),
 ]
+
+
+def test_the_default_8_bit_output_layer_is_a_second_group(tiny, tmp_path):
+    """The converter's default output layer (8-bit, symmetric, per channel) exports as its own config group, exact."""
+    folder = tmp_path / "q"
+    convert(tiny, folder, "rtn", params={"bits": 4, "group_size": 32, "sym": True}, quiet=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RequantizedWarning)
+        report = CompressedTensorsExporter().export(folder, tmp_path / "ct")
+    kinds = {t.name: t.kind for t in report.tensors}
+    assert kinds["lm_head.weight"] == "pack-quantized int8 channel sym" and all(t.exact for t in report.tensors)
+    groups = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert [g["targets"] for g in groups.values() if g["weights"]["num_bits"] == 8] == [["lm_head"]]
+    assert assert_same_as_folder(decompressed(tmp_path / "ct"), folder) == 15
 
 
 @pytest.mark.parametrize(("method", "params", "kind"), CASES, ids=[f"{m}-{k.split(' ', 1)[1]}" for m, _, k in CASES])

@@ -218,7 +218,7 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def rtn(tiny: Path, out: Path, **params) -> Path:
-    convert(tiny, out, "rtn", params=params, quiet=True)
+    convert(tiny, out, "rtn", params=params, quiet=True, output_layer="keep")  # one method's trees throughout
     return out
 
 
@@ -240,6 +240,20 @@ def test_rtn_models_export_exactly(tiny, tmp_path, params, kind):
     fields = gguf.GGUFReader(str(tmp_path / "out.gguf")).fields
     assert fields["llama.attention.head_count_kv"].contents() == 2
     assert "output.weight" in gguf_tensors(tmp_path / "out.gguf")  # make_tiny_llama does not tie
+
+
+def test_the_default_8_bit_output_layer_is_exactly_q8_0(tiny, tmp_path):
+    """The converter's default output layer (8 bits per output channel, symmetric) repeats each row's scale in every
+    32-column block: Q8_0, exact, beside the Q4_0 blocks of the method."""
+    folder = tmp_path / "q"
+    convert(tiny, folder, "rtn", params={"bits": 4, "group_size": 32, "sym": True}, quiet=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RequantizedWarning)
+        report = GGUFExporter().export(folder, tmp_path / "out.gguf")
+    assert all(t.exact for t in report.tensors)
+    assert gguf_tensors(tmp_path / "out.gguf")["output.weight"][0] == "Q8_0"
+    assert gguf_tensors(tmp_path / "out.gguf")["blk.0.ffn_up.weight"][0] == "Q4_0"
+    assert_decodes_to_folder(tmp_path / "out.gguf", folder, report)
 
 
 def test_a_tree_no_type_holds_is_listed_then_requantized(tiny, tmp_path, capsys):

@@ -240,7 +240,7 @@ def test_users_old_folder_is_not_renamed_to_the_output(tiny: Path, tmp_path: Pat
     kept = user_folder(old, "config.json", "model.safetensors")
     convert(options(tiny, out))
     assert folder_bytes(old) == kept
-    assert verify_folder(out)["records"] == 14
+    assert verify_folder(out)["records"] == 15
 
 
 def test_restart_keeps_a_users_partial_folder(tiny: Path, tmp_path: Path) -> None:

@@ -75,6 +75,49 @@ def test_a_calibrating_output_method_calibrates_even_after_rtn(tied: Path, tmp_p
     assert info(tmp_path / "out", "lm_head.weight")["method"] == "int8"
 
 
+def test_by_default_the_output_layer_goes_to_8_bits_per_channel(tied: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert main(["convert", str(tied), "--out", str(out), "--method", "rtn", "--bits", "4", "--group-size", "32",
+                 "--quiet"]) == 0
+    qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qconfig["output_layer"]["module"] == "lm_head"
+    assert qconfig["output_layer"]["params"] == {**qconfig["method_params"], "bits": 8, "group_size": -1, "sym": True}
+    assert "--output-layer rtn:bits=8,group_size=-1,sym=True" in qconfig["command"]
+    assert "The output layer (`lm_head`) has a method of its own: `rtn`" in (out / "README.md").read_text()
+    # one scale per output channel: the head's rows decode to at most 256 levels each, the rest stays 4-bit g32
+    head = info(out, "lm_head.weight")
+    assert head["params"]["bits"] == 8 and head["params"]["group_size"] == -1
+    assert 8 < qconfig["bits_by_layer_type"]["lm_head"] < 8.5
+
+
+def test_the_default_needs_no_final_hidden_states_for_a_calibrating_method(tied: Path, tmp_path: Path) -> None:
+    """gptq calibrates the blocks; the default output layer (rtn) needs no statistics, so the pipeline does not run
+    the last block and the final norm for it, and the output is the same as naming the default explicitly."""
+    auto = convert(options(tied, tmp_path / "auto", method="gptq"))
+    named = convert(options(tied, tmp_path / "named", method="gptq", output_layer="rtn:bits=8,group_size=-1,sym=true"))
+    assert auto.quantization_config["output_layer"] == named.quantization_config["output_layer"]
+    for name in ("lm_head.weight", "model.layers.1.mlp.down_proj.weight"):
+        first, second = open_folder(tmp_path / "auto"), open_folder(tmp_path / "named")
+        try:
+            assert np.array_equal(np.array(first.decode(name)), np.array(second.decode(name)))
+        finally:
+            first.close()
+            second.close()
+
+
+def test_the_default_steps_back_where_include_gives_the_output_layer_the_main_method(tied: Path,
+                                                                                     tmp_path: Path) -> None:
+    result = convert(options(tied, tmp_path / "out", include=("model.layers.*", "lm_head")))
+    assert "output_layer" not in result.quantization_config
+    assert info(tmp_path / "out", "lm_head.weight")["params"]["bits"] == 4
+
+
+def test_the_default_leaves_an_excluded_output_layer_alone(tied: Path, tmp_path: Path) -> None:
+    result = convert(options(tied, tmp_path / "out", exclude=("lm_head",)))
+    assert "output_layer" not in result.quantization_config
+    assert "lm_head" not in result.quantization_config["quantized_modules"]
+
+
 def test_keep_is_the_old_behaviour(tied: Path, tmp_path: Path) -> None:
     result = convert(options(tied, tmp_path / "out", output_layer="keep"))
     assert "output_layer" not in result.quantization_config

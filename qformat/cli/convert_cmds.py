@@ -44,9 +44,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                            "the order given; parameters left out take the method's of the same name (--bits, "
                            "--group-size); needs calibration")
     conv.add_argument("--output-layer", metavar="METHOD[:KEY=VALUE,...]",
-                      help="quantize the output layer (lm_head) with its own method, e.g. --output-layer rtn:bits=8 "
-                           "(llama.cpp keeps it at 8 bits too) or --output-layer int8; 'keep' (default): it follows "
-                           "--include like any module (left as it is unless named there)")
+                      help="quantize the output layer (lm_head) with its own method, e.g. --output-layer rtn:bits=4 "
+                           "or --output-layer int8; default 'auto': rtn:bits=8,group_size=-1,sym=true (8 bits per output "
+                           "channel, exact Q8_0 in GGUF; measured: same perplexity, faster decode) where the model "
+                           "has a linear output layer and no --include is given; 'keep': it follows --include like "
+                           "any module (left as it is unless named there)")
     cal = conv.add_argument_group("calibration (methods that need statistics: gptq, spqr, ...)")
     cal.add_argument("--calib", metavar="FILE", help="UTF-8 calibration text (default: the shipped Wikipedia text, "
                      "works offline)")
@@ -154,7 +156,7 @@ def run_convert(args: argparse.Namespace) -> int:
         args.method = _method_by_detection(args)
     if args.method == IMPORT:
         return run_import(args)
-    from ..conversion.pipeline import Converter, ConvertOptions, resolve_output_layer
+    from ..conversion.pipeline import AUTO_OUTPUT_LAYER, Converter, ConvertOptions, resolve_output_layer
     from ..conversion.quality import resolve_eval_text
     from ..conversion.transform_chain import resolve_chain
     from ..hub import resolve_model_source
@@ -163,12 +165,13 @@ def run_convert(args: argparse.Namespace) -> int:
     method = get_method(args.method)
     config = method_config(method, args)
     resolve_chain(args.transform, method, config)  # unknown names and bad parameters before anything else
-    resolve_output_layer(args.output_layer)
+    output_layer = AUTO_OUTPUT_LAYER if args.output_layer is None else args.output_layer
+    resolve_output_layer(output_layer)
     check_eval_options(args)
     eval_text = resolve_eval_text(args.eval) if args.eval else None
     options = ConvertOptions(
         source=args.source, out=args.out, method=args.method, params=config, transforms=tuple(args.transform),
-        revision=args.revision, output_layer=args.output_layer,
+        revision=args.revision, output_layer=output_layer,
         calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
         include=args.include, exclude=args.exclude, true_sequential=args.true_sequential, overwrite=args.overwrite,
         restart=args.restart, quiet=args.quiet, resolve_hub=resolve_model_source, base_model=args.base_model)
