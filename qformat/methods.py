@@ -286,6 +286,22 @@ class LayerInput:
     act_absmax: Any | None = None
 
 
+def cloned_call_arguments(value: Any) -> Any:
+    """A block call's arguments (tensors, tuples and lists of them, other values) with every tensor cloned: the
+    calibration runs in inference mode, and inference tensors cannot be saved for a backward pass."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, tuple):
+        return tuple(cloned_call_arguments(v) for v in value)
+    if isinstance(value, list):
+        return [cloned_call_arguments(v) for v in value]
+    if isinstance(value, dict):
+        return {k: cloned_call_arguments(v) for k, v in value.items()}
+    return value
+
+
 class BlockTuning:
     """One decoder block handed to :meth:`Method.tune_block` once all its selected linears are quantized.
 

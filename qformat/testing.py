@@ -26,7 +26,7 @@ from .errors import FormatError, ParameterError
 from .format import CORE_CODECS, CodecRegistry, QuantizedTensor, open_file, validate_record, write_file
 from .format.codecs import Codec
 from .kernel_api import Kernel
-from .methods import BlockTuning, LayerInput, Method, MethodConfig
+from .methods import BlockTuning, LayerInput, Method, MethodConfig, cloned_call_arguments
 from .transforms import BlockInput, Transform, TransformConfig, apply_chain, wrap_record
 
 
@@ -443,8 +443,7 @@ def _tuning_run(method: Method, config: MethodConfig, architecture: str, seed: i
     tiny = tiny_block(architecture, seed=seed)
     targets = [t.clone() for t in tiny.forward()]
     records = _quantize_tiny_block(method, config, tiny, prefix)
-    kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else tuple(t.clone() for t in v) if isinstance(v, tuple)
-              else v for k, v in tiny.kwargs.items()}
+    kwargs = cloned_call_arguments(dict(tiny.kwargs))
 
     def forward(batch: int) -> Any:
         with torch.inference_mode(False), torch.enable_grad():

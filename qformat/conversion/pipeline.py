@@ -51,7 +51,7 @@ from ..format.container import (
     rounded_bits,
 )
 from ..format.dtypes import WEIGHT_DTYPES
-from ..methods import BlockTuning, LayerInput, Method, MethodConfig
+from ..methods import BlockTuning, LayerInput, Method, MethodConfig, cloned_call_arguments
 from ..text import tokenize
 from ..transforms import BlockInput, TransformedBlock, apply_chain, wrap_record
 from . import calibration as calib_data
@@ -805,17 +805,7 @@ class Converter:
     @staticmethod
     def _call_arguments(calls: BlockCalls, index: int, hidden: torch.Tensor) -> tuple[tuple, dict]:
         args, kwargs = calls.extra[(index, hidden.shape[0])]
-
-        def plain(value: Any) -> Any:
-            if isinstance(value, torch.Tensor):
-                return value.clone()
-            if isinstance(value, tuple):
-                return tuple(plain(v) for v in value)
-            if isinstance(value, list):
-                return [plain(v) for v in value]
-            return value
-
-        return plain(tuple(args)), {k: plain(v) for k, v in kwargs.items()}
+        return cloned_call_arguments(tuple(args)), cloned_call_arguments(dict(kwargs))
 
     def _finish_transformed(self, index: int, records: list[QuantizedTensor],
                             done: TransformedBlock) -> list[QuantizedTensor]:
