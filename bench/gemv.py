@@ -4,6 +4,7 @@
     python bench/gemv.py --shapes 4096x4096 11008x4096 --group-size 32 --batch 1 8 64 --governor both
     python bench/gemv.py --shapes 4096x4096 --codecs affine4 nf4 fp4 e2m1 mxfp4 nvfp4 fp8 int8 hqq4 squeeze3 awq
     QFORMAT_THREAD_GOVERNOR=on python bench/gemv.py       # the governor on (as --governor on)
+    python bench/gemv.py --shapes 4096x4096 576x1536 --batch 1 --codecs aqlm2x8 aqlm1x16 vptq8 vptq8r
 
 The commands of the full measurement (all shapes, g32 and g128, batches 1 8 64, governor both) are in
 bench/GEMV_NOTES.md.
@@ -12,7 +13,12 @@ Rows. ``affineN`` (N = 2..8) is round-to-nearest with asymmetric min/max statist
 columns (fp16 scales, N-bit packed zeros: RTN's layout), quantized from the same random weight that the torch rows use;
 the other codecs are the trees the built-in methods write, with their own groups, from random codes (speed does not
 depend on the values; ``qformat_kernels.method_trees``: NF4, FP4, FP8, E2M1, MXFP4, NVFP4, LLM.int8, HQQ, SqueezeLLM,
-AWQ). ``torch-int4`` is ``aten._weight_int4pack_mm_for_cpu`` (packed by ``aten._convert_weight_to_int4pack_for_cpu``,
+AWQ, AQLM 2x8 and 1x16, VPTQ v8 with and without a residual codebook). ``aqlm-pkg`` (after an ``aqlm2x8`` row) is
+the ``aqlm`` package's own CPU kernel (``aqlm.inference_kernels.numba_kernel.numba_gemm_lut``, called as its
+``QuantizedLinear`` calls it: codes permuted to [in groups, out groups, M] as int8, fp32 codebooks [M, K, 1, g] and
+scales) on the same codes, codebooks and scales; it takes 256-entry codebooks only (not 1x16), and its relative error
+is printed under the table (its parallel loop adds into shared outputs, so with several threads it may be wrong).
+``torch-int4`` is ``aten._weight_int4pack_mm_for_cpu`` (packed by ``aten._convert_weight_to_int4pack_for_cpu``,
 bf16 activations and bf16 [groups, N, 2] scales-and-zeros as that kernel takes them, the same group size) holding the
 same 4-bit weight as ``affine4``: torch computes ``(q - 8) * scale + zero`` with ``zero = (8 - z) * scale``. Once per
 shape both kernels are checked against ``x @ W_deq.T`` (W_deq: the reference decoder's weight; the relative errors
@@ -50,7 +56,7 @@ from qformat_kernels import method_trees
 from qformat_kernels.numba_plugin import NumbaKernel
 from qformat_kernels.numba_threads import GOVERNOR
 
-from qformat.format import QuantizedTensor, RecordBuilder
+from qformat.format import QuantizedTensor, RecordBuilder, bitpack
 
 SHAPES = {  # name: (out_features, in_features)
     "4096x4096": (4096, 4096),
@@ -62,9 +68,22 @@ SHAPES = {  # name: (out_features, in_features)
     "down 576x1536": (576, 1536),
 }
 TORCH_INT4 = "torch-int4"
+AQLM_PKG = "aqlm-pkg"
 CHECK_TOLERANCE = {"qformat": 1e-4, TORCH_INT4: 2e-2}  # relative error norms: fp32 kernel; bf16 x, zeros and y
 COLD_MARK = " | cold:"
 GOVERNOR_MODES = {"on": (True,), "off": (False,), "both": (False, True)}  # "on" last: "thr" reads its final state
+
+
+
+
+def shape_name(text: str) -> str:
+    """A key of SHAPES, or "RxC" for the one key that ends in it ("576x1536" -> "down 576x1536")."""
+    if text in SHAPES:
+        return text
+    found = [name for name in SHAPES if name.split()[-1] == text]
+    if len(found) != 1:
+        raise argparse.ArgumentTypeError(f"unknown shape {text!r}; known: {', '.join(SHAPES)}")
+    return found[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -123,6 +142,38 @@ class TorchInt4:
 
     def nbytes(self) -> int:
         return self.packed.nbytes + self.scales_and_zeros.nbytes
+
+
+class AqlmPackage:
+    """The ``aqlm`` package's CPU GEMV on the codes, codebooks and scales of a ``method_trees`` AQLM record, in the
+    layout its ``QuantizedLinear`` hands to ``numba_gemm_lut``; ``why_not`` says why it cannot run, if so."""
+
+    def __init__(self, qt: QuantizedTensor) -> None:
+        self.why_not = None
+        try:
+            from aqlm.inference_kernels.numba_kernel import numba_gemm_lut
+        except ImportError as exc:
+            self.why_not = f"aqlm not importable ({exc})"
+            return
+        weight = qt.record["weight"]
+        books = np.asarray(qt.tensors[weight["input"]["codebooks"]["tensor"]], dtype=np.float32)  # [M, K, g]
+        books_n, entries, group = books.shape
+        if entries != 256:
+            self.why_not = f"its CPU kernel takes 256-entry codebooks only (this one has {entries})"
+            return
+        rows, cols = qt.record["shape"]
+        node = weight["input"]["codes"]  # packed 8-bit codes [R, C / g * M]
+        codes = bitpack.unpack_codes(np.asarray(qt.tensors[node["tensor"]]), 8, node["shape"][1], np.uint8)
+        codes = torch.from_numpy(codes.astype(np.uint8).reshape(rows, cols // group, books_n)).view(torch.int8)
+        self.codes = codes.permute(1, 0, 2).contiguous()  # what QuantizedLinear.prepare_matmul_op does on CPU
+        self.books = torch.from_numpy(books.reshape(books_n, entries, 1, group).copy())
+        self.scales = torch.from_numpy(np.asarray(qt.tensors[weight["factor"]["tensor"]], dtype=np.float32)
+                                       .reshape(rows, 1, 1, 1).copy())
+        self.kernel = numba_gemm_lut
+        self.nbytes = self.codes.nbytes + self.books.nbytes + self.scales.nbytes
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernel(x, self.codes, self.books, self.scales, None)
 
 
 def relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
@@ -389,6 +440,32 @@ class Bench:
             row = Row(self.name, codec, batch, bits, dict(zip(self.modes, warm, strict=True)),
                       dict(zip(self.modes, cold, strict=False)), threads, prepared.nbytes() + x32.nbytes)
             self.print_row(row, int4_times.get(batch) if codec == "affine4" else None)
+        if codec.startswith("aqlm"):
+            self.aqlm_package_rows(codec)
+
+    def aqlm_package_rows(self, codec: str) -> None:
+        """The aqlm package's own CPU kernel on the same record (``AqlmPackage``), checked against x @ W_deq.T."""
+        args, (rows, cols) = self.args, self.w32.shape
+        qt = build(codec, self.w32.numpy(), args.group_size)
+        package = AqlmPackage(qt)
+        if package.why_not:
+            print(f"{self.name:<17} {AQLM_PKG:<10}  n/a: {package.why_not}", flush=True)
+            return
+        x = torch.randn(3, cols, generator=torch.Generator().manual_seed(7))
+        err = relative_error(package.matmul(x), x.double() @ torch.from_numpy(qt.decode()).double().T)
+        self.checks.append(f"# check {self.name} {codec}: {AQLM_PKG} relative error against x @ W_deq.T: {err:.1e}"
+                           f" on {numba.get_num_threads()} threads")
+        for batch in args.batch:
+            x32 = self.xs[batch]
+
+            def run(x32: torch.Tensor = x32) -> torch.Tensor:
+                return package.matmul(x32)
+
+            warm = best_times(run, _calls(run, args.budget), args.repeat)[0]
+            cold = {True: best_cold_times(run, self.sweep, args.repeat)[0]} if self.cold else {}
+            row = Row(self.name, AQLM_PKG, batch, package.nbytes * 8 / (rows * cols), {True: warm}, cold,
+                      numba.get_num_threads(), package.nbytes + x32.nbytes)
+            self.print_row(row, primary=True)
 
     def torch_int4_rows(self) -> dict[int, float]:
         """Print torch-int4's rows for this shape after checking it and qformat's affine4 against x @ W_deq.T;
@@ -437,8 +514,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--codecs", nargs="+", default=["affine4", "affine3"],
                         help=f"affine2..affine8 (RTN, --group-size) or a method tree: {' '.join(method_trees.TREES)}")
-    parser.add_argument("--shapes", nargs="+", default=["4096x4096", "q/o 576x576", "k/v 192x576",
-                                                        "gate/up 1536x576", "down 576x1536"], choices=list(SHAPES))
+    parser.add_argument("--shapes", nargs="+", type=shape_name, default=["4096x4096", "q/o 576x576", "k/v 192x576",
+                                                                         "gate/up 1536x576", "down 576x1536"],
+                        help=f"shapes by name or by RxC: {', '.join(SHAPES)}")
     parser.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, 256],
                         help="group of the affine codecs and of torch-int4 (the method trees keep their own)")
     parser.add_argument("--batch", nargs="+", type=int, default=[1])

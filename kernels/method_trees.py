@@ -4,7 +4,8 @@ One builder per signature (issue 14): the kernels' speed does not depend on the 
 compared with the reference decoder, so random codes and statistics of the right dtypes and shapes are enough.
 ``build(name, rows, cols)`` returns a validated :class:`~qformat.format.QuantizedTensor`; ``TREES`` names them.
 Shapes: ``cols`` a multiple of 64 for the block formats (as the methods require), ``rows`` a multiple of 64 for
-HQQ axis 0 tiles to be whole (a ragged last tile is allowed by the format and handled by the kernels).
+HQQ axis 0 tiles to be whole (a ragged last tile is allowed by the format and handled by the kernels), and of
+:data:`ROW_MULTIPLE` for VPTQ (its vectors span 8 rows).
 """
 
 from __future__ import annotations
@@ -166,6 +167,39 @@ def awq(rows: int, cols: int, seed: int = 0, group: int = 128) -> QuantizedTenso
     return b.finish(b.scale(inner, column, (rows, 1)))
 
 
+def aqlm(rows: int, cols: int, seed: int = 0, books_n: int = 2, bits: int = 8, group: int = 8) -> QuantizedTensor:
+    """AQLM (plugins/aqlm.py ``aqlm_record``): scale(vq(packed codes [R, C / g * M], codebooks F16 [M, 2**B, g]),
+    scales F16 [R, 1], group [1, C]). 2x8: M = 2 codebooks of 256 entries; 1x16: one of 65536."""
+    rng = np.random.default_rng(seed)
+    b = RecordBuilder("w", (rows, cols), "BF16")
+    codes = b.packed("codes", rng.integers(0, 1 << bits, (rows, cols // group * books_n)), bits)
+    books = b.tensor("codebooks", (rng.standard_normal((books_n, 1 << bits, group)) * 0.3).astype(np.float16))
+    return b.finish(b.scale(b.vq(codes, books), b.tensor("scale", _f16(rng, rows, 1)), (1, cols)))
+
+
+def vptq(rows: int, cols: int, seed: int = 0, v: int = 8, entries: int = 256, residual: int = 0,
+         norm: bool = True) -> QuantizedTensor:
+    """VPTQ (plugins/vptq.py): vq version 2 with vector_shape [v, 1], packed codes [R / v, C] of ceil(log2 k) bits,
+    codebook F16 [1, 2**bits, v]; a residual codebook makes it sum(main, residual); the norm is an outer scale with
+    group [R, 1] and an F16 [1, C] factor. ``rows`` must be a multiple of ``v`` (:data:`ROW_MULTIPLE`)."""
+    rng = np.random.default_rng(seed)
+    b = RecordBuilder("w", (rows, cols), "BF16")
+
+    def book(role: str, k: int) -> dict:
+        bits = max(1, (k - 1).bit_length())
+        codes = b.packed(f"{role}codes", rng.integers(0, k, (rows // v, cols)), bits)
+        books = np.zeros((1, 1 << bits, v), dtype=np.float16)  # padded with zeros to 2**bits, as the plugin does
+        books[0, :k] = rng.standard_normal((k, v)) * 0.02
+        return b.vq(codes, b.tensor(f"{role}codebooks", books), vector_shape=(v, 1))
+
+    node = book("", entries)
+    if residual:
+        node = b.sum([node, book("res.", residual)])
+    if norm:
+        node = b.scale(node, b.tensor("norm", (rng.random((1, cols)) + 0.5).astype(np.float16)), (rows, 1))
+    return b.finish(node)
+
+
 TREES: dict[str, Callable[..., QuantizedTensor]] = {
     "nf4": nf4,
     "nf4dq": nf4_double_quant,
@@ -186,7 +220,12 @@ TREES: dict[str, Callable[..., QuantizedTensor]] = {
     "squeeze4": lambda rows, cols, seed=0: squeeze(rows, cols, seed, bits=4),
     "squeeze3s": lambda rows, cols, seed=0: squeeze(rows, cols, seed, outliers=True),
     "awq": awq,
+    "aqlm2x8": aqlm,
+    "aqlm1x16": lambda rows, cols, seed=0: aqlm(rows, cols, seed, books_n=1, bits=16),
+    "vptq8": vptq,
+    "vptq8r": lambda rows, cols, seed=0: vptq(rows, cols, seed, residual=256),
 }
+ROW_MULTIPLE = {"vptq8": 8, "vptq8r": 8}  # trees whose rows must be a multiple of this (vq vectors spanning rows)
 
 
 def build(name: str, rows: int, cols: int, seed: int = 0) -> QuantizedTensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +30,12 @@ from .numba_plan import refusal
 from .numba_threads import GOVERNOR, stall_budget
 
 _EMPTY_TABLE = np.zeros((1, 1), dtype=np.float32)
-LOOKUP_TABLE_LIMIT = 1 << 20  # vq: precompute codebook . x tables when M*V*K stays under this many floats per row of x
+# vq: precompute codebook . x tables when M*V*K stays under this many floats per row of x (and K <= rows). AQLM 1x16
+# (K = 65536, d = 8) measured single-threaded on a shared 2-core EPYC, table (einsum + vq_lookup_dot) vs direct
+# (vq_row_kernel): 1536x576 22.1 vs 0.70 ms, 576x576 40.5 vs 0.39 ms, 192x576 47.1 vs 0.12 ms; at 4096^2 the table
+# would be 512 x 65536 floats (128 MB) per call against 13.1 ms direct. A table costs ~5 ns per entry and a direct
+# vector 1-6 ns, so it pays only past ~65536 x 5 / 1.2 rows: never for 1x16, which the limit and K <= rows keep direct.
+LOOKUP_TABLE_LIMIT = 1 << 20
 
 
 def _regrid(param: np.ndarray, group: tuple[int, int], rows: int, cols: int, gc: int, ngroups: int) -> np.ndarray:
@@ -295,22 +301,46 @@ class RowBlockTerm(CodeTerm):
 
 
 class VqTerm:
-    """sum_v S[r, g(v)] sum_m books[m, code] . x_v; per-call books . x tables when they are cheaper than rows."""
+    """sum_v S[r, g(v)] sum_m books[m, code] . x_v; per-call books . x tables when they are cheaper than rows.
+
+    Codes of at most 8 bits under row scales read the table a code byte at a time from uint64 words
+    (``vq_byte_lookup_dot``: AQLM 2x8 and 1x8; 2.5x to 26x faster than the row-by-row lookup on one thread, 10x at
+    4096^2, bench/GEMV_NOTES.md); other tables go through ``vq_lookup_dot``. Where a table would cost more than
+    it saves (fewer rows than entries, or over LOOKUP_TABLE_LIMIT floats: AQLM 1x16) the codebooks are read
+    directly, under row scales with one accumulator per vector lane (``vq_row_kernel``), else ``vq_dot``."""
 
     def __init__(self, codes: np.ndarray, books: np.ndarray, scale: np.ndarray, grid: _Grid) -> None:
         self.codes, self.books, self.scale = codes, books, scale
         books_n, entries, dim = books.shape
-        vectors = codes.shape[1]
+        rows, vectors = codes.shape[:2]
         self.col_group = grid.col_group()
         first = self.col_group[::dim][:vectors]
         last = self.col_group[dim - 1::dim][:vectors]
         self.vec_group = np.where(first == last, first, -1).astype(np.int32)
-        self.lookup = (bool((self.vec_group >= 0).all()) and entries <= codes.shape[0]
+        self.lookup = (bool((self.vec_group >= 0).all()) and entries <= rows
                        and books_n * vectors * entries <= LOOKUP_TABLE_LIMIT)
+        self.words = None
+        self.row_scale = np.ascontiguousarray(scale[:, 0])
+        if self.lookup and entries <= 256 and grid.count == 1 and sys.byteorder == "little":
+            self.words = _code_words(codes)
+            self.codes = _codes_of_words(self.words, codes.shape)  # a view: the codes are kept once
+            self.books_t = np.zeros((books_n, dim, 256), dtype=np.float32)  # [M, d, 256]: entries past K zero
+            self.books_t[:, :, :entries] = books.transpose(0, 2, 1)
+        self.direct_rows = not self.lookup and grid.count == 1 and dim <= K.VQ_ROW_MAX_WIDTH
+        self._best = [math.inf, 0]  # the thread governor's record (numba_threads)
+        self._budget = stall_budget(codes.nbytes)
 
     def matmul_into(self, x: np.ndarray, y: np.ndarray) -> None:
         batch = x.shape[0]
         books_n, entries, dim = self.books.shape
+        if self.words is not None:
+            GOVERNOR.run(self._best, self._budget * batch, _byte_lookup, self.words, self.books_t, self.row_scale,
+                         x, y)
+            return
+        if self.direct_rows:
+            GOVERNOR.run(self._best, self._budget * batch, K.vq_row_kernel(dim), self.codes, self.books,
+                         self.row_scale, x, y)
+            return
         xv = x.reshape(batch, -1, dim)
         if self.lookup:
             # partial[b, m, v, k] = books[m, k] . x[b, v]
@@ -324,7 +354,62 @@ class VqTerm:
         K.dequant_vq(self.codes, self.books, self.scale, self.col_group, out)
 
     def arrays(self) -> list[np.ndarray]:
-        return [self.codes, self.books, self.scale, self.col_group, self.vec_group]
+        codes = [self.codes] if self.words is None else [self.words, self.books_t]  # codes: a view of the words
+        return codes + [self.books, self.scale, self.row_scale, self.col_group, self.vec_group]
+
+
+def _byte_lookup(words: np.ndarray, books_t: np.ndarray, row_scale: np.ndarray, x: np.ndarray, y: np.ndarray
+                 ) -> None:
+    """One call of :class:`VqTerm`'s byte path: this x's table, then the lookups."""
+    table = np.empty((x.shape[0], words.shape[1] * 8, 256), dtype=np.float32)
+    K.vq_byte_tables(x, books_t, table)
+    K.vq_byte_lookup_dot(words, table, row_scale, y)
+
+
+def _codes_of_words(words: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The uint8 codes [R, V, M] inside ``words`` (:func:`_code_words`), as a view."""
+    return words.view(np.uint8)[:, :math.prod(shape[1:])].reshape(shape)
+
+
+def _code_words(codes: np.ndarray) -> np.ndarray:
+    """uint8 codes [R, V, M] as uint64 words [R, ceil(V M / 8)] of 8 code bytes each (zero padded; little-endian:
+    byte i of a row is bits 8 (i % 8) of word i // 8)."""
+    rows = codes.shape[0]
+    flat = codes.reshape(rows, -1)
+    padded = np.zeros((rows, -(-flat.shape[1] // 8) * 8), dtype=np.uint8)
+    padded[:, :flat.shape[1]] = flat
+    return padded.view(np.uint64)
+
+
+class VqTileTerm:
+    """vq version 2, vectors [p, d] spanning p output rows: codes repacked to [M, R / p, C / d]. VPTQ's [p, 1] under
+    row factors only (the common case: its norm is a column scale, applied to x) runs ``vq_column_kernel``, in its
+    histogram form when a code row has VQ_HISTOGRAM_RATIO times more codes than a codebook has entries; any other
+    tile or scale grid the general loops (correct, slower)."""
+
+    def __init__(self, codes: np.ndarray, books: np.ndarray, vector_rows: int, scale: np.ndarray, grid: _Grid) -> None:
+        """``codes`` [M, R / p, C / d]; ``books`` fp32 [M, K, p * d]; ``scale`` fp32 [R, G] on ``grid``."""
+        self.codes, self.books, self.vector_rows, self.scale = codes, books, vector_rows, scale
+        self.col_group = grid.col_group()
+        self.column = (books.shape[2] == vector_rows and grid.count == 1
+                       and vector_rows <= K.VQ_COLUMN_MAX_ROWS)
+        self.row_scale = np.ascontiguousarray(scale[:, 0])
+        self.histogram = codes.shape[2] >= K.VQ_HISTOGRAM_RATIO * books.shape[1]
+        self._best = [math.inf, 0]  # the thread governor's record (numba_threads)
+        self._budget = stall_budget(codes.nbytes)
+
+    def matmul_into(self, x: np.ndarray, y: np.ndarray) -> None:
+        if self.column:
+            GOVERNOR.run(self._best, self._budget * x.shape[0], K.vq_column_kernel(self.vector_rows, self.histogram),
+                         self.codes, self.books, self.row_scale, x, y)
+        else:
+            K.vq_tile_dot(self.codes, self.books, self.scale, self.col_group, self.vector_rows, x, y)
+
+    def dequant_into(self, out: np.ndarray) -> None:
+        K.dequant_vq_tile(self.codes, self.books, self.scale, self.col_group, self.vector_rows, out)
+
+    def arrays(self) -> list[np.ndarray]:
+        return [self.codes, self.books, self.scale, self.col_group]
 
 
 class SparseTerm:
@@ -595,15 +680,18 @@ def _table_layout(table: np.ndarray, group: tuple[int, int], bits: int, rows: in
     return np.ascontiguousarray(flat, dtype=np.float32), row_tab, grp_tab
 
 
-def _vq_term(term: Term, rows: int, cols: int) -> VqTerm:
+def _vq_term(term: Term, rows: int, cols: int) -> VqTerm | VqTileTerm:
     assert term.codes is not None and term.books is not None
     books = np.ascontiguousarray(term.books, dtype=np.float32)
-    books_n, entries, dim = books.shape
+    books_n, entries, width = books.shape
+    p = term.vector_rows
     dtype = np.uint8 if entries <= 256 else np.uint16 if entries <= 65536 else np.int32
-    codes = np.ascontiguousarray(term.codes.values().astype(dtype).reshape(rows, cols // dim, books_n))
+    codes = term.codes.values().astype(dtype).reshape(rows // p, cols // (width // p), books_n)
     params = [f.param for f in term.factors]
     grid = _Grid.common(params, cols)
-    return VqTerm(codes, books, grid.product(params, rows), grid)
+    if p > 1:
+        return VqTileTerm(np.ascontiguousarray(codes.transpose(2, 0, 1)), books, p, grid.product(params, rows), grid)
+    return VqTerm(np.ascontiguousarray(codes), books, grid.product(params, rows), grid)
 
 
 def _sparse_term(term: Term, rows: int, cols: int) -> SparseTerm:

@@ -44,6 +44,9 @@ FUSED_KINDS = ("codes", "vq")  # terms the fused kernels decode (with at most on
 
 def refusal(plan: lowering.Plan) -> str | None:
     """Why these kernels cannot run the lowered tree, or None."""
+    for term in plan.terms:  # the fused kernels decode row vectors only
+        if term.kind == "vq" and term.vector_rows > 1:
+            return f"{term.path}: vq vectors across {term.vector_rows} rows (version 2)"
     return _refusal(plan.root, plan.rows, plan.cols)
 
 

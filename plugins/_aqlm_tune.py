@@ -50,7 +50,7 @@ class _Tuned:
         lowered = lower(qt)
         term = lowered.terms[0] if len(lowered.terms) == 1 else None
         if term is None or term.kind != "vq" or term.chain or len(term.factors) != 1 or term.books is None \
-                or term.codes is None:
+                or term.codes is None or term.vector_rows != 1:
             raise PluginError(f"aqlm tune_block: {qt.name} is not an aqlm record (scale(vq(codes, codebooks)))")
         rows, cols = lowered.rows, lowered.cols
         books = np.asarray(term.books, dtype=np.float32)

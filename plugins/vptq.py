@@ -23,7 +23,8 @@ own codebook) and no ``enable_perm``; the norm is a scale only (the reference st
 ``weight_bias``, min-max; a bias has no place in a ``scale`` node); k-means is Lloyd's algorithm in float64 sums on CPU
 (the reference calls cuML's KMeans); the residual k-means uses the column weights of the main one (the reference passes
 the per-element weights); codebooks are fp16, rounded before any code is chosen, so the record decodes bit for bit to
-the weight the method reports. Records of ``vq`` version 2 have no kernel lowering yet: they run on the reference path.
+the weight the method reports. Records of ``vq`` version 2 run on the Numba kernels (a per-column histogram of
+codes, or direct v-vector reads); the Triton plan refuses them, so on GPU they run on the reference path.
 """
 
 from __future__ import annotations

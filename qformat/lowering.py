@@ -10,9 +10,11 @@ A weight tree is read as a sum of terms, each under the transforms above it::
             | sign_lowrank(sign, u, v)                                          kind "signs"
     codes  := packed | bitplanes | tensor (integer)
 
-Every node is version 1, except ``affine``, also version 2 (an additive ``offset``, lowered like scale and zero).
-``vq`` version 2 (``vector_shape`` [p, d], vectors spanning rows) is refused (:class:`Unsupported`): kernels run
-row vectors only, and a refused record runs on the runtime's reference path.
+Every node is version 1, except ``affine``, also version 2 (an additive ``offset``, lowered like scale and zero), and
+``vq``, also version 2 (``vector_shape`` [p, d]: a vector is a p x d tile spanning p output rows, VPTQ's [v, 1]); a vq
+term knows its ``vector_rows`` p (1 in version 1, and for a version 2 node of vector_shape [1, d], which decodes as
+version 1), its codebooks are [M, K, p * d] and its codes [R / p, (C / d) * M]. A kernel that runs row vectors only
+refuses ``vector_rows > 1`` in its predicate.
 A ``scale`` is a "row" scale when a tile of its factor covers whole rows, a "column" scale when there is one factor
 per input column (group [>= R, 1]: it can multiply x instead of W), else a "grid" scale.
 What does not fit (dense float tensors as terms, ternary codes under affine/lut/vq, unknown codecs) raises
@@ -54,7 +56,8 @@ from .format.sparse import validate_csr
 CODE_SOURCES = ("packed", "bitplanes", "tensor")  # codes of affine, lut, vq and sign_lowrank
 CODE_TERMS = ("packed", "bitplanes", "ternary")  # code leaves that are terms by themselves (their values are codes)
 KNOWN_VERSION = 1
-KNOWN_VERSIONS = {"affine": frozenset({1, 2})}  # codecs with versions besides KNOWN_VERSION (affine 2: offset)
+# codecs with versions besides KNOWN_VERSION (affine 2: offset; vq 2: vector_shape)
+KNOWN_VERSIONS = {"affine": frozenset({1, 2}), "vq": frozenset({1, 2})}
 
 
 class Unsupported(Exception):
@@ -153,7 +156,8 @@ class Term:
     zero: Param | None = None  # affine (None: no zero)
     offset: Param | None = None  # affine version 2: w = (q - zero) * scale + offset (None: no offset)
     table: np.ndarray | None = None  # lut: [T] or [Gr, Gc, T]
-    books: np.ndarray | None = None  # vq: [M, K, d]
+    books: np.ndarray | None = None  # vq: [M, K, p * d] (p = vector_rows; row-major over the [p, d] tile)
+    vector_rows: int = 1  # vq: p, the output rows one vector spans (version 2's vector_shape [p, d]; 1 in version 1)
     row_ptr: np.ndarray | None = None  # sparse: int64 [R + 1], validated
     col_idx: np.ndarray | None = None  # sparse: int64 [nnz], validated
     values: np.ndarray | None = None  # sparse: fp32 [nnz]
@@ -224,10 +228,6 @@ def _codec(node: Any, path: str) -> str:
     if not isinstance(node, dict) or not isinstance(node.get("codec"), str):
         raise Unsupported(f"{path}: not a codec node")
     version = node.get("version")
-    if node["codec"] == "vq" and version == 2:
-        # vq version 2 (vector_shape [p, d]: vectors across p rows, VPTQ's [v, 1]) has no term kind here: the
-        # kernels' vq term is row vectors [M, K, d]. Refused, so such records run on the reference path.
-        raise Unsupported(f"{path}: vq version 2 (vector_shape {node.get('vector_shape')!r}, vectors across rows)")
     if type(version) is not int or version not in KNOWN_VERSIONS.get(node["codec"], (KNOWN_VERSION,)):
         raise Unsupported(f"{path}: {node['codec']} version {node.get('version')!r}")
     return node["codec"]
@@ -287,7 +287,9 @@ def _term(node: dict, codec: str, path: str) -> Term:
     if codec in CODE_TERMS:
         return Term("codes", node, path, codes=_code_leaf(node, path, CODE_TERMS))
     if codec == "vq":
-        return Term("vq", node, path, codes=_code_leaf(node.get("codes"), f"{path}/codes"))
+        rows_per_vector = _vector_rows(node, path)
+        return Term("vq", node, path, codes=_code_leaf(node.get("codes"), f"{path}/codes"),
+                    vector_rows=rows_per_vector)
     if codec == "sparse_csr":
         return Term("sparse", node, path)
     if codec == "lowrank":
@@ -295,6 +297,17 @@ def _term(node: dict, codec: str, path: str) -> Term:
     if codec == "sign_lowrank":
         return Term("signs", node, path, codes=_code_leaf(node.get("sign"), f"{path}/sign"))
     raise Unsupported(f"{path}: {codec} as a term (dense or unknown)")
+
+
+def _vector_rows(node: dict, path: str) -> int:
+    """p of a vq node's vector_shape [p, d] (version 2), 1 in version 1 (validation checks the rest with the data)."""
+    if node["version"] == 1:
+        return 1
+    value = node.get("vector_shape")
+    if not (isinstance(value, list) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)):
+        raise Unsupported(f"{path}: vector_shape {value!r}")
+    return value[0]
 
 
 def finest_group(groups: list[tuple[int, int]], rows: int, cols: int) -> tuple[int, int] | None:

@@ -152,16 +152,15 @@ def test_bad_inputs_are_refused_before_any_work() -> None:
         method.run(layer_input(LAYERS[0], hessian=False), {})
 
 
-def test_lowering_refuses_vq_version_2() -> None:
-    from qformat.lowering import Unsupported, plan
+def test_vq_version_2_runs_on_the_numba_kernels_only() -> None:
+    from qformat.lowering import plan
     from qformat.plugins import get_plugins
 
     qt = VPTQ().run(layer_input(LAYERS[0]), {**QUICK, "codebook_size": 16}).qt
-    with pytest.raises(Unsupported, match="vq version 2"):
-        plan(qt.record)
-    for kernel in get_plugins().kernels.values():
-        if kernel.name != "reference":
-            assert not kernel.supports(qt.record), kernel.name
+    assert [t.vector_rows for t in plan(qt.record).terms] == [8]
+    kernels = get_plugins().kernels
+    assert kernels["numba"].supports(qt.record)
+    assert "(version 2)" in kernels["triton"].why_unsupported(qt.record)  # the fused Triton kernels: row vectors only
 
 
 def test_cli_converts_a_tiny_model_and_it_loads_and_runs(tmp_path: Path) -> None:
@@ -191,14 +190,14 @@ def test_cli_converts_a_tiny_model_and_it_loads_and_runs(tmp_path: Path) -> None
     node = folder.quantized(names[0]).record["weight"]
     assert node["codec"] == "sum" and node["terms"][0]["version"] == 2 and node["terms"][0]["vector_shape"] == [8, 1]
 
-    model = qformat.load(out)  # vq version 2 has no kernel: the linears run on the reference path
+    model = qformat.load(out)  # vq version 2: the linears run on the Numba kernels (vq_column_kernel)
     reference = qformat.load_dequantized(out)  # a plain model whose weights are the format's fp32 decode
     ids = torch.tensor([[1, 17, 42, 99, 5, 300]])
     with torch.no_grad():
         got, want = model(ids).logits, reference(ids).logits
     assert torch.isfinite(got).all() and torch.allclose(got, want, rtol=1e-4, atol=1e-4)
     linear = dict(model.named_modules())[names[0].removesuffix(".weight")]
-    assert linear.kernel_name == "torch"  # the dispatcher's reference path, not a kernel mis-decoding [8, 1] vectors
+    assert linear.kernel_name == "numba"
     weight = torch.from_numpy(folder.decode(names[0]))
     x = torch.randn(3, weight.shape[1])
     with torch.no_grad():
