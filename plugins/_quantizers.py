@@ -57,7 +57,12 @@ def gptq_params(x: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, to
 
 def gptq_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """q = clamp(round(x / scale) + zero, 0, maxq) (as floats holding integers)."""
-    return (torch.round(x / scale) + zero).clamp(0, (1 << bits) - 1)
+    return gptq_round(x / scale, zero, bits)
+
+
+def gptq_round(scaled: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """In place: ``scaled`` (x / scale) becomes clamp(round(scaled) + zero, 0, maxq); returns it."""
+    return scaled.round_().add_(zero).clamp_(0, (1 << bits) - 1)
 
 
 def grouped(x: torch.Tensor, group: int) -> list[torch.Tensor]:

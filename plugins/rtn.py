@@ -19,7 +19,7 @@ from ._common import (
     record_builder,
     weight_matrix,
 )
-from ._quantizers import dequantize, expand_columns, gptq_codes, gptq_params, grouped
+from ._quantizers import gptq_params, gptq_round
 
 
 @dataclass(frozen=True)
@@ -43,12 +43,19 @@ class RTN(QuantizesThroughRun, Method):
         w = weight_matrix(layer)
         cols = w.shape[1]
         group = effective_group(config.group_size, cols)
-        stats = [gptq_params(part, bits, sym) for part in grouped(w, group)]
-        scale = torch.stack([s for s, _ in stats], dim=1)
-        zero = torch.stack([z for _, z in stats], dim=1)
-        scale_full, zero_full = expand_columns(scale, group, cols), expand_columns(zero, group, cols)
-        codes = gptq_codes(w, scale_full, zero_full, bits)
-        deq = dequantize(codes, scale_full, zero_full)
+        # Group by group into preallocated outputs: a whole-matrix formula holds ~6 temporaries of the weight's size
+        # (measured +659 MiB peak for a 49152 x 576 output layer), this holds codes and the dequantized weight.
+        codes, deq = torch.empty_like(w), torch.empty_like(w)
+        scales, zeros = [], []
+        for lo in range(0, cols, group):
+            part = w[:, lo:lo + group]
+            scale, zero = gptq_params(part, bits, sym)
+            scales.append(scale)
+            zeros.append(zero)
+            torch.div(part, scale[:, None], out=codes[:, lo:lo + group])
+            gptq_round(codes[:, lo:lo + group], zero[:, None], bits)
+            torch.sub(codes[:, lo:lo + group], zero[:, None], out=deq[:, lo:lo + group]).mul_(scale[:, None])
+        scale, zero = torch.stack(scales, dim=1), torch.stack(zeros, dim=1)
         b = record_builder(layer)
         info = {"method": self.name, "params": config.to_params()}
         qt = b.finish(affine_record(b, codes, scale, zero, bits, group, sym), info)

@@ -48,13 +48,15 @@ def test_quickstart_converts_smollm2_with_spqr(tmp_path: Path) -> None:
     assert "is already converted" not in log  # it converted, not just evaluated an earlier output
 
     summary = verify_folder(out)  # checksums and every record's decode
-    assert summary["records"] == 30 * 7 and summary["checksums_verified"] == 31
+    assert summary["records"] == 30 * 7 + 1 and summary["checksums_verified"] == 31  # + the 8-bit lm_head
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["method"] == "spqr" and qc["source"]["format"] == "gguf"
     assert qc["source"]["file"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert (qc["calibration"]["samples"], qc["calibration"]["seqlen"]) == (64, 512)
-    # Measured 4.271: 3-bit codes, 3-bit statistics per 16 weights, ~1.8% outliers.
-    assert 4.0 < qc["bits_per_weight"] < 4.6, qc["bits_per_weight"]
+    # Measured 4.271 over the decoder linears: 3-bit codes, 3-bit statistics per 16 weights, ~1.8% outliers; the
+    # default output layer (49152 x 576, 8 bits + an fp16 scale per row: 8.03) lifts the whole to ~5.06.
+    assert 4.8 < qc["bits_per_weight"] < 5.4, qc["bits_per_weight"]
+    assert 8.0 < qc["bits_by_layer_type"]["lm_head"] < 8.1, qc["bits_by_layer_type"]
     folder = open_folder(out)
     entries = {t: e for shard in folder.shards for t, e in folder.file(shard).st.entries.items()}
     outliers = sum(outlier_count(r["weight"], lambda t: math.prod(entries[t].shape)) for r in folder.records.values())
@@ -63,7 +65,7 @@ def test_quickstart_converts_smollm2_with_spqr(tmp_path: Path) -> None:
     assert 0.005 < outliers / weights < 0.03, outliers / weights  # measured 1.77% (tau 0.2)
 
     # Streaming: one block plus the embeddings and activations, far below the 540 MB fp32 model on top of the
-    # ~0.5 GB of torch + transformers. Measured 1,137 MiB.
+    # ~0.5 GB of torch + transformers. Measured 1,265 MiB (1,214 with --output-layer keep).
     peak = re.search(r"peak\s+RSS\s+([\d,]+)\s+MiB", log)
     assert peak, log[-3000:]
     assert int(peak[1].replace(",", "")) < 1600, peak[0]
@@ -78,10 +80,11 @@ def test_quickstart_converts_smollm2_with_spqr(tmp_path: Path) -> None:
     # misplaced weights cost far more), not the last percent.
     assert after < before * 1.35, (before, after)
 
-    # The 40 generated tokens may run over several lines (a bulleted list); bullets and brackets are not words.
+    # The 40 generated tokens may run over several lines (a bulleted or numbered list, as "1. **Red**"); bullets,
+    # list numbers and brackets are not words.
     sample = re.search(r"^The three primary colors are(.*?)\[40 new tokens in", log, re.MULTILINE | re.DOTALL)
     assert sample, log[-3000:]
-    words = [w.strip(".,;:'\"()*-") for w in sample[1].split()]
+    words = [w.strip(".,;:'\"()*-") for w in sample[1].split() if not re.fullmatch(r"\d+[.)]", w)]
     words = [w for w in words if w]
     assert len(words) >= 10 and sum(w.isalpha() for w in words) >= 0.7 * len(words), sample[0]
 
