@@ -11,12 +11,13 @@ weight (``blocksize`` dividing the row, or whole rows); when blocks end mid-row,
 weight's ``[R·C / w, w]`` (``w = gcd(R·C, blocksize)``: blocks of whole rows) or, for an odd ``w``, ``[1, R·C]`` (one
 packed row), inside a ``reshape`` to [R, C]. The absmax either the stored fp32 array or
 ``sum(scale(lut(U8 codes, map F32[256]), nested_absmax), lowrank(ones, offset))``. Codes are re-laid into the
-``packed`` order (nibbles swapped), never changed. The table is the one bitsandbytes' kernels decode with (its
-``quant_map`` is stored but not read when dequantizing): NF4 as stored; FP4 with code 8 as -0.0, which is what the
-CPU and CUDA kernels compute from that bit pattern (``get_4bit_type("fp4")`` lists +0.0 there). Weights with an odd
-row length are the exception: bitsandbytes' CPU ``dequantize_4bit`` hands them to its generic torch path, which looks
-codes up in ``get_4bit_type`` (code 8 +0.0), so those records use that table and match it bit for bit (its CUDA
-kernel still gives -0.0 there: a sign of zero, equal in every product).
+``packed`` order (nibbles swapped), never changed. The table is ``get_4bit_type(quant_type)``, what checkpoints
+store as ``quant_map`` and what bitsandbytes' portable ``dequantize_4bit`` (``backends/default``) looks codes up in.
+Its native kernels can differ in the sign of FP4's zero (code 8: -0.0 from the bit pattern on CUDA and, depending on
+the CPU and the shape, on CPU): a sign of zero, equal in every product. bitsandbytes' AVX-512 CPU kernel (0.50.2) also
+decodes blocks that end mid-row or span rows differently from its own ``quantize_4bit``, which lays blocks along the
+flattened weight as the CUDA kernels and the portable path do (measured: twice the portable decode's error against the
+original weight); these records follow the flattened blocks.
 
 **8-bit** (``Int8Params``, LLM.int8): ``weight`` int8 ``CB`` [R, C] and ``SCB`` fp32 [R]; ``int8_vectorwise_dequant``
 is ``CB * SCB * 7.874015718698502e-3`` in fp32, left to right. Outlier columns are not stored apart (bitsandbytes
@@ -47,15 +48,6 @@ def quant_map(quant_type: str) -> np.ndarray:
     """``get_4bit_type(quant_type)`` as bitsandbytes computes it (what checkpoints store as ``quant_map``)."""
     values = np.asarray(NF4_VALUES if quant_type == "nf4" else FP4_VALUES, dtype=np.float32)
     return values / np.abs(values).max()
-
-
-def kernel_table(quant_type: str, row_length: int = 2) -> np.ndarray:
-    """The 16 values bitsandbytes' CPU ``dequantize_4bit`` gives each code for rows of ``row_length``: its kernels'
-    (FP4 code 8 is -0.0 there) for even rows, ``get_4bit_type``'s (+0.0) for odd rows, which its generic path takes."""
-    table = quant_map(quant_type)
-    if quant_type == "fp4" and row_length % 2 == 0:
-        table[8] = -0.0
-    return table
 
 
 @dataclass(frozen=True)
@@ -109,7 +101,7 @@ def fourbit_record(name: str, shape: tuple[int, int], dtype: str, quant_type: st
     else:
         pairs = np.stack([flat >> 4, flat & 0x0F], axis=1).reshape(-1)[: rows * cols]
         codes = b.packed("codes", pairs.reshape(rows, cols), 4)
-    values = b.lut(codes, b.tensor(quant_type, kernel_table(quant_type, shape[1])))
+    values = b.lut(codes, b.tensor(quant_type, quant_map(quant_type)))
     if isinstance(absmax, Nested):
         factor = _nested(b, absmax, arows, acols)
     else:

@@ -4,10 +4,18 @@
 block sizes and dtypes.
 
 Reference: bitsandbytes 0.50.2 itself. Every record's decode is compared bit for bit (fp32, atol 0) with
-``bitsandbytes.functional.dequantize_4bit`` run with the quant state's dtype set to float32, and with
-``int8_vectorwise_dequant`` (which returns fp32). For 4-bit the library's native output (the quant state's dtype,
-BF16/F16) is compared too: our fp32 decode cast to that dtype (round to nearest even, as the loader casts) equals
-``dequantize_4bit``'s own BF16/F16 output bit for bit.
+bitsandbytes' portable ``dequantize_4bit`` (``backends/default/ops.py``: the nested absmax as
+``functional.dequantize_4bit`` computes it, then ``_dequantize_4bit_compute``) in float32, and with
+``int8_vectorwise_dequant`` (which returns fp32). For 4-bit the output in the quant state's dtype (BF16/F16) is
+compared too: our fp32 decode cast to that dtype (round to nearest even, as the loader casts) equals the portable
+path's BF16/F16 output bit for bit.
+
+Why the portable path and not whatever ``functional.dequantize_4bit`` dispatches to: on a CPU with AVX-512 it runs
+bitsandbytes' native kernel, which decodes blocks that end mid-row or span rows differently from the flattened blocks
+its own ``quantize_4bit`` writes (and its CUDA kernels read): measured on a random 128 x 160 NF4 weight, blocks of 64,
+mean |error| against the original weight 0.159 there vs 0.073 on the portable path. It also varies the sign of FP4's
+zero with the shape. On a CPU without it (AVX2) the dispatch gave the flattened blocks, as the portable path does.
+``test_native_kernel_agrees_where_blocks_tile_rows`` compares the dispatched kernel where the two agree.
 """
 
 from __future__ import annotations
@@ -72,14 +80,30 @@ def state_dict(path: Path) -> dict[str, torch.Tensor]:
     return load_file(path / "model.safetensors")
 
 
-def dequantize_4bit(state: dict[str, torch.Tensor], name: str, dtype: torch.dtype | None = torch.float32):
-    """bitsandbytes' dequantize_4bit of module ``name`` (the quant state's own dtype when ``dtype`` is None)."""
+def portable_dequantize_4bit(packed: torch.Tensor, quant_state, dtype: torch.dtype | None = torch.float32):
+    """bitsandbytes' portable dequantize_4bit (the quant state's own dtype when ``dtype`` is None): the nested absmax
+    as ``functional.dequantize_4bit`` computes it, then the default backend's ``_dequantize_4bit_compute``."""
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.backends.utils import _get_4bit_code
+
+    absmax = quant_state.absmax
+    if quant_state.nested:
+        absmax = F.dequantize_blockwise(quant_state.absmax, quant_state.state2) + quant_state.offset
+    code = _get_4bit_code(quant_state.quant_type, packed.device)
+    return _dequantize_4bit_compute(packed.view(torch.uint8).reshape(-1), absmax.float(), code, quant_state.blocksize,
+                                    quant_state.shape, dtype or quant_state.dtype)
+
+
+def quant_state_of(state: dict[str, torch.Tensor], name: str):
     prefix = f"{name}."
-    parts = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    quant_state = F.QuantState.from_dict(parts, device="cpu")
-    if dtype is not None:
-        quant_state.dtype = dtype
-    return F.dequantize_4bit(state[name], quant_state)
+    return F.QuantState.from_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
+                                  device="cpu")
+
+
+def dequantize_4bit(state: dict[str, torch.Tensor], name: str, dtype: torch.dtype | None = torch.float32):
+    """bitsandbytes' portable dequantize_4bit of module ``name`` (the quant state's own dtype when ``dtype`` is
+    None)."""
+    return portable_dequantize_4bit(state[name], quant_state_of(state, name), dtype)
 
 
 def reference(state: dict[str, torch.Tensor]):
@@ -151,7 +175,7 @@ def test_serialized_layouts_are_bit_exact(tmp_path: Path, quant_type: str, doubl
     if dtype != "float32":
         assert check_native_dtype(path, state) == 14
     if quant_type == "fp4":
-        # bitsandbytes' kernels decode FP4 code 8 as -0.0 (its quant_map lists +0.0): the case is exercised
+        # code 8 (zero; bitsandbytes' CUDA kernel decodes it as -0.0, its quant_map lists +0.0) is exercised
         packed = state["model.layers.0.mlp.up_proj.weight"].reshape(-1)
         assert bool(((packed >> 4) == 8).any() or ((packed & 15) == 8).any())
     if blocksize == 256:
@@ -244,7 +268,7 @@ def test_blocks_ending_mid_row_are_bit_exact(tmp_path: Path, quant_type: str, do
     assert down["codec"] == "reshape" and down["shape"] == [128, inter]
     assert down["input"]["input"]["codes"]["shape"] == inner
     assert records["model.layers.0.self_attn.q_proj.weight"]["weight"]["codec"] == "scale"  # rows of 128: tiles
-    if quant_type == "fp4" and inter % 2:  # odd rows: bitsandbytes' CPU path decodes code 8 as +0.0 there
+    if quant_type == "fp4" and inter % 2:  # odd rows with code 8 (zero) among the codes
         packed = state["model.layers.0.mlp.down_proj.weight"].reshape(-1)
         assert bool(((packed >> 4) == 8).any() or ((packed & 15) == 8).any())
 
@@ -258,7 +282,7 @@ ODD = [((37, 53), 64, False, "fp4"), ((37, 53), 64, True, "nf4"), ((30, 50), 64,
 def test_block_layouts_of_odd_shapes_are_bit_exact(shape: tuple[int, int], blocksize: int, double_quant: bool,
                                                    quant_type: str) -> None:
     """Shapes no tiny Llama has (an odd number of weights: one packed row [1, n] reshaped; a last block cut short),
-    built by the importer's record function from quantize_4bit's own state, against dequantize_4bit."""
+    built by the importer's record function from quantize_4bit's own state, against the portable dequantize_4bit."""
     from qformat_plugins._import_bnb_records import Nested, block_layout, fourbit_record
 
     w = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
@@ -274,8 +298,22 @@ def test_block_layouts_of_odd_shapes_are_bit_exact(shape: tuple[int, int], block
     layout = block_layout(*shape, blocksize)[0]
     assert qt.record["weight"]["codec"] == "reshape" and layout == ((1, n) if n % 2 else layout)
     quant_state.dtype = torch.float32
-    want = F.dequantize_4bit(packed, quant_state).numpy()
+    want = portable_dequantize_4bit(packed, quant_state).numpy()
     assert np.array_equal(qt.decode().view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_native_kernel_agrees_where_blocks_tile_rows(quant_type: str, double_quant: bool) -> None:
+    """Where blocks tile the rows (the block size divides the row length), whatever ``functional.dequantize_4bit``
+    dispatches to on this machine gives the portable path's values (the sign of zero aside), so the records match
+    bitsandbytes as users run it there too."""
+    w = torch.randn((96, 256), generator=torch.Generator().manual_seed(2))
+    for blocksize in (64, 128, 256):
+        packed, quant_state = F.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant,
+                                              quant_type=quant_type)
+        native = F.dequantize_4bit(packed, quant_state)
+        assert torch.equal(native, portable_dequantize_4bit(packed, quant_state)), blocksize  # == : -0.0 == +0.0
 
 
 def test_int8_bad_scb_and_weight_format(tmp_path: Path) -> None:
