@@ -95,6 +95,11 @@ CONFIGS: dict[str, tuple[str | None, dict[str, object], str]] = {
     "vptq6r": ("vptq", {"vector_len": 6, "codebook_size": 256, "residual_codebook_size": 256},
                "VPTQ v6 k256 + residual k256"),
     "vptq4": ("vptq", {"vector_len": 4, "codebook_size": 4096}, "VPTQ v4 k4096, no residual"),
+    # AQLM with the 0.1% most salient weights (w^2 H_cc) kept in fp16 (MiniLM's FFN output layers need it)
+    "aqlm2x8nfo": ("aqlm", {"codebooks": 2, "codebook_bits": 8, "in_group_size": 8, "finetune": False,
+                            "outlier_fraction": 0.001}, "AQLM 2x8 g8, no fine-tuning, 0.1% fp16 outliers"),
+    "aqlm2x8g6nfo": ("aqlm", {"codebooks": 2, "codebook_bits": 8, "in_group_size": 6, "finetune": False,
+                              "outlier_fraction": 0.001}, "AQLM 2x8 g6, no fine-tuning, 0.1% fp16 outliers"),
     # the output layer's own method (--output-layer; ";" between its parameters): what the default should be
     "rtn4o8": ("rtn", {"bits": 4, "group_size": 128, "output_layer": "rtn:bits=8;group_size=128"},
                "RTN 4-bit g128, output layer RTN 8-bit g128"),
@@ -195,7 +200,8 @@ MINILM_CONFIGS = ["rtn4", "gptq4", "gptq4ao", "rtn3", "gptq3", "gptq3ao", "spqr3
                   "squeeze4", "squeeze3s",
                   # issue 17; the in-process harness runs no block fine-tuning (AQLM.tune_block is a pipeline stage),
                   # so only the finetune=false AQLM rows are here
-                  "rtn2", "gptq2", "aqlm2x8nf", "vptq8", "vptq8r", "aqlm2x8g6nf", "aqlm3x8nf", "vptq6r", "vptq4"]
+                  "rtn2", "gptq2", "aqlm2x8nf", "vptq8", "vptq8r", "aqlm2x8g6nf", "aqlm3x8nf", "vptq6r", "vptq4",
+                  "aqlm2x8nfo", "aqlm2x8g6nfo"]
 
 
 def minilm_folder() -> Path:

@@ -44,15 +44,30 @@ class _Lookup(torch.autograd.Function):
 
 
 class _Tuned:
-    """One linear's trainable form: codes fixed, fp32 master codebooks and scales."""
+    """One linear's trainable form: codes fixed, fp32 master codebooks and scales; the outliers' sparse term, if any,
+    a constant added to the weight."""
 
     def __init__(self, qt: QuantizedTensor) -> None:
         lowered = lower(qt)
-        term = lowered.terms[0] if len(lowered.terms) == 1 else None
-        if term is None or term.kind != "vq" or term.chain or len(term.factors) != 1 or term.books is None \
-                or term.codes is None or term.vector_rows != 1:
-            raise PluginError(f"aqlm tune_block: {qt.name} is not an aqlm record (scale(vq(codes, codebooks)))")
+        terms = list(lowered.terms)
+        sparse = [t for t in terms if t.kind == "sparse"]
+        term = next((t for t in terms if t.kind == "vq"), None)
+        if term is None or len(terms) != 1 + len(sparse) or len(sparse) > 1 or term.chain \
+                or len(term.factors) != 1 or term.books is None or term.codes is None or term.vector_rows != 1 \
+                or (sparse and (sparse[0].chain or sparse[0].factors)):
+            raise PluginError(f"aqlm tune_block: {qt.name} is not an aqlm record (scale(vq(codes, codebooks)), "
+                              "optionally + sparse_csr outliers)")
         rows, cols = lowered.rows, lowered.cols
+        self.outliers: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self.extra: torch.Tensor | None = None
+        if sparse:
+            s = sparse[0]
+            values = np.asarray(s.values, dtype=np.float32)
+            self.outliers = (np.asarray(s.row_ptr), np.asarray(s.col_idx), values.astype(np.float16))
+            extra = torch.zeros(rows, cols)
+            extra[torch.from_numpy(np.asarray(s.row_of)), torch.from_numpy(np.asarray(s.col_idx))] = \
+                torch.from_numpy(values)
+            self.extra = extra
         books = np.asarray(term.books, dtype=np.float32)
         n_books, _, width = books.shape
         codes = np.asarray(term.codes.values(), dtype=np.int64).reshape(rows, cols // width, n_books)
@@ -65,13 +80,15 @@ class _Tuned:
         self.rows, self.cols = rows, cols
 
     def weight(self) -> torch.Tensor:
-        return _Lookup.apply(self.books, self.codes) * self.scales
+        dense = _Lookup.apply(self.books, self.codes) * self.scales
+        return dense if self.extra is None else dense + self.extra
 
 
 def tune(block: BlockTuning, steps: int, lr: float, tune_norms: bool,
          rebuild: Any) -> dict[str, QuantizedTensor]:
     """Adam over the block's calibration batches (one batch a step, in order), then the records rebuilt by
-    ``rebuild(qt, codes [R, G, M], books fp32 [M, K, g], scales fp32 [R, 1])`` (which rounds to fp16)."""
+    ``rebuild(qt, codes [R, G, M], books fp32 [M, K, g], scales fp32 [R, 1], outliers)`` (which rounds to fp16;
+    ``outliers``: the sparse term's (row_ptr, col_idx, fp16 values) as they were, or None)."""
     tuned = {name: _Tuned(qt) for name, qt in block.records.items()}
     modules = {name: block.block.get_submodule(name) for name in tuned}
     params: list[torch.nn.Parameter] = [p for t in tuned.values() for p in (t.books, t.scales)]
@@ -95,5 +112,5 @@ def tune(block: BlockTuning, steps: int, lr: float, tune_norms: bool,
     finally:
         for module in modules.values():
             del module.forward  # the instance attribute set above: the class's forward again
-    return {name: rebuild(block.records[name], t.codes, t.books.detach(), t.scales.detach())
+    return {name: rebuild(block.records[name], t.codes, t.books.detach(), t.scales.detach(), t.outliers)
             for name, t in tuned.items()}

@@ -25,6 +25,13 @@ generator of its own instead of torch's global RNG and fits on at most 128 point
 ``max_points_per_centroid``, off by default there), then assigns every vector; the beam search keeps ``(ΔW H)`` up to
 date in lazy blocks of 128 columns instead of one [R, C] × [C, g] product per step (same codes, tested).
 
+Outliers (``outlier_fraction``, off by default; not in the reference): the given share of weights with the largest
+SpQR-style saliency ``w² · H_cc`` is kept in an fp16 ``sparse_csr`` term and zeroed before AQLM runs, so the record is
+``sum(scale(vq(...)), sparse_csr)`` with the correction ``fp16(w − AQLM's weight)`` at those positions. Shared
+codebooks with one scale per row cannot represent an input column that carries a large share of ``tr(W H Wᵀ)``
+(MiniLM's FFN output projections: the beam search then moves the whole row to cancel its error, weight MSE twice the
+weight's own); 0.1% of the weights fixes that layer (bench/QUALITY_NOTES.md).
+
 Block fine-tuning (``finetune``, on by default; :meth:`AQLM.tune_block`, :mod:`._aqlm_tune`): once a block's
 linears are quantized, codes fixed, its codebooks, scales and norm weights are tuned with Adam to the original
 block's outputs on the calibration inputs (the reference's ``finetune`` stage, with a small step budget here).
@@ -56,7 +63,7 @@ from ._aqlm_core import AQLMResult, AQLMSettings, quantize_layer, round_books, r
 from ._aqlm_tune import tune
 from ._common import MethodResult, QuantizesThroughRun, record_builder, weight_matrix
 from ._gptq_core import check_hessian
-from ._quantizers import to_fp16
+from ._quantizers import fp16_exact, to_fp16
 
 MAX_CODE_BITS = 16  # the packed codec's widest code
 
@@ -88,6 +95,9 @@ class AQLMConfig(MethodConfig):
     finetune_lr: float = param(1e-4, "Adam learning rate of the block fine-tuning (betas (0.9, 0.95))",
                                min=1e-8, max=1.0)
     finetune_norms: bool = param(True, "the block fine-tuning also tunes the block's norm weights")
+    outlier_fraction: float = param(0.0, "share of weights kept in fp16 in a sparse term, largest w^2 H_cc first "
+                                    "(SpQR's saliency), zeroed before AQLM runs; 0 = none (the reference)",
+                                    min=0.0, max=0.1)
 
     def check(self) -> None:
         if self.beam_size > 1 << self.codebook_bits:
@@ -110,6 +120,23 @@ def settings(config: AQLMConfig) -> AQLMSettings:
     return AQLMSettings(config.codebooks, config.codebook_bits, config.in_group_size, config.max_epochs,
                         config.steps_per_epoch, config.lr, config.beam_size, config.init_iters,
                         config.relative_tolerance, config.seed)
+
+
+def salient_weights(w: torch.Tensor, diag: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Mask of the round(fraction · numel) weights with the largest w² · H_cc (ties at the threshold all kept)."""
+    count = round(fraction * w.numel())
+    if count == 0:
+        return torch.zeros_like(w, dtype=torch.bool)
+    saliency = w.square() * diag.clamp_min(0.0)[None, :]
+    threshold = torch.kthvalue(saliency.reshape(-1), w.numel() - count + 1).values
+    return saliency >= threshold
+
+
+def outlier_term(b: RecordBuilder, row_ptr: np.ndarray, col_idx: np.ndarray, values: np.ndarray) -> dict:
+    """The fp16 sparse_csr term of the outliers (``values`` already fp16-exact)."""
+    cols = b.matrix_shape[1]
+    index = np.asarray(col_idx).astype(np.uint16 if cols <= 1 << 16 else np.int32)
+    return b.sparse_csr("outliers", np.asarray(row_ptr, dtype=np.int32), index, np.asarray(values, np.float16))
 
 
 def aqlm_record(b: RecordBuilder, result: AQLMResult, bits: int, shape: tuple[int, int]) -> dict:
@@ -147,16 +174,29 @@ class AQLM(QuantizesThroughRun, Method):
             raise ConversionError(f"layer {layer.name!r}: the weight holds NaN or Inf")
         with torch.no_grad():
             h = (h + h.T) * 0.5  # the gradient and the beam search assume a symmetric H
-        result = quantize_layer(w, h, settings(config))
+        outliers = salient_weights(w, torch.diagonal(h), config.outlier_fraction)
+        result = quantize_layer(torch.where(outliers, 0.0, w), h, settings(config))
 
         b = record_builder(layer)
         node = aqlm_record(b, result, config.codebook_bits, (rows, cols))
+        deq = result.dequantized
+        n_outliers = int(outliers.sum())
+        if n_outliers:
+            correction = torch.where(outliers, fp16_exact(w - deq), 0.0)
+            r, c = (t.numpy() for t in outliers.nonzero(as_tuple=True))  # row-major: sorted by row, then column
+            row_ptr = np.zeros(rows + 1, dtype=np.int32)
+            np.cumsum(np.bincount(r, minlength=rows), out=row_ptr[1:])
+            node = b.sum([node, outlier_term(b, row_ptr, c, correction[outliers].numpy())])
+            deq = deq + correction  # what sum(scale(vq), sparse_csr) decodes to: one fp32 addition
         reference = float(((w.double() @ h.double()) * w.double()).sum() / rows)
+        diff = (w - deq).double()
+        loss = float(((diff @ h.double()) * diff).sum() / rows)
         info = {"method": self.name, "params": config.to_params(), "epochs": len(result.epochs),
-                "init_loss": result.init_loss, "loss": result.loss,
-                "relative_output_error": result.loss / reference if reference > 0 else 0.0,
+                "init_loss": result.init_loss, "loss": loss,
+                "relative_output_error": loss / reference if reference > 0 else 0.0,
+                "outliers": n_outliers, "outlier_share": n_outliers / (rows * cols),
                 "bits_per_weight": sum(a.nbytes for a in b.tensors.values()) * 8 / (rows * cols)}
-        return MethodResult(b.finish(node, info), result.dequantized, info)
+        return MethodResult(b.finish(node, info), deq, info)
 
 
     def tune_block(self, block: BlockTuning, config: AQLMConfig) -> dict[str, QuantizedTensor] | None:
@@ -166,11 +206,14 @@ class AQLM(QuantizesThroughRun, Method):
             return None
 
         def rebuild(qt: QuantizedTensor, codes: torch.Tensor, books: torch.Tensor,
-                    scales: torch.Tensor) -> QuantizedTensor:
+                    scales: torch.Tensor, outliers: tuple[np.ndarray, np.ndarray, np.ndarray] | None
+                    ) -> QuantizedTensor:
             rows, cols = (int(n) for n in qt.record["shape"])
             kept = AQLMResult(codes, round_books(books), round_scales(scales), torch.empty(0), 0.0, 0.0)
             b = RecordBuilder(qt.name, (rows, cols), qt.record["dtype"])
             node = aqlm_record(b, kept, config.codebook_bits, (rows, cols))
+            if outliers is not None:  # kept as they were: the tuning added them as a constant
+                node = b.sum([node, outlier_term(b, *outliers)])
             info = {**(qt.record.get("info") or {}), "finetuned": {"steps": config.finetune_steps,
                                                                    "lr": config.finetune_lr,
                                                                    "norms": config.finetune_norms}}
