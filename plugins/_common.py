@@ -1,11 +1,12 @@
-"""What the built-in methods share: common parameters (config fields), the result type, weight intake and GPTQ/RTN
-storage."""
+"""What the built-in methods share: common parameters (config fields), the result type, weight intake, GPTQ/RTN
+storage and the fp16 sparse outlier term."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from qformat.plugin import LayerInput, MethodConfig, QuantizedTensor, RecordBuilder, param
@@ -65,3 +66,15 @@ def affine_record(b: RecordBuilder, codes: torch.Tensor, scale: torch.Tensor, ze
     zero_node: Any = float(1 << bits) / 2 if sym else b.packed("zero", to_uint8(zero), bits)
     return b.affine(b.packed("codes", to_uint8(codes), bits), scale=b.tensor("scale", to_fp16(scale)), zero=zero_node,
                     bits=bits, group_shape=(1, group))
+
+
+def sparse_outliers(b: RecordBuilder, mask: torch.Tensor, values: torch.Tensor, role: str = "outliers") -> Any:
+    """The fp16 ``sparse_csr`` term of ``values`` (the weights or corrections at ``mask``'s positions, row-major as
+    ``mask.nonzero()`` lists them) over the record's [R, C]."""
+    rows, cols = mask.shape
+    r, c = (t.numpy() for t in mask.nonzero(as_tuple=True))  # row-major: sorted by row, then column
+    row_ptr = np.zeros(rows + 1, dtype=np.int32)
+    np.cumsum(np.bincount(r, minlength=rows), out=row_ptr[1:])
+    col_idx = c.astype(np.uint16 if cols <= 1 << 16 else np.int32)
+    return b.sparse_csr(role, row_ptr, col_idx, to_fp16(values))
+

@@ -61,7 +61,7 @@ from qformat.plugin import (
 
 from ._aqlm_core import AQLMResult, AQLMSettings, quantize_layer, round_books, round_scales
 from ._aqlm_tune import tune
-from ._common import MethodResult, QuantizesThroughRun, record_builder, weight_matrix
+from ._common import MethodResult, QuantizesThroughRun, record_builder, sparse_outliers, weight_matrix
 from ._gptq_core import check_hessian
 from ._quantizers import fp16_exact, to_fp16
 
@@ -183,10 +183,7 @@ class AQLM(QuantizesThroughRun, Method):
         n_outliers = int(outliers.sum())
         if n_outliers:
             correction = torch.where(outliers, fp16_exact(w - deq), 0.0)
-            r, c = (t.numpy() for t in outliers.nonzero(as_tuple=True))  # row-major: sorted by row, then column
-            row_ptr = np.zeros(rows + 1, dtype=np.int32)
-            np.cumsum(np.bincount(r, minlength=rows), out=row_ptr[1:])
-            node = b.sum([node, outlier_term(b, row_ptr, c, correction[outliers].numpy())])
+            node = b.sum([node, sparse_outliers(b, outliers, correction[outliers])])
             deq = deq + correction  # what sum(scale(vq), sparse_csr) decodes to: one fp32 addition
         reference = float(((w.double() @ h.double()) * w.double()).sum() / rows)
         diff = (w - deq).double()

@@ -14,12 +14,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from qformat.plugin import LayerInput, Method, MethodConfig, hookimpl, param
 
-from ._common import MethodResult, QuantizesThroughRun, record_builder, weight_matrix
+from ._common import MethodResult, QuantizesThroughRun, record_builder, sparse_outliers, weight_matrix
 from ._gptq_core import check_hessian, column_blocks, error_feedback, prepare_hessian
 from ._quantizers import (
     QuantizedStats,
@@ -148,11 +147,7 @@ class SpQR(QuantizesThroughRun, Method):
         n_outliers = int(mask.sum())
         terms = [dense]
         if n_outliers:
-            r, c = (t.numpy() for t in mask.nonzero(as_tuple=True))  # row-major: sorted by row, then column
-            row_ptr = np.zeros(rows + 1, dtype=np.int32)
-            np.cumsum(np.bincount(r, minlength=rows), out=row_ptr[1:])
-            col_idx = c.astype(np.uint16 if cols <= 1 << 16 else np.int32)
-            terms.append(b.sparse_csr("outliers", row_ptr, col_idx, to_fp16(corrections_t.T[mask])))
+            terms.append(sparse_outliers(b, mask, corrections_t.T[mask]))
         node = b.sum(terms)
         if perm is not None:
             node = b.permute(node, perm.numpy())

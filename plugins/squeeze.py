@@ -32,13 +32,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from qformat.errors import ConversionError
 from qformat.plugin import LayerInput, Method, MethodConfig, hookimpl, param
 
-from ._common import MethodResult, QuantizesThroughRun, record_builder, weight_matrix
+from ._common import MethodResult, QuantizesThroughRun, record_builder, sparse_outliers, weight_matrix
 from ._kmeans import kmeans_rows, nearest_codes
 from ._quantizers import fp16_exact, to_fp16, to_uint8
 
@@ -135,11 +134,7 @@ class SqueezeLLM(QuantizesThroughRun, Method):
                        group_shape=(1, cols))]
         n_outliers = int(outliers.sum())
         if n_outliers:
-            r, c = (t.numpy() for t in outliers.nonzero(as_tuple=True))  # row-major: sorted by row, then column
-            row_ptr = np.zeros(rows + 1, dtype=np.int32)
-            np.cumsum(np.bincount(r, minlength=rows), out=row_ptr[1:])
-            col_idx = c.astype(np.uint16 if cols <= 1 << 16 else np.int32)
-            terms.append(b.sparse_csr("outliers", row_ptr, col_idx, to_fp16(correction[outliers])))
+            terms.append(sparse_outliers(b, outliers, correction[outliers]))
         numel = rows * cols
         weighted_error = float((diag * (w - deq).square()).sum() / (diag * w.square()).sum().clamp_min(1e-30))
         info = {"method": self.name, "params": config.to_params(), "outliers": n_outliers,
