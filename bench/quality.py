@@ -146,13 +146,13 @@ def convert(name: str, model: str, out: Path, args: argparse.Namespace) -> dict:
     # before the default became 8-bit per channel was measured that way).
     cmd += ["--output-layer", str(params.get("output_layer", "keep")).replace(";", ",")]
     for key, value in params.items():
+        if key == "output_layer":
+            continue  # above
         if key == "true_sequential":
             cmd += ["--true-sequential"] if value else []
         elif key == "transform":
             for spec in filter(None, str(value).split("+")):
                 cmd += ["--transform", spec.replace(";", ",")]
-        elif key == "output_layer":
-            pass  # above
         else:
             cmd += ["-p", f"{key}={value}"]
     env = dict(os.environ)

@@ -58,16 +58,13 @@ class _Tuned:
             raise PluginError(f"aqlm tune_block: {qt.name} is not an aqlm record (scale(vq(codes, codebooks)), "
                               "optionally + sparse_csr outliers)")
         rows, cols = lowered.rows, lowered.cols
-        self.outliers: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-        self.extra: torch.Tensor | None = None
+        self.outliers: torch.Tensor | None = None  # bool [R, C]: where the sparse term has entries
+        self.extra: torch.Tensor | None = None  # the sparse term as a dense fp32 matrix
         if sparse:
             s = sparse[0]
-            values = np.asarray(s.values, dtype=np.float32)
-            self.outliers = (np.asarray(s.row_ptr), np.asarray(s.col_idx), values.astype(np.float16))
-            extra = torch.zeros(rows, cols)
-            extra[torch.from_numpy(np.asarray(s.row_of)), torch.from_numpy(np.asarray(s.col_idx))] = \
-                torch.from_numpy(values)
-            self.extra = extra
+            where = (torch.from_numpy(np.asarray(s.row_of)), torch.from_numpy(np.asarray(s.col_idx)))
+            self.outliers = torch.zeros(rows, cols, dtype=torch.bool).index_put_(where, torch.tensor(True))
+            self.extra = torch.zeros(rows, cols).index_put_(where, torch.from_numpy(np.asarray(s.values, np.float32)))
         books = np.asarray(term.books, dtype=np.float32)
         n_books, _, width = books.shape
         codes = np.asarray(term.codes.values(), dtype=np.int64).reshape(rows, cols // width, n_books)
@@ -88,7 +85,7 @@ def tune(block: BlockTuning, steps: int, lr: float, tune_norms: bool,
          rebuild: Any) -> dict[str, QuantizedTensor]:
     """Adam over the block's calibration batches (one batch a step, in order), then the records rebuilt by
     ``rebuild(qt, codes [R, G, M], books fp32 [M, K, g], scales fp32 [R, 1], outliers)`` (which rounds to fp16;
-    ``outliers``: the sparse term's (row_ptr, col_idx, fp16 values) as they were, or None)."""
+    ``outliers``: the sparse term as it was, (mask [R, C], its values in row-major order), or None)."""
     tuned = {name: _Tuned(qt) for name, qt in block.records.items()}
     modules = {name: block.block.get_submodule(name) for name in tuned}
     params: list[torch.nn.Parameter] = [p for t in tuned.values() for p in (t.books, t.scales)]
@@ -112,5 +109,6 @@ def tune(block: BlockTuning, steps: int, lr: float, tune_norms: bool,
     finally:
         for module in modules.values():
             del module.forward  # the instance attribute set above: the class's forward again
-    return {name: rebuild(block.records[name], t.codes, t.books.detach(), t.scales.detach(), t.outliers)
+    return {name: rebuild(block.records[name], t.codes, t.books.detach(), t.scales.detach(),
+                          None if t.outliers is None else (t.outliers, t.extra[t.outliers]))
             for name, t in tuned.items()}

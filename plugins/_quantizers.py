@@ -65,14 +65,19 @@ def gptq_round(scaled: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Ten
     return scaled.round_().add_(zero).clamp_(0, (1 << bits) - 1)
 
 
+def largest_share(scores: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Mask of the round(fraction * numel) largest ``scores`` (ties at the threshold are all kept): the outliers of
+    squeeze (|w|) and aqlm (w² H_cc)."""
+    count = round(fraction * scores.numel())
+    if count == 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    threshold = torch.kthvalue(scores.reshape(-1), scores.numel() - count + 1).values
+    return scores >= threshold
+
+
 def grouped(x: torch.Tensor, group: int) -> list[torch.Tensor]:
     """Views of x [R, C] split into column groups of ``group`` (the last one may be shorter)."""
     return list(torch.split(x, group, dim=1))
-
-
-def expand_columns(params: torch.Tensor, group: int, cols: int) -> torch.Tensor:
-    """Per-group parameters [R, G] broadcast to [R, cols] (the last group may be ragged)."""
-    return params.repeat_interleave(group, dim=1)[:, :cols]
 
 
 # -- SpQR quantizer (quant_groups.py): plain min-max, float zero, quantized statistics ------------------------------

@@ -59,11 +59,11 @@ from qformat.plugin import (
     param,
 )
 
-from ._aqlm_core import AQLMResult, AQLMSettings, quantize_layer, round_books, round_scales
+from ._aqlm_core import AQLMResult, AQLMSettings, objective, quantize_layer, round_books, round_scales
 from ._aqlm_tune import tune
 from ._common import MethodResult, QuantizesThroughRun, record_builder, sparse_outliers, weight_matrix
 from ._gptq_core import check_hessian
-from ._quantizers import fp16_exact, to_fp16
+from ._quantizers import fp16_exact, largest_share, to_fp16
 
 MAX_CODE_BITS = 16  # the packed codec's widest code
 
@@ -122,23 +122,6 @@ def settings(config: AQLMConfig) -> AQLMSettings:
                         config.relative_tolerance, config.seed)
 
 
-def salient_weights(w: torch.Tensor, diag: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Mask of the round(fraction · numel) weights with the largest w² · H_cc (ties at the threshold all kept)."""
-    count = round(fraction * w.numel())
-    if count == 0:
-        return torch.zeros_like(w, dtype=torch.bool)
-    saliency = w.square() * diag.clamp_min(0.0)[None, :]
-    threshold = torch.kthvalue(saliency.reshape(-1), w.numel() - count + 1).values
-    return saliency >= threshold
-
-
-def outlier_term(b: RecordBuilder, row_ptr: np.ndarray, col_idx: np.ndarray, values: np.ndarray) -> dict:
-    """The fp16 sparse_csr term of the outliers (``values`` already fp16-exact)."""
-    cols = b.matrix_shape[1]
-    index = np.asarray(col_idx).astype(np.uint16 if cols <= 1 << 16 else np.int32)
-    return b.sparse_csr("outliers", np.asarray(row_ptr, dtype=np.int32), index, np.asarray(values, np.float16))
-
-
 def aqlm_record(b: RecordBuilder, result: AQLMResult, bits: int, shape: tuple[int, int]) -> dict:
     """The AQLM importer's tree: scale(vq(packed codes, codebooks [M, K, g]), scales [R, 1], [1, C])."""
     rows, cols = shape
@@ -174,7 +157,8 @@ class AQLM(QuantizesThroughRun, Method):
             raise ConversionError(f"layer {layer.name!r}: the weight holds NaN or Inf")
         with torch.no_grad():
             h = (h + h.T) * 0.5  # the gradient and the beam search assume a symmetric H
-        outliers = salient_weights(w, torch.diagonal(h), config.outlier_fraction)
+        # SpQR's saliency w² · H_cc
+        outliers = largest_share(w.square() * torch.diagonal(h).clamp_min(0.0)[None, :], config.outlier_fraction)
         result = quantize_layer(torch.where(outliers, 0.0, w), h, settings(config))
 
         b = record_builder(layer)
@@ -186,8 +170,7 @@ class AQLM(QuantizesThroughRun, Method):
             node = b.sum([node, sparse_outliers(b, outliers, correction[outliers])])
             deq = deq + correction  # what sum(scale(vq), sparse_csr) decodes to: one fp32 addition
         reference = float(((w.double() @ h.double()) * w.double()).sum() / rows)
-        diff = (w - deq).double()
-        loss = float(((diff @ h.double()) * diff).sum() / rows)
+        loss = objective(w, deq, h) if n_outliers else result.loss
         info = {"method": self.name, "params": config.to_params(), "epochs": len(result.epochs),
                 "init_loss": result.init_loss, "loss": loss,
                 "relative_output_error": loss / reference if reference > 0 else 0.0,
@@ -203,14 +186,13 @@ class AQLM(QuantizesThroughRun, Method):
             return None
 
         def rebuild(qt: QuantizedTensor, codes: torch.Tensor, books: torch.Tensor,
-                    scales: torch.Tensor, outliers: tuple[np.ndarray, np.ndarray, np.ndarray] | None
-                    ) -> QuantizedTensor:
+                    scales: torch.Tensor, outliers: tuple[torch.Tensor, torch.Tensor] | None) -> QuantizedTensor:
             rows, cols = (int(n) for n in qt.record["shape"])
             kept = AQLMResult(codes, round_books(books), round_scales(scales), torch.empty(0), 0.0, 0.0)
             b = RecordBuilder(qt.name, (rows, cols), qt.record["dtype"])
             node = aqlm_record(b, kept, config.codebook_bits, (rows, cols))
             if outliers is not None:  # kept as they were: the tuning added them as a constant
-                node = b.sum([node, outlier_term(b, *outliers)])
+                node = b.sum([node, sparse_outliers(b, *outliers)])
             info = {**(qt.record.get("info") or {}), "finetuned": {"steps": config.finetune_steps,
                                                                    "lr": config.finetune_lr,
                                                                    "norms": config.finetune_norms}}

@@ -39,7 +39,7 @@ from qformat.plugin import LayerInput, Method, MethodConfig, hookimpl, param
 
 from ._common import MethodResult, QuantizesThroughRun, record_builder, sparse_outliers, weight_matrix
 from ._kmeans import kmeans_rows, nearest_codes
-from ._quantizers import fp16_exact, to_fp16, to_uint8
+from ._quantizers import fp16_exact, largest_share, to_fp16, to_uint8
 
 POWER_EXPONENTS = tuple(0.5 + 0.1 * i for i in range(16))  # 0.5 .. 2.0; 1.0 is the uniform symmetric grid
 
@@ -68,16 +68,6 @@ def hessian_diagonal(hessian: Any, cols: int, layer: str) -> torch.Tensor:
     if not torch.isfinite(diag).all():
         raise ConversionError(f"layer {layer!r}: the Hessian diagonal holds NaN or Inf (calibration overflowed?)")
     return diag.clamp_min(0.0)
-
-
-def largest_magnitudes(w: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Mask of the round(fraction * numel) largest |w| (ties at the threshold are all kept)."""
-    count = round(fraction * w.numel())
-    if count == 0:
-        return torch.zeros_like(w, dtype=torch.bool)
-    a = w.abs()
-    threshold = torch.kthvalue(a.reshape(-1), w.numel() - count + 1).values
-    return a >= threshold
 
 
 def power_tables(w: torch.Tensor, weight: torch.Tensor, bits: int) -> torch.Tensor:
@@ -115,7 +105,7 @@ class SqueezeLLM(QuantizesThroughRun, Method):
         w = weight_matrix(layer)
         rows, cols = w.shape
         diag = hessian_diagonal(layer.hessian, cols, layer.name)
-        outliers = largest_magnitudes(w, config.outlier_fraction)
+        outliers = largest_share(w.abs(), config.outlier_fraction)
         weight = diag.expand(rows, cols) * ((w != 0) & ~outliers)
         weight = torch.where(weight.sum(1, keepdim=True) > 0, weight, torch.ones_like(weight))  # as the reference
         iterations = 0
