@@ -200,6 +200,39 @@ def vptq(rows: int, cols: int, seed: int = 0, v: int = 8, entries: int = 256, re
     return b.finish(node)
 
 
+def bcq(rows: int, cols: int, seed: int = 0, planes: int = 3, group: int = 128, offset: bool = False) -> QuantizedTensor:
+    """BCQ (plugins/bcq.py): sum over planes of affine(1-bit packed plane, F16 scale 2α [R, G], zero 0.5, [1, g]);
+    with ``offset`` (uniform=true) the first term is affine version 2 with an F16 offset [R, G]."""
+    rng = np.random.default_rng(seed)
+    b = RecordBuilder("w", (rows, cols), "BF16")
+    groups = -(-cols // group)
+    terms = [b.affine(b.packed(f"plane{i}", rng.integers(0, 2, (rows, cols)), 1), scale=b.tensor(f"alpha{i}",
+             _f16(rng, rows, groups) / 2 ** i), zero=0.5, bits=1, group_shape=(1, group),
+             offset=b.tensor("offset", _f16(rng, rows, groups)) if offset and i == 0 else None)
+             for i in range(planes)]
+    return b.finish(terms[0] if planes == 1 else b.sum(terms))
+
+
+def ternary(rows: int, cols: int, seed: int = 0, per_row: bool = False) -> QuantizedTensor:
+    """BitNet b1.58 (plugins/ternary.py): scale(ternary, F32 factor [1, 1] or [R, 1])."""
+    rng = np.random.default_rng(seed)
+    b = RecordBuilder("w", (rows, cols), "BF16")
+    factor = (rng.random((rows, 1) if per_row else (1, 1)) * 0.02 + 0.01).astype(np.float32)
+    node = b.scale(b.ternary("trits", rng.integers(-1, 2, (rows, cols))), b.tensor("scale", factor),
+                   (1, cols) if per_row else (rows, cols))
+    return b.finish(node)
+
+
+def qmoe(rows: int, cols: int, seed: int = 0) -> QuantizedTensor:
+    """QMoE ternary (plugins/qmoe.py): lut(2-bit packed codes 0..2, per-row table [R, 1, 4] = (min, 0, max, 0))."""
+    rng = np.random.default_rng(seed)
+    b = RecordBuilder("w", (rows, cols), "BF16")
+    table = np.zeros((rows, 1, 4), dtype=np.float32)
+    table[:, 0, 0], table[:, 0, 2] = -rng.random(rows) * 0.05, rng.random(rows) * 0.05
+    node = b.lut(b.packed("codes", rng.integers(0, 3, (rows, cols)), 2), b.tensor("levels", table), (1, cols))
+    return b.finish(node)
+
+
 TREES: dict[str, Callable[..., QuantizedTensor]] = {
     "nf4": nf4,
     "nf4dq": nf4_double_quant,
@@ -224,6 +257,13 @@ TREES: dict[str, Callable[..., QuantizedTensor]] = {
     "aqlm1x16": lambda rows, cols, seed=0: aqlm(rows, cols, seed, books_n=1, bits=16),
     "vptq8": vptq,
     "vptq8r": lambda rows, cols, seed=0: vptq(rows, cols, seed, residual=256),
+    "bcq2": lambda rows, cols, seed=0: bcq(rows, cols, seed, planes=2),
+    "bcq3": bcq,
+    "bcq4": lambda rows, cols, seed=0: bcq(rows, cols, seed, planes=4),
+    "bcq4u": lambda rows, cols, seed=0: bcq(rows, cols, seed, planes=4, offset=True),
+    "ternary": ternary,
+    "ternaryr": lambda rows, cols, seed=0: ternary(rows, cols, seed, per_row=True),
+    "qmoe": qmoe,
 }
 ROW_MULTIPLE = {"vptq8": 8, "vptq8r": 8}  # trees whose rows must be a multiple of this (vq vectors spanning rows)
 
