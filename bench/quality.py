@@ -98,6 +98,16 @@ CONFIGS: dict[str, tuple[str | None, dict[str, object], str]] = {
     "vptq6r": ("vptq", {"vector_len": 6, "codebook_size": 256, "residual_codebook_size": 256},
                "VPTQ v6 k256 + residual k256"),
     "vptq4": ("vptq", {"vector_len": 4, "codebook_size": 4096}, "VPTQ v4 k4096, no residual"),
+    # issue 18: bit-planes and ternary
+    "bcq2": ("bcq", {"bits": 2, "group_size": 128}, "BCQ q=2 g128 (greedy + 15 alternating rounds)"),
+    "bcq3": ("bcq", {"bits": 3, "group_size": 128}, "BCQ q=3 g128"),
+    "bcq4": ("bcq", {"bits": 4, "group_size": 128}, "BCQ q=4 g128"),
+    "bcq3u": ("bcq", {"bits": 3, "group_size": 128, "uniform": True}, "RTN 3-bit g128 in BCQ form (uniform=true)"),
+    "ternary": ("ternary", {}, "BitNet b1.58 absmean ternary, per tensor (post hoc)"),
+    "ternaryr": ("ternary", {"per_row": True}, "BitNet b1.58 absmean ternary, per row (post hoc)"),
+    "qmoe": ("qmoe", {}, "QMoE ternary: per-row {min, 0, max} + GPTQ error feedback"),
+    "pbllm17": ("pbllm", {"salient_fraction": 0.017}, "PB-LLM: 1.7% salient at 8 bits (fp16 sparse), rest binary"),
+    "pbllm25": ("pbllm", {"salient_fraction": 0.039}, "PB-LLM: 3.9% salient at 8 bits (fp16 sparse), rest binary"),
     # AQLM with the 0.1% most salient weights (w^2 H_cc) kept in fp16 (MiniLM's FFN output layers need it)
     "aqlm2x8nfo": ("aqlm", {"codebooks": 2, "codebook_bits": 8, "in_group_size": 8, "finetune": False,
                             "outlier_fraction": 0.001}, "AQLM 2x8 g8, no fine-tuning, 0.1% fp16 outliers"),
@@ -204,7 +214,10 @@ MINILM_CONFIGS = ["rtn4", "gptq4", "gptq4ao", "rtn3", "gptq3", "gptq3ao", "spqr3
                   # issue 17; the in-process harness runs no block fine-tuning (AQLM.tune_block is a pipeline stage),
                   # so only the finetune=false AQLM rows are here
                   "rtn2", "gptq2", "aqlm2x8nf", "vptq8", "vptq8r", "aqlm2x8g6nf", "aqlm3x8nf", "vptq6r", "vptq4",
-                  "aqlm2x8nfo", "aqlm2x8g6nfo"]
+                  "aqlm2x8nfo", "aqlm2x8g6nfo",
+                  # issue 18
+                  "bcq2", "bcq3", "bcq4", "bcq3u", "ternary", "ternaryr", "qmoe", "pbllm17",
+                  "pbllm25"]
 
 
 def minilm_folder() -> Path:
