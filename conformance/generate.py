@@ -578,8 +578,37 @@ def v_bitstack() -> Valid:
     d = draft("bitstack_three_blocks", (16, 24))
     nodes, parts, bounds = zip(*(sign_block(d.b, d.rng, i, (16, 24), 2, planes=(i == 1)) for i in range(3)),
                                strict=True)
-    return d.valid("BitStack: a sum of three sign x rank-2 blocks (block 1's signs stored as a bit-plane)",
-                   d.b.sum(list(nodes)), parts[0] + parts[1] + parts[2], product_bounds={d.b.name: sum(bounds)})
+    v = d.valid("BitStack: a sum of three sign x rank-2 blocks (block 1's signs stored as a bit-plane)",
+                d.b.sum(list(nodes)), parts[0] + parts[1] + parts[2], product_bounds={d.b.name: sum(bounds)})
+    v.extra.append(("bitstack_keep_terms_2", "same file decoded with keep_terms=2 (spec/partial.md): blocks 0 and 1",
+                    {"keep_terms": 2}, {d.b.name: parts[0] + parts[1]}))
+    return v
+
+
+def v_bcq() -> Valid:
+    """BCQ (composition.md): three 1-bit affine planes, zero 0.5, scale 2 alpha per group of 16; the first carries
+    an offset (the uniform form)."""
+    rows, cols, g = 6, 40, 16
+    d = draft("bcq_three_planes", (rows, cols), "F16", "model.layers.0.mlp.up_proj.weight")
+    b = d.b
+    groups = -(-cols // g)
+    offset = fp16(d.rng, (rows, groups), 0.01)
+    terms, values = [], []
+    for i in range(3):
+        bits = codes(d.rng, (rows, cols), 1)
+        scale = fp16(d.rng, (rows, groups), 0.1 / 2 ** i, positive=True)
+        node = b.affine(b.packed(f"plane{i}", bits, 1), scale=b.tensor(f"alpha{i}", scale), zero=0.5, bits=1,
+                        group_shape=(1, g), offset=b.tensor("offset", offset) if i == 0 else None)
+        value = (f32(bits) - np.float32(0.5)) * np.repeat(f32(scale), g, axis=1)[:, :cols]
+        if i == 0:
+            value = value + np.repeat(f32(offset), g, axis=1)[:, :cols]
+        terms.append(node)
+        values.append(value)
+    v = d.valid("BCQ: three sign planes (1-bit affine, zero 0.5, scale 2 alpha per 16 columns, a short last group), "
+                "the first with an F16 offset", b.sum(terms), (values[0] + values[1]) + values[2])
+    v.extra.append(("bcq_keep_terms_1", "same file decoded with keep_terms=1 (spec/partial.md): the first plane "
+                    "and the offset", {"keep_terms": 1}, {b.name: values[0]}))
+    return v
 
 
 def v_permute() -> Valid:
@@ -648,8 +677,13 @@ def v_residual() -> Valid:
     t1, w1 = affine(d.b, q1, 2, (1, 32), s1, 1.5, roles=("stage0.codes", "stage0.scale", "stage0.zero"))
     t2, w2 = affine(d.b, q2, 2, (1, 32), s2, 1.5, roles=("stage1.codes", "stage1.scale", "stage1.zero"))
     dense = sparse_dense(d.rng, (6, 48), 0.05)
-    return d.valid("two 2-bit residual stages plus outliers, summed left to right in fp32",
-                   d.b.sum([t1, t2, d.b.sparse_from_dense("outliers", dense)]), w1 + w2 + f32(dense))
+    v = d.valid("two 2-bit residual stages plus outliers, summed left to right in fp32",
+                d.b.sum([t1, t2, d.b.sparse_from_dense("outliers", dense)]), w1 + w2 + f32(dense))
+    v.extra.append(("residual_keep_terms_1", "same file decoded with keep_terms=1 (spec/partial.md): stage 0 only",
+                    {"keep_terms": 1}, {d.b.name: w1}))
+    v.extra.append(("residual_keep_terms_9", "keep_terms larger than the stack: every term", {"keep_terms": 9},
+                    {d.b.name: w1 + w2 + f32(dense)}))
+    return v
 
 
 def v_conv() -> Valid:
@@ -746,7 +780,7 @@ def valid_vectors() -> list[Valid]:
                 v_affine_w16(), v_lut_nf4(), v_lut_per_tile(), v_lut_tile_table_1x1(), v_lut_fp8(),
                 v_scale_input_channel(), v_vq_single(),
                 v_vq_aqlm(), v_vq_tensor_codes(), v_sparse_only(), v_sparse_wide_indices(), v_sparse_empty(),
-                v_lowrank_only(), v_lowrank_sidecar(), v_sign_lowrank(), v_bitstack(), v_permute(),
+                v_lowrank_only(), v_lowrank_sidecar(), v_sign_lowrank(), v_bitstack(), v_bcq(), v_permute(),
                 v_gptq_act_order(), v_spqr(), v_nf4_double_quant(), v_residual(), v_conv(), v_one_by_one(),
                 v_multi_record(), v_depth_limit()]
     vectors += [v_group_larger_than_output()]

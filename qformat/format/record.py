@@ -10,6 +10,7 @@ import numpy as np
 from ..errors import FormatError, ResourceError
 from .codecs import CORE_CODECS, CodecRegistry, Context, NodeInfo, TensorInfo
 from .dtypes import WEIGHT_DTYPES
+from .partial import keep_terms
 
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = frozenset({1})
@@ -121,6 +122,8 @@ def _decode_ranges(name: str, record: dict, tensor_info: Callable[[str], TensorI
     """Validate, then decode the record range by range: into one fp32 matrix (``keep``) or only to check the data."""
     ctx = Context(registry, tensor_info, load, dict(options or {}))
     _validate(name, record, ctx)
+    if ctx.options.get("keep_terms") is not None:  # a partial load (spec/partial.md): the stack's first K terms
+        record = keep_terms(record, ctx.options["keep_terms"])
     shape = matrix_shape(tuple(record["shape"]))
     # Decoding keeps whole-record matrix products (BLAS results may depend on the split); checking may split them.
     ranges = _row_ranges(ctx, record["weight"], shape, split_products=not keep)

@@ -110,19 +110,24 @@ def _swap_embedding(model: nn.Module, module_name: str, module: nn.Embedding, re
 
 
 def attach_prepared(model: nn.Module, folder: ModelFolder, swapped: Mapping[str, str], device: str,
-                    kernel: str | None = None) -> None:
+                    kernel: str | None = None, keep_terms: Mapping[str, int] | None = None) -> None:
     """Prepare every QLinear's weight from the folder's mapped packed tensors, with the dispatcher's choice or the
-    forced ``kernel`` (a name, ``"torch"`` included; errors as for ``QFORMAT_KERNEL``: see dispatch.select_kernel)."""
+    forced ``kernel`` (a name, ``"torch"`` included; errors as for ``QFORMAT_KERNEL``: see dispatch.select_kernel).
+    ``keep_terms``: record name -> terms of its stack to keep (a partial load, spec/partial.md; the dropped terms'
+    tensors are never read)."""
+    from ..format.partial import truncated
     from .dispatch import prepare_weight
 
     for module_name, record_name in swapped.items():
         module = model.get_submodule(module_name)
+        quantized = folder.quantized(record_name)
+        if keep_terms and record_name in keep_terms:
+            quantized = truncated(quantized, keep_terms[record_name])
         if isinstance(module, QEmbedding):
-            quantized = folder.quantized(record_name)
             module.attach(quantized.row_reader(folder.registry),
                           sum(int(a.nbytes) for a in quantized.tensors.values()))
             continue
-        module.attach(prepare_weight(folder.quantized(record_name), device, forced=kernel))
+        module.attach(prepare_weight(quantized, device, forced=kernel))
         module.kernel_device = torch.device(device).type
 
 

@@ -40,6 +40,7 @@ from .assemble import (
 from .checksums import VerifyMode
 from .model_folder import _exists, local_path, open_model_folder
 from .nn import fuse_shared_inputs
+from .partial_load import plan_partial
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -100,7 +101,8 @@ def _skeleton(source: str | os.PathLike, dtype: torch.dtype | str | None,
 
 def load(source: str | os.PathLike, device: str | torch.device = "cpu", *,
          kernel: str | None = None, dtype: torch.dtype | str | None = None, fuse: bool = True,
-         verify: VerifyMode = "auto") -> PreTrainedModel:
+         verify: VerifyMode = "auto", max_memory: int | str | None = None,
+         keep_terms: int | None = None) -> PreTrainedModel:
     """A transformers model whose quantized linears are :class:`QLinear` layers holding packed weights.
 
     ``source``: a local qformat model folder (:func:`qformat.load` also takes Hub ids).
@@ -111,13 +113,18 @@ def load(source: str | os.PathLike, device: str | torch.device = "cpu", *,
     ``verify``: check the shards against the checksums config.json records: "auto" (default) hashes files not
     verified before (remembered by file identity), True hashes every time, False skips the check (unsafe);
     see :func:`verify_shards`.
+    ``max_memory`` (bytes or "60MB", "1.5GiB"): load the largest prefix of the file's stacks (BitStack blocks, BCQ
+    planes) whose tensors fit; ``keep_terms``: keep that many terms of every stack (spec/partial.md). The plan is
+    ``model.qformat_partial`` (None for a full load).
     """
     with _skeleton(source, dtype, verify) as (path, folder, dtype, model):
+        plan = plan_partial(folder, max_memory, keep_terms)
         swapped = swap_in_qlinears(model, folder.records)
         check_complete(model, folder, path)
         unused = bind_plain_tensors(model, folder, dtype)
         device = _device_name(device)
-        attach_prepared(model, folder, swapped, device, kernel)
+        attach_prepared(model, folder, swapped, device, kernel, plan.terms if plan else None)
+        model.qformat_partial = plan
         if fuse:
             fuse_shared_inputs(model)
         release_record_pages(folder, list(swapped.values()))

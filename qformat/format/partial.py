@@ -1,0 +1,130 @@
+"""Partial loads (spec/partial.md): a record read from a prefix of its bytes, at fewer terms of its stack.
+
+``keep_terms(record, K)`` cuts the record's *stack* (its ``sum`` weight, or the ``sum`` directly under an outer
+``scale``: BitStack's input-channel scale) to its first K terms, a plain record any kernel runs; the dropped terms'
+tensors are never read (memory-mapped: never paged in). BCQ's planes and BitStack's blocks are such terms.
+
+The model-wide choice: :func:`stack_order` ranks every record's optional terms (level by level, by the gain per
+byte its writer recorded in ``info.stack_gains``), :func:`plan_terms` keeps the longest prefix of that ranking that
+fits a byte budget.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ..errors import FormatError
+
+
+def stack_node(record: Mapping[str, Any]) -> dict | None:
+    """The record's stack: its ``sum`` weight, or the ``sum`` that is the input of an outer ``scale``; else None."""
+    node = record.get("weight")
+    if isinstance(node, dict) and node.get("codec") == "scale":
+        node = node.get("input")
+    return node if isinstance(node, dict) and node.get("codec") == "sum" else None
+
+
+def stack_size(record: Mapping[str, Any]) -> int:
+    """Terms in the record's stack (1 for a record without one: it loads whole)."""
+    node = stack_node(record)
+    return len(node["terms"]) if node is not None else 1
+
+
+def keep_terms(record: Mapping[str, Any], count: int) -> dict:
+    """A copy of ``record`` whose stack keeps its first ``count`` terms (all when ``count`` >= their number; a
+    record without a stack is returned unchanged). ``storage_bytes`` is left as it was: use :func:`referenced` to
+    count what the cut tree reads."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise FormatError("bad_field", f"keep_terms must be an integer >= 1, got {count!r}", field="keep_terms")
+    out = copy.deepcopy(dict(record))
+    node = stack_node(out)
+    if node is not None:
+        node["terms"] = node["terms"][:count]
+    return out
+
+
+def referenced(node: Any) -> list[str]:
+    """Tensor names a tree reads, in first-use order, each once."""
+    names: list[str] = []
+
+    def walk(value: Any, key: str | None = None) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, k)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+        elif isinstance(value, str) and key in TENSOR_FIELDS and value not in names:
+            names.append(value)
+
+    walk(node)
+    return names
+
+
+TENSOR_FIELDS = frozenset({"tensor", "row_ptr", "col_idx", "perm"})
+
+
+def truncated(qt: Any, count: int) -> Any:
+    """A :class:`~qformat.format.QuantizedTensor` whose stack keeps its first ``count`` terms, holding only the
+    tensors the cut tree reads and their ``storage_bytes`` (the others are never touched)."""
+    from .qfile import QuantizedTensor
+
+    record = keep_terms(qt.record, count)
+    names = referenced(record["weight"])
+    tensors = {name: qt.tensors[name] for name in names}
+    record["storage_bytes"] = sum(int(a.nbytes) for a in tensors.values())
+    return QuantizedTensor(qt.name, record, tensors)
+
+
+def term_bytes(record: Mapping[str, Any], nbytes: Callable[[str], int]) -> list[int]:
+    """Bytes each stack term adds (tensors first read by that term; term 0 also carries everything outside the
+    stack); a record without a stack is one term of all its bytes."""
+    node = stack_node(record)
+    if node is None:
+        return [sum(nbytes(n) for n in referenced(record["weight"]))]
+    seen = set(referenced(keep_terms(record, 1)["weight"]))
+    sizes = [sum(nbytes(n) for n in seen)]
+    for term in node["terms"][1:]:
+        new = [n for n in referenced(term) if n not in seen]
+        seen.update(new)
+        sizes.append(sum(nbytes(n) for n in new))
+    return sizes
+
+
+# -- model-wide budgets ------------------------------------------------------------------------------------------
+
+TermBytes = Callable[[str, int], int]  # (record name, term index) -> bytes that term adds
+
+
+def stack_order(records: Mapping[str, Mapping[str, Any]], term_bytes: TermBytes) -> list[tuple[str, int]]:
+    """Every optional term (index >= 1) of every stack, in the order a loader adds them: level by level (all terms
+    1 before any term 2, as BitStack's levels), within a level by the writer's ``info.stack_gains[i]`` per byte,
+    largest first (no gains: by index, then name). Deterministic."""
+    entries = []
+    for name, record in records.items():
+        gains = (record.get("info") or {}).get("stack_gains")
+        for i in range(1, stack_size(record)):
+            gain = float(gains[i]) if isinstance(gains, list) and i < len(gains) else 0.0
+            entries.append((i, -gain / max(1, term_bytes(name, i)), name))
+    return [(name, i) for i, _, name in sorted(entries)]
+
+
+def plan_terms(records: Mapping[str, Mapping[str, Any]], term_bytes: TermBytes, base_bytes: int, budget: int
+               ) -> tuple[dict[str, int], int]:
+    """(terms to keep per stacked record, total bytes) for the longest prefix of :func:`stack_order` whose bytes,
+    on top of ``base_bytes`` (everything else, with every stack at one term), fit ``budget``. Raises ValueError when
+    even ``base_bytes`` does not fit."""
+    if base_bytes > budget:
+        raise ValueError(f"the smallest load needs {base_bytes / 2**20:.1f} MiB (every stack at 1 term), over the "
+                         f"budget of {budget / 2**20:.1f} MiB")
+    keep = {name: 1 for name, record in records.items() if stack_node(record) is not None}
+    total = base_bytes
+    for name, i in stack_order(records, term_bytes):
+        size = term_bytes(name, i)
+        if total + size > budget:
+            break
+        keep[name] = i + 1
+        total += size
+    return keep, total

@@ -1,0 +1,83 @@
+"""Which prefix of a folder to load (spec/partial.md): a memory budget or a fixed number of stack terms.
+
+    plan = plan_partial(folder, max_memory="60MB")   # BitStack: the most blocks that fit
+    plan = plan_partial(folder, keep_terms=2)        # BCQ: the first 2 planes of every weight
+
+Sizes are the bytes of the folder's tensors a load reads (packed weights, statistics, plain tensors such as the
+embedding), not Python and activation memory.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import LoadError
+from ..format import ModelFolder
+from ..format import partial
+
+UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from ``123456``, ``"60MB"``, ``"1.5 GiB"`` (decimal kB/MB/GB, binary KiB/MiB/GiB)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise LoadError(f"max_memory must be positive, got {value}")
+        return value
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in UNITS:
+        raise LoadError(f"max_memory {value!r}: expected a size such as 60MB, 1.5GiB or a number of bytes")
+    size = int(float(match.group(1)) * UNITS[match.group(2).lower()])
+    if size <= 0:
+        raise LoadError(f"max_memory {value!r} must be positive")
+    return size
+
+
+@dataclass
+class PartialPlan:
+    """What a partial load keeps: terms per stacked record, and the bytes read against the folder's total."""
+
+    terms: dict[str, int] = field(default_factory=dict)
+    loaded_bytes: int = 0
+    full_bytes: int = 0
+    smallest_bytes: int = 0
+    budget: int | None = None
+
+    def summary(self) -> dict[str, Any]:
+        kept = sum(self.terms.values())
+        return {"stacked_records": len(self.terms), "terms_kept": kept, "loaded_bytes": self.loaded_bytes,
+                "full_bytes": self.full_bytes, "smallest_bytes": self.smallest_bytes, "budget": self.budget}
+
+
+def plan_partial(folder: ModelFolder, max_memory: int | str | None = None, keep_terms: int | None = None
+                 ) -> PartialPlan | None:
+    """The plan for ``max_memory`` (the largest prefix of the file's stack order that fits) or ``keep_terms`` (the
+    same count for every stack); None when neither is given. A folder without stacks loads whole (a budget it
+    exceeds is an error naming both sizes)."""
+    if max_memory is None and keep_terms is None:
+        return None
+    if max_memory is not None and keep_terms is not None:
+        raise LoadError("give max_memory or keep_terms, not both")
+    records = folder.records
+    sizes = {}
+    for name, record in records.items():
+        tensors = folder.quantized(name).tensors  # memory-mapped: sizes without reading
+        sizes[name] = partial.term_bytes(record, lambda t, tensors=tensors: int(tensors[t].nbytes))
+    plain = sum(int(folder.tensor(n).nbytes) for n in folder.plain_names)
+    base = plain + sum(s[0] for s in sizes.values())
+    full = plain + sum(sum(s) for s in sizes.values())
+    stacked = {name: r for name, r in records.items() if partial.stack_node(r) is not None}
+    if keep_terms is not None:
+        if isinstance(keep_terms, bool) or not isinstance(keep_terms, int) or keep_terms < 1:
+            raise LoadError(f"keep_terms must be an integer >= 1, got {keep_terms!r}")
+        terms = {name: min(keep_terms, len(sizes[name])) for name in stacked}
+        loaded = plain + sum(sum(sizes[n][:terms.get(n, len(sizes[n]))]) for n in records)
+        return PartialPlan(terms, loaded, full, base)
+    budget = parse_size(max_memory)  # type: ignore[arg-type]
+    try:
+        terms, loaded = partial.plan_terms(stacked, lambda name, i: sizes[name][i], base, budget)
+    except ValueError as exc:
+        raise LoadError(f"{folder.root}: {exc}") from None
+    return PartialPlan(terms, loaded, full, base, budget)
