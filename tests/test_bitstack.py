@@ -10,6 +10,7 @@ reference decode with ``keep_terms``.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -174,3 +175,35 @@ def test_bcq_loads_with_fewer_planes(tmp_path: Path) -> None:
             sizes.append(model.qformat_partial.loaded_bytes)
             errors.append(float((model(ids).logits - full).abs().max()))
     assert sizes == sorted(sizes) and errors[-1] == 0.0 and errors == sorted(errors, reverse=True)
+
+
+def test_cli_eval_and_generate_at_a_budget(bitstack_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+                                           ) -> None:
+    from qformat.cli import main
+
+    text = tmp_path / "eval.txt"
+    text.write_text(DEFAULT_CALIBRATION.read_text(encoding="utf-8")[:4000])
+    smallest = qformat.load(bitstack_folder, keep_terms=1).qformat_partial.smallest_bytes
+    assert main(["eval", str(bitstack_folder), "--text", str(text), "--seqlen", "64", "--limit", "2",
+                 "--max-memory", str(smallest), "--json"]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert result["partial_load"]["loaded_bytes"] == smallest and "partial load" in err
+    assert main(["generate", str(bitstack_folder), "hello", "--max-new-tokens", "3", "--keep-terms", "2"]) == 0
+    assert "partial load" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", str(bitstack_folder), "--text", str(text), "--keep-terms", "0"])
+
+
+def test_from_pretrained_with_a_loading_override(bitstack_folder: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from qformat.runtime.hf_integration import QformatConfig
+
+    ids = torch.tensor([[3, 17, 42, 99]])
+    model = AutoModelForCausalLM.from_pretrained(bitstack_folder, quantization_config=QformatConfig(keep_terms=1))
+    assert model.qformat_partial.loaded_bytes == model.qformat_partial.smallest_bytes
+    with torch.no_grad():
+        expected = qformat.load(bitstack_folder, keep_terms=1)(ids).logits
+        assert torch.allclose(model(ids).logits, expected, atol=1e-5)
+    assert AutoModelForCausalLM.from_pretrained(bitstack_folder).qformat_partial is None

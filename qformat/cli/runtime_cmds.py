@@ -70,6 +70,27 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="dtype of activations and unquantized parts (default float32; auto: the config's)")
     parser.add_argument("--revision", help="Hub revision (branch, tag or commit) for a Hub id")
     parser.add_argument("--threads", type=int_at_least(1), help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--max-memory", metavar="SIZE",
+                        help="load the largest prefix of the file's stacks (BitStack blocks, BCQ planes) whose "
+                        "tensors fit SIZE (e.g. 60MB, 1.5GiB; spec/partial.md)")
+    parser.add_argument("--keep-terms", type=int_at_least(1), metavar="K",
+                        help="load the first K terms of every stack (e.g. 2 planes of a 4-plane BCQ file)")
+
+
+def _partial(args: argparse.Namespace) -> dict[str, Any]:
+    return {"max_memory": args.max_memory, "keep_terms": args.keep_terms}
+
+
+def _report_partial(model: Any) -> dict[str, Any] | None:
+    """Print (stderr) and return what a partial load kept."""
+    plan = getattr(model, "qformat_partial", None)
+    if plan is None:
+        return None
+    summary = plan.summary()
+    print(f"qformat: partial load: {summary['loaded_bytes'] / 2**20:.1f} MiB of {summary['full_bytes'] / 2**20:.1f} "
+          f"MiB ({summary['terms_kept']} terms kept over {summary['stacked_records']} stacked weights; smallest "
+          f"load {summary['smallest_bytes'] / 2**20:.1f} MiB)", file=sys.stderr)
+    return summary
 
 
 def _setup(args: argparse.Namespace) -> Any:
@@ -90,7 +111,8 @@ def run_eval(args: argparse.Namespace) -> int:
     text = read_text_file(args.text)  # a missing or binary text fails before the (slow) model load
     dtype = _setup(args)
     model, tokenizer = load_any(args.model, args.device, revision=args.revision, kernel=args.kernel, dtype=dtype,
-                                reference=args.reference)
+                                reference=args.reference, **_partial(args))
+    partial = _report_partial(model)
     ids = tokenize_text(tokenizer, text)
     start = time.perf_counter()
     try:
@@ -103,6 +125,8 @@ def run_eval(args: argparse.Namespace) -> int:
     summary = model_summary(model)
     if summary["quantized_layers"]:
         out["kernels"] = summary["kernels"]
+    if partial is not None:
+        out["partial_load"] = partial
     if args.against:
         source, _ = load_any(args.against, args.device, dtype=dtype)
         if source.config.vocab_size != model.config.vocab_size:
@@ -146,7 +170,9 @@ def run_generate(args: argparse.Namespace) -> int:
     from ..api import load_any
 
     dtype = _setup(args)
-    model, tokenizer = load_any(args.model, args.device, revision=args.revision, kernel=args.kernel, dtype=dtype)
+    model, tokenizer = load_any(args.model, args.device, revision=args.revision, kernel=args.kernel, dtype=dtype,
+                                **_partial(args))
+    _report_partial(model)
     if args.chat and getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True).input_ids

@@ -33,6 +33,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..format.container import QUANT_METHOD
 from .assemble import attach_prepared, check_complete, release_record_pages, swap_in_qlinears
+from .partial_load import plan_partial
 from .model_folder import open_model_folder
 from .nn import fuse_shared_inputs, qlinear_modules
 
@@ -40,21 +41,34 @@ from .nn import fuse_shared_inputs, qlinear_modules
 class QformatConfig(QuantizationConfigMixin):
     """``quantization_config`` of a qformat folder. Keeps every field of config.json so it round-trips.
 
-    ``kernel`` (optional, not stored by the converter) forces one installed kernel instead of the dispatcher's choice.
+    Loading attributes (optional, not stored by the converter; passed as ``from_pretrained(path,
+    quantization_config=QformatConfig(...))`` they override the folder's): ``kernel`` forces one installed kernel
+    instead of the dispatcher's choice; ``max_memory`` / ``keep_terms`` make a partial load (spec/partial.md, as
+    ``qformat.load``).
     """
 
-    def __init__(self, format_version: int = 1, kernel: str | None = None, **kwargs: Any) -> None:
+    LOADING_ATTRIBUTES = ("kernel", "max_memory", "keep_terms")
+
+    def __init__(self, format_version: int = 1, kernel: str | None = None, max_memory: int | str | None = None,
+                 keep_terms: int | None = None, **kwargs: Any) -> None:
         kwargs.pop("quant_method", None)
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
         self.kernel = kernel
+        self.max_memory = max_memory
+        self.keep_terms = keep_terms
         for key, value in kwargs.items():
             setattr(self, key, value)
 
+    def get_loading_attributes(self) -> dict[str, Any]:
+        """What a config passed to ``from_pretrained`` sets on the folder's (transformers merges only these)."""
+        return {key: getattr(self, key) for key in self.LOADING_ATTRIBUTES if getattr(self, key, None) is not None}
+
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()
-        if data.get("kernel") is None:
-            data.pop("kernel", None)
+        for key in self.LOADING_ATTRIBUTES:
+            if data.get(key) is None:
+                data.pop(key, None)
         return data
 
 
@@ -103,8 +117,12 @@ class QformatHfQuantizer(HfQuantizer):
             by_device: dict[str, dict[str, str]] = {}
             for module_name, record_name in self._swapped.items():
                 by_device.setdefault(_device_of(model, module_name), {})[module_name] = record_name
+            config = self.quantization_config
+            plan = plan_partial(folder, getattr(config, "max_memory", None), getattr(config, "keep_terms", None))
             for device, swapped in by_device.items():
-                attach_prepared(model, folder, swapped, device, getattr(self.quantization_config, "kernel", None))
+                attach_prepared(model, folder, swapped, device, getattr(config, "kernel", None),
+                                plan.terms if plan else None)
+            model.qformat_partial = plan
             fuse_shared_inputs(model)
             release_record_pages(folder, list(self._swapped.values()))
         finally:
@@ -156,6 +174,11 @@ def register() -> None:
 
     if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
         register_quantization_config(QUANT_METHOD)(QformatConfig)
+    import transformers.quantizers.auto as auto
+
+    # transformers copies loading attributes from a config passed to from_pretrained only for the types listed here
+    if QformatConfig not in auto.LOADING_ATTRIBUTES_CONFIG_TYPES:
+        auto.LOADING_ATTRIBUTES_CONFIG_TYPES = (*auto.LOADING_ATTRIBUTES_CONFIG_TYPES, QformatConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(QformatHfQuantizer)
 

@@ -177,14 +177,19 @@ def is_qformat_folder(path: Path) -> bool:
 
 def load_any(source: str | os.PathLike, device: str | torch.device = "cpu", *,
              kernel: str | None = None, dtype: torch.dtype | str | None = None,
-             reference: bool = False, verify: VerifyMode = "auto") -> tuple[PreTrainedModel, Any]:
+             reference: bool = False, verify: VerifyMode = "auto", max_memory: int | str | None = None,
+             keep_terms: int | None = None) -> tuple[PreTrainedModel, Any]:
     """(model, tokenizer) for a qformat folder or Hub id (kernels, or ``reference`` decode), a plain transformers
-    folder or Hub id, or a ``.gguf`` file (through transformers' ``gguf_file``). ``verify`` applies to qformat
-    folders (see :func:`load`)."""
+    folder or Hub id, or a ``.gguf`` file (through transformers' ``gguf_file``). ``verify``, ``max_memory`` and
+    ``keep_terms`` apply to qformat folders (see :func:`load`)."""
+    partial_load = max_memory is not None or keep_terms is not None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     hf_dtype = "auto" if dtype == "auto" else _resolve_dtype(dtype, None)
     text = os.fspath(source)
+    if partial_load and (text.endswith(".gguf") or reference):
+        raise LoadError("max_memory / keep_terms (a partial load) need a qformat folder loaded with its kernels, "
+                        f"not {'the reference decode' if reference else 'a .gguf file'}")
     if text.endswith(".gguf"):
         path = Path(text).expanduser()
         if not _exists(path) or not path.is_file():
@@ -196,7 +201,10 @@ def load_any(source: str | os.PathLike, device: str | torch.device = "cpu", *,
     root = path if path.is_dir() else path.parent
     if is_qformat_folder(path):
         model = (load_dequantized(path, device, dtype=dtype, verify=verify) if reference
-                 else load(path, device, kernel=kernel, dtype=dtype, verify=verify))
+                 else load(path, device, kernel=kernel, dtype=dtype, verify=verify, max_memory=max_memory,
+                           keep_terms=keep_terms))
+    elif partial_load:
+        raise LoadError(f"{shorten(root)} is not a qformat folder: max_memory / keep_terms (a partial load) need one")
     else:
         model = AutoModelForCausalLM.from_pretrained(root, dtype=hf_dtype).to(device).eval()
     return model, AutoTokenizer.from_pretrained(root)
