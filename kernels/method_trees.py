@@ -233,6 +233,20 @@ def qmoe(rows: int, cols: int, seed: int = 0) -> QuantizedTensor:
     return b.finish(node)
 
 
+def bitstack(rows: int, cols: int, seed: int = 0, blocks: int = 1, rank: int = 16) -> QuantizedTensor:
+    """BitStack (plugins/bitstack.py): scale(sum of sign_lowrank(1-bit packed signs, u F16 [R, k], v F16 [k, C]),
+    F16 [1, C] input-channel factor, group [R, 1]); one block is a lone sign_lowrank under the scale."""
+    rng = np.random.default_rng(seed)
+    b = RecordBuilder("w", (rows, cols), "BF16")
+    rank = min(rank, rows, cols)
+    terms = [b.sign_lowrank(b.packed(f"b{i}.sign", rng.integers(0, 2, (rows, cols)), 1),
+                            b.tensor(f"b{i}.u", _f16(rng, rows, rank)), b.tensor(f"b{i}.v", _f16(rng, rank, cols)))
+             for i in range(blocks)]
+    node = terms[0] if blocks == 1 else b.sum(terms)
+    factor = (rng.random((1, cols)) + 0.5).astype(np.float16)
+    return b.finish(b.scale(node, b.tensor("inv_act_scale", factor), (rows, 1)))
+
+
 TREES: dict[str, Callable[..., QuantizedTensor]] = {
     "nf4": nf4,
     "nf4dq": nf4_double_quant,
@@ -264,6 +278,8 @@ TREES: dict[str, Callable[..., QuantizedTensor]] = {
     "ternary": ternary,
     "ternaryr": lambda rows, cols, seed=0: ternary(rows, cols, seed, per_row=True),
     "qmoe": qmoe,
+    "bitstack1": bitstack,
+    "bitstack2": lambda rows, cols, seed=0: bitstack(rows, cols, seed, blocks=2),
 }
 ROW_MULTIPLE = {"vptq8": 8, "vptq8r": 8}  # trees whose rows must be a multiple of this (vq vectors spanning rows)
 

@@ -87,9 +87,9 @@ class BitStack(QuantizesThroughRun, Method):
         error = _output_error(w, h)
         for i in range(config.blocks):
             sign = residual >= 0
-            u_full, sv, vh = torch.linalg.svd(residual.abs(), full_matrices=False)
-            root = sv[:k].sqrt()
-            u, v = fp16_exact(u_full[:, :k] * root), fp16_exact(root[:, None] * vh[:k])
+            u_k, sv, vh_k = _top_singular(residual.abs(), k)
+            root = sv.sqrt()
+            u, v = fp16_exact(u_k * root), fp16_exact(root[:, None] * vh_k)
             magnitude = u @ v
             block = torch.where(sign, magnitude, -magnitude)
             residual -= block
@@ -104,6 +104,16 @@ class BitStack(QuantizesThroughRun, Method):
         info = {"method": self.name, "params": config.to_params(), "blocks": config.blocks, "rank": k,
                 "stack_gains": [float(g) for g in gains]}
         return MethodResult(b.finish(node, info), approx * factor, info)
+
+
+def _top_singular(m: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U_k, S_k, V_kᵀ) of m's SVD; a wide matrix is decomposed through its transpose (LAPACK is ~2x faster on the
+    tall orientation, measured on 576x1536)."""
+    if m.shape[0] < m.shape[1]:
+        u, s, vh = torch.linalg.svd(m.T, full_matrices=False)
+        return vh[:k].T, s[:k], u[:, :k].T
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    return u[:, :k], s[:k], vh[:k]
 
 
 def _output_error(delta: torch.Tensor, h: torch.Tensor) -> float:
