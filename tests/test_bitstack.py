@@ -75,10 +75,10 @@ def test_truncated_record_reads_only_its_terms() -> None:
     full = qt.decode()
     sizes = partial.term_bytes(qt.record, lambda n: qt.tensors[n].nbytes)
     for k in (1, 2, 4):
-        cut = partial.truncated(qt, k)
+        cut = qt.keep_terms(k)
         assert cut.record["storage_bytes"] == sum(sizes[:k]) == sum(a.nbytes for a in cut.tensors.values())
         assert np.array_equal(cut.decode(), qt.decode(keep_terms=k))
-    assert np.array_equal(partial.truncated(qt, 4).decode(), full)
+    assert np.array_equal(qt.keep_terms(4).decode(), full)
     errors = [float(np.square(qt.decode(keep_terms=k) - LAYERS[0].weight).sum()) for k in (1, 2, 3, 4)]
     assert errors == sorted(errors, reverse=True)
     with pytest.raises(Exception, match="keep_terms"):

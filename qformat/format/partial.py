@@ -66,18 +66,6 @@ def referenced(node: Any) -> list[str]:
 TENSOR_FIELDS = frozenset({"tensor", "row_ptr", "col_idx", "perm"})
 
 
-def truncated(qt: Any, count: int) -> Any:
-    """A :class:`~qformat.format.QuantizedTensor` whose stack keeps its first ``count`` terms, holding only the
-    tensors the cut tree reads and their ``storage_bytes`` (the others are never touched)."""
-    from .qfile import QuantizedTensor
-
-    record = keep_terms(qt.record, count)
-    names = referenced(record["weight"])
-    tensors = {name: qt.tensors[name] for name in names}
-    record["storage_bytes"] = sum(int(a.nbytes) for a in tensors.values())
-    return QuantizedTensor(qt.name, record, tensors)
-
-
 def term_bytes(record: Mapping[str, Any], nbytes: Callable[[str], int]) -> list[int]:
     """Bytes each stack term adds (tensors first read by that term; term 0 also carries everything outside the
     stack); a record without a stack is one term of all its bytes."""

@@ -14,6 +14,7 @@ import numpy as np
 from ..errors import FormatError
 from .codecs import CORE_CODECS, CodecRegistry, Context, TensorInfo
 from .dtypes import dtype_name
+from . import partial
 from .record import (
     FORMAT_VERSION,
     SUPPORTED_FORMAT_VERSIONS,
@@ -52,6 +53,14 @@ class QuantizedTensor:
     def decode(self, registry: CodecRegistry = CORE_CODECS, **options: Any) -> np.ndarray:
         """Reference fp32 decode, straight from memory."""
         return decode_record(self.name, self.record, self.tensor_info, self.tensors.__getitem__, registry, options)
+
+    def keep_terms(self, count: int) -> QuantizedTensor:
+        """This weight with its stack cut to the first ``count`` terms (spec/partial.md), holding only the tensors the
+        cut tree reads and their ``storage_bytes``: the others are never touched."""
+        record = partial.keep_terms(self.record, count)
+        tensors = {name: self.tensors[name] for name in partial.referenced(record["weight"])}
+        record["storage_bytes"] = sum(int(a.nbytes) for a in tensors.values())
+        return QuantizedTensor(self.name, record, tensors)
 
     def row_reader(self, registry: CodecRegistry = CORE_CODECS) -> RowReader:
         """Decode chosen rows only (embedding lookups); validated once here."""

@@ -115,14 +115,13 @@ def attach_prepared(model: nn.Module, folder: ModelFolder, swapped: Mapping[str,
     forced ``kernel`` (a name, ``"torch"`` included; errors as for ``QFORMAT_KERNEL``: see dispatch.select_kernel).
     ``keep_terms``: record name -> terms of its stack to keep (a partial load, spec/partial.md; the dropped terms'
     tensors are never read)."""
-    from ..format.partial import truncated
     from .dispatch import prepare_weight
 
     for module_name, record_name in swapped.items():
         module = model.get_submodule(module_name)
         quantized = folder.quantized(record_name)
         if keep_terms and record_name in keep_terms:
-            quantized = truncated(quantized, keep_terms[record_name])
+            quantized = quantized.keep_terms(keep_terms[record_name])
         if isinstance(module, QEmbedding):
             module.attach(quantized.row_reader(folder.registry),
                           sum(int(a.nbytes) for a in quantized.tensors.values()))
