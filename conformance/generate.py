@@ -30,7 +30,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from qformat.format import QuantizedTensor, RecordBuilder, bitpack, signature, write_file
+from qformat.format import QuantizedTensor, RecordBuilder, bitpack, signature, ternary_dict, write_file
 
 SEED = 20250611
 MANIFEST_VERSION = 1
@@ -611,6 +611,63 @@ def v_bcq() -> Valid:
     return v
 
 
+def ternary_dict_encode(symbols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy longest-match encoding (spec/components.md, ternary_dict), written independently of the plugin's
+    encoder: per row, the longest dictionary entry that prefixes the remaining pairs, repeatedly."""
+    seqs, lengths = ternary_dict.dictionary()
+    index = {tuple(int(v) for v in seqs[i, :lengths[i]]): i for i in range(len(lengths))}
+    words, ptr = [], [0]
+    for row in symbols:
+        padded = [int(v) for v in row] + ([0] if len(row) % 2 else [])
+        pairs = [padded[2 * j] + 3 * padded[2 * j + 1] for j in range(len(padded) // 2)]
+        i = 0
+        while i < len(pairs):
+            for n in range(min(14, len(pairs) - i), 0, -1):
+                if tuple(pairs[i:i + n]) in index:
+                    words.append(index[tuple(pairs[i:i + n])])
+                    i += n
+                    break
+        ptr.append(len(words))
+    return np.array(words, dtype=np.uint16), np.array(ptr, dtype=np.int32)
+
+
+def ternary_dict_node(b: RecordBuilder, words: np.ndarray, ptr: np.ndarray, shape: tuple[int, int]) -> dict:
+    return b.node("ternary_dict", 1, tensor=b.store("codewords", words), row_ptr=b.store("row_ptr", ptr),
+                  shape=list(shape), dictionary="qmoe")
+
+
+def v_ternary_dict() -> Valid:
+    rows, cols = 4, 37  # odd: each row's last pair has a pad weight
+    d = draft("ternary_dict_qmoe", (rows, cols), "BF16", "experts.3.wi.weight")
+    symbols = d.rng.choice(3, size=(rows, cols), p=[0.885, 0.0575, 0.0575])
+    symbols[0, :] = 0  # a row of zeros: long zero runs
+    symbols[3, ::2] = 2  # a dense row: short entries
+    words, ptr = ternary_dict_encode(symbols)
+    table = np.zeros((rows, 1, 3), dtype=np.float32)
+    table[:, 0, 1], table[:, 0, 2] = -fp16(d.rng, (rows,), 0.05, positive=True), fp16(d.rng, (rows,), 0.05, True)
+    b = d.b
+    node = b.lut(ternary_dict_node(b, words, ptr, (rows, cols)), b.tensor("levels", table), (1, cols))
+    return d.valid("QMoE's dictionary-coded ternary stream (37 columns, greedy codewords, one zero row, one dense row) "
+                   "into a per-row table (0, low, high)", node, np.take_along_axis(table[:, 0, :], symbols, axis=1),
+                   info={"method": "qmoe", "stream": True})
+
+
+def v_ternary_dict_not_greedy() -> Valid:
+    d = draft("ternary_dict_single_pairs", (2, 6))
+    symbols = np.zeros((2, 6), dtype=np.int64)
+    symbols[1, 2] = 1
+    seqs, lengths = ternary_dict.dictionary()
+    single = {int(seqs[i, 0]): i for i in range(len(lengths)) if lengths[i] == 1}
+    words = np.array([single[int(a) + 3 * int(c)] for row in symbols for a, c in zip(row[0::2], row[1::2], strict=True)],
+                     dtype=np.uint16)  # one codeword per pair: valid, just not what a greedy writer gives
+    ptr = np.array([0, 3, 6], dtype=np.int64)
+    table = np.array([0.0, -0.5, 0.25], dtype=np.float32)
+    b = d.b
+    return d.valid("ternary_dict with one codeword per pair (not greedy: readers take any valid codewords), I64 "
+                   "row_ptr, a global 3-entry table", b.lut(ternary_dict_node(b, words, ptr, (2, 6)),
+                                                             b.tensor("table", table)), table[symbols])
+
+
 def v_permute() -> Valid:
     d = draft("permute_only", (4, 11))
     stored = fp16(d.rng, (4, 11))
@@ -780,7 +837,8 @@ def valid_vectors() -> list[Valid]:
                 v_affine_w16(), v_lut_nf4(), v_lut_per_tile(), v_lut_tile_table_1x1(), v_lut_fp8(),
                 v_scale_input_channel(), v_vq_single(),
                 v_vq_aqlm(), v_vq_tensor_codes(), v_sparse_only(), v_sparse_wide_indices(), v_sparse_empty(),
-                v_lowrank_only(), v_lowrank_sidecar(), v_sign_lowrank(), v_bitstack(), v_bcq(), v_permute(),
+                v_lowrank_only(), v_lowrank_sidecar(), v_sign_lowrank(), v_bitstack(), v_bcq(), v_ternary_dict(),
+                v_ternary_dict_not_greedy(), v_permute(),
                 v_gptq_act_order(), v_spqr(), v_nf4_double_quant(), v_residual(), v_conv(), v_one_by_one(),
                 v_multi_record(), v_depth_limit()]
     vectors += [v_group_larger_than_output()]
@@ -1319,6 +1377,24 @@ def invalid_data() -> list[Invalid]:
     add("bitplanes_nonzero_padding", "plane 1 of a 2x5 bit-plane node has a padding bit set",
         edited(lambda r, t: bitflip(t, BASE + ".planes", (1, 0, 0), int(t[BASE + ".planes"][1, 0, 0]) | 0x80),
                planes), "nonzero_padding", "weight/codes/tensor")
+
+    b = RecordBuilder(BASE, (2, 5))
+    words, ptr = ternary_dict_encode(np.array([[0, 0, 1, 0, 2], [1, 1, 0, 0, 0]]))
+    stream = b.finish(b.lut(ternary_dict_node(b, words, ptr, (2, 5)), b.tensor("table", np.ones(3, np.float32))))
+    seqs, lengths = ternary_dict.dictionary()
+    two_pairs = int(np.flatnonzero(lengths == 2)[0])  # row 0 is one 3-pair codeword
+    add("ternary_dict_pair_count", "row 0's codeword replaced by one of two pairs: the row expands to 2 pairs, not 3",
+        edited(lambda r, t: bitflip(t, BASE + ".codewords", (0,), two_pairs), stream), "code_out_of_range",
+        "weight/codes/tensor")
+    single = {int(seqs[i, 0]): i for i in np.flatnonzero(lengths == 1)}
+    b = RecordBuilder(BASE, (1, 5))  # pairs 0, 0, 3: pair 3 = (0, 1), so the pad weight after column 4 is 1
+    padded = b.finish(b.lut(ternary_dict_node(b, np.array([single[0], single[0], single[3]], np.uint16),
+                                              np.array([0, 3], np.int32), (1, 5)), b.tensor("table", np.ones(3, np.float32))))
+    add("ternary_dict_nonzero_pad", "a 5-column row coded as pairs 0, 0, 3: its pad weight (pair 3's second) is 1",
+        edited(lambda r, t: None, padded), "nonzero_padding", "weight/codes/tensor")
+    add("ternary_dict_row_ptr", "row_ptr ends past the codewords",
+        edited(lambda r, t: bitflip(t, BASE + ".row_ptr", (2,), int(t[BASE + ".row_ptr"][2]) + 1), stream),
+        "bad_index", "weight/codes/row_ptr")
 
     b = RecordBuilder(BASE, (2, 6))
     perm = b.finish(b.permute(b.tensor("stored", np.ones((2, 6), F16)), np.arange(6)))

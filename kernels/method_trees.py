@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from qformat.format import QuantizedTensor, RecordBuilder
+from qformat.format import QuantizedTensor, RecordBuilder, ternary_dict
 
 NF4 = np.array([-1.0, -0.6961928, -0.52507305, -0.39491749, -0.28444138, -0.18477343, -0.09105004, 0.0,
                 0.0795803, 0.1609302, 0.2461123, 0.33791524, 0.44070983, 0.562617, 0.72295684, 1.0], dtype=np.float32)
@@ -233,6 +233,20 @@ def qmoe(rows: int, cols: int, seed: int = 0) -> QuantizedTensor:
     return b.finish(node)
 
 
+def qmoe_stream(rows: int, cols: int, seed: int = 0, zeros: float = 0.885) -> QuantizedTensor:
+    """QMoE with stream=true (plugins/qmoe.py): lut(ternary_dict, per-row table [R, 1, 3] = (0, low, high)); symbols
+    drawn with QMoE's assumed statistics (``zeros`` of them 0), encoded greedily."""
+    rng = np.random.default_rng(seed)
+    b = RecordBuilder("w", (rows, cols), "BF16")
+    symbols = rng.choice(3, size=(rows, cols), p=[zeros, (1 - zeros) / 2, (1 - zeros) / 2])
+    words, row_ptr = ternary_dict.encode(symbols)
+    table = np.zeros((rows, 1, 3), dtype=np.float32)
+    table[:, 0, 1], table[:, 0, 2] = -rng.random(rows) * 0.05, rng.random(rows) * 0.05
+    codes = b.node("ternary_dict", 1, tensor=b.store("codewords", words), row_ptr=b.store("row_ptr", row_ptr),
+                   shape=[rows, cols], dictionary="qmoe")
+    return b.finish(b.lut(codes, b.tensor("levels", table), (1, cols)))
+
+
 def bitstack(rows: int, cols: int, seed: int = 0, blocks: int = 1, rank: int = 16) -> QuantizedTensor:
     """BitStack (plugins/bitstack.py): scale(sum of sign_lowrank(1-bit packed signs, u F16 [R, k], v F16 [k, C]),
     F16 [1, C] input-channel factor, group [R, 1]); one block is a lone sign_lowrank under the scale."""
@@ -278,6 +292,7 @@ TREES: dict[str, Callable[..., QuantizedTensor]] = {
     "ternary": ternary,
     "ternaryr": lambda rows, cols, seed=0: ternary(rows, cols, seed, per_row=True),
     "qmoe": qmoe,
+    "qmoe_stream": qmoe_stream,
     "bitstack1": bitstack,
     "bitstack2": lambda rows, cols, seed=0: bitstack(rows, cols, seed, blocks=2),
 }

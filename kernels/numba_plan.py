@@ -33,3 +33,18 @@ def why_unsupported(record: dict) -> str | None:
     except Unsupported as exc:
         return str(exc)
 
+
+
+def stream_form(record: dict) -> bool:
+    """Whether ``record`` is a lut over a ternary_dict stream (QMoE, sub-1-bit) with a per-row or global table and
+    nothing else: ``numba_stream`` runs it from the codewords (the lowering, which expands codes, does not)."""
+    node = record.get("weight")
+    if not isinstance(node, dict) or node.get("codec") != "lut":
+        return False
+    codes, table = node.get("codes"), node.get("table")
+    if not isinstance(codes, dict) or codes.get("codec") != "ternary_dict":
+        return False
+    if not isinstance(table, dict) or table.get("codec") != "tensor":
+        return False
+    group = node.get("group_shape")
+    return group is None or (group[0] == 1 and group[1] == codes["shape"][1])

@@ -11,7 +11,7 @@ from typing import ClassVar
 
 from qformat.plugin import Kernel, QuantizedTensor, hookimpl
 
-from .numba_plan import why_unsupported
+from .numba_plan import stream_form, why_unsupported
 
 
 class NumbaKernel(Kernel):
@@ -33,14 +33,24 @@ class NumbaKernel(Kernel):
         "scale(...): per-row, per-group (absmax, double quant) and per-input-column factors",
         "sum(...) of any of these with sparse_csr outliers, lowrank sidecars and sign_lowrank (BitStack) terms",
         "permute(...) around any of these",
+        "lut over a ternary_dict stream (QMoE sub-1-bit) with a per-row or global table: decoded from the codewords",
     )
 
     def why_unsupported(self, record: dict) -> str | None:
+        if stream_form(record):
+            return None
         return why_unsupported(record)
 
     def prepare(self, qt: QuantizedTensor, device: str = "cpu"):  # -> NumbaPreparedWeight
         if str(device).split(":")[0] != "cpu":
             raise ValueError(f"the numba kernel runs on the CPU, not {device!r}")
+        if stream_form(qt.record):
+            from .numba_stream import StreamPrepared
+
+            prepared = StreamPrepared(qt)
+            prepared.kernel = self
+            prepared.max_batch = self.max_batch
+            return prepared
         from .numba_prepared import prepare  # numba compiles lazily; keep plugin discovery light
 
         prepared = prepare(qt)

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..errors import FormatError, UnknownCodecError
-from . import bitpack, sparse
+from . import bitpack, sparse, ternary_dict
 from .dtypes import FLOAT_NAMES, INT_NAMES, NUMPY_BY_NAME
 
 MAX_DEPTH = 16
@@ -521,6 +521,51 @@ class BitplanesCodec(Codec):
         use = ctx.options.get("use_planes")
         bits = planes.shape[0]
         return bitpack.unpack_bitplanes(planes, cols, min(use, bits) if use else None, bitpack.code_dtype(bits))
+
+
+@register
+class TernaryDictCodec(Codec):
+    """QMoE's sub-1-bit ternary stream: per row, 16-bit codewords into a fixed dictionary of pair sequences."""
+
+    name = "ternary_dict"
+    required = frozenset({"tensor", "row_ptr", "shape", "dictionary"})
+    row_ranges = True
+
+    def infer(self, node: dict, ctx: Context) -> NodeInfo:
+        rows, cols = ctx.shape_field(node, "shape", 2)
+        if node.get("dictionary") != ternary_dict.NAME:
+            raise ctx.error("bad_field", f"dictionary must be {ternary_dict.NAME!r} (version 1), got "
+                            f"{node.get('dictionary')!r}", "dictionary")
+        info = ctx.tensor(node, "tensor")
+        if info.dtype != "U16" or len(info.shape) != 1:
+            raise ctx.error("bad_dtype", f"codewords must be 1-D U16, got {info.dtype} {list(info.shape)}", "tensor")
+        ptr = ctx.tensor(node, "row_ptr")
+        if ptr.dtype not in ("I32", "I64") or ptr.shape != (rows + 1,):
+            raise ctx.error("shape_mismatch", f"row_ptr must be I32/I64 [{rows + 1}], got {ptr.dtype} "
+                            f"{list(ptr.shape)}", "row_ptr")
+        return NodeInfo((rows, cols), "int", 3)
+
+    def decode(self, node: dict, ctx: Context, rows: tuple[int, int] | None = None) -> np.ndarray:
+        n_rows, cols = node["shape"]
+        first, end = rows if rows is not None else (0, n_rows)
+        words = ctx.load(node, "tensor")
+        ptr = ctx.load(node, "row_ptr")
+        if ctx.first_time(node, "row_ptr"):
+            sparse.check_row_ptr(ptr, words.shape[0], ctx.error)
+        lo, hi = int(ptr[first]), int(ptr[end])
+        local = np.asarray(ptr[first:end + 1], dtype=np.int64) - lo
+        codes, pairs, pad = ternary_dict.expand_rows(np.asarray(words[lo:hi]), local, cols)
+        width = -(-cols // 2)
+        wrong = np.flatnonzero(pairs != width)
+        if wrong.size:
+            r = int(wrong[0])
+            raise ctx.error("code_out_of_range", f"row {first + r}'s codewords expand to {int(pairs[r])} pairs of "
+                            f"weights, not {width} (ceil({cols} / 2))", "tensor")
+        if cols % 2 and pad.any():
+            r = int(np.flatnonzero(pad)[0])
+            raise ctx.error("nonzero_padding", f"row {first + r}: the pad weight after the last column must be "
+                            "symbol 0", "tensor")
+        return codes
 
 
 @register
