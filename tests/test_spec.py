@@ -32,6 +32,7 @@ from qformat.format import (
     TensorInfo,
     bitpack,
     decode_record,
+    ternary_dict,
     validate_record,
     write_file,
 )
@@ -185,6 +186,22 @@ class SpecDecoder:
                 for i in range(5):
                     if 5 * j + i < cols:
                         out[r, 5 * j + i] = (int(byte) // 3 ** i) % 3 - 1
+        return out
+
+    def d_ternary_dict(self, node: dict) -> np.ndarray:
+        """Per the spec: codewords index the dictionary whose bytes hash to the SHA-256 components.md gives."""
+        stated = re.search(r"SHA-256\s+`([0-9a-f]{64})`", (ROOT / "spec" / "components.md").read_text()).group(1)
+        assert ternary_dict.digest() == stated
+        symbols, lengths = ternary_dict.dictionary()
+        rows, cols = node["shape"]
+        words, ptr = self.tensors[node["tensor"]], self.tensors[node["row_ptr"]]
+        out = np.zeros((rows, cols), dtype=np.int64)
+        for r in range(rows):
+            pairs = [int(p) for w in words[int(ptr[r]):int(ptr[r + 1])] for p in symbols[w, :lengths[w]]]
+            assert len(pairs) == -(-cols // 2)
+            flat = [v for p in pairs for v in (p % 3, p // 3)]
+            assert len(flat) == cols or flat[-1] == 0  # the pad weight of an odd row is symbol 0
+            out[r] = flat[:cols]
         return out
 
     def d_affine(self, node: dict) -> np.ndarray:
@@ -471,6 +488,12 @@ def built_records(rng: np.random.Generator) -> list[QuantizedTensor]:
     b = RecordBuilder("m.ternary.weight", (4, 11))
     trits = b.ternary("trits", rng.integers(-1, 2, (4, 11)))
     out.append(b.finish(b.scale(trits, b.tensor("s", np.full((1, 1), 0.5, np.float32)), (4, 11))))
+
+    b = RecordBuilder("m.stream.weight", (4, 11))
+    words, ptr = ternary_dict.encode(rng.choice(3, size=(4, 11), p=[0.8, 0.1, 0.1]))
+    stream = b.node("ternary_dict", 1, tensor=b.store("codewords", words), row_ptr=b.store("row_ptr", ptr),
+                    shape=[4, 11], dictionary="qmoe")
+    out.append(b.finish(b.lut(stream, b.tensor("levels", np.array([[[0.0, -0.5, 0.5]]] * 4, np.float32)), (1, 11))))
 
     b = RecordBuilder("m.lut.weight", (4, 16))
     codes = b.packed("codes", rng.integers(0, 16, (4, 16)), 4)
