@@ -23,6 +23,8 @@ class MinMaxConfig(MethodConfig):
                             "divide the row: the last group may be shorter)", min=-1, max=1 << 20)
     sym: bool = param(False, "symmetric range +-max|w| with the fixed zero (maxq+1)/2; otherwise [min, max] widened "
                       "to hold 0, with a bits-wide integer zero")
+    planes: bool = param(False, "store the codes as bit-planes, most significant first, so a load may keep fewer "
+                         "(qformat.load(path, planes=P), --planes P; spec/partial.md); same weights, same bytes")
 
 
 @dataclass
@@ -58,14 +60,16 @@ def effective_group(group_size: int, cols: int) -> int:
 
 
 def affine_record(b: RecordBuilder, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
-                  group: int, sym: bool) -> dict:
+                  group: int, sym: bool, planes: bool = False) -> dict:
     """affine(packed codes, fp16 scale [R, G], zero) with group_shape [1, group]: the GPTQ/RTN storage.
 
     The asymmetric zero is a packed bits-wide integer [R, G]; the symmetric one is the JSON number (maxq+1)/2.
+    ``planes``: the codes as ``bitplanes`` (MSB first) instead of ``packed``: the same bytes, loadable at fewer bits.
     """
     zero_node: Any = float(1 << bits) / 2 if sym else b.packed("zero", to_uint8(zero), bits)
-    return b.affine(b.packed("codes", to_uint8(codes), bits), scale=b.tensor("scale", to_fp16(scale)), zero=zero_node,
-                    bits=bits, group_shape=(1, group))
+    codes_node = (b.bitplanes if planes else b.packed)("codes", to_uint8(codes), bits)
+    return b.affine(codes_node, scale=b.tensor("scale", to_fp16(scale)), zero=zero_node, bits=bits,
+                    group_shape=(1, group))
 
 
 def sparse_outliers(b: RecordBuilder, mask: torch.Tensor, values: torch.Tensor, role: str = "outliers") -> Any:

@@ -113,7 +113,7 @@ class GPTQ(QuantizesThroughRun, Method):
                 codes = codes[:, inverse]
 
         b = record_builder(layer)
-        node = affine_record(b, codes, scale, zero, bits, group, sym)
+        node = affine_record(b, codes, scale, zero, bits, group, sym, config.planes)
         if permuted_layout:
             node = b.permute(node, perm.numpy())
         info = {"method": self.name, "params": config.to_params(), "damp_used": prep.damp,

@@ -58,7 +58,7 @@ class RTN(QuantizesThroughRun, Method):
         scale, zero = torch.stack(scales, dim=1), torch.stack(zeros, dim=1)
         b = record_builder(layer)
         info = {"method": self.name, "params": config.to_params()}
-        qt = b.finish(affine_record(b, codes, scale, zero, bits, group, sym), info)
+        qt = b.finish(affine_record(b, codes, scale, zero, bits, group, sym, config.planes), info)
         return MethodResult(qt, deq, info)
 
 

@@ -59,8 +59,8 @@ def test_configs_are_frozen_typed_values() -> None:
     with pytest.raises(ParameterError, match="'bits'"):
         dataclasses.replace(config, bits=1)
     assert qformat.RTNConfig.method == "rtn" and qformat.SpQRConfig().method == "spqr"
-    assert [p.name for p in qformat.GPTQConfig.params()] == ["bits", "group_size", "sym", "damp", "block_size",
-                                                             "act_order", "static_groups"]
+    assert [p.name for p in qformat.GPTQConfig.params()] == ["bits", "group_size", "sym", "planes", "damp",
+                                                             "block_size", "act_order", "static_groups"]
     assert get_method("gptq").params == qformat.GPTQConfig.params()  # what the CLI and `qformat plugins` read
 
 
@@ -211,7 +211,7 @@ def test_convert_with_a_config_is_the_cli_run(tiny: Path, tmp_path: Path, capsys
     assert result.out == by_api and shards(by_api) and shards(by_api) == shards(by_cli)
     qc = json.loads((by_api / "config.json").read_text())["quantization_config"]
     assert qc["method"] == "rtn" and qc["method_config_version"] == 1
-    assert qc["method_params"] == {"bits": 3, "group_size": 32, "sym": False}
+    assert qc["method_params"] == {"bits": 3, "group_size": 32, "sym": False, "planes": False}
     cli_command = json.loads((by_cli / "config.json").read_text())["quantization_config"]["command"]
     assert qc["command"] == cli_command.replace("--out cli", "--out api") and "-p bits=3 -p group_size=32" in cli_command
     by_name = tmp_path / "name"
@@ -240,7 +240,7 @@ def test_resume_refuses_a_changed_config(tiny: Path, tmp_path: Path, monkeypatch
                          on_block_done=kill_after_first_block)
     state_path = out.with_name("out.partial") / "state.json"
     state = json.loads(state_path.read_text())
-    assert state["method_params"] == {"bits": 3, "group_size": 128, "sym": False}
+    assert state["method_params"] == {"bits": 3, "group_size": 128, "sym": False, "planes": False}
     assert state["method_config_version"] == 1
     with pytest.raises(ConversionError, match=r"different options \(method_params\)"):
         qformat.convert(tiny, out, qformat.RTNConfig(bits=4))

@@ -75,10 +75,13 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         "tensors fit SIZE (e.g. 60MB, 1.5GiB; spec/partial.md)")
     parser.add_argument("--keep-terms", type=int_at_least(1), metavar="K",
                         help="load the first K terms of every stack (e.g. 2 planes of a 4-plane BCQ file)")
+    parser.add_argument("--planes", type=int_at_least(1), metavar="P",
+                        help="read bit-plane codes (files converted with -p planes=true) at P planes: a 4-bit file "
+                        "at 3 bits")
 
 
 def _partial(args: argparse.Namespace) -> dict[str, Any]:
-    return {"max_memory": args.max_memory, "keep_terms": args.keep_terms}
+    return {"max_memory": args.max_memory, "keep_terms": args.keep_terms, "planes": args.planes}
 
 
 def _report_partial(model: Any) -> dict[str, Any] | None:
@@ -87,9 +90,11 @@ def _report_partial(model: Any) -> dict[str, Any] | None:
     if plan is None:
         return None
     summary = plan.summary()
+    what = (f"{summary['plane_records']} weights at {summary['planes']} bit-planes" if summary["planes"] else
+            f"{summary['terms_kept']} terms kept over {summary['stacked_records']} stacked weights; smallest load "
+            f"{summary['smallest_bytes'] / 2**20:.1f} MiB")
     print(f"qformat: partial load: {summary['loaded_bytes'] / 2**20:.1f} MiB of {summary['full_bytes'] / 2**20:.1f} "
-          f"MiB ({summary['terms_kept']} terms kept over {summary['stacked_records']} stacked weights; smallest "
-          f"load {summary['smallest_bytes'] / 2**20:.1f} MiB)", file=sys.stderr)
+          f"MiB ({what})", file=sys.stderr)
     return summary
 
 

@@ -116,3 +116,80 @@ def plan_terms(records: Mapping[str, Mapping[str, Any]], term_bytes: TermBytes, 
         keep[name] = i + 1
         total += size
     return keep, total
+
+
+# -- fewer bit-planes (use_planes) as a plain record -------------------------------------------------------------
+
+def use_planes(record: Mapping[str, Any], tensors: Mapping[str, Any], planes: int) -> tuple[dict, dict]:
+    """(record, tensors) decoding like ``use_planes=planes`` (spec/partial.md) while reading only the kept planes:
+    every ``affine`` or ``lut`` over a ``bitplanes`` code of more bits becomes one over a ``planes``-bit code.
+
+    With k planes dropped the code is ``q'·2^k + 2^(k-1)`` (q' the kept planes read as a code), so an affine
+    ``(q − z)·s`` equals ``(q' − z')·s'`` with ``z' = (z − 2^(k-1)) / 2^k`` and ``s' = s·2^k``, exactly in fp32
+    (integer and dyadic differences, the same real product); a lut's table keeps its entries at those codes. The
+    zero may be a number, a ``packed`` or integer ``tensor`` node, the scale a number or a ``tensor`` node; anything
+    else is refused (the reference decoder's ``use_planes`` still reads it). New statistics are fp32 tensors.
+    """
+    import numpy as np
+
+    from . import bitpack
+
+    if isinstance(planes, bool) or not isinstance(planes, int) or planes < 1:
+        raise FormatError("bad_field", f"use_planes must be an integer >= 1, got {planes!r}", field="use_planes")
+    out = copy.deepcopy(dict(record))
+    arrays = dict(tensors)
+
+    def fp32(role_name: str, values: Any) -> dict:
+        arrays[role_name] = np.ascontiguousarray(values, dtype=np.float32)
+        return {"codec": "tensor", "version": 1, "tensor": role_name}
+
+    def visit(node: Any, path: str) -> None:
+        if isinstance(node, list):
+            for i, v in enumerate(node):
+                visit(v, f"{path}[{i}]")
+            return
+        if not isinstance(node, dict):
+            return
+        codes = node.get("codes") if node.get("codec") in ("affine", "lut") else None
+        if isinstance(codes, dict) and codes.get("codec") == "bitplanes" and codes["bits"] > planes:
+            dropped = codes["bits"] - planes
+            step, half = float(2 ** dropped), float(2 ** (dropped - 1))
+            name = codes["tensor"]
+            arrays[name] = tensors[name][:planes]  # a view: a memory-mapped file pages in only these planes
+            codes["bits"] = planes
+            if node["codec"] == "affine":
+                node["bits"] = planes
+                zero = node.get("zero", 0.0)
+                if isinstance(zero, (int, float)):
+                    node["zero"] = (float(zero) - half) / step
+                elif zero.get("codec") == "packed":
+                    z = bitpack.unpack_codes(tensors[zero["tensor"]], zero["bits"], zero["shape"][1], np.float64)
+                    node["zero"] = fp32(zero["tensor"], (z - half) / step)
+                elif zero.get("codec") == "tensor" and np.issubdtype(tensors[zero["tensor"]].dtype, np.integer):
+                    node["zero"] = fp32(zero["tensor"], (tensors[zero["tensor"]].astype(np.float64) - half) / step)
+                else:
+                    raise FormatError("bad_field", "use_planes as a record: the affine zero must be a number or "
+                                      "integer codes", field=f"{path}/zero")
+                scale = node["scale"]
+                if isinstance(scale, (int, float)):
+                    node["scale"] = float(scale) * step
+                elif scale.get("codec") == "tensor":
+                    node["scale"] = fp32(scale["tensor"], tensors[scale["tensor"]].astype(np.float32) * np.float32(step))
+                else:
+                    raise FormatError("bad_field", "use_planes as a record: the affine scale must be a number or a "
+                                      "stored tensor", field=f"{path}/scale")
+            else:
+                table = node["table"]
+                if table.get("codec") != "tensor":
+                    raise FormatError("bad_field", "use_planes as a record: a lut table must be a stored tensor",
+                                      field=f"{path}/table")
+                index = (np.arange(2 ** planes) << dropped) | (2 ** (dropped - 1))
+                arrays[table["tensor"]] = np.ascontiguousarray(tensors[table["tensor"]][..., index])
+            return
+        for key, value in node.items():
+            visit(value, f"{path}/{key}")
+
+    visit(out["weight"], "weight")
+    kept = {name: arrays[name] for name in referenced(out["weight"])}
+    out["storage_bytes"] = sum(int(a.nbytes) for a in kept.values())
+    return out, kept

@@ -62,6 +62,12 @@ class QuantizedTensor:
         record["storage_bytes"] = sum(int(a.nbytes) for a in tensors.values())
         return QuantizedTensor(self.name, record, tensors)
 
+    def use_planes(self, planes: int) -> QuantizedTensor:
+        """This weight read from the first ``planes`` bit-planes of its ``bitplanes`` codes, as a plain record of
+        ``planes``-bit codes (spec/partial.md; decodes exactly like ``decode(use_planes=planes)``)."""
+        record, tensors = partial.use_planes(self.record, self.tensors, planes)
+        return QuantizedTensor(self.name, record, tensors)
+
     def row_reader(self, registry: CodecRegistry = CORE_CODECS) -> RowReader:
         """Decode chosen rows only (embedding lookups); validated once here."""
         return RowReader(self.name, self.record, self.tensor_info, self.tensors.__getitem__, registry)

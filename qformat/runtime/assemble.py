@@ -6,7 +6,7 @@ from __future__ import annotations
 import mmap
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -110,11 +110,12 @@ def _swap_embedding(model: nn.Module, module_name: str, module: nn.Embedding, re
 
 
 def attach_prepared(model: nn.Module, folder: ModelFolder, swapped: Mapping[str, str], device: str,
-                    kernel: str | None = None, keep_terms: Mapping[str, int] | None = None) -> None:
+                    kernel: str | None = None, keep_terms: Mapping[str, int] | None = None,
+                    planes: tuple[int, Collection[str]] | None = None) -> None:
     """Prepare every QLinear's weight from the folder's mapped packed tensors, with the dispatcher's choice or the
     forced ``kernel`` (a name, ``"torch"`` included; errors as for ``QFORMAT_KERNEL``: see dispatch.select_kernel).
     ``keep_terms``: record name -> terms of its stack to keep (a partial load, spec/partial.md; the dropped terms'
-    tensors are never read)."""
+    tensors are never read); ``planes``: (P, record names) read at P bit-planes."""
     from .dispatch import prepare_weight
 
     for module_name, record_name in swapped.items():
@@ -122,6 +123,8 @@ def attach_prepared(model: nn.Module, folder: ModelFolder, swapped: Mapping[str,
         quantized = folder.quantized(record_name)
         if keep_terms and record_name in keep_terms:
             quantized = quantized.keep_terms(keep_terms[record_name])
+        if planes and record_name in planes[1]:
+            quantized = quantized.use_planes(planes[0])
         if isinstance(module, QEmbedding):
             module.attach(quantized.row_reader(folder.registry),
                           sum(int(a.nbytes) for a in quantized.tensors.values()))

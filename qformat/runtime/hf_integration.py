@@ -47,16 +47,17 @@ class QformatConfig(QuantizationConfigMixin):
     ``qformat.load``).
     """
 
-    LOADING_ATTRIBUTES = ("kernel", "max_memory", "keep_terms")
+    LOADING_ATTRIBUTES = ("kernel", "max_memory", "keep_terms", "planes")
 
     def __init__(self, format_version: int = 1, kernel: str | None = None, max_memory: int | str | None = None,
-                 keep_terms: int | None = None, **kwargs: Any) -> None:
+                 keep_terms: int | None = None, planes: int | None = None, **kwargs: Any) -> None:
         kwargs.pop("quant_method", None)
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
         self.kernel = kernel
         self.max_memory = max_memory
         self.keep_terms = keep_terms
+        self.planes = planes
         for key, value in kwargs.items():
             setattr(self, key, value)
 
@@ -118,10 +119,12 @@ class QformatHfQuantizer(HfQuantizer):
             for module_name, record_name in self._swapped.items():
                 by_device.setdefault(_device_of(model, module_name), {})[module_name] = record_name
             config = self.quantization_config
-            plan = plan_partial(folder, getattr(config, "max_memory", None), getattr(config, "keep_terms", None))
+            plan = plan_partial(folder, getattr(config, "max_memory", None), getattr(config, "keep_terms", None),
+                                getattr(config, "planes", None))
             for device, swapped in by_device.items():
                 attach_prepared(model, folder, swapped, device, getattr(config, "kernel", None),
-                                plan.terms if plan else None)
+                                plan.terms if plan else None,
+                                (plan.planes, set(plan.plane_records)) if plan and plan.planes else None)
             model.qformat_partial = plan
             fuse_shared_inputs(model)
             release_record_pages(folder, list(self._swapped.values()))

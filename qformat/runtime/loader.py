@@ -102,7 +102,7 @@ def _skeleton(source: str | os.PathLike, dtype: torch.dtype | str | None,
 def load(source: str | os.PathLike, device: str | torch.device = "cpu", *,
          kernel: str | None = None, dtype: torch.dtype | str | None = None, fuse: bool = True,
          verify: VerifyMode = "auto", max_memory: int | str | None = None,
-         keep_terms: int | None = None) -> PreTrainedModel:
+         keep_terms: int | None = None, planes: int | None = None) -> PreTrainedModel:
     """A transformers model whose quantized linears are :class:`QLinear` layers holding packed weights.
 
     ``source``: a local qformat model folder (:func:`qformat.load` also takes Hub ids).
@@ -114,16 +114,18 @@ def load(source: str | os.PathLike, device: str | torch.device = "cpu", *,
     verified before (remembered by file identity), True hashes every time, False skips the check (unsafe);
     see :func:`verify_shards`.
     ``max_memory`` (bytes or "60MB", "1.5GiB"): load the largest prefix of the file's stacks (BitStack blocks, BCQ
-    planes) whose tensors fit; ``keep_terms``: keep that many terms of every stack (spec/partial.md). The plan is
+    planes) whose tensors fit; ``keep_terms``: keep that many terms of every stack; ``planes``: read every
+    bit-plane code (``-p planes=true`` files) at that many planes (spec/partial.md). The plan is
     ``model.qformat_partial`` (None for a full load).
     """
     with _skeleton(source, dtype, verify) as (path, folder, dtype, model):
-        plan = plan_partial(folder, max_memory, keep_terms)
+        plan = plan_partial(folder, max_memory, keep_terms, planes)
         swapped = swap_in_qlinears(model, folder.records)
         check_complete(model, folder, path)
         unused = bind_plain_tensors(model, folder, dtype)
         device = _device_name(device)
-        attach_prepared(model, folder, swapped, device, kernel, plan.terms if plan else None)
+        attach_prepared(model, folder, swapped, device, kernel, plan.terms if plan else None,
+                        (plan.planes, set(plan.plane_records)) if plan and plan.planes else None)
         model.qformat_partial = plan
         if fuse:
             fuse_shared_inputs(model)
@@ -178,17 +180,17 @@ def is_qformat_folder(path: Path) -> bool:
 def load_any(source: str | os.PathLike, device: str | torch.device = "cpu", *,
              kernel: str | None = None, dtype: torch.dtype | str | None = None,
              reference: bool = False, verify: VerifyMode = "auto", max_memory: int | str | None = None,
-             keep_terms: int | None = None) -> tuple[PreTrainedModel, Any]:
+             keep_terms: int | None = None, planes: int | None = None) -> tuple[PreTrainedModel, Any]:
     """(model, tokenizer) for a qformat folder or Hub id (kernels, or ``reference`` decode), a plain transformers
     folder or Hub id, or a ``.gguf`` file (through transformers' ``gguf_file``). ``verify``, ``max_memory`` and
     ``keep_terms`` apply to qformat folders (see :func:`load`)."""
-    partial_load = max_memory is not None or keep_terms is not None
+    partial_load = max_memory is not None or keep_terms is not None or planes is not None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     hf_dtype = "auto" if dtype == "auto" else _resolve_dtype(dtype, None)
     text = os.fspath(source)
     if partial_load and (text.endswith(".gguf") or reference):
-        raise LoadError("max_memory / keep_terms (a partial load) need a qformat folder loaded with its kernels, "
+        raise LoadError("max_memory / keep_terms / planes (a partial load) need a qformat folder loaded with its kernels, "
                         f"not {'the reference decode' if reference else 'a .gguf file'}")
     if text.endswith(".gguf"):
         path = Path(text).expanduser()
@@ -202,9 +204,10 @@ def load_any(source: str | os.PathLike, device: str | torch.device = "cpu", *,
     if is_qformat_folder(path):
         model = (load_dequantized(path, device, dtype=dtype, verify=verify) if reference
                  else load(path, device, kernel=kernel, dtype=dtype, verify=verify, max_memory=max_memory,
-                           keep_terms=keep_terms))
+                           keep_terms=keep_terms, planes=planes))
     elif partial_load:
-        raise LoadError(f"{shorten(root)} is not a qformat folder: max_memory / keep_terms (a partial load) need one")
+        raise LoadError(f"{shorten(root)} is not a qformat folder: max_memory / keep_terms / planes (a partial load) "
+                        "need one")
     else:
         model = AutoModelForCausalLM.from_pretrained(root, dtype=hf_dtype).to(device).eval()
     return model, AutoTokenizer.from_pretrained(root)

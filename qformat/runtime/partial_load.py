@@ -44,22 +44,29 @@ class PartialPlan:
     full_bytes: int = 0
     smallest_bytes: int = 0
     budget: int | None = None
+    planes: int | None = None  # every bit-plane code read at this many planes (records in ``plane_records``)
+    plane_records: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         kept = sum(self.terms.values())
         return {"stacked_records": len(self.terms), "terms_kept": kept, "loaded_bytes": self.loaded_bytes,
-                "full_bytes": self.full_bytes, "smallest_bytes": self.smallest_bytes, "budget": self.budget}
+                "full_bytes": self.full_bytes, "smallest_bytes": self.smallest_bytes, "budget": self.budget,
+                "planes": self.planes, "plane_records": len(self.plane_records)}
 
 
-def plan_partial(folder: ModelFolder, max_memory: int | str | None = None, keep_terms: int | None = None
-                 ) -> PartialPlan | None:
-    """The plan for ``max_memory`` (the largest prefix of the file's stack order that fits) or ``keep_terms`` (the
-    same count for every stack); None when neither is given. A folder without stacks loads whole (a budget it
-    exceeds is an error naming both sizes)."""
-    if max_memory is None and keep_terms is None:
+def plan_partial(folder: ModelFolder, max_memory: int | str | None = None, keep_terms: int | None = None,
+                 planes: int | None = None) -> PartialPlan | None:
+    """The plan for ``max_memory`` (the largest prefix of the file's stack order that fits), ``keep_terms`` (the
+    same count for every stack) or ``planes`` (every bit-plane code read at that many planes); None when none is
+    given. A folder without stacks loads whole (a budget it exceeds is an error naming both sizes)."""
+    given = [name for name, value in (("max_memory", max_memory), ("keep_terms", keep_terms), ("planes", planes))
+             if value is not None]
+    if not given:
         return None
-    if max_memory is not None and keep_terms is not None:
-        raise LoadError("give max_memory or keep_terms, not both")
+    if len(given) > 1:
+        raise LoadError(f"give one of max_memory, keep_terms, planes, not {' and '.join(given)}")
+    if planes is not None:
+        return _plan_planes(folder, planes)
     records = folder.records
     sizes = {}
     for name, record in records.items():
@@ -81,3 +88,31 @@ def plan_partial(folder: ModelFolder, max_memory: int | str | None = None, keep_
     except ValueError as exc:
         raise LoadError(f"{folder.root}: {exc}") from None
     return PartialPlan(terms, loaded, full, base, budget)
+
+
+def _plan_planes(folder: ModelFolder, planes: int) -> PartialPlan:
+    if isinstance(planes, bool) or not isinstance(planes, int) or planes < 1:
+        raise LoadError(f"planes must be an integer >= 1, got {planes!r}")
+    plain = sum(int(folder.tensor(n).nbytes) for n in folder.plain_names)
+    loaded = full = plain
+    cut = []
+    for name, record in folder.records.items():
+        qt = folder.quantized(name)
+        size = sum(int(a.nbytes) for a in qt.tensors.values())
+        full += size
+        cut_planes = [n for n in partial_nodes(record) if n.get("codec") == "bitplanes" and n.get("bits", 0) > planes]
+        if cut_planes:  # bytes read from the file: the kept planes' prefix and the statistics as stored
+            qt.use_planes(planes)  # refuses here, before any model is built, a record it cannot rewrite
+            cut.append(name)
+            size -= sum(int(qt.tensors[n["tensor"]].nbytes) * (n["bits"] - planes) // n["bits"] for n in cut_planes)
+        loaded += size
+    if not cut:
+        raise LoadError(f"{folder.root}: planes={planes}: no record stores codes as more than {planes} bit-planes "
+                        "(convert with -p planes=true)")
+    return PartialPlan({}, loaded, full, loaded, None, planes, cut)
+
+
+def partial_nodes(record: dict) -> list[dict]:
+    from ..format.record import iter_nodes
+
+    return list(iter_nodes(record.get("weight")))
