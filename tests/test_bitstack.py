@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 from helpers import hessian_weighted_error, layer_input
-from qformat_plugins.bcq import BCQ
 from qformat_plugins.bitstack import BitStack
 from tiny_model import make_tiny_llama
 

@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import FormatError
+from . import partial
 from .codecs import CORE_CODECS, CodecRegistry, Context, TensorInfo
 from .dtypes import dtype_name
-from . import partial
 from .record import (
     FORMAT_VERSION,
     SUPPORTED_FORMAT_VERSIONS,

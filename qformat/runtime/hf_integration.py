@@ -33,9 +33,9 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..format.container import QUANT_METHOD
 from .assemble import attach_prepared, check_complete, release_record_pages, swap_in_qlinears
-from .partial_load import plan_partial
 from .model_folder import open_model_folder
 from .nn import fuse_shared_inputs, qlinear_modules
+from .partial_load import plan_partial
 
 
 class QformatConfig(QuantizationConfigMixin):
