@@ -523,6 +523,14 @@ class BitplanesCodec(Codec):
         return bitpack.unpack_bitplanes(planes, cols, min(use, bits) if use else None, bitpack.code_dtype(bits))
 
 
+def _check_row_ptr_info(ctx: Context, node: dict, rows: int) -> None:
+    """A ``row_ptr`` field (sparse_csr, ternary_dict) names an I32/I64 tensor of ``rows + 1`` offsets."""
+    ptr = ctx.tensor(node, "row_ptr")
+    if ptr.dtype not in ("I32", "I64") or ptr.shape != (rows + 1,):
+        raise ctx.error("shape_mismatch", f"row_ptr must be I32/I64 [{rows + 1}], got {ptr.dtype} "
+                        f"{list(ptr.shape)}", "row_ptr")
+
+
 @register
 class TernaryDictCodec(Codec):
     """QMoE's sub-1-bit ternary stream: per row, 16-bit codewords into a fixed dictionary of pair sequences."""
@@ -539,10 +547,7 @@ class TernaryDictCodec(Codec):
         info = ctx.tensor(node, "tensor")
         if info.dtype != "U16" or len(info.shape) != 1:
             raise ctx.error("bad_dtype", f"codewords must be 1-D U16, got {info.dtype} {list(info.shape)}", "tensor")
-        ptr = ctx.tensor(node, "row_ptr")
-        if ptr.dtype not in ("I32", "I64") or ptr.shape != (rows + 1,):
-            raise ctx.error("shape_mismatch", f"row_ptr must be I32/I64 [{rows + 1}], got {ptr.dtype} "
-                            f"{list(ptr.shape)}", "row_ptr")
+        _check_row_ptr_info(ctx, node, rows)
         return NodeInfo((rows, cols), "int", 3)
 
     def decode(self, node: dict, ctx: Context, rows: tuple[int, int] | None = None) -> np.ndarray:
@@ -824,11 +829,8 @@ class SparseCsrCodec(Codec):
 
     def infer(self, node: dict, ctx: Context) -> NodeInfo:
         rows, cols = ctx.shape_field(node, "shape", 2)
-        ptr = ctx.tensor(node, "row_ptr")
+        _check_row_ptr_info(ctx, node, rows)
         idx = ctx.tensor(node, "col_idx")
-        if ptr.dtype not in ("I32", "I64") or ptr.shape != (rows + 1,):
-            raise ctx.error("shape_mismatch", f"row_ptr must be I32/I64 [{rows + 1}], got {ptr.dtype} "
-                            f"{list(ptr.shape)}", "row_ptr")
         if idx.dtype not in ("I32", "I16", "U16") or len(idx.shape) != 1:
             raise ctx.error("bad_dtype", f"col_idx must be 1-D I32/I16/U16, got {idx.dtype} {list(idx.shape)}",
                             "col_idx")
