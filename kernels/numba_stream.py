@@ -22,7 +22,6 @@ from qformat.kernel_api import PreparedWeight
 
 from .numba_plan import stream_form  # noqa: F401  (re-exported: what this module runs)
 
-
 DEBRUIJN = np.uint32(0x077CB531)  # de Bruijn multiply: the index of a 32-bit word's lowest set bit
 
 
