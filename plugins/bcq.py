@@ -84,8 +84,8 @@ class BCQ(QuantizesThroughRun, Method):
         """(stored scales 2α [R, G, q], fp16-exact; sign bits [q, R, C] as 0/1; info) of the BCQ fit of every group."""
         rows, cols = w.shape
         alphas, signs, rounds_run = [], [], []
-        for c0, width in _group_spans(cols, group):
-            x = w[:, c0:c0 + width * _count(cols, group, c0, width)].reshape(-1, width)
+        for c0, width, count in _group_spans(cols, group):
+            x = w[:, c0:c0 + width * count].reshape(-1, width)
             alpha, s, done = core.fit(x, q, rounds)
             alpha = fp16_exact(alpha.clamp(max=ALPHA_MAX))
             if rounds:
@@ -121,16 +121,12 @@ class BCQ(QuantizesThroughRun, Method):
         return scales, bits, fp16_exact(offset), {}
 
 
-def _group_spans(cols: int, group: int) -> list[tuple[int, int]]:
-    """(first column, width) of the full groups taken together, then of the short last group if any."""
-    spans = [(0, group)] if cols >= group else []
+def _group_spans(cols: int, group: int) -> list[tuple[int, int, int]]:
+    """(first column, width, groups) of the full groups taken together, then of the short last group if any."""
+    spans = [(0, group, cols // group)] if cols >= group else []
     if cols % group:
-        spans.append((cols - cols % group, cols % group))
+        spans.append((cols - cols % group, cols % group, 1))
     return spans
-
-
-def _count(cols: int, group: int, c0: int, width: int) -> int:
-    return cols // group if c0 == 0 and width == group else 1
 
 
 def _expand(per_group: torch.Tensor, group: int, cols: int) -> torch.Tensor:
