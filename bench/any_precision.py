@@ -34,8 +34,7 @@ def stack_bits(folder: Path, plan) -> float:
     try:
         bits = weights = 0
         for name, record in f.records.items():
-            tensors = f.quantized(name).tensors
-            sizes = partial.term_bytes(record, lambda t, tensors=tensors: int(tensors[t].nbytes))
+            sizes = partial.term_bytes(record, f.quantized(name).tensor_info, f.registry)
             keep = plan.terms.get(name, len(sizes)) if plan else len(sizes)
             bits += 8 * sum(sizes[:keep])
             rows, cols = record["shape"][0], 1

@@ -72,7 +72,7 @@ def test_activation_scaling_lowers_output_error() -> None:
 def test_truncated_record_reads_only_its_terms() -> None:
     qt = BitStack().run(layer_input(LAYERS[0]), {"blocks": 4}).qt
     full = qt.decode()
-    sizes = partial.term_bytes(qt.record, lambda n: qt.tensors[n].nbytes)
+    sizes = partial.term_bytes(qt.record, qt.tensor_info)
     for k in (1, 2, 4):
         cut = qt.keep_terms(k)
         assert cut.record["storage_bytes"] == sum(sizes[:k]) == sum(a.nbytes for a in cut.tensors.values())

@@ -16,6 +16,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..errors import FormatError
+from .codecs import CORE_CODECS, CodecRegistry, Context, TensorInfo
+
+TensorInfoOf = Callable[[str], "TensorInfo | None"]
 
 
 def stack_node(record: Mapping[str, Any]) -> dict | None:
@@ -34,8 +37,8 @@ def stack_size(record: Mapping[str, Any]) -> int:
 
 def keep_terms(record: Mapping[str, Any], count: int) -> dict:
     """A copy of ``record`` whose stack keeps its first ``count`` terms (all when ``count`` >= their number; a
-    record without a stack is returned unchanged). ``storage_bytes`` is left as it was: use :func:`referenced` to
-    count what the cut tree reads."""
+    record without a stack is returned unchanged). ``storage_bytes`` is left as it was:
+    ``QuantizedTensor.keep_terms`` recounts it from what the cut tree reads."""
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise FormatError("bad_field", f"keep_terms must be an integer >= 1, got {count!r}", field="keep_terms")
     out = copy.deepcopy(dict(record))
@@ -45,39 +48,27 @@ def keep_terms(record: Mapping[str, Any], count: int) -> dict:
     return out
 
 
-def referenced(node: Any) -> list[str]:
-    """Tensor names a tree reads, in first-use order, each once."""
-    names: list[str] = []
-
-    def walk(value: Any, key: str | None = None) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(v, k)
-        elif isinstance(value, list):
-            for v in value:
-                walk(v)
-        elif isinstance(value, str) and key in TENSOR_FIELDS and value not in names:
-            names.append(value)
-
-    walk(node)
-    return names
+def referenced(node: Any, tensor_info: TensorInfoOf, registry: CodecRegistry = CORE_CODECS) -> dict[str, TensorInfo]:
+    """The tensors a (sub)tree reads, in first-use order, as the codecs themselves report them (plugin codecs
+    included: their tensor fields are theirs to name)."""
+    ctx = Context(registry, tensor_info)
+    ctx.infer(node, "weight")
+    return ctx.referenced
 
 
-TENSOR_FIELDS = frozenset({"tensor", "row_ptr", "col_idx", "perm"})
-
-
-def term_bytes(record: Mapping[str, Any], nbytes: Callable[[str], int]) -> list[int]:
+def term_bytes(record: Mapping[str, Any], tensor_info: TensorInfoOf, registry: CodecRegistry = CORE_CODECS
+               ) -> list[int]:
     """Bytes each stack term adds (tensors first read by that term; term 0 also carries everything outside the
     stack); a record without a stack is one term of all its bytes."""
     node = stack_node(record)
     if node is None:
-        return [sum(nbytes(n) for n in referenced(record["weight"]))]
-    seen = set(referenced(keep_terms(record, 1)["weight"]))
-    sizes = [sum(nbytes(n) for n in seen)]
+        return [sum(t.nbytes for t in referenced(record["weight"], tensor_info, registry).values())]
+    seen = referenced(keep_terms(record, 1)["weight"], tensor_info, registry)
+    sizes = [sum(t.nbytes for t in seen.values())]
     for term in node["terms"][1:]:
-        new = [n for n in referenced(term) if n not in seen]
+        new = {n: t for n, t in referenced(term, tensor_info, registry).items() if n not in seen}
         seen.update(new)
-        sizes.append(sum(nbytes(n) for n in new))
+        sizes.append(sum(t.nbytes for t in new.values()))
     return sizes
 
 
@@ -190,6 +181,6 @@ def use_planes(record: Mapping[str, Any], tensors: Mapping[str, Any], planes: in
             visit(value, f"{path}/{key}")
 
     visit(out["weight"], "weight")
-    kept = {name: arrays[name] for name in referenced(out["weight"])}
+    kept = {name: arrays[name] for name in tensors}  # the rewrite keeps every tensor name, changing some arrays
     out["storage_bytes"] = sum(int(a.nbytes) for a in kept.values())
     return out, kept

@@ -54,11 +54,13 @@ class QuantizedTensor:
         """Reference fp32 decode, straight from memory."""
         return decode_record(self.name, self.record, self.tensor_info, self.tensors.__getitem__, registry, options)
 
-    def keep_terms(self, count: int) -> QuantizedTensor:
+    def keep_terms(self, count: int, registry: CodecRegistry = CORE_CODECS) -> QuantizedTensor:
         """This weight with its stack cut to the first ``count`` terms (spec/partial.md), holding only the tensors the
-        cut tree reads and their ``storage_bytes``: the others are never touched."""
+        cut tree reads and their ``storage_bytes``: the others are never touched (``registry``: the codecs the
+        record uses)."""
         record = partial.keep_terms(self.record, count)
-        tensors = {name: self.tensors[name] for name in partial.referenced(record["weight"])}
+        tensors = {name: self.tensors[name] for name in partial.referenced(record["weight"], self.tensor_info,
+                                                                          registry)}
         record["storage_bytes"] = sum(int(a.nbytes) for a in tensors.values())
         return QuantizedTensor(self.name, record, tensors)
 

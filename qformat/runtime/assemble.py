@@ -122,7 +122,7 @@ def attach_prepared(model: nn.Module, folder: ModelFolder, swapped: Mapping[str,
         module = model.get_submodule(module_name)
         quantized = folder.quantized(record_name)
         if keep_terms and record_name in keep_terms:
-            quantized = quantized.keep_terms(keep_terms[record_name])
+            quantized = quantized.keep_terms(keep_terms[record_name], folder.registry)
         if planes and record_name in planes[1]:
             quantized = quantized.use_planes(planes[0])
         if isinstance(module, QEmbedding):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import LoadError
-from ..format import ModelFolder, partial
+from ..format import ModelFolder, iter_nodes, partial
 
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -69,8 +69,8 @@ def plan_partial(folder: ModelFolder, max_memory: int | str | None = None, keep_
     records = folder.records
     sizes = {}
     for name, record in records.items():
-        tensors = folder.quantized(name).tensors  # memory-mapped: sizes without reading
-        sizes[name] = partial.term_bytes(record, lambda t, tensors=tensors: int(tensors[t].nbytes))
+        qt = folder.quantized(name)  # memory-mapped: sizes without reading
+        sizes[name] = partial.term_bytes(record, qt.tensor_info, folder.registry)
     plain = sum(int(folder.tensor(n).nbytes) for n in folder.plain_names)
     base = plain + sum(s[0] for s in sizes.values())
     full = plain + sum(sum(s) for s in sizes.values())
@@ -99,7 +99,7 @@ def _plan_planes(folder: ModelFolder, planes: int) -> PartialPlan:
         qt = folder.quantized(name)
         size = sum(int(a.nbytes) for a in qt.tensors.values())
         full += size
-        cut_planes = [n for n in partial_nodes(record) if n.get("codec") == "bitplanes" and n.get("bits", 0) > planes]
+        cut_planes = [n for n in iter_nodes(record.get("weight")) if n.get("codec") == "bitplanes" and n.get("bits", 0) > planes]
         if cut_planes:  # bytes read from the file: the kept planes' prefix and the statistics as stored
             qt.use_planes(planes)  # refuses here, before any model is built, a record it cannot rewrite
             cut.append(name)
@@ -109,9 +109,3 @@ def _plan_planes(folder: ModelFolder, planes: int) -> PartialPlan:
         raise LoadError(f"{folder.root}: planes={planes}: no record stores codes as more than {planes} bit-planes "
                         "(convert with -p planes=true)")
     return PartialPlan({}, loaded, full, loaded, None, planes, cut)
-
-
-def partial_nodes(record: dict) -> list[dict]:
-    from ..format.record import iter_nodes
-
-    return list(iter_nodes(record.get("weight")))
