@@ -25,7 +25,8 @@ from qformat.plugin import LayerInput, Method, MethodConfig, hookimpl, param
 
 from . import _bcq_core as core
 from ._common import MethodResult, QuantizesThroughRun, effective_group, record_builder, weight_matrix
-from ._quantizers import FP16_MAX, fp16_exact, gptq_codes, gptq_params, to_fp16, to_uint8
+from ._quantizers import FP16_MAX, fp16_exact, to_fp16, to_uint8
+from .rtn import rtn_quantize
 
 ALPHA_MAX = FP16_MAX / 2  # the stored scale is 2α, an fp16 value
 
@@ -102,15 +103,8 @@ class BCQ(QuantizesThroughRun, Method):
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
         """RTN codes (GPTQ's asymmetric min-max quantizer per group) as planes: (stored scales 2α_i = s 2^(q-1-i)
         [R, G, q], bits [q, R, C], offset [R, G], info)."""
-        rows, cols = w.shape
-        n_groups = -(-cols // group)
-        scale, zero = torch.empty(rows, n_groups), torch.empty(rows, n_groups)
-        codes = torch.empty(rows, cols, dtype=torch.int64)
-        for j in range(n_groups):
-            part = w[:, j * group:(j + 1) * group]
-            s, z = gptq_params(part, q, sym=False)
-            scale[:, j], zero[:, j] = s, z
-            codes[:, j * group:(j + 1) * group] = gptq_codes(part, s.unsqueeze(1), z.unsqueeze(1), q).long()
+        codes, _, scale, zero = rtn_quantize(w, q, False, group)
+        codes = codes.long()
         powers = [2 ** (q - 1 - i) for i in range(q)]  # plane i holds bit q-1-i (most significant first)
         scales = torch.stack([scale * p for p in powers], dim=-1)  # s is fp16: exact unless past the fp16 range
         if not torch.equal(fp16_exact(scales), scales):

@@ -22,6 +22,27 @@ from ._common import (
 from ._quantizers import gptq_params, gptq_round
 
 
+def rtn_quantize(w: torch.Tensor, bits: int, sym: bool, group: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes, dequantized weight, scale [R, G], zero [R, G]) of GPTQ's min-max quantizer on groups of ``group``
+    columns (codes as floats holding integers, scales fp16-exact).
+
+    Group by group into preallocated outputs: a whole-matrix formula holds ~6 temporaries of the weight's size
+    (measured +659 MiB peak for a 49152 x 576 output layer), this holds codes and the dequantized weight."""
+    cols = w.shape[1]
+    codes, deq = torch.empty_like(w), torch.empty_like(w)
+    scales, zeros = [], []
+    for lo in range(0, cols, group):
+        part = w[:, lo:lo + group]
+        scale, zero = gptq_params(part, bits, sym)
+        scales.append(scale)
+        zeros.append(zero)
+        torch.div(part, scale[:, None], out=codes[:, lo:lo + group])
+        gptq_round(codes[:, lo:lo + group], zero[:, None], bits)
+        torch.sub(codes[:, lo:lo + group], zero[:, None], out=deq[:, lo:lo + group]).mul_(scale[:, None])
+    return codes, deq, torch.stack(scales, dim=1), torch.stack(zeros, dim=1)
+
+
 @dataclass(frozen=True)
 class RTNConfig(MinMaxConfig):
     """rtn's parameters: those of GPTQ's min-max quantizer (bits, group_size, sym)."""
@@ -41,21 +62,8 @@ class RTN(QuantizesThroughRun, Method):
         config = self.validate_params(config)
         bits, sym = config.bits, config.sym
         w = weight_matrix(layer)
-        cols = w.shape[1]
-        group = effective_group(config.group_size, cols)
-        # Group by group into preallocated outputs: a whole-matrix formula holds ~6 temporaries of the weight's size
-        # (measured +659 MiB peak for a 49152 x 576 output layer), this holds codes and the dequantized weight.
-        codes, deq = torch.empty_like(w), torch.empty_like(w)
-        scales, zeros = [], []
-        for lo in range(0, cols, group):
-            part = w[:, lo:lo + group]
-            scale, zero = gptq_params(part, bits, sym)
-            scales.append(scale)
-            zeros.append(zero)
-            torch.div(part, scale[:, None], out=codes[:, lo:lo + group])
-            gptq_round(codes[:, lo:lo + group], zero[:, None], bits)
-            torch.sub(codes[:, lo:lo + group], zero[:, None], out=deq[:, lo:lo + group]).mul_(scale[:, None])
-        scale, zero = torch.stack(scales, dim=1), torch.stack(zeros, dim=1)
+        group = effective_group(config.group_size, w.shape[1])
+        codes, deq, scale, zero = rtn_quantize(w, bits, sym, group)
         b = record_builder(layer)
         info = {"method": self.name, "params": config.to_params()}
         qt = b.finish(affine_record(b, codes, scale, zero, bits, group, sym, config.planes), info)
