@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from numba import prange
 
-from qformat.format import QuantizedTensor, ternary_dict
+from qformat.format import QuantizedTensor, check_record, ternary_dict
 from qformat.kernel_api import PreparedWeight
 
 from .numba_plan import stream_form  # noqa: F401  (re-exported: what this module runs)
@@ -83,7 +83,8 @@ class StreamPrepared(PreparedWeight):
         codes = node["codes"]
         self.out_features, self.in_features = codes["shape"]
         self._qt = qt
-        qt.decode()  # every data check the reference decoder makes (row pointers, pair counts, pad symbols)
+        # every data check the reference decoder makes (row pointers, pair counts, pad symbols), range by range
+        check_record(qt.name, qt.record, qt.tensor_info, qt.tensors.__getitem__)
         self.words = np.ascontiguousarray(qt.tensors[codes["tensor"]], dtype=np.uint16)
         self.row_ptr = np.ascontiguousarray(qt.tensors[codes["row_ptr"]], dtype=np.int64)
         table = np.asarray(qt.tensors[node["table"]["tensor"]], dtype=np.float32)
