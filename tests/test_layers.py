@@ -26,6 +26,7 @@ LAYERS = {
     # the plugin API: the contracts plugins implement, and their discovery
     "qformat.methods": 2, "qformat.importers": 2, "qformat.exporters": 2, "qformat.kernel_api": 2, "qformat.hookspecs": 2, "qformat.plugins": 2,
     "qformat.plugin": 2, "qformat.lowering": 2, "qformat.transforms": 2, "qformat.block_layout": 2,
+    "qformat.sidecar": 2,
     # methods and kernels (plugins), the harness plugin authors run, the conformance runner
     "qformat_plugins": 3, "qformat_kernels": 3, "qformat.testing": 3, "qformat_conformance": 3,
     # running and converting models
