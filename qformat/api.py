@@ -37,7 +37,11 @@ def resolve_source(source: str | os.PathLike, revision: str | None = None) -> Pa
 
 def load(source: str | os.PathLike, device: Any = "cpu", *, revision: str | None = None,
          **options: Any) -> PreTrainedModel:
-    """:func:`qformat.runtime.loader.load` for a local folder or a Hub id (``revision``: a branch, tag or commit)."""
+    """:func:`qformat.runtime.loader.load` for a local folder or a Hub id (``revision``: a branch, tag or commit).
+
+    ``options`` are that function's: ``kernel``, ``dtype``, ``fuse``, ``verify``, the partial-load options, and for
+    fine-tuning ``trainable=True`` (packed codes frozen; sidecars, float parts and peft LoRA adapters train) and
+    ``sidecars=`` (a file of tuned sidecars from :func:`qformat.runtime.trainable.save_sidecars`)."""
     from .runtime.loader import load as load_local
 
     return load_local(resolve_source(source, revision), device, **options)
@@ -62,7 +66,7 @@ def load_any(source: str | os.PathLike, device: Any = "cpu", *, revision: str | 
     return load_local(path, device, **options)
 
 
-def convert(source: str | os.PathLike, out: str | os.PathLike, method: MethodConfig | str, *,
+def convert(source: str | os.PathLike, out: str | os.PathLike, method: MethodConfig | str | None = None, *,
             params: Mapping[str, Any] | None = None, revision: str | None = None,
             transforms: Sequence[Any] = (), **options: Any) -> ConvertResult | ImportResult:
     """Convert ``source`` (a folder, a ``.gguf`` file or a Hub id) into a qformat folder ``out``.
@@ -73,6 +77,10 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, method: MethodCon
     (``"awq"``), ``"NAME:key=value,..."`` or ``{"transform": name, "params": {...}}``; a parameter a name or dict
     leaves out takes the method's parameter of the same name (bits, group_size). ``options`` are the other fields of
     :class:`qformat.conversion.pipeline.ConvertOptions` (``calib``, ``include``, ``seed``, ``overwrite``, ...).
+
+    With ``target_bits=`` or ``target_size=`` (a size budget, :mod:`qformat.conversion.budget`) ``method`` may be
+    None: each layer gets one of ``candidates`` (specs ``"METHOD:key=value,..."``; default a built-in grid, narrowed
+    to ``method`` when it is given). ``sidecar_rank=`` adds a low-rank sidecar of the error to every decoder linear.
 
     ``method="import"`` imports a checkpoint another tool quantized instead (:func:`import_checkpoint`; ``params``:
     ``format``, ``gguf_file``), as ``qformat convert --method import`` does.
@@ -88,7 +96,12 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, method: MethodCon
             raise TypeError(f"qformat.convert(..., 'import'): {wrong} does not apply to an import, which keeps the "
                             "source's own quantization (params: format, gguf_file)")
         return import_checkpoint(source, out, revision=revision, **dict(params or {}), **options)
-    if isinstance(method, MethodConfig):
+    if method is None:
+        if options.get("target_bits") is None and options.get("target_size") is None:
+            raise TypeError("qformat.convert: give a method (a name or a config), or a size budget (target_bits= or "
+                            "target_size=) to choose one per layer")
+        name, given = "", dict(params or {})
+    elif isinstance(method, MethodConfig):
         if params is not None:
             raise TypeError("qformat.convert: give the parameters in the config or as params= with a method name, "
                             "not both")

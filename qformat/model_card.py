@@ -180,6 +180,7 @@ def render_model_card(
         lines += [f"| {_fmt(t['transform'])} | {t.get('version', 1)} | {_fmt(t.get('params') or {})} |"
                   for t in transforms]
 
+    lines += _allocation_lines(qc)
     output = qc.get("output_layer")
     if isinstance(output, dict) and output.get("method"):
         lines += ["", f"The output layer (`{output.get('module', 'lm_head')}`) has a method of its own: "
@@ -226,3 +227,34 @@ def _qformat_version() -> str:
         return _md.version("qformat")
     except _md.PackageNotFoundError:
         return "(development version)"
+
+
+def _allocation_lines(qc: dict[str, Any]) -> list[str]:
+    """The size budget and the configuration each layer got, and the low-rank sidecar, where the conversion used
+    them."""
+    lines: list[str] = []
+    sidecar = qc.get("sidecar")
+    if isinstance(sidecar, dict) and sidecar.get("rank"):
+        fit = "activation-weighted error" if sidecar.get("weighted") else "error"
+        lines += ["", f"Every quantized decoder linear carries a rank-{sidecar['rank']} low-rank sidecar of its "
+                  f"quantization {fit} in {sidecar.get('bits', 16)}-bit (`--sidecar-rank`), counted in the bits "
+                  "per weight."]
+    allocation = qc.get("allocation")
+    if not isinstance(allocation, dict):
+        return lines
+    target = allocation.get("target") or {}
+    goal = (f"{target['bits_per_weight']} bits per weight" if "bits_per_weight" in target
+            else f"{target.get('bytes')} bytes in all")
+    layers: dict[str, str] = allocation.get("layers") or {}
+    counts: dict[str, int] = {}
+    for choice in layers.values():
+        counts[choice] = counts.get(choice, 0) + 1
+    lines += ["", f"Mixed precision to a size budget of {goal} (`--target-bits`/`--target-size`): each decoder linear "
+              f"got the candidate configuration that minimises the summed estimated loss "
+              f"(`{allocation.get('estimate')}` error on the calibration text) under the budget; allocated "
+              f"{allocation.get('allocated_bits_per_weight')} bits per weight over them.", "",
+              "| Configuration | Layers |", "|---|---|"]
+    lines += [f"| `{choice}` | {n} |" for choice, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    lines += ["", "The configuration of each layer is in `config.json` (`quantization_config.allocation.layers`)."]
+    return lines
+

@@ -49,6 +49,29 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                            "channel, exact Q8_0 in GGUF; measured: same perplexity, faster decode) where the model "
                            "has a linear output layer and no --include is given; 'keep': it follows --include like "
                            "any module (left as it is unless named there)")
+    side = conv.add_argument_group("low-rank sidecar (ZeroQuant-V2 LoRC; any method)")
+    side.add_argument("--sidecar-rank", type=int, default=0, metavar="R",
+                      help="after each decoder linear is quantized, store a rank-R low-rank term of its error "
+                           "(record sum(base, lowrank)); counted in bits per weight (default 0: none)")
+    side.add_argument("--sidecar-bits", type=int, default=16, choices=(8, 16),
+                      help="the sidecar's factors in F16 (16, default) or 8-bit codes with F16 row scales (8)")
+    side.add_argument("--sidecar-weighted", action="store_true",
+                      help="fit the sidecar to the activation-weighted error (the layer's calibration Hessian) "
+                           "instead of the plain error; also for the candidates' sidecars of a size budget")
+    bud = conv.add_argument_group("size budget (mixed precision across layers and methods)")
+    bud.add_argument("--target-bits", type=float, metavar="BITS",
+                     help="bits per weight of the quantized decoder linears (bits from bytes): each layer gets the "
+                          "candidate configuration that minimises the summed estimated loss within this budget; "
+                          "--method, if given, narrows the candidates to that method's")
+    bud.add_argument("--target-size", metavar="SIZE",
+                     help="the same with the output's tensor bytes as the budget, e.g. 80MB or 1.5GiB")
+    bud.add_argument("--candidate", action="append", default=[], metavar="METHOD[:KEY=VALUE,...]",
+                     help="a configuration the budget may give a layer (repeatable; sidecar_rank=R and sidecar_bits "
+                          "are accepted as keys); default: a grid of rtn, gptq, nf4 and hqq widths and group sizes "
+                          "with a few sidecars")
+    bud.add_argument("--budget-estimate", choices=("output", "relative"), default="output",
+                     help="loss estimate per layer: its output error tr(dW H dW^T) on the calibration text "
+                          "(default), or that divided by tr(W H W^T)")
     cal = conv.add_argument_group("calibration (methods that need statistics: gptq, spqr, ...)")
     cal.add_argument("--calib", metavar="FILE", help="UTF-8 calibration text (default: the shipped Wikipedia text, "
                      "works offline)")
@@ -152,7 +175,8 @@ GGUF_FILE = "gguf_file"  # transformers' name for the file of a GGUF repo: from_
 def run_convert(args: argparse.Namespace) -> int:
     quiet_openmp_waits()
     check_base_model(args.base_model)
-    if args.method is None:
+    budget = args.target_bits is not None or args.target_size is not None
+    if args.method is None and not budget:
         args.method = _method_by_detection(args)
     if args.method == IMPORT:
         return run_import(args)
@@ -162,15 +186,26 @@ def run_convert(args: argparse.Namespace) -> int:
     from ..hub import resolve_model_source
     from ..plugins import get_method
 
-    method = get_method(args.method)
-    config = method_config(method, args)
-    resolve_chain(args.transform, method, config)  # unknown names and bad parameters before anything else
+    if budget:
+        if args.bits is not None or args.group_size is not None or args.param:
+            raise ParameterError("with --target-bits/--target-size the parameters come from the candidates: give "
+                                 "them as --candidate METHOD:key=value,... instead of --bits, --group-size or -p")
+        if args.method is not None:
+            get_method(args.method)  # an unknown name before anything else
+        config: Any = {}
+    else:
+        method = get_method(args.method)
+        config = method_config(method, args)
+        resolve_chain(args.transform, method, config)  # unknown names and bad parameters before anything else
     output_layer = AUTO_OUTPUT_LAYER if args.output_layer is None else args.output_layer
     resolve_output_layer(output_layer)
     check_eval_options(args)
     eval_text = resolve_eval_text(args.eval) if args.eval else None
     options = ConvertOptions(
-        source=args.source, out=args.out, method=args.method, params=config, transforms=tuple(args.transform),
+        source=args.source, out=args.out, method=args.method or "", params=config, transforms=tuple(args.transform),
+        sidecar_rank=args.sidecar_rank, sidecar_bits=args.sidecar_bits, sidecar_weighted=args.sidecar_weighted,
+        target_bits=args.target_bits, target_size=args.target_size, candidates=tuple(args.candidate),
+        budget_estimate=args.budget_estimate,
         revision=args.revision, output_layer=output_layer,
         calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
         include=args.include, exclude=args.exclude, true_sequential=args.true_sequential, overwrite=args.overwrite,

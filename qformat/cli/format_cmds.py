@@ -118,6 +118,10 @@ def describe(path: str | Path, registry: CodecRegistry = CORE_CODECS) -> dict[st
             "bits_by_layer_type": bits_by_layer_type(all_records),
         }
         method = folder.quantization_config.get("method")
+        allocated = (folder.quantization_config.get("allocation") or {}).get("layers") or {}
+        for r in records:
+            if r["name"].removesuffix(".weight") in allocated:
+                r["config"] = allocated[r["name"].removesuffix(".weight")]
         return {"path": str(path), "kind": "folder" if Path(path).is_dir() else "file", "method": method,
                 "records": records, "plain": plain, "totals": totals}
     finally:
@@ -142,13 +146,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     console = _console()
     if summary["records"]:
         table = Table(title=f"quantized records in {_esc(summary['path'])}")
-        for column in ("name", "shape", "dtype", "codec", "components", "bits/w"):
+        allocated = any("config" in r for r in summary["records"])  # a size budget: the configuration per layer
+        for column in ("name", "shape", "dtype", *(("config",) if allocated else ()), "codec", "components", "bits/w"):
             table.add_column(column, justify="right" if column == "bits/w" else "left", overflow="fold")
         for r in summary["records"]:
             parts = "\n".join(f"{c['role']} {c['dtype']}{_shape(c['shape'])} {_bytes(c['bytes'])}"
                               for c in r["components"])
-            table.add_row(_esc(r["name"]), _shape(r["shape"]), r["dtype"], _esc(r["signature"]), _esc(parts),
-                          f"{r['bits_per_weight']:.3f}")
+            config = (_esc(r.get("config", "")),) if allocated else ()
+            table.add_row(_esc(r["name"]), _shape(r["shape"]), r["dtype"], *config, _esc(r["signature"]),
+                          _esc(parts), f"{r['bits_per_weight']:.3f}")
         console.print(table)
     if summary["plain"]:
         table = Table(title="plain tensors")

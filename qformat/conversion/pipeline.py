@@ -55,7 +55,18 @@ from ..methods import BlockTuning, LayerInput, Method, MethodConfig, cloned_call
 from ..text import tokenize
 from ..transforms import BlockInput, TransformedBlock, apply_chain, wrap_record
 from . import calibration as calib_data
+from ..sidecar import SIDECAR_BITS, with_sidecar
 from .activations import BlockCalls, LinearStats, capture_block_inputs, input_groups, run_block
+from .budget import (
+    ESTIMATES,
+    Candidate,
+    LayerCosts,
+    allocation_summary,
+    make_plan,
+    parse_size,
+    plan_choices,
+    resolve_candidates,
+)
 from .lock import OutputLock
 from .report import (
     Progress,
@@ -81,6 +92,7 @@ from .transform_chain import (
 
 STATE_NAME = "state.json"
 DIGESTS_NAME = "source-digests.json"
+PLAN_NAME = "allocation.json"  # a size budget's plan, measured once and reused by a resumed run
 STATE_VERSION = 2  # 2: per-tensor source digests, work-folder marker
 CALIBRATED = frozenset({"hessian", "act_norms", "act_absmax"})
 MAX_SEED = 2**32 - 1
@@ -129,6 +141,17 @@ class ConvertOptions:
     # folder inside the Hugging Face cache, models--org--name, names its own). Not part of the state: the weights
     # do not depend on it.
     base_model: str | None = None
+    # A low-rank sidecar of each quantized decoder linear's error (qformat.sidecar): rank (0: none), stored bits (16
+    # or 8), and whether it is fitted to the activation-weighted error (the layer's calibration Hessian).
+    sidecar_rank: int = 0
+    sidecar_bits: int = 16
+    sidecar_weighted: bool = False
+    # A size budget (qformat.conversion.budget): bits per weight of the decoder linears, or total tensor bytes of the
+    # output (an int or "80MB"); the method (if given) narrows the candidates, which default to the built-in grid.
+    target_bits: float | None = None
+    target_size: int | str | None = None
+    candidates: Sequence[str] = ()
+    budget_estimate: str = "output"
 
 
 @dataclass
@@ -250,16 +273,23 @@ class Converter:
         from ..plugins import get_method, get_plugins
 
         opts = self.options
-        self.method: Method = get_method(opts.method)
-        self.config: MethodConfig = self.method.validate_params(opts.params)
+        self._prepare_budget()
+        if self.candidates:  # the method only narrows the candidates; the first stands for "the method" below
+            self.method, self.config = self.candidates[0].method, self.candidates[0].config
+        else:
+            self.method: Method = get_method(opts.method)
+            self.config: MethodConfig = self.method.validate_params(opts.params)
         self.chain: Chain = resolve_chain(opts.transforms, self.method, self.config)
         self.output_method, self.output_config = resolve_output_layer(opts.output_layer)
-        owner = get_plugins().method_owner.get(opts.method)
+        owner = get_plugins().method_owner.get(self.method.name)
         info = get_plugins().info.get(owner) if owner else None
         self.plugin_label = f"{info.package} {info.version}" if info else "?"
         self.codecs = get_plugins().codecs  # shards are read back with the plugin codecs the method may use
         # A transform sees the block's calibration inputs, so a chain calibrates even for RTN.
-        self.needs_calibration = bool(self.method.calibration & CALIBRATED) or bool(self.chain) or (
+        self.statistics = frozenset(self.method.calibration).union(
+            *(c.method.calibration for c in self.candidates),
+            {"hessian"} if self.candidates or (opts.sidecar_rank and opts.sidecar_weighted) else ())
+        self.needs_calibration = bool(self.statistics & CALIBRATED) or bool(self.chain) or (
             self.output_method is not None and bool(self.output_method.calibration & CALIBRATED))
         _check_int("--seed", opts.seed, 0, MAX_SEED)
         if self.needs_calibration:
@@ -313,6 +343,38 @@ class Converter:
                                                 source=f"the calibration text {self.calib_text.path.name}")
         self.state = self._state()
         self._check_work_dir()
+
+    def _prepare_budget(self) -> None:
+        """Check the sidecar and budget options; resolve the candidate set (empty without a budget)."""
+        opts = self.options
+        _check_int("--sidecar-rank", opts.sidecar_rank, 0, 4096)
+        if opts.sidecar_bits not in SIDECAR_BITS:
+            raise ParameterError(f"--sidecar-bits is 8 or 16, got {opts.sidecar_bits!r}")
+        self.candidates: list[Candidate] = []
+        self.budget_target: dict[str, Any] | None = None
+        if opts.target_bits is None and opts.target_size is None:
+            if opts.candidates:
+                raise ParameterError("--candidate lists configurations for a size budget: add --target-bits or "
+                                     "--target-size")
+            return
+        if opts.target_bits is not None and opts.target_size is not None:
+            raise ParameterError("give --target-bits or --target-size, not both")
+        if opts.transforms:
+            raise ParameterError("a size budget mixes methods layer by layer, so it does not combine with "
+                                 "--transform (a block rewrite); convert with the transform and one --method instead")
+        if opts.budget_estimate not in ESTIMATES:
+            raise ParameterError(f"--budget-estimate is one of {list(ESTIMATES)}, got {opts.budget_estimate!r}")
+        if opts.target_bits is not None:
+            bits = opts.target_bits
+            if isinstance(bits, bool) or not isinstance(bits, int | float) or not 0 < bits <= 32:
+                raise ParameterError(f"--target-bits must be a number in (0, 32], got {bits!r}")
+            self.budget_target = {"bits_per_weight": float(bits)}
+        else:
+            self.budget_target = {"bytes": parse_size(opts.target_size)}
+        if opts.params:
+            raise ParameterError("with a size budget the method's parameters come from the candidates: give them as "
+                                 "--candidate METHOD:key=value,... instead of -p")
+        self.candidates = resolve_candidates(opts.candidates, opts.method or None)
 
     def _check_chain_architecture(self) -> None:
         """A transform the user named that understands none of this model's blocks is refused before any work; one
@@ -460,7 +522,20 @@ class Converter:
                 "output_layer": self._output_layer_state(), "source": self.source.describe(),
                 "source_fingerprint": self.source.fingerprint(), "calibration": calibration,
                 "include": list(opts.include), "exclude": list(opts.exclude), "seed": opts.seed,
-                "torch": torch.__version__, "threads": torch.get_num_threads()}
+                "torch": torch.__version__, "threads": torch.get_num_threads(), "sidecar": self._sidecar_state(),
+                "budget": self._budget_state()}
+
+    def _sidecar_state(self) -> dict[str, Any] | None:
+        opts = self.options
+        return {"rank": opts.sidecar_rank, "bits": opts.sidecar_bits, "weighted": opts.sidecar_weighted} \
+            if opts.sidecar_rank else None
+
+    def _budget_state(self) -> dict[str, Any] | None:
+        if self.budget_target is None:
+            return None
+        return {"target": self.budget_target, "estimate": self.options.budget_estimate,
+                "candidates": [c.to_dict() for c in self.candidates],
+                "sidecar_weighted": self.options.sidecar_weighted}
 
     def _output_layer_state(self) -> dict[str, Any] | None:
         if self.output_method is None:
@@ -589,13 +664,15 @@ class Converter:
         try:
             self._verify_finished_sources(done, progress)
             with deterministic(self.options.seed):
+                if self.candidates:
+                    self._allocate(progress)
                 self._run_blocks(done, progress, on_block_done)
         finally:
             gc.unfreeze()
             progress.close()
         seconds = time.perf_counter() - start
         records, outliers = self._read_records()
-        summary = summarize(self.method.name, records, outliers, seconds, peak_rss_bytes(), min(done, blocks))
+        summary = summarize("mixed" if self.candidates else self.method.name, records, outliers, seconds, peak_rss_bytes(), min(done, blocks))
         summary.extra["rss_after_block"] = self.rss_after_block
         qconfig = self._quantization_config(records)
         config = dict(self.source.config)
@@ -651,6 +728,105 @@ class Converter:
             if on_block_done is not None:
                 on_block_done(blocks)
 
+    # ================================================================================================ size budget
+    def _allocate(self, progress: Progress) -> None:
+        """The budget's plan: the one an interrupted run saved in the work folder, else measured and saved first."""
+        path = self.work_dir / PLAN_NAME
+        if path.exists():
+            try:
+                self.plan = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                raise ConversionError(f"the saved allocation {path} cannot be read ({exc}); pass --restart") from None
+        else:
+            self.plan = self._measure_and_plan(progress)
+            self._write_text(path, json.dumps(self.plan, indent=1, sort_keys=True) + "\n")
+        self.assignment = plan_choices(self.plan, self.candidates)
+        in_blocks = {f"{self.skeleton.block_prefix(i)}{n}.weight" for i, names in self.selection.block_linears.items()
+                     for n in names}
+        missing = sorted(in_blocks - set(self.assignment))
+        if missing:
+            raise ConversionError(f"the saved allocation {path} has no choice for {missing[0]}; pass --restart")
+
+    def _measure_and_plan(self, progress: Progress) -> dict[str, Any]:
+        """Every candidate on every selected decoder linear, on the original model's calibration activations; then
+        the knapsack over the measured bytes and estimates."""
+        calls = self._capture()
+        inputs, calls.first_inputs = calls.first_inputs, []
+        layers: list[LayerCosts] = []
+        blocks = self.skeleton.blocks
+        for index, block in enumerate(blocks):
+            selected = self.selection.block_linears.get(index, [])
+            prefix = self.skeleton.block_prefix(index)
+            progress.note(f"measuring {len(self.candidates)} candidate configurations on block {index}")
+            self._load_block(index)
+            modules = dict(block.named_modules())
+            if selected:
+                stats = LinearStats.for_method(self.statistics)
+                stats.attach({prefix + name: modules[name] for name in selected})
+                try:
+                    stats.collect(block, index, calls, inputs)
+                finally:
+                    stats.detach()
+                layers += [self._measure_layer(prefix + name, modules[name], stats) for name in selected]
+            if index < len(blocks) - 1:
+                inputs = run_block(block, index, calls, inputs)
+            release(block)
+            return_freed_memory()
+        weights = sum(layer.weights for layer in layers)
+        assert self.budget_target is not None
+        if "bits_per_weight" in self.budget_target:
+            budget = int(self.budget_target["bits_per_weight"] * weights / 8)
+        else:
+            fixed = self._fixed_bytes()
+            budget = self.budget_target["bytes"] - fixed
+            if budget <= 0:
+                raise ConversionError(f"--target-size {self.budget_target['bytes']} bytes leaves nothing for the "
+                                      f"quantized linears: the other tensors take {fixed} bytes")
+        return make_plan(self.candidates, layers, budget, self.budget_target, self.options.budget_estimate)
+
+    def _measure_layer(self, module_name: str, module: nn.Module, stats: LinearStats) -> LayerCosts:
+        weight_name = f"{module_name}.weight"
+        absmax = stats.act_absmax(module_name)
+        hessian, norms, tokens = stats.pop(module_name)
+        weight = module.weight.detach().to(torch.float32)
+        layer = LayerInput(weight_name, weight, self._dtype(weight_name), hessian, norms, tokens, act_absmax=absmax)
+        scale = 1.0
+        if self.options.budget_estimate == "relative":
+            scale = 1.0 / max(float(((weight @ hessian) * weight).sum()), 1e-30)
+        sizes, errors = [], []
+        for candidate in self.candidates:
+            qt = self._quantize_layer(layer, candidate.method, candidate.config,
+                                      (candidate.sidecar_rank, candidate.sidecar_bits), keep_hessian=True)
+            decoded = torch.from_numpy(np.asarray(qt.decode(self.codecs), dtype=np.float32)).reshape(weight.shape)
+            delta = weight - decoded
+            sizes.append(int(qt.record["storage_bytes"]))
+            errors.append(float(((delta @ hessian) * delta).sum()) * scale)
+        return LayerCosts(weight_name, weight.numel(), sizes, errors)
+
+    def _fixed_bytes(self) -> int:
+        """Bytes of everything outside the budget's linears: the tensors written as they are, and the modules outside
+        the blocks quantized by their own method (quantized here to count them; such a method must not need
+        calibration)."""
+        itemsize = {"F64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2, "I64": 8,
+                    "U64": 8, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+        selected = set(self.selected_weights()) | set(self.outside_quantized)
+        names = set(self.outside_names).union(*({self.skeleton.block_prefix(i) + n for n in names}
+                                                for i, names in enumerate(self.block_names)))
+        total = 0
+        for name in sorted(names - selected):
+            total += int(np.prod(self.source.shapes[name], dtype=np.int64)) * itemsize.get(self.source.dtypes[name], 4)
+        for weight_name in self.outside_quantized:
+            module_name = weight_name.rsplit(".", 1)[0]
+            method, config = self._outside_method(module_name)
+            if method.calibration & CALIBRATED:
+                raise ConversionError(f"--target-size cannot count {module_name} in advance: its method "
+                                      f"{method.name!r} calibrates; use --target-bits, or another --output-layer")
+            source = self.tied.get(weight_name, weight_name)
+            weight = self.source.read([source])[source].to(torch.float32)
+            qt = self._quantize_tensor(weight_name, weight, self._dtype(weight_name), None, module_name, method, config)
+            total += int(qt.record["storage_bytes"])
+        return total
+
     def _capture(self) -> BlockCalls:
         """Block-0 inputs and the blocks' call arguments; only the modules before the blocks are materialised."""
         model = self.skeleton.model
@@ -698,7 +874,7 @@ class Converter:
             else:
                 groups = [selected]
             for group in groups:
-                stats = LinearStats.for_method(self.method.calibration)
+                stats = LinearStats.for_method(self.statistics)
                 stats.attach({prefix + name: modules[name] for name in group})
                 try:
                     stats.collect(block, index, calls, inputs)
@@ -887,19 +1063,37 @@ class Converter:
 
     def _quantize_module(self, module_name: str, module: nn.Module, stats: LinearStats | None) -> QuantizedTensor:
         weight_name = f"{module_name}.weight"
-        qt = self._quantize_tensor(weight_name, module.weight.detach(), self._dtype(weight_name), stats, module_name)
+        choice = self.assignment.get(weight_name) if self.candidates else None
+        if choice is not None:
+            qt = self._quantize_tensor(weight_name, module.weight.detach(), self._dtype(weight_name), stats,
+                                       module_name, choice.method, choice.config, (choice.sidecar_rank,
+                                                                                   choice.sidecar_bits))
+        else:
+            qt = self._quantize_tensor(weight_name, module.weight.detach(), self._dtype(weight_name), stats,
+                                       module_name, sidecar=(self.options.sidecar_rank, self.options.sidecar_bits))
         decoded = torch.from_numpy(np.array(qt.decode(self.codecs), dtype=np.float32)).reshape(module.weight.shape)
         module._parameters["weight"] = nn.Parameter(decoded, requires_grad=False)
         return qt
 
     def _quantize_tensor(self, weight_name: str, weight: torch.Tensor, dtype: str, stats: LinearStats | None,
-                         stats_name: str, method: Method | None = None,
-                         config: MethodConfig | None = None) -> QuantizedTensor:
+                         stats_name: str, method: Method | None = None, config: MethodConfig | None = None,
+                         sidecar: tuple[int, int] = (0, 16)) -> QuantizedTensor:
         method, config = method or self.method, config or self.config
         absmax = stats.act_absmax(stats_name) if stats is not None else None
         hessian, norms, tokens = stats.pop(stats_name) if stats is not None else (None, None, 0)
-        layer = LayerInput(weight_name, weight.detach().to(torch.float32).clone(), dtype, hessian, norms, tokens,
+        layer = LayerInput(weight_name, weight.detach().to(torch.float32), dtype, hessian, norms, tokens,
                            act_absmax=absmax)
+        return self._quantize_layer(layer, method, config, sidecar)
+
+    def _quantize_layer(self, layer: LayerInput, method: Method, config: MethodConfig,
+                        sidecar: tuple[int, int] = (0, 16), keep_hessian: bool = False) -> QuantizedTensor:
+        """``method`` on a copy of ``layer``, then the sidecar if any. A method may change its inputs in place (GPTQ
+        damps the Hessian), so the weight is copied, and the Hessian too where it is read again afterwards: by a
+        weighted sidecar, or by the caller (``keep_hessian``)."""
+        weight, weight_name, hessian = layer.weight, layer.name, layer.hessian
+        keep = hessian is not None and (keep_hessian or (sidecar[0] and self.options.sidecar_weighted))
+        layer = LayerInput(weight_name, weight.clone(), layer.dtype, hessian.clone() if keep else hessian,
+                           layer.act_norms, layer.n_tokens, act_absmax=layer.act_absmax)
         # Seeded per layer, so a resumed run draws the same random numbers as an uninterrupted one.
         torch.manual_seed((zlib.crc32(weight_name.encode()) ^ self.options.seed) & 0x7FFFFFFF)
         qt = method.quantize(layer, config)
@@ -909,6 +1103,10 @@ class Converter:
         if list(qt.record.get("shape", [])) != list(weight.shape):
             raise PluginError(f"method {method.name!r} returned shape {qt.record.get('shape')} for "
                               f"{weight_name}, whose shape is {list(weight.shape)}")
+        rank, bits = sidecar
+        if rank:
+            qt = with_sidecar(qt, weight, rank, bits=bits, registry=self.codecs,
+                              hessian=hessian if self.options.sidecar_weighted else None)
         return qt
 
     # ================================================================================================ files
@@ -1023,6 +1221,11 @@ class Converter:
         }
         if providers:
             qconfig["codec_providers"] = providers
+        if self.candidates:  # one method per layer, as allocated
+            qconfig.update(method="mixed", method_params={}, allocation=allocation_summary(self.plan))
+            del qconfig["method_config_version"], qconfig["method_plugin"]
+        if self.options.sidecar_rank:
+            qconfig["sidecar"] = self._sidecar_state()
         lineage = self.options.base_model or (None if self.source.hub_id else self._cached_hub_id())
         if lineage:
             qconfig["base_model"] = lineage
@@ -1047,10 +1250,25 @@ class Converter:
     def _command(self) -> str:
         """The conversion as a canonical command line (for the model card)."""
         opts = self.options
-        parts = ["qformat convert", f"--method {self.method.name}", self.source.hub_id or self._local_name(),
-                 f"--out {self.out.name}"]
-        defaults = {p.name: p.default for p in self.config.params()}
-        parts += [f"-p {k}={v}" for k, v in sorted(asdict(self.config).items()) if defaults.get(k) != v]
+        parts = ["qformat convert", self.source.hub_id or self._local_name(), f"--out {self.out.name}"]
+        if self.candidates:
+            parts += [f"--method {opts.method}"] if opts.method else []
+            target = self.budget_target or {}
+            parts.append(f"--target-bits {target['bits_per_weight']}" if "bits_per_weight" in target
+                         else f"--target-size {target.get('bytes')}")
+            if opts.candidates:
+                parts += [f"--candidate {c.label}" for c in self.candidates]
+            if opts.budget_estimate != "output":
+                parts.append(f"--budget-estimate {opts.budget_estimate}")
+        else:
+            parts.insert(1, f"--method {self.method.name}")
+            defaults = {p.name: p.default for p in self.config.params()}
+            parts += [f"-p {k}={v}" for k, v in sorted(asdict(self.config).items()) if defaults.get(k) != v]
+        if opts.sidecar_rank:
+            parts.append(f"--sidecar-rank {opts.sidecar_rank}" + (f" --sidecar-bits {opts.sidecar_bits}"
+                                                                  if opts.sidecar_bits != 16 else ""))
+        if opts.sidecar_weighted and (opts.sidecar_rank or any(c.sidecar_rank for c in self.candidates)):
+            parts.append("--sidecar-weighted")
         parts += chain_command(self.chain)
         if self.output_method is not None:
             assert self.output_config is not None

@@ -17,7 +17,8 @@ records itself from the checkpoint files transformers resolved (local or downloa
 
 This uses only the documented hooks plus ``_keys_to_ignore_on_load_unexpected``, so it survives changes to the
 converter API. Saving a loaded model back with ``save_pretrained`` is not supported (``is_serializable`` is False):
-the folder already is the serialized form.
+the folder already is the serialized form. ``is_trainable`` is True: gradients flow through the QLinears' kernels
+(the codes frozen), so peft adapters train on a model loaded this way (:mod:`qformat.runtime.trainable`).
 """
 
 from __future__ import annotations
@@ -130,6 +131,10 @@ class QformatHfQuantizer(HfQuantizer):
             release_record_pages(folder, list(self._swapped.values()))
         finally:
             folder.close()
+        if "peft" in sys.modules:  # let peft's LoRA wrap QLinears (importing peft here would cost seconds)
+            from .trainable import install_peft_dispatch
+
+            install_peft_dispatch()
         return model
 
     def _dequantize(self, model: Any, dtype: torch.dtype | None = None) -> Any:
@@ -152,6 +157,15 @@ class QformatHfQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
+        """True: gradients flow through every QLinear to its input (the packed codes frozen; see
+        :class:`qformat.runtime.nn.PackedLinearFunction`), so peft adapters and the float parameters train, as on
+        a bitsandbytes 4-bit model. Sidecars stay inside the kernels on this path (``qformat.load(...,
+        trainable=True)`` splits them off as parameters)."""
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        """False: the codes are fixed; there is no quantization-aware training of the packed weights."""
         return False
 
 

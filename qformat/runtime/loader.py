@@ -102,7 +102,8 @@ def _skeleton(source: str | os.PathLike, dtype: torch.dtype | str | None,
 def load(source: str | os.PathLike, device: str | torch.device = "cpu", *,
          kernel: str | None = None, dtype: torch.dtype | str | None = None, fuse: bool = True,
          verify: VerifyMode = "auto", max_memory: int | str | None = None,
-         keep_terms: int | None = None, planes: int | None = None) -> PreTrainedModel:
+         keep_terms: int | None = None, planes: int | None = None, trainable: bool = False,
+         sidecars: str | os.PathLike | None = None) -> PreTrainedModel:
     """A transformers model whose quantized linears are :class:`QLinear` layers holding packed weights.
 
     ``source``: a local qformat model folder (:func:`qformat.load` also takes Hub ids).
@@ -117,21 +118,46 @@ def load(source: str | os.PathLike, device: str | torch.device = "cpu", *,
     planes) whose tensors fit; ``keep_terms``: keep that many terms of every stack; ``planes``: read every
     bit-plane code (``-p planes=true`` files) at that many planes (spec/partial.md). The plan is
     ``model.qformat_partial`` (None for a full load).
+    ``trainable``: load for fine-tuning (:mod:`qformat.runtime.trainable`): packed codes frozen, gradients through
+    the kernels to the inputs, ``sum(base, lowrank)`` sidecars split off as fp32 ``sidecar_a`` / ``sidecar_b``
+    parameters, float parameters (norms, biases, unquantized embeddings) copied to writable memory and trainable,
+    no fusing, peft's LoRA able to wrap the QLinears; ``model.qformat_trainable`` says which layers have a trainable
+    sidecar and which stay frozen. Not with a partial load.
+    ``sidecars``: a file written by :func:`qformat.runtime.trainable.save_sidecars` (tuned sidecars and float
+    parameters) to load over the folder's; the sidecars are split off as with ``trainable`` (without it they do not
+    require grad).
     """
+    split = trainable or sidecars is not None
+    if split and (max_memory is not None or keep_terms is not None or planes is not None):
+        raise LoadError("trainable / sidecars loads need the whole model: not with max_memory, keep_terms or planes")
     with _skeleton(source, dtype, verify) as (path, folder, dtype, model):
         plan = plan_partial(folder, max_memory, keep_terms, planes)
         swapped = swap_in_qlinears(model, folder.records)
         check_complete(model, folder, path)
         unused = bind_plain_tensors(model, folder, dtype)
         device = _device_name(device)
-        attach_prepared(model, folder, swapped, device, kernel, plan.terms if plan else None,
-                        (plan.planes, set(plan.plane_records)) if plan and plan.planes else None)
+        if split:
+            from .trainable import attach_trainable
+
+            model.qformat_trainable = attach_trainable(model, folder, swapped, device, kernel, trainable)
+        else:
+            attach_prepared(model, folder, swapped, device, kernel, plan.terms if plan else None,
+                            (plan.planes, set(plan.plane_records)) if plan and plan.planes else None)
         model.qformat_partial = plan
-        if fuse:
+        if fuse and not split:
             fuse_shared_inputs(model)
         release_record_pages(folder, list(swapped.values()))
         _attach_metadata(model, path, folder)
-        return finish(model, path, device, unused)
+        model = finish(model, path, device, unused)
+    if split:
+        from .trainable import install_peft_dispatch, load_sidecars, make_trainable
+
+        if trainable:
+            make_trainable(model)
+            install_peft_dispatch()
+        if sidecars is not None:
+            load_sidecars(model, sidecars)
+    return model
 
 
 def load_dequantized(source: str | os.PathLike, device: str | torch.device = "cpu", *,

@@ -9,6 +9,13 @@ Decoding runs a few hundred of these per token, so the per-call path is resolved
 
 :func:`fuse_shared_inputs` (run by the loaders) stacks sibling layers that read the same input (q/k/v, gate/up) into
 one kernel call per input; see :class:`SharedInput`.
+
+Gradients (fine-tuning, :mod:`qformat.runtime.trainable`): with grad mode on and an input that requires grad,
+``QLinear`` runs its kernel inside :class:`PackedLinearFunction`, whose backward computes ``grad_x = grad_y @ W`` from
+this layer's weight decoded on demand (``prepared.dequantize()``: one layer's temporary, never the model's); the packed
+codes get no gradient. A layer may also hold a trainable low-rank sidecar (``sidecar_a`` [out, r], ``sidecar_b``
+[r, in], fp32 parameters: y += (x @ bᵀ) @ aᵀ), split off a ``sum(base, lowrank(a, b))`` record when the model is
+loaded with ``trainable=True``.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..format import bits_per_weight, signature
@@ -44,8 +52,35 @@ def _unattached(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     raise RuntimeError("QLinear has no prepared weight yet (load the model with qformat.load)")
 
 
+class PackedLinearFunction(torch.autograd.Function):
+    """``y = x @ W.T`` through a QLinear's bound kernel, differentiable in ``x`` only (the packed codes are frozen).
+
+    The backward decodes the layer's weight once per call (``prepared.dequantize()``, a temporary [out, in] fp32
+    tensor of this layer alone, freed on return) and multiplies ``grad_y @ W``; nothing dense is kept between calls,
+    so training holds the packed model plus one layer's decode at a time. The kernel sees a detached input (kernels
+    may read it through numpy)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, layer: QLinear) -> torch.Tensor:  # type: ignore[override]
+        ctx.layer = layer
+        return layer._run(x.detach(), None)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, None]:  # type: ignore[override]
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        prepared = ctx.layer.prepared
+        if prepared is None:
+            raise RuntimeError("QLinear lost its prepared weight before the backward pass")
+        weight = prepared.dequantize().to(device=grad_y.device)
+        compute = torch.float32 if grad_y.device.type == "cpu" else grad_y.dtype
+        grad_x = torch.matmul(grad_y.to(compute), weight.to(compute)).to(grad_y.dtype)
+        return grad_x, None
+
+
 class QLinear(nn.Module):
-    """y = x @ W.T + b, with W a qformat record prepared for one kernel on one device."""
+    """y = x @ W.T + b, with W a qformat record prepared for one kernel on one device (plus, where set, a low-rank
+    sidecar ``(x @ sidecar_b.T) @ sidecar_a.T`` held as float parameters)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, record: dict | None = None,
                  device: Any = None, dtype: torch.dtype | None = None) -> None:
@@ -63,6 +98,8 @@ class QLinear(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False)
         else:
             self.register_parameter("bias", None)
+        self.register_parameter("sidecar_a", None)
+        self.register_parameter("sidecar_b", None)
 
     @classmethod
     def like(cls, linear: nn.Linear, record: dict) -> QLinear:
@@ -98,8 +135,25 @@ class QLinear(nn.Module):
 
         self._run = run
 
+    def set_sidecar(self, a: torch.Tensor, b: torch.Tensor, requires_grad: bool = True) -> None:
+        """Hold ``a`` [out, r] and ``b`` [r, in] as fp32 parameters added to the kernel's output (the prepared weight
+        must then be the record without that low-rank term)."""
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != self.out_features or b.shape[1] != self.in_features \
+                or a.shape[1] != b.shape[0]:
+            raise ValueError(f"a sidecar of {self.out_features}x{self.in_features} is a [out, r] and b [r, in], got "
+                             f"{list(a.shape)} and {list(b.shape)}")
+        self.sidecar_a = nn.Parameter(a.detach().to(torch.float32).clone(), requires_grad=requires_grad)
+        self.sidecar_b = nn.Parameter(b.detach().to(torch.float32).clone(), requires_grad=requires_grad)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run(x, self.bias)
+        bias = self.bias
+        grad = torch.is_grad_enabled() and x.requires_grad
+        if self.sidecar_a is None and not grad:
+            return self._run(x, bias)  # inference (a trainable bias is added by torch ops there too)
+        y = PackedLinearFunction.apply(x, self) if grad else self._run(x, None)
+        if self.sidecar_a is not None and self.sidecar_b is not None:
+            y = y + F.linear(F.linear(x, self.sidecar_b.to(x.dtype)), self.sidecar_a.to(x.dtype))
+        return y if bias is None else y + bias.to(y.dtype)
 
     def _apply(self, fn: Callable, recurse: bool = True) -> QLinear:  # type: ignore[override]
         """``model.to(device)`` moves the bias; the packed weight stays with the kernel it was prepared for (it
@@ -120,7 +174,8 @@ class QLinear(nn.Module):
     def nbytes(self) -> int:
         """Bytes this layer holds: the prepared (packed) weight plus the bias."""
         held = self.prepared.nbytes() if self.prepared is not None else 0
-        return held + (self.bias.numel() * self.bias.element_size() if self.bias is not None else 0)
+        extra = [t for t in (self.bias, self.sidecar_a, self.sidecar_b) if t is not None]
+        return held + sum(t.numel() * t.element_size() for t in extra)
 
     def extra_repr(self) -> str:
         text = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -130,6 +185,8 @@ class QLinear(nn.Module):
             text += f", kernel={self.kernel_name}"
         if self.shared is not None:
             text += f", fused={self.shared.label}"
+        if self.sidecar_a is not None:
+            text += f", sidecar_rank={self.sidecar_a.shape[1]}"
         return text
 
 
