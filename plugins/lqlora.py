@@ -55,7 +55,7 @@ from .nf4 import NF4, NESTED_BLOCK, quantize_4bit_blocks
 
 NF_OFFSET = 0.9677083  # bitsandbytes / LQ-LoRA create_normal_map default
 LOWRANK_ROLE = "lowrank"
-HISTORY_DIGITS = 4  # significant digits of info.lqlora.error_history (one relative error per step run)
+HISTORY_DIGITS = 6  # significant digits of info.lqlora.error_history (one relative error per step run)
 
 
 @lru_cache(maxsize=4)

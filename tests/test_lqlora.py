@@ -31,6 +31,17 @@ LAYERS = sample_layers(2)
 QUERY = LAYERS[0]  # MiniLM encoder.layer.0.attention.self.query [384, 384] (synthetic 256x384 without the package)
 
 
+
+
+def small_layer(rows: int = 64, cols: int = 256, tokens: int = 256, seed: int = 0) -> tuple[LayerInput, torch.Tensor]:
+    """A Gaussian weight with a Hessian of correlated inputs with 3 large channels (fast stand-in for a layer)."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=gen) * 0.02
+    x = torch.randn(tokens, cols, generator=gen) @ (torch.eye(cols) + torch.randn(cols, cols, generator=gen) / 16)
+    x[:, :3] *= 20.0
+    return LayerInput("model.layers.0.mlp.up_proj.weight", w, "F32", 2.0 / tokens * x.T @ x), w
+
+
 def low_rank_plus_noise(rows: int = 128, cols: int = 256, rank: int = 8, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return (torch.randn(rows, rank, generator=gen) @ torch.randn(rank, cols, generator=gen) * 0.05
@@ -53,10 +64,10 @@ def stored_product(qt) -> np.ndarray:
 
 
 def test_harness() -> None:
-    report = check_method(LQLoRA(), {"rank": 8, "iterations": 4}, layers=LAYERS, max_relative_error=0.09)
-    # NF4 with double quantization (4.2 on these layers, see test_nf4) plus 16 * 8 * (R + C) / (R C): 0.67 at 384²,
-    # 0.42 at 1536x384; measured worst relative error 0.079 (plain NF4: 0.093).
-    assert 4.5 < report.bits_per_weight < 5.0, report.bits_per_weight
+    report = check_method(LQLoRA(), {"rank": 8, "iterations": 3}, layers=LAYERS[:1], max_relative_error=0.09)
+    # NF4 with double quantization (4.2 on these layers, see test_nf4) plus 16 * 8 * (R + C) / (R C) = 0.67 at 384²:
+    # measured 4.898 bits, relative error 0.080 (plain NF4: 0.093).
+    assert 4.85 < report.bits_per_weight < 4.95, report.bits_per_weight
     assert report.relative_error < 0.085, report.relative_error
 
 
@@ -64,8 +75,8 @@ def test_harness() -> None:
                                     {"weighted": True, "bits": 3, "sidecar_bits": 8}],
                          ids=["nf4", "nf3", "plain-absmax", "8bit-sidecar", "weighted-nf3-8bit"])
 def test_decode_is_exactly_the_methods_weight_and_the_record_is_nf_plus_lowrank(params: dict) -> None:
-    sample = QUERY
-    result = LQLoRA().run(layer_input(sample), {"rank": 8, "iterations": 3, **params})
+    layer, _ = small_layer()
+    result = LQLoRA().run(layer, {"rank": 8, "iterations": 3, **params})
     qt = result.qt
     assert bits_equal(qt.decode(), result.dequantized.numpy())
     node = qt.record["weight"]
@@ -80,7 +91,8 @@ def test_decode_is_exactly_the_methods_weight_and_the_record_is_nf_plus_lowrank(
 
 def test_error_falls_below_plain_nf4() -> None:
     """A low-rank + noise weight is almost all low-rank part; on a real MiniLM weight rank 8 and 64 still help.
-    Measured on MiniLM query (384²): NF4-dq 0.0929, LQ-LoRA rank 8 0.0747, rank 64 0.0368; NF3 rank 64 0.0824."""
+    Measured on MiniLM query (384², 10 steps): NF4-dq 0.0929, rank 8 0.0789, rank 64 0.0386 (NF3 rank 64 0.0850);
+    the full alternation (57 and 41 steps) reaches 0.0747 and 0.0368."""
     w = low_rank_plus_noise()
     nf = NF4().run(LayerInput("x.weight", w.clone()), {"double_quant": True})
     lq = LQLoRA().run(LayerInput("x.weight", w.clone()), {"rank": 8})
@@ -88,32 +100,35 @@ def test_error_falls_below_plain_nf4() -> None:
 
     w = torch.from_numpy(QUERY.weight.copy())
     base = rel(NF4().run(LayerInput(QUERY.name, w.clone()), {"double_quant": True}).dequantized, w)
-    errors = {r: rel(LQLoRA().run(LayerInput(QUERY.name, w.clone()), {"rank": r}).dequantized, w) for r in (8, 64)}
+    errors = {r: rel(LQLoRA().run(LayerInput(QUERY.name, w.clone()), {"rank": r, "iterations": 10}).dequantized, w)
+              for r in (8, 64)}
     assert errors[64] < errors[8] < 0.9 * base, (base, errors)
     assert errors[64] < 0.5 * base
-    nf3 = rel(LQLoRA().run(LayerInput(QUERY.name, w.clone()), {"rank": 64, "bits": 3}).dequantized, w)
+    nf3 = rel(LQLoRA().run(LayerInput(QUERY.name, w.clone()), {"rank": 64, "bits": 3, "iterations": 10}).dequantized,
+              w)
     assert nf3 < base  # NF3 + rank 64 beats NF4 alone on this 384² layer (at 8.6 vs 4.2 bits, sidecar included)
 
 
 def test_stops_at_the_first_step_that_does_not_improve_and_keeps_the_best() -> None:
-    w = torch.from_numpy(QUERY.weight.copy())
-    result = LQLoRA().run(LayerInput(QUERY.name, w.clone()), {"rank": 8})
+    layer, w = small_layer()
+    result = LQLoRA().run(layer, {"rank": 8})
     history = result.info["lqlora"]["error_history"]
     n = result.info["lqlora"]["iterations_run"]
-    assert n == len(history) and 2 < n < 100  # measured 57
-    assert all(a > b for a, b in zip(history[:-2], history[1:-1]))  # falling until the last step...
+    assert n == len(history) and 5 < n < 100  # measured 19
+    assert all(a >= b for a, b in zip(history[:-2], history[1:-1]))  # falling until the last step (6 digits)...
+    assert history[0] > 1.05 * history[-2]
     assert history[-1] >= history[-2]  # ... which did not improve and was discarded
     assert rel(result.dequantized, w) == pytest.approx(history[-2], rel=1e-3)  # the kept weight is the best step
     # The same seed gives the same steps: a shorter run is a prefix of this one, and returns its own last step.
-    short = LQLoRA().run(LayerInput(QUERY.name, w.clone()), {"rank": 8, "iterations": 5})
+    short = LQLoRA().run(layer, {"rank": 8, "iterations": 5})
     assert short.info["lqlora"]["error_history"] == history[:5]
     assert rel(short.dequantized, w) == pytest.approx(history[4], rel=1e-3)
-    other_seed = LQLoRA().run(LayerInput(QUERY.name, w.clone()), {"rank": 8, "iterations": 5, "seed": 1})
+    other_seed = LQLoRA().run(layer, {"rank": 8, "iterations": 5, "seed": 1})
     assert other_seed.info["lqlora"]["error_history"] != history[:5]
     # The global RNG is neither used nor moved.
     torch.manual_seed(123)
     before = torch.random.get_rng_state()
-    LQLoRA().run(LayerInput(QUERY.name, w.clone()), {"rank": 8, "iterations": 2})
+    LQLoRA().run(layer, {"rank": 8, "iterations": 2})
     assert torch.equal(torch.random.get_rng_state(), before)
 
 
@@ -177,11 +192,11 @@ def test_nf4_base_is_bitsandbytes_quantize_4bit_of_the_residual() -> None:
 
 def test_weighted_lowers_the_output_error() -> None:
     """MiniLM weights with correlated inputs and 4 outlier channels (sample_layers): the Hessian-weighted fit and
-    stopping rule lower tr(dW H dWᵀ) / tr(W H Wᵀ). Measured (rank 16, 10 steps): query 0.00311 -> 0.00072,
-    intermediate 0.00344 -> 0.00084."""
-    for sample in LAYERS:
-        plain = LQLoRA().run(layer_input(sample), {"rank": 16, "iterations": 10})
-        weighted = LQLoRA().run(layer_input(sample), {"rank": 16, "iterations": 10, "weighted": True})
+    stopping rule lower tr(dW H dWᵀ) / tr(W H Wᵀ). Measured (rank 16, 4 steps): query 0.0054 -> 0.0011,
+    intermediate 0.0044 -> 0.00087."""
+    for sample in LAYERS[:1]:
+        plain = LQLoRA().run(layer_input(sample), {"rank": 16, "iterations": 4})
+        weighted = LQLoRA().run(layer_input(sample), {"rank": 16, "iterations": 4, "weighted": True})
         assert hessian_weighted_error(sample, weighted.dequantized) < 0.5 * hessian_weighted_error(
             sample, plain.dequantized), sample.name
         # The weighted history is the relative output error of each step; the kept one is the best.

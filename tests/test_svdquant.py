@@ -44,12 +44,14 @@ def test_smooth_scale_formula_and_grid() -> None:
     assert (0.25, 0.0) in candidates and (0.25, 0.75) in candidates
 
 
-@pytest.mark.parametrize("params", [{}, {"n_grid": 6, "group_size": 16}, {"fold": False}])
-def test_smooth_is_function_preserving(params: dict) -> None:
+@pytest.mark.parametrize(("params", "architectures"), [({}, ("llama", "mistral", "phi3", "gemma2")),
+                                                       ({"n_grid": 4, "group_size": 16}, ("mistral", "phi3")),
+                                                       ({"fold": False}, ("llama", "gemma2"))])
+def test_smooth_is_function_preserving(params: dict, architectures: tuple) -> None:
     """The harness: outputs unchanged (hooks and decoded wrapped records), deterministic, unknown architecture skipped."""
-    report = check_transform(SmoothTransform(), params)
-    assert set(report.max_error) == set(TINY_ARCHITECTURES)
-    for arch in TINY_ARCHITECTURES:
+    report = check_transform(SmoothTransform(), params, architectures=list(architectures))
+    assert set(report.max_error) == set(architectures)
+    for arch in architectures:
         tiny = tiny_block(arch)
         gqa = tiny.config.num_key_value_heads < tiny.config.num_attention_heads
         if params.get("fold", True):
@@ -76,7 +78,7 @@ def test_smooth_on_tiny_llama_folds_into_the_norm() -> None:
     assert not done.skipped
     s = smooth_scale(x_max, w_max, 0.5, 0.5)
     assert torch.allclose(tiny.block.input_layernorm.weight.detach(), norm_before / s, rtol=1e-6)
-    assert float((s.max() / s.min())) > 2  # the tiny block's outlier channels are smoothed
+    assert float(s.max() / s.min()) > 2  # the tiny block's outlier channels are smoothed
     for got, want in zip(tiny.forward(), reference, strict=True):
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
 
@@ -166,13 +168,13 @@ def test_output_error_below_rtn_falls_then_stops_at_first_non_improvement() -> N
 
 
 def test_real_layers_beat_rtn_and_weighted_svd() -> None:
-    for sample in sample_layers(count=2, tokens=1024):
+    for sample in sample_layers(count=1, tokens=1024):  # MiniLM query [384, 384]
         w, x = torch.from_numpy(sample.weight.copy()), torch.from_numpy(sample.inputs.copy())
         rtn = get_method("rtn").run(_layer(w, x, sample.name), {"bits": 4, "group_size": 64, "sym": True})
         errors = {"rtn": _out_mse(x, w, rtn.dequantized)}
-        for label, params in (("svd", {}), ("weighted", {"weighted_svd": True})):
+        for label, params in (("svd", {"iterations": 8}), ("weighted", {"weighted_svd": True, "iterations": 8})):
             errors[label] = _out_mse(x, w, SVDQuant().run(_layer(w, x, sample.name), params).dequantized)
-        print(f"{sample.name} {list(w.shape)} output MSE: RTN w4 g64 {errors['rtn']:.4g}, svdquant r32 "
+        print(f"{sample.name} {list(w.shape)} output MSE: RTN w4 g64 {errors['rtn']:.4g}, svdquant r32 (<= 8 iter.) "
               f"{errors['svd']:.4g}, weighted {errors['weighted']:.4g}")
         assert errors["weighted"] < errors["svd"] < errors["rtn"]
 
@@ -215,7 +217,7 @@ def test_check_method_and_parameters() -> None:
     method = get_method("svdquant")
     assert isinstance(method, SVDQuant) and method.transforms == ("smooth",)
     assert method.calibration == frozenset({"hessian"})
-    report = check_method(method, {"rank": 8}, layers=sample_layers(count=2, tokens=256), max_relative_error=0.2)
+    report = check_method(method, {"rank": 8, "iterations": 2}, layers=sample_layers(count=1, tokens=256), max_relative_error=0.2)
     assert report.bits_per_weight > 4.25
     with pytest.raises(ParameterError, match="'sidecar_bits'"):
         method.validate_params({"sidecar_bits": 4})
@@ -250,7 +252,7 @@ def test_convert_end_to_end(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFi
     captured = capsys.readouterr()
     assert code == 0, captured.err
     config = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert config["method"] == "svdquant" and config["params"]["rank"] == 8
+    assert config["method"] == "svdquant" and config["method_params"]["rank"] == 8
     chain = config["transforms"]
     assert [t["transform"] for t in chain] == ["smooth"]
     assert chain[0]["params"]["alpha"] == 0.4 and chain[0]["params"]["group_size"] == 64  # taken from the method

@@ -226,6 +226,11 @@ def _lora_class() -> type:
         """peft's LoRA ``Linear`` over a :class:`QLinear` base layer: forward is the packed base plus the adapter;
         merging into the packed codes is not possible."""
 
+        def _get_in_out_features(self, module: nn.Module) -> tuple[int, int] | tuple[None, None]:
+            if isinstance(module, QLinear):  # peft's generic lookup works too, but warns "unsupported layer type"
+                return module.in_features, module.out_features
+            return super()._get_in_out_features(module)
+
         def merge(self, *args: Any, **kwargs: Any) -> None:
             raise NotImplementedError("qformat: a LoRA adapter cannot be merged into packed codes; merge into "
                                       "qformat.load_dequantized(folder) instead, or keep the adapter separate")
