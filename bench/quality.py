@@ -31,6 +31,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 
+MIXED = "mixed"  # a size-budget row: no --method, the candidates and the target in its parameters
+PIPELINE_OPTIONS = ("target_bits", "target_size", "budget_estimate", "sidecar_rank", "sidecar_bits",
+                    "sidecar_weighted")
 # name -> (method, parameters, label); the parameter "true_sequential" is the convert flag --true-sequential,
 # "output_layer" ("METHOD[:key=value;...]", default "keep") the --output-layer option, and "transform"
 # ("NAME[:key=value;...]", several joined by "+") becomes --transform options, applied before the method.
@@ -148,8 +151,9 @@ def default_model() -> str:
 
 def convert(name: str, model: str, out: Path, args: argparse.Namespace) -> dict:
     method, params, _ = CONFIGS[name]
-    cmd = [sys.executable, "-c", "import sys; from qformat.cli import main; sys.exit(main())", "convert", "--method",
-           str(method), model, "--out", str(out), "--calib", str(args.data / "wiki_calib.txt"), "--calib-samples",
+    cmd = [sys.executable, "-c", "import sys; from qformat.cli import main; sys.exit(main())", "convert",
+           *(["--method", str(method)] if method != MIXED else []), model, "--out", str(out), "--calib",
+           str(args.data / "wiki_calib.txt"), "--calib-samples",
            str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen), "--seed", "0", "--quiet", "--json",
            "--overwrite"]
     # Rows isolate the method: the output layer stays as the source has it unless a row names its own (every row
@@ -160,9 +164,11 @@ def convert(name: str, model: str, out: Path, args: argparse.Namespace) -> dict:
             continue  # above
         if key == "true_sequential":
             cmd += ["--true-sequential"] if value else []
-        elif key == "transform":
+        elif key in ("transform", "candidate"):
             for spec in filter(None, str(value).split("+")):
-                cmd += ["--transform", spec.replace(";", ",")]
+                cmd += [f"--{key}", spec.replace(";", ",")]
+        elif key in PIPELINE_OPTIONS:  # the size budget's and the sidecar's own options
+            cmd += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
         else:
             cmd += ["-p", f"{key}={value}"]
     env = dict(os.environ)
@@ -255,30 +261,35 @@ def self_retrieval(got: object, ref: object) -> float:
     return float(((got @ ref.T).argmax(1) == torch.arange(got.shape[0])).float().mean())
 
 
-def minilm_quantize(name: str, calib: dict, step: int = 64) -> tuple[object, float, float]:
+def minilm_quantize(name: str | None, calib: dict, step: int = 64,
+                    choices: dict | None = None) -> tuple[object, float, float]:
     """Sequential GPTQ-style quantization of every encoder linear: layer by layer, statistics from the calibration
-    batch run through the already-quantized earlier layers. Returns (model, bits/weight, outlier share)."""
+    batch run through the already-quantized earlier layers. Returns (model, bits/weight, outlier share).
+    ``choices`` (a size budget, bench/budget.py): "layer.i.name" -> qformat.conversion.budget.Candidate per linear
+    instead of one configuration."""
     import torch
     from transformers import AutoModel
 
     from qformat.methods import LayerInput
     from qformat.plugins import get_method
+    from qformat.sidecar import with_sidecar
 
-    method_name, params, _ = CONFIGS[name]
+    method_name, params, _ = CONFIGS[name] if name else ("rtn", {}, "")
     method = get_method(str(method_name))
     if "transform" in params:
         raise SystemExit(f"{name}: block transforms need the conversion pipeline (decoder layouts); BERT has none")
     params = {k: v for k, v in params.items() if k != "true_sequential"}
+    calibrated = bool(method.calibration) or bool(choices)
     model = AutoModel.from_pretrained(str(minilm_folder()), dtype=torch.float32).eval()
     bits = weights = outliers = 0
-    for layer in model.encoder.layer:
+    for index, layer in enumerate(model.encoder.layer):
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
         xtx: dict[str, torch.Tensor] = {}
         absmax: dict[str, torch.Tensor] = {}  # max |x| per input channel (int8's outlier features)
         tokens: dict[str, int] = {}
         real: list[torch.Tensor] = []  # the current batch's non-padding token positions
         hooks = []
-        if method.calibration:
+        if calibrated:
             for lname, module in linears.items():
                 def hook(_m: torch.nn.Module, args: tuple, _n: str = lname, _xtx: dict = xtx, _tokens: dict = tokens,
                          _real: list = real, _absmax: dict = absmax) -> None:
@@ -297,13 +308,21 @@ def minilm_quantize(name: str, calib: dict, step: int = 64) -> tuple[object, flo
                 handle.remove()
         for lname, module in linears.items():
             hessian = xtx[lname] * (2.0 / tokens[lname]) if lname in xtx else None
-            result = method.run(LayerInput(lname, module.weight.detach().clone(), "F32", hessian, None,
-                                           tokens.get(lname, 0), act_absmax=absmax.get(lname)), params)
-            module.weight.data = result.dequantized.reshape(module.weight.shape)
-            numel = module.weight.numel()
-            bits += result.qt.record["storage_bytes"] * 8
-            weights += numel
-            outliers += int(result.info.get("outliers", 0))
+            layer_input = LayerInput(lname, module.weight.detach().clone(), "F32", hessian, None, tokens.get(lname, 0),
+                                     act_absmax=absmax.get(lname))
+            choice = choices.get(f"layer.{index}.{lname}") if choices else None
+            if choice is None:
+                result = method.run(layer_input, params)
+                qt, deq, outliers = result.qt, result.dequantized, outliers + int(result.info.get("outliers", 0))
+            else:
+                original = layer_input.weight.clone()
+                qt = choice.method.quantize(layer_input, choice.config)
+                if choice.sidecar_rank:
+                    qt = with_sidecar(qt, original, choice.sidecar_rank, bits=choice.sidecar_bits)
+                deq = torch.from_numpy(qt.decode())
+            module.weight.data = deq.reshape(module.weight.shape)
+            bits += qt.record["storage_bytes"] * 8
+            weights += module.weight.numel()
     return model, bits / weights, outliers / weights
 
 
