@@ -829,6 +829,45 @@ def v_reshape_int_input() -> Valid:
         d.b.tensor("x", x)), f32(x).reshape(3, 4))
 
 
+def v_concat_two_affine() -> Valid:
+    d = draft("concat_two_affine", (6, 32), "F16")
+    q2, q4 = codes(d.rng, (6, 20), 2), codes(d.rng, (6, 12), 4)
+    s2, z2 = fp16(d.rng, (6, 2), 0.1, positive=True), codes(d.rng, (6, 2), 2)
+    s4, z4 = fp16(d.rng, (6, 3), 0.02, positive=True), codes(d.rng, (6, 3), 4)
+    a2, w2 = affine(d.b, q2, 2, (1, 10), s2, z2, roles=("b2.codes", "b2.scale", "b2.zero"), zero_bits=2)
+    a4, w4 = affine(d.b, q4, 4, (1, 4), s4, z4, roles=("b4.codes", "b4.scale", "b4.zero"), zero_bits=4)
+    return d.valid("concat of two affine parts side by side: 2-bit codes in groups of 10 over 20 columns, then 4-bit "
+                   "codes in groups of 4 over 12 columns (each part's grid tiles the part)",
+                   d.b.concat([a2, a4]), np.concatenate([w2, w4], axis=1))
+
+
+def v_concat_slim() -> Valid:
+    d = draft("concat_slim_permuted", (5, 48), "BF16", "model.layers.0.mlp.down_proj.weight")
+    group_bits = [3, 2, 3, 4, 3, 3]  # groups of 8 columns, average 3 bits
+    parts, values, order = [], [], []
+    for k in (2, 3, 4):
+        cols = [c for g, bits in enumerate(group_bits) if bits == k for c in range(8 * g, 8 * g + 8)]
+        n = len(cols) // 8
+        q, s, z = codes(d.rng, (5, len(cols)), k), fp16(d.rng, (5, n), 0.05, positive=True), codes(d.rng, (5, n), k)
+        node, value = affine(d.b, q, k, (1, 8), s, z, roles=(f"b{k}.codes", f"b{k}.scale", f"b{k}.zero"), zero_bits=k)
+        parts.append(node)
+        values.append(value)
+        order += cols
+    perm = np.array(order)
+    stored = np.concatenate(values, axis=1)
+    return d.valid("SliM-LLM mixed bits per group: groups of 8 at widths [3, 2, 3, 4, 3, 3]; one affine per width "
+                   "over its groups' columns (ascending), concatenated in ascending width under a permute that puts "
+                   "every column back", d.b.permute(d.b.concat(parts), perm), permuted(stored, perm),
+                   info={"method": "slim", "slim": {"group_bits": group_bits}})
+
+
+def v_concat_single_part() -> Valid:
+    d = draft("concat_single_part", (3, 7))
+    x = fp16(d.rng, (3, 7))
+    return d.valid("a concat of one part (an F16 tensor): the part itself, converted to fp32",
+                   d.b.node("concat", 1, parts=[d.b.tensor("x", x)], axis=1), f32(x))
+
+
 def valid_vectors() -> list[Valid]:
     vectors = [v_tensor(F32, "f32"), v_tensor(F16, "f16"), v_tensor(BF16, "bf16")]
     vectors += [v_packed(bits) for bits in (1, 2, 3, 4, 5, 6, 7, 8, 12, 16)]
@@ -845,6 +884,7 @@ def valid_vectors() -> list[Valid]:
     vectors += [v_affine_offset_constant(), v_affine_offset_q4_1(), v_affine_offset_nested()]
     vectors += [v_reshape_hqq_axis0(), v_reshape_blocks_across_rows(), v_reshape_int_input()]
     vectors += [v_vq2_columns(), v_vq2_tiles(), v_vq2_vptq_residual()]
+    vectors += [v_concat_two_affine(), v_concat_slim(), v_concat_single_part()]
     return vectors
 
 
@@ -1204,6 +1244,7 @@ def invalid_records() -> list[Invalid]:
     out.append(_lut_table_too_small())
     out += _invalid_offsets()
     out += _invalid_reshapes()
+    out += _invalid_concats()
     return out
 
 
@@ -1294,6 +1335,46 @@ def _invalid_reshapes() -> list[Invalid]:
                 "shape_mismatch", "open", tensor=BASE, field="weight/input/scale"),
     ]
 
+
+def _invalid_concats() -> list[Invalid]:
+    """concat: a non-empty list of float parts with one row count, axis 1 only."""
+    rng = rng_for("invalid-concat")
+    b = RecordBuilder(BASE, (4, 40), "F16")
+    left, _ = affine(b, codes(rng, (4, 24), 2), 2, (1, 8), fp16(rng, (4, 3), 0.1, True), 1.5,
+                     roles=("b2.codes", "b2.scale", "b2.zero"))
+    qt = b.finish(b.concat([left, b.tensor("rest", fp16(rng, (4, 16)))]))
+
+    def rows(records: dict, tensors: dict) -> None:  # part 1 with 5 rows
+        tensors[BASE + ".rest"] = np.zeros((5, 16), F16)
+        records[BASE]["storage_bytes"] += 32
+
+    def int_part(records: dict, tensors: dict) -> None:  # part 1 as raw 4-bit codes, no value map
+        del tensors[BASE + ".rest"]
+        tensors[BASE + ".rest.codes"] = bitpack.pack_codes(np.zeros((4, 16), np.int64), 4)
+        node_at(records[BASE], "parts")[1] = {"codec": "packed", "version": 1, "tensor": BASE + ".rest.codes",
+                                             "bits": 4, "shape": [4, 16]}
+        records[BASE]["storage_bytes"] += 32 - 128
+
+    def drop_axis(records: dict, tensors: dict) -> None:
+        del node_at(records[BASE])["axis"]
+
+    def invalid(vid: str, description: str, edit: Callable[[dict, dict], None], code: str, fld: str) -> Invalid:
+        return Invalid(vid, description, edited(edit, qt), code, "open", tensor=BASE, field=fld)
+
+    return [
+        invalid("concat_rows_mismatch", "a concat whose part 1 has 5 rows while part 0 has 4", rows,
+                "shape_mismatch", "weight/parts[1]"),
+        invalid("concat_axis_0", "a concat with axis 0 (version 1 concatenates columns only: axis 1)",
+                set_field((), "axis", 0), "bad_field", "weight/axis"),
+        invalid("concat_axis_not_integer", "a concat with axis 1.0 (integers are written without a fraction)",
+                set_field((), "axis", 1.0), "bad_field", "weight/axis"),
+        invalid("concat_missing_axis", "a concat node without its required axis", drop_axis, "bad_record",
+                "weight/axis"),
+        invalid("concat_parts_empty", "a concat with an empty parts list", set_field((), "parts", []), "bad_field",
+                "weight/parts"),
+        invalid("concat_int_part", "a concat whose part 1 is 4-bit packed codes (int kind): parts must be float",
+                int_part, "bad_kind", "weight/parts[1]"),
+    ]
 
 def _invalid_offsets() -> list[Invalid]:
     """affine version 2's offset: not in version 1, on the parameter grid, finite."""

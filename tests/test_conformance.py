@@ -83,6 +83,20 @@ def test_vectors_for_reshape():
         assert (VECTORS[vid]["error"]["code"], VECTORS[vid]["error"]["field"]) == (code, fld), vid
 
 
+def test_vectors_for_concat():
+    """The concat codec: two affine parts, SliM-LLM's permute(concat(...)), one part; and each check a reader makes."""
+    for vid in ("concat_two_affine", "concat_slim_permuted", "concat_single_part"):
+        assert VECTORS[vid]["kind"] == "valid" and "concat" in VECTORS[vid]["codecs"] and VECTORS[vid]["exact"]
+    assert "permute" in VECTORS["concat_slim_permuted"]["codecs"]
+    expected = {"concat_rows_mismatch": ("shape_mismatch", "weight/parts[1]"),
+                "concat_axis_0": ("bad_field", "weight/axis"),
+                "concat_axis_not_integer": ("bad_field", "weight/axis"),
+                "concat_missing_axis": ("bad_record", "weight/axis"),
+                "concat_parts_empty": ("bad_field", "weight/parts"),
+                "concat_int_part": ("bad_kind", "weight/parts[1]")}
+    for vid, (code, fld) in expected.items():
+        assert (VECTORS[vid]["error"]["code"], VECTORS[vid]["error"]["field"]) == (code, fld), vid
+
 def test_generator_reproduces_the_checked_in_vectors_byte_for_byte():
     assert generate.check() == []
 

@@ -104,7 +104,7 @@ def walk_nodes(node: Any) -> Iterator[dict]:
     if isinstance(node, dict) and "codec" in node:
         yield node
         for key, value in node.items():
-            if key == "terms":
+            if key in ("terms", "parts"):
                 for term in value:
                     yield from walk_nodes(term)
             elif isinstance(value, dict):
@@ -280,6 +280,18 @@ class SpecDecoder:
         out[:, perm] = x
         return out
 
+    def d_concat(self, node: dict) -> np.ndarray:
+        assert node["axis"] == 1 and 1 <= len(node["parts"]) <= 64
+        parts = [self(p) for p in node["parts"]]
+        assert all(p.dtype == np.float32 and p.ndim == 2 and p.shape[0] == parts[0].shape[0] for p in parts)
+        out = np.empty((parts[0].shape[0], sum(p.shape[1] for p in parts)), dtype=np.float32)
+        offset = 0
+        for part in parts:  # w[r, o_k + j] = part_k[r, j], column by column
+            for j in range(part.shape[1]):
+                out[:, offset + j] = part[:, j]
+            offset += part.shape[1]
+        return out
+
     def d_reshape(self, node: dict) -> np.ndarray:
         x = as_f32(self(node["input"]))
         rows, cols = node["shape"]
@@ -360,7 +372,8 @@ def make_tensors(record: dict, listed: dict[str, tuple[str, tuple[int, ...]]],
             put(node["perm"], rng.permutation(n).astype(NUMPY_BY_NAME[listed[node["perm"]][0]]))
             fill(node["input"], None)
         else:
-            children = node["terms"] if codec == "sum" else [v for v in node.values() if isinstance(v, dict)]
+            children = (node["terms"] if codec == "sum" else node["parts"] if codec == "concat"
+                        else [v for v in node.values() if isinstance(v, dict)])
             for child in children:
                 fill(child, 2 if codec == "sign_lowrank" and child is node["sign"] else None)
 
@@ -529,6 +542,12 @@ def built_records(rng: np.random.Generator) -> list[QuantizedTensor]:
     codes = b.packed("codes", rng.integers(0, 16, (4, 15)), 4)
     stats = {k: b.tensor(k, (rng.random((1, 15)) + 0.1).astype(np.float16)) for k in ("scale", "zero")}
     out.append(b.finish(b.reshape(b.affine(codes, bits=4, group_shape=(4, 1), **stats))))
+
+    b = RecordBuilder("m.concat.weight", (5, 24))  # SliM-LLM: groups of 8 at 2, 3 and 4 bits, permuted back
+    parts = [b.affine(b.packed(f"b{k}.codes", rng.integers(0, 1 << k, (5, 8)), k), bits=k, group_shape=(1, 8),
+                      scale=b.tensor(f"b{k}.scale", (rng.random((5, 1)) + 0.1).astype(np.float16)),
+                      zero=b.packed(f"b{k}.zero", rng.integers(0, 1 << k, (5, 1)), k)) for k in (2, 3, 4)]
+    out.append(b.finish(b.permute(b.concat(parts), rng.permutation(24))))
     return out
 
 

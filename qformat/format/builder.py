@@ -156,6 +156,11 @@ class RecordBuilder:
         groups that run along the flattened weight: build ``inner`` over the shape whose tiles they are."""
         return _node("reshape", input=inner, shape=list(shape or self.matrix_shape))
 
+    def concat(self, parts: Sequence[Node]) -> Node:
+        """Float parts [R, C_k] side by side along the columns: [R, sum C_k] (mixed widths per column group, under
+        a ``permute`` that puts the groups back in place). One part is returned as is (the lowest form)."""
+        return parts[0] if len(parts) == 1 else _node("concat", parts=list(parts), axis=1)
+
     # -- finishing ----------------------------------------------------------------------------------------------
     def finish(self, weight: Node, info: dict[str, Any] | None = None) -> QuantizedTensor:
         """Close the record: compute storage_bytes from the real tensors and validate the whole tree."""

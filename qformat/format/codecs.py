@@ -999,6 +999,42 @@ class ReshapeCodec(Codec):
         return flat[start:start + hi - lo].reshape(rows[1] - rows[0], cols)
 
 
+@register
+class ConcatCodec(Codec):
+    """Float parts [R, C_k] side by side along the columns (axis 1): [R, sum C_k], left to right. Exact.
+
+    With ``permute`` it puts column groups of different code widths anywhere in a weight (SliM-LLM's mixed bits per
+    group: one affine per width over the columns of its groups, concatenated, then permuted back)."""
+
+    name = "concat"
+    required = frozenset({"parts", "axis"})
+    row_ranges = True
+
+    def infer(self, node: dict, ctx: Context) -> NodeInfo:
+        parts = node["parts"]
+        if not isinstance(parts, list) or not 1 <= len(parts) <= 64:
+            raise ctx.error("bad_field", "parts must be a list of 1..64 nodes", "parts")
+        axis = node["axis"]
+        if type(axis) is not int or axis != 1:
+            raise ctx.error("bad_field", f"axis must be 1 (parts side by side along the columns), got {axis!r}; "
+                            "version 1 concatenates columns only", "axis")
+        infos = [ctx.infer(p, f"parts[{i}]") for i, p in enumerate(parts)]
+        for i, info in enumerate(infos):
+            if info.kind != "float":
+                raise ctx.error("bad_kind", f"part {i} produces integer codes; concat parts must be float (map "
+                                "codes to values with affine or lut first)", f"parts[{i}]")
+            if len(info.shape) != 2:
+                raise ctx.error("shape_mismatch", f"part {i} must be 2-D, got {list(info.shape)}", f"parts[{i}]")
+            if info.shape[0] != infos[0].shape[0]:
+                raise ctx.error("shape_mismatch", f"part {i} has {info.shape[0]} rows, part 0 has "
+                                f"{infos[0].shape[0]}", f"parts[{i}]")
+        return NodeInfo((infos[0].shape[0], sum(info.shape[1] for info in infos)), "float")
+
+    def decode(self, node: dict, ctx: Context, rows: tuple[int, int] | None = None) -> np.ndarray:
+        blocks = [_as_float(ctx.decode(p, f"parts[{i}]", rows)) for i, p in enumerate(node["parts"])]
+        return np.concatenate(blocks, axis=1) if len(blocks) > 1 else _own_float(blocks[0])
+
+
 def check_permutation(ctx: Context, perm: np.ndarray) -> None:
     n = perm.shape[0]
     if n and (int(perm.min()) < 0 or int(perm.max()) >= n or np.unique(perm).shape[0] != n):
@@ -1010,7 +1046,7 @@ def signature(node: dict) -> str:
     codec = node.get("codec", "?")
     bits = f"[{node['bits']}]" if "bits" in node else ""
     children = [v for k, v in sorted(node.items()) if isinstance(v, dict)]
-    children += [t for t in node.get("terms", []) if isinstance(t, dict)]
+    children += [t for key in ("terms", "parts") for t in node.get(key, []) if isinstance(t, dict)]
     inner = ",".join(signature(c) for c in children)
     return f"{codec}{bits}" + (f"({inner})" if inner else "")
 

@@ -112,7 +112,8 @@ def _splittable(ctx: Context, node: Any, split_products: bool) -> bool:
     codec = ctx.registry.lookup(node, ctx)
     if not codec.row_ranges or (codec.products and not split_products):
         return False
-    children = [v for v in node.values() if isinstance(v, dict)] + [t for t in node.get("terms", ())]
+    children = [v for v in node.values() if isinstance(v, dict)]
+    children += [t for key in ("terms", "parts") for t in node.get(key, ())]  # sum terms, concat parts
     return all(_splittable(ctx, child, split_products) for child in children)
 
 

@@ -85,5 +85,6 @@ def _codecs_known(node: object, names: dict) -> bool:
         return True
     if node.get("codec") not in names or node.get("version") not in names[node["codec"]][0]:
         return False
-    children = [v for v in node.values() if isinstance(v, dict)] + [t for t in node.get("terms", [])]
+    children = [v for v in node.values() if isinstance(v, dict)]
+    children += [t for key in ("terms", "parts") for t in node.get(key, [])]  # sum terms, concat parts
     return all(_codecs_known(c, names) for c in children)
