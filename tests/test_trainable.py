@@ -211,9 +211,9 @@ def test_record_without_trainable_form_stays_frozen(tmp_path):
 
 
 def test_mismatched_sidecar_file_names_the_tensor(folder, tmp_path):
-    import qformat
     from safetensors.torch import save_file
 
+    import qformat
     from qformat.runtime.trainable import save_sidecars
 
     other = _sidecar_folder(tmp_path / "side2", 2)

@@ -135,6 +135,13 @@ class QLinear(nn.Module):
 
         self._run = run
 
+    @property
+    def qweight(self) -> torch.Tensor:
+        """An empty uint8 tensor on the device the packed weight lives on: what libraries that place modules next to
+        a quantized layer's weight look for (peft's LoRA puts adapters on ``qweight.device``, as for GPTQ layers;
+        an integer dtype, so the adapter keeps its own float dtype). The packed data itself is not a tensor here."""
+        return torch.empty(0, dtype=torch.uint8, device=self.kernel_device or "cpu")
+
     def set_sidecar(self, a: torch.Tensor, b: torch.Tensor, requires_grad: bool = True) -> None:
         """Hold ``a`` [out, r] and ``b`` [r, in] as fp32 parameters added to the kernel's output (the prepared weight
         must then be the record without that low-rank term)."""
