@@ -168,8 +168,12 @@ def test_target_bits_mixes_candidates_within_the_budget_and_resumes_with_the_sav
         choice = allocation["layers"][name.removesuffix(".weight")]
         bits = int(choice.split("bits=")[1].split(",")[0])
         assert record["weight"]["bits"] == bits, (name, choice)
+    from qformat.cli.format_cmds import describe
+
+    listed = {r["name"]: r.get("config") for r in describe(str(out))["records"]}
+    assert all(listed[n] == allocation["layers"][n.removesuffix(".weight")] for n in records)  # qformat inspect
     card = (out / "README.md").read_text()
-    assert "size budget of 4.6 bits per weight" in card and "`rtn:bits=8,group_size=32`" in card or "gptq" in card
+    assert "size budget of 4.6 bits per weight" in card and "quantization_config.allocation.layers" in card
     # killed after the first block: the rerun reads the saved plan (no second measurement) and ends identical
     out2 = tmp_path / "resumed"
 
