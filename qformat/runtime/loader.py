@@ -120,7 +120,7 @@ def load(source: str | os.PathLike, device: str | torch.device = "cpu", *,
     ``model.qformat_partial`` (None for a full load).
     ``trainable``: load for fine-tuning (:mod:`qformat.runtime.trainable`): packed codes frozen, gradients through
     the kernels to the inputs, ``sum(base, lowrank)`` sidecars split off as fp32 ``sidecar_a`` / ``sidecar_b``
-    parameters, float parameters (norms, biases, unquantized embeddings) copied to writable memory and trainable,
+    parameters, float parameters (norms, biases; not the embeddings) copied to writable memory and trainable,
     no fusing, peft's LoRA able to wrap the QLinears; ``model.qformat_trainable`` says which layers have a trainable
     sidecar and which stay frozen. Not with a partial load.
     ``sidecars``: a file written by :func:`qformat.runtime.trainable.save_sidecars` (tuned sidecars and float

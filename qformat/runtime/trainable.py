@@ -19,8 +19,9 @@ What trains, what does not:
   Any other record (no sidecar, a ``sign_lowrank`` stack, a low-rank term nested under another codec) loads exactly
   as without ``trainable`` and stays frozen; only a record that holds a low-rank part that cannot be split is
   mentioned (one warning), and ``model.qformat_trainable`` lists what was split and what stays frozen.
-- Floating-point parameters outside the packed records (norms, biases, unquantized embeddings / output layer) are
-  copied out of the read-only shard mapping into ordinary memory and made trainable (tied weights stay tied). Freeze
+- Floating-point parameters outside the packed records (norms, biases) are copied out of the read-only shard mapping
+  into ordinary memory and made trainable; the embeddings and a float output layer stay frozen and mapped (see
+  :func:`make_trainable`). Freeze
   any of them with ``requires_grad_(False)`` before building the optimizer; peft's ``get_peft_model`` freezes them all.
 - Fusing siblings that read the same input (q/k/v, gate/up) is off for a trainable load, and so are partial loads.
 
@@ -120,12 +121,24 @@ def attach_trainable(model: nn.Module, folder: ModelFolder, swapped: Mapping[str
 
 
 def make_trainable(model: nn.Module) -> list[str]:
-    """Make every floating-point parameter trainable (sidecars included), copying those still bound to the
-    read-only shard mapping into writable memory first; tied parameters stay one parameter. Return their names."""
+    """Make every floating-point parameter trainable (sidecars included) except the embeddings and a float output
+    layer, copying those still bound to the read-only shard mapping into writable memory first; tied parameters stay
+    one parameter. Return their names.
+
+    The embeddings stay frozen and mapped, as QLoRA keeps them: on a small model they are the largest float tensor
+    (SmolLM2-135M: 113 MB of fp32, more than its packed linears), and copying them for an optimizer that then skips them
+    would break "resident = packed bytes + what trains". Train them by replacing the weight with a writable
+    ``nn.Parameter(weight.detach().clone())`` yourself."""
+    frozen = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings())
+              if isinstance(m, nn.Module) for p in m.parameters(recurse=False)} if hasattr(
+        model, "get_input_embeddings") else set()
     replaced: dict[int, nn.Parameter] = {}
     for module in model.modules():
         for leaf, param in list(module._parameters.items()):
             if param is None or not param.is_floating_point():
+                continue
+            if id(param) in frozen:
+                param.requires_grad_(False)
                 continue
             new = replaced.get(id(param))
             if new is None:
