@@ -37,7 +37,9 @@ Decisions and differences, stated:
   even for ``weighted=false``, which ignores it);
 - the randomized SVD is seeded with ``seed`` inside a forked RNG, so a layer's result does not depend on the global
   RNG state and the global state is left unchanged;
-- no mixed-precision ILP over (b, rank) configs: one configuration per conversion (per-layer rules can vary it).
+- the paper's mixed-precision ILP over (b, rank) configurations is the pipeline's size budget, for every method:
+  ``qformat convert --target-bits 3.25 --candidate lqlora:bits=3,rank=16 --candidate lqlora:bits=4,rank=16 ...``
+  (qformat.conversion.budget; exact knapsack on the measured bytes and output errors).
 """
 
 from __future__ import annotations
