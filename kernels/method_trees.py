@@ -261,6 +261,25 @@ def bitstack(rows: int, cols: int, seed: int = 0, blocks: int = 1, rank: int = 1
     return b.finish(b.scale(node, b.tensor("inv_act_scale", factor), (rows, 1)))
 
 
+def slim(rows: int, cols: int, seed: int = 0, bits: int = 3, group: int = 64) -> QuantizedTensor:
+    """SliM-LLM: groups of ``group`` columns at bits - 1, bits, bits + 1 (GPTQ statistics per width), stored as
+    permute(concat(affine per width over its groups' columns, ascending))."""
+    rng = np.random.default_rng(seed)
+    b = RecordBuilder("w", (rows, cols), "BF16")
+    n = -(-cols // group)
+    widths = [(bits, bits - 1, bits + 1)[g % 3] for g in range(n)]
+    parts, order = [], []
+    for width in sorted(set(widths)):
+        columns = [c for g in range(n) if widths[g] == width for c in range(g * group, min(cols, (g + 1) * group))]
+        count = widths.count(width)
+        parts.append(b.affine(b.packed(f"b{width}.codes", rng.integers(0, 1 << width, (rows, len(columns))), width),
+                              bits=width, group_shape=(1, group), scale=b.tensor(f"b{width}.scale",
+                                                                                 _f16(rng, rows, count)),
+                              zero=b.packed(f"b{width}.zero", rng.integers(0, 1 << width, (rows, count)), width)))
+        order += columns
+    return b.finish(b.permute(b.concat(parts), np.array(order)))
+
+
 TREES: dict[str, Callable[..., QuantizedTensor]] = {
     "nf4": nf4,
     "nf4dq": nf4_double_quant,
@@ -295,6 +314,8 @@ TREES: dict[str, Callable[..., QuantizedTensor]] = {
     "qmoe_stream": qmoe_stream,
     "bitstack1": bitstack,
     "bitstack2": lambda rows, cols, seed=0: bitstack(rows, cols, seed, blocks=2),
+    "slim3": slim,
+    "slim2": lambda rows, cols, seed=0: slim(rows, cols, seed, bits=2),
 }
 ROW_MULTIPLE = {"vptq8": 8, "vptq8r": 8}  # trees whose rows must be a multiple of this (vq vectors spanning rows)
 

@@ -3,12 +3,14 @@
 The tree is lowered by :mod:`qformat.lowering` (the grammar is there). The Numba kernels run every term kind:
 permutations and column scales become a gather and a multiplication of x, row and grid factors multiply into the
 terms below them. A grid factor needs the columns of its term unpermuted and unscaled, and only code, codebook and
-sparse terms take one; those two cases are refused (the torch reference path runs them).
+sparse terms take one; those two cases are refused (the torch reference path runs them). A ``concat`` part is a
+gather of its block of x's columns (a :class:`~qformat.lowering.Columns` in the chain), its terms as wide as the part:
+SliM-LLM's ``permute(concat(affine, ...))`` runs as one product per part.
 """
 
 from __future__ import annotations
 
-from qformat.lowering import Permute, Plan, Unsupported, plan
+from qformat.lowering import Columns, Permute, Plan, Unsupported, plan
 
 
 def refusal(lowered: Plan) -> str | None:
@@ -16,7 +18,7 @@ def refusal(lowered: Plan) -> str | None:
     for term in lowered.terms:
         below = False  # a permutation or column scale between the term and the transform at hand
         for transform in reversed(term.transforms):  # innermost first
-            if isinstance(transform, Permute) or transform.kind == "column":
+            if isinstance(transform, (Permute, Columns)) or transform.kind == "column":
                 below = True
             elif transform.kind == "grid":
                 if below:

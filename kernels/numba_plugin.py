@@ -33,6 +33,8 @@ class NumbaKernel(Kernel):
         "scale(...): per-row, per-group (absmax, double quant) and per-input-column factors",
         "sum(...) of any of these with sparse_csr outliers, lowrank sidecars and sign_lowrank (BitStack) terms",
         "permute(...) around any of these",
+        "concat(...) of any of these side by side (SliM-LLM's mixed bits per group): one product per part over its "
+        "block of x's columns",
         "lut over a ternary_dict stream (QMoE sub-1-bit) with a per-row or global table: decoded from the codewords",
     )
 

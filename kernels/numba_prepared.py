@@ -22,7 +22,7 @@ import torch
 from qformat.format import CORE_CODECS, QuantizedTensor, signature
 from qformat.format.record import matrix_shape
 from qformat.kernel_api import PreparedWeight
-from qformat.lowering import Codes, Param, Permute, Scale, Term, Unsupported, lower
+from qformat.lowering import Codes, Columns, Param, Permute, Scale, Term, Unsupported, lower
 
 from . import numba_gemv as K
 from . import numba_repack as repack
@@ -727,12 +727,16 @@ _BUILDERS = {"codes": _code_term, "vq": _vq_term, "sparse": _sparse_term, "lowra
              "signs": _sign_term}
 
 
-def _chain(chain: tuple[Permute | Scale, ...], cols: int) -> tuple[tuple[str, np.ndarray], ...]:
-    """The input transforms as numpy operations on x: ("perm", indices) and ("mul", per-column factors)."""
+def _chain(chain: tuple[Permute | Scale | Columns, ...], cols: int) -> tuple[tuple[str, np.ndarray], ...]:
+    """The input transforms as numpy operations on x: ("perm", indices), ("take", a concat part's column indices:
+    x narrows to the part) and ("mul", per-column factors)."""
     ops = []
     for transform in chain:
         if isinstance(transform, Permute):
             ops.append(("perm", transform.perm.astype(np.intp)))
+        elif isinstance(transform, Columns):
+            ops.append(("take", transform.index.astype(np.intp)))
+            cols = transform.stop - transform.start
         else:
             ops.append(("mul", np.ascontiguousarray(np.broadcast_to(transform.factor.reshape(-1), (cols,)),
                                                     dtype=np.float32)))
@@ -842,7 +846,7 @@ class NumbaPreparedWeight(PreparedWeight):
             xt = x
             if chain:
                 for op, arg in chain:
-                    xt = xt[:, arg] if op == "perm" else xt * arg
+                    xt = xt * arg if op == "mul" else xt[:, arg]
                 xt = np.ascontiguousarray(xt, dtype=np.float32)
             for term in terms:
                 term.matmul_into(xt, y)
@@ -869,20 +873,23 @@ class NumbaPreparedWeight(PreparedWeight):
         fresh = len(self.groups) == 1 and isinstance(first, CodeTerm)  # it can write the output without reading it
         out = np.empty(shape, dtype=np.float32) if fresh else np.zeros(shape, dtype=np.float32)
         for chain, terms in self.groups:
-            inner = (np.empty_like(out) if fresh else np.zeros_like(out)) if chain else out
+            widths = [shape[1]]  # x's width before each op, and the terms' width last (a concat part's)
+            for op, arg in chain:
+                widths.append(arg.shape[0] if op == "take" else widths[-1])
+            inner = ((np.empty if fresh else np.zeros)((shape[0], widths[-1]), dtype=np.float32)) if chain else out
             for i, term in enumerate(terms):
                 if fresh and i == 0:
                     term.dequant_into(inner, overwrite=True)
                 else:
                     term.dequant_into(inner)
             if chain:
-                for op, arg in reversed(chain):
-                    if op == "perm":  # x_inner[j] = x[perm[j]]  =>  W[:, perm[j]] = W_inner[:, j]
-                        outer = np.empty_like(inner)
+                for (op, arg), width in zip(reversed(chain), reversed(widths[:-1]), strict=True):
+                    if op == "mul":
+                        inner *= arg[None, :]
+                    else:  # x_inner[j] = x[arg[j]]  =>  W[:, arg[j]] = W_inner[:, j] (other columns: 0)
+                        outer = (np.empty if op == "perm" else np.zeros)((shape[0], width), dtype=np.float32)
                         outer[:, arg] = inner
                         inner = outer
-                    else:
-                        inner *= arg[None, :]
                 if fresh:
                     out = inner
                 else:
@@ -908,5 +915,5 @@ def prepare(qt: QuantizedTensor) -> NumbaPreparedWeight:
         key = tuple(id(t) for t in term.chain)
         if key not in groups:
             groups[key] = (_chain(term.chain, cols), [])
-        groups[key][1].append(_BUILDERS[term.kind](term, rows, cols))
+        groups[key][1].append(_BUILDERS[term.kind](term, rows, term.width or cols))
     return NumbaPreparedWeight(qt.name, qt.record, list(groups.values()))

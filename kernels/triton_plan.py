@@ -65,6 +65,8 @@ def _refusal(node: lowering.Node | None, rows: int, cols: int) -> str | None:
         return next((r for r in (_refusal(t, rows, cols) for t in node.terms) if r), None)
     if isinstance(node, lowering.Permute):
         return _refusal(node.child, rows, cols)
+    if isinstance(node, (lowering.Concat, lowering.Columns)):
+        return f"{node.path}: concat (column blocks of other widths; the torch reference path runs it)"
     if isinstance(node, lowering.Scale):
         scales, child = _scales(node)
         if not isinstance(child, lowering.Term) or child.kind not in FUSED_KINDS:

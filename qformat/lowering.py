@@ -2,7 +2,7 @@
 
 A weight tree is read as a sum of terms, each under the transforms above it::
 
-    tree   := permute(tree) | sum(tree, ...) | scale(tree, factor) | term
+    tree   := permute(tree) | sum(tree, ...) | scale(tree, factor) | concat(tree, ...) | term
     term   := affine(codes) | lut(codes, table) | packed | bitplanes | ternary   kind "codes"
             | vq(codes, codebooks)                                              kind "vq"
             | sparse_csr                                                        kind "sparse"
@@ -15,6 +15,10 @@ Every node is version 1, except ``affine``, also version 2 (an additive ``offset
 term knows its ``vector_rows`` p (1 in version 1, and for a version 2 node of vector_shape [1, d], which decodes as
 version 1), its codebooks are [M, K, p * d] and its codes [R / p, (C / d) * M]. A kernel that runs row vectors only
 refuses ``vector_rows > 1`` in its predicate.
+A ``concat`` (axis 1) lowers each part under a :class:`Columns` transform: the part's terms read the input columns
+``[start, stop)`` of x (a gather, like a permutation, that narrows x to the part's width) and are as wide as their part;
+a part's width is read from the record (the ``shape`` of its code leaf, vq or sparse node; :class:`Unsupported` where
+the JSON does not say, e.g. a dense tensor). A kernel that does not run Columns refuses them in its predicate.
 A ``scale`` is a "row" scale when a tile of its factor covers whole rows, a "column" scale when there is one factor
 per input column (group [>= R, 1]: it can multiply x instead of W), else a "grid" scale.
 What does not fit (dense float tensors as terms, ternary codes under affine/lut/vq, unknown codecs) raises
@@ -117,6 +121,31 @@ class Permute:
 
 
 @dataclass(eq=False)
+class Columns:
+    """A ``concat`` part: the terms below read x[..., start:stop], the part's block of the concat's columns."""
+
+    node: dict  # the concat node
+    path: str  # the part's path, e.g. weight/input/parts[1]
+    start: int
+    stop: int
+    child: Node | None = None
+
+    @property
+    def index(self) -> np.ndarray:
+        """The input columns the part reads, as a gather index (int64, read-only)."""
+        return _frozen(np.arange(self.start, self.stop, dtype=np.int64))
+
+
+@dataclass(eq=False)
+class Concat:
+    """Parts side by side along the columns: each a :class:`Columns` over its block."""
+
+    node: dict
+    path: str
+    parts: list[Columns] = field(default_factory=list)
+
+
+@dataclass(eq=False)
 class Scale:
     """w = input * factor on [gr, gc] tiles; ``kind`` "row", "column" (one value per input column) or "grid"."""
 
@@ -149,7 +178,7 @@ class Term:
     kind: str  # "codes" | "vq" | "sparse" | "lowrank" | "signs"
     node: dict
     path: str
-    transforms: tuple[Permute | Scale, ...] = ()
+    transforms: tuple[Permute | Scale | Columns, ...] = ()
     codes: Codes | None = None  # codes, vq: the code leaf; signs: the sign leaf
     # filled by lower(), by kind
     scale: Param | None = None  # affine
@@ -172,9 +201,15 @@ class Term:
         return self.node["codec"]
 
     @property
-    def chain(self) -> tuple[Permute | Scale, ...]:
-        """Transforms of the input, outermost first: permutations and column scales."""
-        return tuple(t for t in self.transforms if isinstance(t, Permute) or t.kind == "column")
+    def chain(self) -> tuple[Permute | Scale | Columns, ...]:
+        """Transforms of the input, outermost first: permutations, concat parts' column blocks and column scales."""
+        return tuple(t for t in self.transforms if isinstance(t, (Permute, Columns)) or t.kind == "column")
+
+    @property
+    def width(self) -> int | None:
+        """The term's own column count when it lies in a concat part (its innermost part's width), else None."""
+        blocks = [t for t in self.transforms if isinstance(t, Columns)]
+        return blocks[-1].stop - blocks[-1].start if blocks else None
 
     @property
     def factors(self) -> list[Scale]:
@@ -182,7 +217,7 @@ class Term:
         return [t for t in reversed(self.transforms) if isinstance(t, Scale) and t.kind != "column"]
 
 
-Node = Permute | Scale | Sum | Term
+Node = Permute | Scale | Sum | Concat | Columns | Term
 
 
 @dataclass(eq=False)
@@ -251,8 +286,24 @@ def _code_leaf(node: Any, path: str, allowed: tuple[str, ...] = CODE_SOURCES) ->
     return Codes(node, path, codec)
 
 
-def _walk(node: Any, path: str, rows: int, cols: int, above: tuple[Permute | Scale, ...], terms: list[Term]) -> Node:
+def _walk(node: Any, path: str, rows: int, cols: int, above: tuple[Permute | Scale | Columns, ...],
+          terms: list[Term]) -> Node:
     codec = _codec(node, path)
+    if codec == "concat":
+        parts = node.get("parts")
+        if not isinstance(parts, list) or not parts or node.get("axis") != 1:
+            raise Unsupported(f"{path}: concat without parts or along axis {node.get('axis')!r}")
+        cat, start = Concat(node, path), 0
+        for i, sub in enumerate(parts):
+            where = f"{path}/parts[{i}]"
+            width = _width(sub, where)
+            item = Columns(node, where, start, start + width)
+            item.child = _walk(sub, where, rows, width, above + (item,), terms)
+            cat.parts.append(item)
+            start += width
+        if start != cols:
+            raise Unsupported(f"{path}: parts {start} columns wide in {cols}")
+        return cat
     if codec == "permute":
         item = Permute(node, path)
         item.child = _walk(node.get("input"), f"{path}/input", rows, cols, above + (item,), terms)
@@ -274,6 +325,25 @@ def _walk(node: Any, path: str, rows: int, cols: int, above: tuple[Permute | Sca
     term.transforms = above
     terms.append(term)
     return term
+
+
+def _width(node: Any, path: str) -> int:
+    """A concat part's column count from its JSON (validation checks it against the data)."""
+    codec = _codec(node, path)
+    if codec in ("affine", "lut"):
+        return _width(node.get("codes"), f"{path}/codes")
+    if codec in ("permute", "scale"):
+        return _width(node.get("input"), f"{path}/input")
+    if codec == "sum" and isinstance(node.get("terms"), list) and node["terms"]:
+        return _width(node["terms"][0], f"{path}/terms[0]")
+    if codec == "concat" and isinstance(node.get("parts"), list):
+        return sum(_width(sub, f"{path}/parts[{i}]") for i, sub in enumerate(node["parts"]))
+    shape = node.get("shape")
+    if codec in ("packed", "bitplanes", "ternary", "vq", "sparse_csr") and isinstance(shape, list) and len(shape) == 2:
+        width = shape[1]
+        if isinstance(width, int) and not isinstance(width, bool) and width >= 1:
+            return width
+    raise Unsupported(f"{path}: the width of a {codec} concat part is not in the record")
 
 
 def _term(node: dict, codec: str, path: str) -> Term:
@@ -401,6 +471,11 @@ class _Reader:
         elif isinstance(node, Sum):
             for term in node.terms:
                 self.fill(term)
+        elif isinstance(node, Concat):
+            for part in node.parts:
+                self.fill(part)
+        elif isinstance(node, Columns):
+            self.fill(node.child)
         else:
             {"codes": self._codes, "vq": self._vq, "sparse": self._sparse, "lowrank": self._lowrank,
              "signs": self._signs}[node.kind](node)

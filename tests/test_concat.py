@@ -108,10 +108,31 @@ def test_concat_rejections(weight, arrays, shape, code, fld):
         assert error.value.field == fld, str(error.value)
 
 
-def test_lowering_refuses_concat_so_records_take_the_reference_path():
-    qt, _ = slim_like()
-    with pytest.raises(Unsupported, match="concat"):
-        plan(qt.record)
+def test_numba_runs_concat_parts_and_triton_refuses_them():
     from qformat_kernels.numba_plugin import NumbaKernel
+    from qformat_kernels.triton_plan import why_unsupported as triton_why
 
-    assert "concat" in NumbaKernel().why_unsupported(qt.record)
+    from qformat.lowering import Columns, Concat
+    from qformat.testing import check_kernel
+
+    qt, expected = slim_like(rows=40)
+    lowered = plan(qt.record)
+    concat = lowered.root.child
+    assert isinstance(concat, Concat) and [(p.start, p.stop) for p in concat.parts] == [(0, 16), (16, 48), (48, 56)]
+    assert all(isinstance(p, Columns) for p in concat.parts) and [t.width for t in lowered.terms] == [16, 32, 8]
+    kernel = NumbaKernel()
+    assert kernel.why_unsupported(qt.record) is None
+    assert check_kernel(kernel, [qt], batches=(1, 3)).checked == 2
+    np.testing.assert_array_equal(kernel.prepare(qt).dequantize_numpy(), expected)
+    assert "concat" in triton_why(qt.record)
+
+
+def test_lowering_refuses_a_part_whose_width_the_record_does_not_say():
+    b = RecordBuilder("w", (2, 5))
+    qt = b.finish(b.concat([b.tensor("a", np.ones((2, 3), np.float16)), b.tensor("b", np.ones((2, 2), np.float16))]))
+    with pytest.raises(Unsupported, match="width"):
+        plan(qt.record)
+    # the reference path runs it: the dispatcher falls back to it for a record no kernel supports
+    from qformat.runtime.dispatch import REFERENCE, select_kernel
+
+    assert select_kernel(qt.record, forced="auto") is REFERENCE

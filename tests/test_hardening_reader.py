@@ -461,7 +461,7 @@ def test_deep_verify_and_decode_memory(tmp_path):
 
 TREES = [  # (shape, builder) covering every codec's row-range path, with ragged tiles and groups over the edge
     "affine_tiles", "affine_stats", "lut_tiles", "lut_global", "scale_ternary", "vq", "sparse_sum_permute",
-    "lowrank", "sign_lowrank", "bitplanes",
+    "lowrank", "sign_lowrank", "bitplanes", "concat_permute",
 ]
 
 
@@ -500,6 +500,10 @@ def build_tree(kind: str, rng: np.random.Generator) -> Any:
     elif kind == "sign_lowrank":
         node = b.sign_lowrank(b.packed("s", rng.integers(0, 2, (rows, cols)), 1), b.tensor("u", f16(rows, 2)),
                               b.tensor("v", f16(2, cols)))
+    elif kind == "concat_permute":  # SliM-LLM: column blocks at 2 and 4 bits, ragged groups, permuted back
+        parts = [b.affine(b.packed(f"c{k}", rng.integers(0, 1 << k, (rows, n)), k), scale=b.tensor(f"s{k}", f16(rows, 2)),
+                          zero=1.5, bits=k, group_shape=(1, 16)) for k, n in ((2, 30), (4, 22))]
+        node = b.permute(b.concat(parts), rng.permutation(cols))
     else:
         node = b.affine(b.bitplanes("p", rng.integers(0, 8, (rows, cols)), 3), scale=b.tensor("s", f16(rows, 1)),
                         bits=3, group_shape=(1, cols))

@@ -3,8 +3,8 @@
 What must hold: the harness contracts; the average width is exactly ``bits``; the most salient groups get more bits;
 the Hessian-weighted error is below uniform GPTQ at the same average width; the record is
 ``permute(concat(affine per width, ascending))`` and decodes bit for bit to the method's weight; a uniform allocation
-is the gptq plugin's record; a converted tiny model loads (reference path: the kernels do not lower ``concat``) and
-gives the logits of its dequantized weights.
+is the gptq plugin's loop; a converted tiny model loads (the Numba kernel runs ``concat`` part by part, Triton
+refuses it) and gives the logits of its dequantized weights.
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def test_harness_and_parameters() -> None:
         Slim().run(LayerInput("x.weight", torch.randn(8, 64)), {})
 
 
-def test_tiny_model_converts_and_loads_through_the_reference_path(tmp_path: Path) -> None:
+def test_tiny_model_converts_and_loads_with_the_default_kernels(tmp_path: Path) -> None:
     src = make_tiny_llama(tmp_path / "src", layers=1)
     calib = tmp_path / "calib.txt"
     calib.write_text(DEFAULT_CALIBRATION.read_text(encoding="utf-8")[:20_000])
@@ -168,4 +168,9 @@ def test_tiny_model_converts_and_loads_through_the_reference_path(tmp_path: Path
         reference = load_dequantized(out).eval()(ids).logits
         loaded = qformat.load(out).eval()(ids).logits
     assert torch.isfinite(loaded).all()
+    from qformat.runtime.dispatch import select_kernel
+
+    folder = open_folder(out)
+    assert select_kernel(folder.records[mixed[0]], forced="auto").name == "numba"
+    folder.close()
     assert torch.allclose(loaded, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
