@@ -200,6 +200,26 @@ def test_target_bits_mixes_candidates_within_the_budget_and_resumes_with_the_sav
     assert result.quantization_config["allocation"]["layers"] == allocation["layers"]
 
 
+def test_measurements_are_reused_for_another_target(source: Path, tmp_path: Path) -> None:
+    opts = {**_options(source), "candidates": CANDIDATES, "output_layer": "keep"}
+    first = tmp_path / "first"
+    qformat.convert(source, first, target_bits=4.6, **opts)
+    saved = json.loads((first / "allocation.json").read_text())
+    from qformat.conversion.pipeline import ConvertOptions, Converter
+
+    converter = Converter(ConvertOptions(str(source), tmp_path / "second", "", target_bits=3.2,
+                                         measurements=first, **opts))
+    converter.prepare()
+    converter._measure = None  # reusing: nothing is measured again
+    converter.run()
+    plan = json.loads((tmp_path / "second" / "allocation.json").read_text())
+    assert [e["errors"] for e in plan["layers"].values()] == [e["errors"] for e in saved["layers"].values()]
+    assert plan["bits_per_weight"] <= 3.2 < saved["bits_per_weight"]
+    with pytest.raises(ConversionError, match="different candidates"):
+        qformat.convert(source, tmp_path / "third", target_bits=3.2, measurements=first / "allocation.json",
+                        **{**opts, "candidates": CANDIDATES[:2]})
+
+
 def test_target_size_counts_the_whole_output(source: Path, tmp_path: Path) -> None:
     opts = {**_options(source), "candidates": CANDIDATES}
     out = tmp_path / "sized"

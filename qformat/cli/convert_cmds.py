@@ -69,6 +69,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                      help="a configuration the budget may give a layer (repeatable; sidecar_rank=R and sidecar_bits "
                           "are accepted as keys); default: a grid of rtn, gptq, nf4 and hqq widths and group sizes "
                           "with a few sidecars")
+    bud.add_argument("--measurements", metavar="PATH",
+                     help="reuse the measurements of an earlier budget conversion (its output folder or its "
+                          "allocation.json) taken with the same source, calibration and candidates: only the "
+                          "allocation runs again, for this target")
     bud.add_argument("--budget-estimate", choices=("output", "relative"), default="output",
                      help="loss estimate per layer: its output error tr(dW H dW^T) on the calibration text "
                           "(default), or that divided by tr(W H W^T)")
@@ -205,7 +209,7 @@ def run_convert(args: argparse.Namespace) -> int:
         source=args.source, out=args.out, method=args.method or "", params=config, transforms=tuple(args.transform),
         sidecar_rank=args.sidecar_rank, sidecar_bits=args.sidecar_bits, sidecar_weighted=args.sidecar_weighted,
         target_bits=args.target_bits, target_size=args.target_size, candidates=tuple(args.candidate),
-        budget_estimate=args.budget_estimate,
+        budget_estimate=args.budget_estimate, measurements=args.measurements,
         revision=args.revision, output_layer=output_layer,
         calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
         include=args.include, exclude=args.exclude, true_sequential=args.true_sequential, overwrite=args.overwrite,

@@ -42,6 +42,7 @@ from torch import nn
 from ..errors import ConversionError, FormatError, ParameterError, PluginError
 from ..format import FORMAT_VERSION, FolderWriter, QFile, QuantizedTensor, bits_by_layer_type, iter_nodes
 from ..format.container import (
+    ALLOCATION_NAME,
     QUANT_METHOD,
     RUN_MARKER,
     output_replace_problem,
@@ -92,7 +93,7 @@ from .transform_chain import (
 
 STATE_NAME = "state.json"
 DIGESTS_NAME = "source-digests.json"
-PLAN_NAME = "allocation.json"  # a size budget's plan, measured once and reused by a resumed run
+PLAN_NAME = ALLOCATION_NAME  # a size budget's plan: measured once, reused by a resumed run, kept in the output
 STATE_VERSION = 2  # 2: per-tensor source digests, work-folder marker
 CALIBRATED = frozenset({"hessian", "act_norms", "act_absmax"})
 MAX_SEED = 2**32 - 1
@@ -152,6 +153,9 @@ class ConvertOptions:
     target_size: int | str | None = None
     candidates: Sequence[str] = ()
     budget_estimate: str = "output"
+    # An earlier budget conversion's allocation.json (or its output folder): its measurements are reused when they
+    # were taken on the same source, calibration, candidates and estimate; only the knapsack runs again.
+    measurements: str | os.PathLike | None = None
 
 
 @dataclass
@@ -533,9 +537,11 @@ class Converter:
     def _budget_state(self) -> dict[str, Any] | None:
         if self.budget_target is None:
             return None
+        given = self.options.measurements
         return {"target": self.budget_target, "estimate": self.options.budget_estimate,
                 "candidates": [c.to_dict() for c in self.candidates],
-                "sidecar_weighted": self.options.sidecar_weighted}
+                "sidecar_weighted": self.options.sidecar_weighted,
+                "measurements": None if given is None else str(Path(given).resolve())}
 
     def _output_layer_state(self) -> dict[str, Any] | None:
         if self.output_method is None:
@@ -679,7 +685,9 @@ class Converter:
         if any(w in self.tied for w in self.outside_quantized):
             config["tie_word_embeddings"] = False  # lm_head now has its own (quantized) weight
         from_card = self._model_card(config, qconfig, records)
-        extra = {"README.md": from_card} if from_card else None
+        extra = {"README.md": from_card} if from_card else {}
+        if self.candidates:  # the measurements, for another target without measuring again (--measurements)
+            extra[PLAN_NAME] = json.dumps(self.plan, indent=1, sort_keys=True) + "\n"
         try:
             writer.finalize(config, qconfig, self.source.extra_files(), extra)
         except FormatError as exc:
@@ -747,9 +755,53 @@ class Converter:
         if missing:
             raise ConversionError(f"the saved allocation {path} has no choice for {missing[0]}; pass --restart")
 
+    def _measured_on(self) -> dict[str, Any]:
+        """What a measurement depends on: a saved one is reused only where all of it is equal."""
+        return {"source_fingerprint": self.source.fingerprint(), "calibration": self.state["calibration"],
+                "estimate": self.options.budget_estimate, "candidates": [c.label for c in self.candidates],
+                "sidecar_weighted": self.options.sidecar_weighted, "include": list(self.options.include),
+                "exclude": list(self.options.exclude)}
+
+    def _saved_measurements(self) -> list[LayerCosts] | None:
+        given = self.options.measurements
+        if given is None:
+            return None
+        path = Path(given)
+        path = path / PLAN_NAME if path.is_dir() else path
+        try:
+            plan = json.loads(path.read_text())
+            layers = [LayerCosts(name, int(e["weights"]), [int(b) for b in e["bytes"]], [float(x) for x in e["errors"]])
+                      for name, e in plan["layers"].items()]
+            measured_on = plan["measured_on"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConversionError(f"--measurements {path}: not a budget allocation qformat wrote ({exc})") from None
+        ours = self._measured_on()
+        differs = sorted(k for k in ours if measured_on.get(k) != ours[k])
+        if differs:
+            raise ConversionError(f"--measurements {path} were taken with a different {differs[0]}; convert without "
+                                  "--measurements to measure again")
+        return layers
+
     def _measure_and_plan(self, progress: Progress) -> dict[str, Any]:
-        """Every candidate on every selected decoder linear, on the original model's calibration activations; then
-        the knapsack over the measured bytes and estimates."""
+        """Every candidate on every selected decoder linear, on the original model's calibration activations (or an
+        earlier conversion's measurements of exactly that); then the knapsack over the bytes and estimates."""
+        layers = self._saved_measurements()
+        if layers is None:
+            layers = self._measure(progress)
+        weights = sum(layer.weights for layer in layers)
+        assert self.budget_target is not None
+        if "bits_per_weight" in self.budget_target:
+            budget = int(self.budget_target["bits_per_weight"] * weights / 8)
+        else:
+            fixed = self._fixed_bytes()
+            budget = self.budget_target["bytes"] - fixed
+            if budget <= 0:
+                raise ConversionError(f"--target-size {self.budget_target['bytes']} bytes leaves nothing for the "
+                                      f"quantized linears: the other tensors take {fixed} bytes")
+        plan = make_plan(self.candidates, layers, budget, self.budget_target, self.options.budget_estimate)
+        return {**plan, "measured_on": self._measured_on()}
+
+    def _measure(self, progress: Progress) -> list[LayerCosts]:
         calls = self._capture()
         inputs, calls.first_inputs = calls.first_inputs, []
         layers: list[LayerCosts] = []
@@ -772,17 +824,7 @@ class Converter:
                 inputs = run_block(block, index, calls, inputs)
             release(block)
             return_freed_memory()
-        weights = sum(layer.weights for layer in layers)
-        assert self.budget_target is not None
-        if "bits_per_weight" in self.budget_target:
-            budget = int(self.budget_target["bits_per_weight"] * weights / 8)
-        else:
-            fixed = self._fixed_bytes()
-            budget = self.budget_target["bytes"] - fixed
-            if budget <= 0:
-                raise ConversionError(f"--target-size {self.budget_target['bytes']} bytes leaves nothing for the "
-                                      f"quantized linears: the other tensors take {fixed} bytes")
-        return make_plan(self.candidates, layers, budget, self.budget_target, self.options.budget_estimate)
+        return layers
 
     def _measure_layer(self, module_name: str, module: nn.Module, stats: LinearStats) -> LayerCosts:
         weight_name = f"{module_name}.weight"

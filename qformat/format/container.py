@@ -374,6 +374,8 @@ class FolderWriter:
 
 RUN_MARKER = ".qformat-run.json"
 # Files copied from the source next to the weights (tokenizer, chat template, generation config).
+# A size-budget conversion's measurements and allocation (qformat.conversion.budget), kept for reuse.
+ALLOCATION_NAME = "allocation.json"
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "spiece.model",
               "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
               "generation_config.json")
@@ -448,7 +450,7 @@ def output_replace_problem(folder: Path) -> str | None:
     if not isinstance(qconfig, dict) or qconfig.get("quant_method") != QUANT_METHOD:
         return f"{folder} is not a qformat output (no config.json with quantization_config.quant_method 'qformat')"
     shards = qconfig.get("files")
-    known = {"config.json", INDEX_NAME, SINGLE_NAME, "README.md", RUN_MARKER, *SIDE_FILES,
+    known = {"config.json", INDEX_NAME, SINGLE_NAME, "README.md", RUN_MARKER, ALLOCATION_NAME, *SIDE_FILES,
              *(shards if isinstance(shards, dict) else ())}
     foreign = sorted(p.name for p in folder.iterdir()
                      if p.is_symlink() or not p.is_file() or (p.name not in known and not p.name.startswith(
