@@ -52,16 +52,16 @@ def test_allocate_is_the_exact_optimum_on_small_instances() -> None:
         layers = [LayerCosts(f"l{i}", 100, [int(b) for b in rng.integers(10, 100, 3)],
                              [float(e) for e in rng.random(3)]) for i in range(4)]
         budget = int(rng.integers(60, 300))
-        feasible = [(sum(layer.errors[c] for layer, c in zip(layers, combo)), combo)
+        feasible = [(sum(layer.errors[c] for layer, c in zip(layers, combo, strict=True)), combo)
                     for combo in itertools.product(range(3), repeat=4)
-                    if sum(layer.bytes[c] for layer, c in zip(layers, combo)) <= budget]
+                    if sum(layer.bytes[c] for layer, c in zip(layers, combo, strict=True)) <= budget]
         if not feasible:
             with pytest.raises(ParameterError, match="budget"):
                 allocate(layers, budget)
             continue
         picked = allocate(layers, budget, resolution=budget)  # one-byte units: exact
-        assert sum(layer.bytes[c] for layer, c in zip(layers, picked)) <= budget
-        assert math.isclose(sum(layer.errors[c] for layer, c in zip(layers, picked)), min(feasible)[0],
+        assert sum(layer.bytes[c] for layer, c in zip(layers, picked, strict=True)) <= budget
+        assert math.isclose(sum(layer.errors[c] for layer, c in zip(layers, picked, strict=True)), min(feasible)[0],
                             rel_tol=1e-12), trial
 
 
@@ -71,12 +71,12 @@ def test_allocate_never_exceeds_the_budget_with_coarse_units() -> None:
                          [float(e) for e in rng.random(6)]) for i in range(50)]
     for budget in (600_000, 900_000, 1_500_000):
         picked = allocate(layers, budget, resolution=200)
-        assert sum(layer.bytes[c] for layer, c in zip(layers, picked)) <= budget
+        assert sum(layer.bytes[c] for layer, c in zip(layers, picked, strict=True)) <= budget
         # and it is at least as good as any uniform choice that fits
         for index in range(6):
             size, error = uniform_errors(layers, index)
             if size <= budget - 50 * (budget // 200):  # fits even after rounding every layer up one unit
-                assert sum(layer.errors[c] for layer, c in zip(layers, picked)) <= error + 1e-9
+                assert sum(layer.errors[c] for layer, c in zip(layers, picked, strict=True)) <= error + 1e-9
 
 
 def test_parse_size_and_candidates() -> None:
@@ -181,7 +181,7 @@ def test_target_bits_mixes_candidates_within_the_budget_and_resumes_with_the_sav
         if index == 0:
             raise KeyboardInterrupt
 
-    from qformat.conversion.pipeline import ConvertOptions, Converter
+    from qformat.conversion.pipeline import Converter, ConvertOptions
 
     options = ConvertOptions(str(source), out2, "", target_bits=4.6, **opts)
     converter = Converter(options)
@@ -205,7 +205,7 @@ def test_measurements_are_reused_for_another_target(source: Path, tmp_path: Path
     first = tmp_path / "first"
     qformat.convert(source, first, target_bits=4.6, **opts)
     saved = json.loads((first / "allocation.json").read_text())
-    from qformat.conversion.pipeline import ConvertOptions, Converter
+    from qformat.conversion.pipeline import Converter, ConvertOptions
 
     converter = Converter(ConvertOptions(str(source), tmp_path / "second", "", target_bits=3.2,
                                          measurements=first, **opts))

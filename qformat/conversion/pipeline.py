@@ -53,10 +53,10 @@ from ..format.container import (
 )
 from ..format.dtypes import WEIGHT_DTYPES
 from ..methods import BlockTuning, LayerInput, Method, MethodConfig, cloned_call_arguments
+from ..sidecar import SIDECAR_BITS, with_sidecar
 from ..text import tokenize
 from ..transforms import BlockInput, TransformedBlock, apply_chain, wrap_record
 from . import calibration as calib_data
-from ..sidecar import SIDECAR_BITS, with_sidecar
 from .activations import BlockCalls, LinearStats, capture_block_inputs, input_groups, run_block
 from .budget import (
     ESTIMATES,
