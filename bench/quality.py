@@ -125,6 +125,10 @@ CONFIGS: dict[str, tuple[str | None, dict[str, object], str]] = {
                "RTN 4-bit g128, output layer RTN 6-bit g128"),
     "rtn4o4": ("rtn", {"bits": 4, "group_size": 128, "output_layer": "rtn:bits=4;group_size=128"},
                "RTN 4-bit g128, output layer RTN 4-bit g128"),
+    # issue 19: mixed bits per group within a layer (SliM-LLM SBA), against gptq3 / gptq2 (g128)
+    "slim3": ("slim", {"bits": 3, "group_size": 128}, "SliM-LLM 3-bit avg g128 (2/3/4-bit groups, GPTQ)"),
+    "slim2": ("slim", {"bits": 2, "group_size": 128}, "SliM-LLM 2-bit avg g128 (1/2/3-bit groups, GPTQ)"),
+    "gptq2g128": ("gptq", {"bits": 2, "group_size": 128}, "GPTQ 2-bit g128"),
 }
 
 
@@ -223,7 +227,9 @@ MINILM_CONFIGS = ["rtn4", "gptq4", "gptq4ao", "rtn3", "gptq3", "gptq3ao", "spqr3
                   "aqlm2x8nfo", "aqlm2x8g6nfo",
                   # issue 18
                   "bcq2", "bcq3", "bcq4", "bcq3u", "ternary", "ternaryr", "qmoe", "pbllm17",
-                  "pbllm25"]
+                  "pbllm25",
+                  # issue 19
+                  "slim3", "slim2", "gptq2g128"]
 
 
 def minilm_folder() -> Path:
