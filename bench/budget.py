@@ -36,7 +36,7 @@ def measure(calib: dict, candidates: list, estimate: str) -> list:
     from transformers import AutoModel
 
     from qformat.conversion.budget import LayerCosts
-    from qformat.methods import LayerInput
+    from qformat.methods import LayerInput, output_error
     from qformat.sidecar import with_sidecar
 
     model = AutoModel.from_pretrained(str(quality.minilm_folder()), dtype=torch.float32).eval()
@@ -63,7 +63,7 @@ def measure(calib: dict, candidates: list, estimate: str) -> list:
     for name, module in linears.items():
         weight = module.weight.detach().clone()
         hessian = xtx[name] * (2.0 / tokens[name])
-        scale = 1.0 / float(((weight @ hessian) * weight).sum()) if estimate == "relative" else 1.0
+        scale = 1.0 / output_error(weight, hessian) if estimate == "relative" else 1.0
         sizes, errors = [], []
         for c in candidates:
             qt = c.method.quantize(LayerInput(name, weight.clone(), "F32", hessian.clone(), None, tokens[name]),
@@ -72,7 +72,7 @@ def measure(calib: dict, candidates: list, estimate: str) -> list:
                 qt = with_sidecar(qt, weight, c.sidecar_rank, bits=c.sidecar_bits)
             delta = weight - torch.from_numpy(qt.decode()).reshape(weight.shape)
             sizes.append(int(qt.record["storage_bytes"]))
-            errors.append(float(((delta @ hessian) * delta).sum()) * scale)
+            errors.append(output_error(delta, hessian) * scale)
         layers.append(LayerCosts(name, weight.numel(), sizes, errors))
     return layers
 

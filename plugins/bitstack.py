@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qformat.plugin import LayerInput, Method, MethodConfig, ParameterError, hookimpl, param
+from qformat.plugin import LayerInput, Method, MethodConfig, ParameterError, hookimpl, output_error, param
 
 from ._common import MethodResult, QuantizesThroughRun, record_builder, weight_matrix
 from ._gptq_core import check_hessian
@@ -84,7 +84,7 @@ class BitStack(QuantizesThroughRun, Method):
         approx = torch.zeros(rows, cols)
         b = record_builder(layer)
         terms, gains = [], []
-        error = _output_error(w, h)
+        error = output_error(w, h)
         for i in range(config.blocks):
             sign = residual >= 0
             u_k, sv, vh_k = _top_singular(residual.abs(), k)
@@ -94,7 +94,7 @@ class BitStack(QuantizesThroughRun, Method):
             block = torch.where(sign, magnitude, -magnitude)
             residual -= block
             approx += block  # the sum codec adds the blocks left to right, as here
-            new_error = _output_error(w - approx * factor, h)
+            new_error = output_error(w - approx * factor, h)
             gains.append(error - new_error)
             error = new_error
             terms.append(b.sign_lowrank(b.packed(f"b{i}.sign", sign.to(torch.uint8).numpy(), 1),
@@ -116,10 +116,6 @@ def _top_singular(m: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, 
     return u[:, :k], s[:k], vh[:k]
 
 
-def _output_error(delta: torch.Tensor, h: torch.Tensor) -> float:
-    """tr(Δ H Δᵀ): the calibration output error of a weight error Δ (H = 2/N Σ x xᵀ), in float64."""
-    d = delta.double()
-    return float(((d @ h) * d).sum())
 
 
 @hookimpl

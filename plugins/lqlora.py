@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from qformat.format import RecordBuilder
-from qformat.plugin import LayerInput, Method, MethodConfig, ParameterError, hookimpl, param
+from qformat.plugin import LayerInput, Method, MethodConfig, ParameterError, hookimpl, output_error, param
 from qformat.sidecar import fit_lowrank, lowrank_node
 
 from ._common import MethodResult, QuantizesThroughRun, record_builder, weight_matrix
@@ -144,8 +144,7 @@ class LQLoRA(QuantizesThroughRun, Method):
         table_role = f"nf{config.bits}"
 
         def error_of(approx: torch.Tensor) -> float:
-            d = (w - approx).double()
-            return float(((d @ hessian) * d).sum()) if hessian is not None else float(d.square().sum())
+            return output_error((w - approx).double(), hessian)
 
         reference = error_of(torch.zeros_like(w))  # ‖W‖² (or tr(W H Wᵀ)): the history is relative, square-rooted
 

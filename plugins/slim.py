@@ -34,7 +34,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from qformat.plugin import LayerInput, Method, MethodConfig, ParameterError, RecordBuilder, hookimpl, param
+from qformat.plugin import (
+    LayerInput,
+    Method,
+    MethodConfig,
+    ParameterError,
+    RecordBuilder,
+    hookimpl,
+    output_error,
+    param,
+)
 
 from ._common import MethodResult, QuantizesThroughRun, affine_record, effective_group, record_builder, weight_matrix
 from ._gptq_core import check_hessian, column_blocks, error_feedback, prepare_hessian
@@ -88,12 +97,6 @@ def rtn_groups(w: torch.Tensor, group: int, widths: list[int]) -> torch.Tensor:
         out[:, g * group:g * group + part.shape[1]] = dequantize(gptq_codes(part, s[:, None], z[:, None], b),
                                                                  s[:, None], z[:, None])
     return out
-
-
-def output_error(dw: torch.Tensor, h: torch.Tensor) -> float:
-    """tr(ΔW H ΔWᵀ) in float64."""
-    dw = dw.double()
-    return float(((dw @ h) * dw).sum())
 
 
 def search_allocation(w: torch.Tensor, h: torch.Tensor, salience: torch.Tensor, bits: int, spread: int,

@@ -42,6 +42,7 @@ from qformat.plugin import (
     Transform,
     TransformConfig,
     hookimpl,
+    output_error,
     param,
 )
 from qformat.sidecar import fit_lowrank, lowrank_node
@@ -119,13 +120,6 @@ class _Candidate:
     scale: torch.Tensor
     zero: torch.Tensor
     error: float
-
-
-def output_error(dw: torch.Tensor, hessian: torch.Tensor | None) -> float:
-    """tr(ΔW H ΔWᵀ) (without a Hessian: ‖ΔW‖²_F)."""
-    if hessian is None:
-        return float(dw.square().sum(dtype=torch.float64))
-    return float(((dw @ hessian) * dw).sum(dtype=torch.float64))
 
 
 def svdquant_iterate(w: torch.Tensor, hessian: torch.Tensor | None, bits: int, group: int, sym: bool, rank: int,

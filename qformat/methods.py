@@ -286,6 +286,18 @@ class LayerInput:
     act_absmax: Any | None = None
 
 
+def output_error(delta: Any, hessian: Any | None = None) -> float:
+    """``tr(ΔW H ΔWᵀ)``: the squared output error on the calibration tokens of a weight error ``delta`` [out, in]
+    (``hessian`` = the layer's ``2/N Σ x xᵀ``; None: ``‖ΔW‖²_F``), computed in the Hessian's dtype and summed in
+    float64. What GPTQ-family methods minimise, and what the size budget compares."""
+    import torch
+
+    if hessian is None:
+        return float(delta.square().sum(dtype=torch.float64))
+    d = delta.to(hessian.dtype)
+    return float(((d @ hessian) * d).sum(dtype=torch.float64))
+
+
 def cloned_call_arguments(value: Any) -> Any:
     """A block call's arguments (tensors, tuples and lists of them, other values) with every tensor cloned: the
     calibration runs in inference mode, and inference tensors cannot be saved for a backward pass."""

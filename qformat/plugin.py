@@ -44,7 +44,7 @@ from .format.builder import Node
 from .hookspecs import hookimpl
 from .importers import ImportedModel, Importer
 from .kernel_api import Kernel, PreparedWeight
-from .methods import BlockTuning, LayerInput, Method, MethodConfig, Param, param
+from .methods import BlockTuning, LayerInput, Method, MethodConfig, Param, output_error, param
 from .transforms import (
     BlockInput,
     BlockResult,
@@ -63,7 +63,7 @@ __all__ = [
     # hooks
     "hookimpl",
     # methods
-    "BlockTuning", "LayerInput", "Method", "MethodConfig", "Param", "param",
+    "BlockTuning", "LayerInput", "Method", "MethodConfig", "Param", "output_error", "param",
     # block transforms
     "BlockInput", "BlockResult", "ColumnScale", "InputTransform", "ScalePair", "SkipBlock", "Transform",
     "TransformConfig", "fold_into_norm", "fold_into_rows", "scale_columns",

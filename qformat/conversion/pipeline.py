@@ -52,7 +52,7 @@ from ..format.container import (
     rounded_bits,
 )
 from ..format.dtypes import WEIGHT_DTYPES
-from ..methods import BlockTuning, LayerInput, Method, MethodConfig, cloned_call_arguments
+from ..methods import BlockTuning, LayerInput, Method, MethodConfig, cloned_call_arguments, output_error
 from ..sidecar import SIDECAR_BITS, with_sidecar
 from ..text import tokenize
 from ..transforms import BlockInput, TransformedBlock, apply_chain, wrap_record
@@ -834,7 +834,7 @@ class Converter:
         layer = LayerInput(weight_name, weight, self._dtype(weight_name), hessian, norms, tokens, act_absmax=absmax)
         scale = 1.0
         if self.options.budget_estimate == "relative":
-            scale = 1.0 / max(float(((weight @ hessian) * weight).sum()), 1e-30)
+            scale = 1.0 / max(output_error(weight, hessian), 1e-30)
         sizes, errors = [], []
         for candidate in self.candidates:
             qt = self._quantize_layer(layer, candidate.method, candidate.config,
@@ -842,7 +842,7 @@ class Converter:
             decoded = torch.from_numpy(np.asarray(qt.decode(self.codecs), dtype=np.float32)).reshape(weight.shape)
             delta = weight - decoded
             sizes.append(int(qt.record["storage_bytes"]))
-            errors.append(float(((delta @ hessian) * delta).sum()) * scale)
+            errors.append(output_error(delta, hessian) * scale)
         return LayerCosts(weight_name, weight.numel(), sizes, errors)
 
     def _fixed_bytes(self) -> int:
