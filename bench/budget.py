@@ -1,7 +1,7 @@
 """A size budget against the best uniform configuration of the same size, on all-MiniLM-L6-v2 (a truly fp32 BERT).
 
     python bench/budget.py                                  # targets 3.0, 3.5, 4.0; the candidate grid below
-    python bench/budget.py --targets 3.25 --estimate relative
+    python bench/budget.py --targets 3.25 --estimates loss output
 
 What it does, per target: every candidate configuration quantizes every encoder linear of the fp32 model (statistics
 from the calibration paragraphs run through the original model, as the pipeline's measuring pass does), giving each
@@ -30,8 +30,9 @@ CANDIDATES = ("gptq:bits=2,group_size=64", "gptq:bits=3,group_size=-1", "gptq:bi
               "gptq:bits=2,group_size=64,sidecar_rank=16", "gptq:bits=3,group_size=-1,sidecar_rank=8")
 
 
-def measure(calib: dict, candidates: list, estimate: str) -> list:
-    """LayerCosts of every encoder linear for every candidate, on the fp32 model's activations."""
+def measure(calib: dict, candidates: list, target: float) -> tuple[list, dict]:
+    """LayerCosts of every encoder linear for every candidate, on the fp32 model's activations, and each layer's probe
+    (the candidate nearest ``target`` bits): its output error and weight error, for the loss gains."""
     import torch
     from transformers import AutoModel
 
@@ -59,12 +60,11 @@ def measure(calib: dict, candidates: list, estimate: str) -> list:
             model(**part)
     for handle in hooks:
         handle.remove()
-    layers = []
+    layers, probes = [], {}
     for name, module in linears.items():
         weight = module.weight.detach().clone()
         hessian = xtx[name] * (2.0 / tokens[name])
-        scale = 1.0 / output_error(weight, hessian) if estimate == "relative" else 1.0
-        sizes, errors = [], []
+        sizes, errors, deltas = [], [], []
         for c in candidates:
             qt = c.method.quantize(LayerInput(name, weight.clone(), "F32", hessian.clone(), None, tokens[name]),
                                    c.config)
@@ -72,9 +72,35 @@ def measure(calib: dict, candidates: list, estimate: str) -> list:
                 qt = with_sidecar(qt, weight, c.sidecar_rank, bits=c.sidecar_bits)
             delta = weight - torch.from_numpy(qt.decode()).reshape(weight.shape)
             sizes.append(int(qt.record["storage_bytes"]))
-            errors.append(output_error(delta, hessian) * scale)
-        layers.append(LayerCosts(name, weight.numel(), sizes, errors))
-    return layers
+            errors.append(output_error(delta, hessian))
+            deltas.append(delta)
+        probe = min(range(len(sizes)), key=lambda i: abs(8 * sizes[i] / weight.numel() - target))
+        probes[name] = (errors[probe], deltas[probe])
+        layers.append(LayerCosts(name, weight.numel(), sizes, errors, output_error(weight, hessian)))
+    return layers, probes
+
+
+def measure_gains(layers: list, probes: dict, calib: dict) -> None:
+    """Each linear's loss gain (the pipeline's estimate "loss"): 1 - mean cosine of the embeddings of 64 calibration
+    paragraphs to fp32's with that layer alone at its probe's error, divided by the probe's output error."""
+    import torch
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(quality.minilm_folder()), dtype=torch.float32).eval()
+    batch = {k: v[:64] for k, v in calib.items()}
+    ref = quality.embed(model, batch)
+    modules = {f"layer.{i}.{n}": m for i, layer in enumerate(model.encoder.layer) for n, m in layer.named_modules()}
+    for layer in layers:
+        error, delta = probes[layer.name]
+        weight = modules[layer.name].weight
+        original = weight.detach().clone()
+        with torch.no_grad():
+            weight.sub_(delta)
+        rise = 1 - float((quality.embed(model, batch) * ref).sum(-1).mean())
+        with torch.no_grad():
+            weight.copy_(original)
+        layer.gain = max(rise, 0.0) / error if error > 0 else 0.0
+        layer.gain = layer.gain or 1e-12
 
 
 def score(model: object, evals: dict, ref: dict) -> dict:
@@ -86,7 +112,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", type=float, nargs="+", default=[3.0, 3.5, 4.0])
     parser.add_argument("--candidate", action="append", default=[], help=f"default: {list(CANDIDATES)}")
-    parser.add_argument("--estimate", choices=("output", "relative"), default="output")
+    parser.add_argument("--estimates", nargs="+", choices=("loss", "output", "relative"),
+                        default=["loss", "output", "relative"])
+    parser.add_argument("--probe-bits", type=float, default=3.5, help="bits the loss gains are probed at")
+    parser.add_argument("--skip-uniform", action="store_true")
     parser.add_argument("--data", type=Path, default=quality.DATA)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -105,30 +134,33 @@ def main() -> None:
     reference = AutoModel.from_pretrained(str(quality.minilm_folder()), dtype=torch.float32).eval()
     ref = {k: quality.embed(reference, v) for k, v in evals.items()}
     start = time.perf_counter()
-    layers = measure(calib, candidates, args.estimate)
+    layers, probes = measure(calib, candidates, args.probe_bits)
+    measure_gains(layers, probes, calib)
     measured = time.perf_counter() - start
     print(f"measured {len(candidates)} candidates x {len(layers)} linears in {measured:.0f} s", file=sys.stderr)
     weights = sum(layer.weights for layer in layers)
     rows = []
-    for index, candidate in enumerate(candidates):  # uniform: the sequential harness with one choice everywhere
+    for index, candidate in enumerate([] if args.skip_uniform else candidates):  # uniform: one choice everywhere
         model, bits, _ = quality.minilm_quantize(None, calib, choices={layer.name: candidate for layer in layers})
         rows.append({"name": candidate.label, "kind": "uniform", "bits_per_weight": bits, **score(model, evals, ref),
                      "estimate": sum(layer.errors[index] for layer in layers)})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    for target in args.targets:
-        picked = allocate(layers, int(target * weights / 8))
+    for estimate, target in ((e, t) for t in args.targets for e in args.estimates):
+        scored = [layer.scored(estimate) for layer in layers]
+        picked = allocate(scored, int(target * weights / 8))
         choices = {layer.name: candidates[c] for layer, c in zip(layers, picked, strict=True)}
         model, bits, _ = quality.minilm_quantize(None, calib, choices=choices)
         mix: dict[str, int] = {}
         for c in picked:
             mix[candidates[c].label] = mix.get(candidates[c].label, 0) + 1
-        rows.append({"name": f"budget {target}", "kind": "budget", "target": target, "bits_per_weight": bits,
-                     **score(model, evals, ref), "mix": mix,
-                     "estimate": sum(layer.errors[c] for layer, c in zip(layers, picked, strict=True))})
+        rows.append({"name": f"budget {target} ({estimate})", "kind": "budget", "target": target,
+                     "bits_per_weight": bits, **score(model, evals, ref), "mix": mix,
+                     "estimate": sum(layer.errors[c] for layer, c in zip(scored, picked, strict=True))})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
-    print(f"\nall-MiniLM-L6-v2, estimate '{args.estimate}'; 1 - mean embedding cosine to fp32 (lower is better)\n")
+    print("\nall-MiniLM-L6-v2; 1 - mean embedding cosine to fp32 (lower is better); summed estimate: output error "
+          "tr(dW H dW^T) for uniform rows, the row's own estimate for budget rows\n")
     print("| configuration | bits/weight | wiki 1-cos | britannica 1-cos | summed estimate | best uniform within "
           "target (wiki / brit 1-cos) |")
     print("|---|---|---|---|---|---|")

@@ -251,7 +251,7 @@ def _allocation_lines(qc: dict[str, Any]) -> list[str]:
         counts[choice] = counts.get(choice, 0) + 1
     lines += ["", f"Mixed precision to a size budget of {goal} (`--target-bits`/`--target-size`): each decoder linear "
               f"got the candidate configuration that minimises the summed estimated loss "
-              f"(`{allocation.get('estimate')}` error on the calibration text) under the budget; allocated "
+              f"(estimate `{allocation.get('estimate')}`, measured on the calibration text) under the budget; allocated "
               f"{allocation.get('allocated_bits_per_weight')} bits per weight over them.", "",
               "| Configuration | Layers |", "|---|---|"]
     lines += [f"| `{choice}` | {n} |" for choice, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]

@@ -158,6 +158,8 @@ def test_target_bits_mixes_candidates_within_the_budget_and_resumes_with_the_sav
     result = qformat.convert(source, out, target_bits=4.6, **opts)
     qc, records = _block_records(out)
     allocation = qc["allocation"]
+    plan = json.loads((out / "allocation.json").read_text())
+    assert plan["estimate"] == "loss" and all(e["gain"] > 0 for e in plan["layers"].values())
     assert qc["method"] == "mixed" and allocation["target"] == {"bits_per_weight": 4.6}
     stored = sum(r["storage_bytes"] for r in records.values())
     weights = sum(int(np.prod(r["shape"])) for r in records.values())
@@ -215,6 +217,10 @@ def test_measurements_are_reused_for_another_target(source: Path, tmp_path: Path
     plan = json.loads((tmp_path / "second" / "allocation.json").read_text())
     assert [e["errors"] for e in plan["layers"].values()] == [e["errors"] for e in saved["layers"].values()]
     assert plan["bits_per_weight"] <= 3.2 < saved["bits_per_weight"]
+    # another estimate re-weighs the same measurements (no loss gains needed for "output")
+    qformat.convert(source, tmp_path / "output", target_bits=3.2, measurements=first, budget_estimate="output", **opts)
+    output_plan = json.loads((tmp_path / "output" / "allocation.json").read_text())
+    assert output_plan["estimate"] == "output" and output_plan["layers"].keys() == plan["layers"].keys()
     with pytest.raises(ConversionError, match="different candidates"):
         qformat.convert(source, tmp_path / "third", target_bits=3.2, measurements=first / "allocation.json",
                         **{**opts, "candidates": CANDIDATES[:2]})

@@ -73,9 +73,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                      help="reuse the measurements of an earlier budget conversion (its output folder or its "
                           "allocation.json) taken with the same source, calibration and candidates: only the "
                           "allocation runs again, for this target")
-    bud.add_argument("--budget-estimate", choices=("output", "relative"), default="output",
-                     help="loss estimate per layer: its output error tr(dW H dW^T) on the calibration text "
-                          "(default), or that divided by tr(W H W^T)")
+    bud.add_argument("--budget-estimate", choices=("loss", "output", "relative"), default="loss",
+                     help="loss estimate per layer and candidate: 'loss' (default): its output error tr(dW H dW^T) "
+                          "on the calibration text times the layer's measured loss gain (one forward of the whole "
+                          "model per layer); 'output': the output error alone; 'relative': divided by tr(W H W^T)")
     cal = conv.add_argument_group("calibration (methods that need statistics: gptq, spqr, ...)")
     cal.add_argument("--calib", metavar="FILE", help="UTF-8 calibration text (default: the shipped Wikipedia text, "
                      "works offline)")

@@ -4,10 +4,15 @@
 candidate configuration on the original model's calibration activations, measures each one's bytes (as the file will
 hold them) and its estimated loss, then picks one candidate per layer minimising the summed estimate under the budget:
 
-- estimate ``output`` (default): the layer's output error on the calibration tokens, ``tr(ΔW H ΔWᵀ)`` with H the
-  layer's ``2/N Σ x xᵀ`` (what GPTQ minimises; HAWQ-V2 weighs ``‖ΔW‖²`` by the Hessian trace instead, here the
-  activation Hessian plays that role exactly rather than through its trace);
-- estimate ``relative``: the same divided by ``tr(W H Wᵀ)``, every layer's relative output error counted alike.
+- estimate ``output``: the layer's output error on the calibration tokens, ``e = tr(ΔW H ΔWᵀ)`` with H the layer's
+  ``2/N Σ x xᵀ`` (what GPTQ minimises; HAWQ-V2 weighs ``‖ΔW‖²`` by the Hessian trace instead, here the activation
+  Hessian plays that role exactly rather than through its trace);
+- estimate ``relative``: ``e / tr(W H Wᵀ)``, every layer's relative output error counted alike;
+- estimate ``loss`` (default): ``g · e`` with ``g`` the layer's measured gain from output error to model loss: each
+  layer alone is given one probe candidate's error in the full-precision model and the rise of the calibration loss
+  divided by the probe's ``e`` (one forward of a few calibration windows per layer, the whole model in memory once).
+  Output errors of different layers are not worth the same: measured on all-MiniLM-L6-v2 and SmolLM2, allocating by
+  ``output`` or ``relative`` alone lost to the best uniform configuration of the same size (bench/QUALITY_NOTES.md).
 
 The choice is an exact multiple-choice knapsack by dynamic programming over bytes counted in units of
 ``budget / RESOLUTION`` (each candidate's bytes rounded *up* to whole units, so the chosen total is within the budget
@@ -35,7 +40,8 @@ from ..sidecar import SIDECAR_BITS
 from .transform_chain import parse_spec
 
 RESOLUTION = 20000  # byte units of the knapsack: the allocation is optimal up to budget / RESOLUTION bytes
-ESTIMATES = ("output", "relative")
+ESTIMATES = ("loss", "output", "relative")
+DEFAULT_ESTIMATE = "loss"
 PLAN_VERSION = 1
 # The default grid: every installed built-in that quantizes one linear at a time at a few widths, group sizes the
 # kernels run fast, and low-rank sidecars on the 2- and 3-bit bases. GPTQ dominates RTN at equal bytes on most layers
@@ -162,7 +168,26 @@ class LayerCosts:
     name: str
     weights: int
     bytes: list[int]
-    errors: list[float]
+    errors: list[float]  # tr(ΔW H ΔWᵀ) per candidate
+    reference: float = 1.0  # tr(W H Wᵀ)
+    gain: float | None = None  # loss per unit of output error (estimate "loss")
+
+    def estimates(self, estimate: str) -> list[float]:
+        """The estimated loss of each candidate under ``estimate`` (see the module docstring)."""
+        if estimate == "output":
+            factor = 1.0
+        elif estimate == "relative":
+            factor = 1.0 / max(self.reference, 1e-30)
+        elif estimate == "loss":
+            if self.gain is None:
+                raise ParameterError(f"{self.name}: no measured loss gain for the 'loss' estimate")
+            factor = self.gain
+        else:
+            raise ParameterError(f"unknown budget estimate {estimate!r}; one of {list(ESTIMATES)}")
+        return [e * factor for e in self.errors]
+
+    def scored(self, estimate: str) -> LayerCosts:
+        return LayerCosts(self.name, self.weights, self.bytes, self.estimates(estimate), self.reference, self.gain)
 
 
 def allocate(layers: Sequence[LayerCosts], budget: int, resolution: int = RESOLUTION) -> list[int]:
@@ -210,18 +235,20 @@ def uniform_errors(layers: Sequence[LayerCosts], index: int) -> tuple[int, float
 
 def make_plan(candidates: Sequence[Candidate], layers: Sequence[LayerCosts], budget: int, target: Mapping[str, Any],
               estimate: str) -> dict[str, Any]:
-    """The allocation as a JSON document: what was measured, the budget, and the choice per layer."""
-    picked = allocate(layers, budget)
+    """The allocation as a JSON document: what was measured (raw output errors, references, gains), the budget, and
+    the choice per layer under ``estimate``."""
+    scored = [layer.scored(estimate) for layer in layers]
+    picked = allocate(scored, budget)
     chosen_bytes = sum(layer.bytes[c] for layer, c in zip(layers, picked, strict=True))
     weights = sum(layer.weights for layer in layers)
     return {
         "plan_version": PLAN_VERSION, "target": dict(target), "estimate": estimate, "budget_bytes": budget,
         "candidates": [c.to_dict() | {"label": c.label} for c in candidates],
         "layers": {layer.name: {"choice": candidates[c].label, "bytes": layer.bytes, "errors": layer.errors,
-                                "weights": layer.weights}
+                                "weights": layer.weights, "reference": layer.reference, "gain": layer.gain}
                    for layer, c in zip(layers, picked, strict=True)},
         "chosen_bytes": chosen_bytes, "bits_per_weight": 8 * chosen_bytes / max(weights, 1),
-        "estimated_error": float(sum(layer.errors[c] for layer, c in zip(layers, picked, strict=True))),
+        "estimated_error": float(sum(layer.errors[c] for layer, c in zip(scored, picked, strict=True))),
     }
 
 

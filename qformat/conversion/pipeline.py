@@ -93,6 +93,8 @@ from .transform_chain import (
 
 STATE_NAME = "state.json"
 DIGESTS_NAME = "source-digests.json"
+GAIN_WINDOWS = 8  # calibration windows each layer's loss gain is measured on (estimate "loss")
+GAIN_FLOOR = 1e-12  # the gain of a layer whose probe did not raise the loss: it then ranks by output error alone
 PLAN_NAME = ALLOCATION_NAME  # a size budget's plan: measured once, reused by a resumed run, kept in the output
 STATE_VERSION = 2  # 2: per-tensor source digests, work-folder marker
 CALIBRATED = frozenset({"hessian", "act_norms", "act_absmax"})
@@ -152,7 +154,7 @@ class ConvertOptions:
     target_bits: float | None = None
     target_size: int | str | None = None
     candidates: Sequence[str] = ()
-    budget_estimate: str = "output"
+    budget_estimate: str = "loss"
     # An earlier budget conversion's allocation.json (or its output folder): its measurements are reused when they
     # were taken on the same source, calibration, candidates and estimate; only the knapsack runs again.
     measurements: str | os.PathLike | None = None
@@ -758,7 +760,7 @@ class Converter:
     def _measured_on(self) -> dict[str, Any]:
         """What a measurement depends on: a saved one is reused only where all of it is equal."""
         return {"source_fingerprint": self.source.fingerprint(), "calibration": self.state["calibration"],
-                "estimate": self.options.budget_estimate, "candidates": [c.label for c in self.candidates],
+                "candidates": [c.label for c in self.candidates],
                 "sidecar_weighted": self.options.sidecar_weighted, "include": list(self.options.include),
                 "exclude": list(self.options.exclude)}
 
@@ -770,13 +772,16 @@ class Converter:
         path = path / PLAN_NAME if path.is_dir() else path
         try:
             plan = json.loads(path.read_text())
-            layers = [LayerCosts(name, int(e["weights"]), [int(b) for b in e["bytes"]], [float(x) for x in e["errors"]])
+            layers = [LayerCosts(name, int(e["weights"]), [int(b) for b in e["bytes"]], [float(x) for x in e["errors"]],
+                                 float(e["reference"]), None if e.get("gain") is None else float(e["gain"]))
                       for name, e in plan["layers"].items()]
             measured_on = plan["measured_on"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConversionError(f"--measurements {path}: not a budget allocation qformat wrote ({exc})") from None
         ours = self._measured_on()
         differs = sorted(k for k in ours if measured_on.get(k) != ours[k])
+        if self.options.budget_estimate == "loss" and any(layer.gain is None for layer in layers):
+            differs.insert(0, "estimate (these have no loss gains: they were measured for 'output' or 'relative')")
         if differs:
             raise ConversionError(f"--measurements {path} were taken with a different {differs[0]}; convert without "
                                   "--measurements to measure again")
@@ -787,7 +792,10 @@ class Converter:
         earlier conversion's measurements of exactly that); then the knapsack over the bytes and estimates."""
         layers = self._saved_measurements()
         if layers is None:
+            self.probes: dict[str, tuple[float, torch.Tensor]] = {}
             layers = self._measure(progress)
+            if self.options.budget_estimate == "loss":
+                self._measure_gains(layers, progress)
         weights = sum(layer.weights for layer in layers)
         assert self.budget_target is not None
         if "bits_per_weight" in self.budget_target:
@@ -832,18 +840,59 @@ class Converter:
         hessian, norms, tokens = stats.pop(module_name)
         weight = module.weight.detach().to(torch.float32)
         layer = LayerInput(weight_name, weight, self._dtype(weight_name), hessian, norms, tokens, act_absmax=absmax)
-        scale = 1.0
-        if self.options.budget_estimate == "relative":
-            scale = 1.0 / max(output_error(weight, hessian), 1e-30)
-        sizes, errors = [], []
+        sizes, errors, deltas = [], [], []
         for candidate in self.candidates:
             qt = self._quantize_layer(layer, candidate.method, candidate.config,
                                       (candidate.sidecar_rank, candidate.sidecar_bits), keep_hessian=True)
             decoded = torch.from_numpy(np.asarray(qt.decode(self.codecs), dtype=np.float32)).reshape(weight.shape)
             delta = weight - decoded
             sizes.append(int(qt.record["storage_bytes"]))
-            errors.append(output_error(delta, hessian) * scale)
-        return LayerCosts(weight_name, weight.numel(), sizes, errors)
+            errors.append(output_error(delta, hessian))
+            deltas.append(delta)
+        if self.options.budget_estimate == "loss":  # the probe's error, applied to the whole model afterwards
+            self.probes[weight_name] = (errors[self._probe_index(sizes, weight.numel())],
+                                        deltas[self._probe_index(sizes, weight.numel())].to(torch.float16))
+        return LayerCosts(weight_name, weight.numel(), sizes, errors, output_error(weight, hessian))
+
+    def _probe_index(self, sizes: list[int], weights: int) -> int:
+        """The candidate whose error probes a layer's loss gain: the one nearest the target's bits (the size a
+        layer is likely to get), else the median size."""
+        target = (self.budget_target or {}).get("bits_per_weight")
+        if target is None:
+            return sorted(range(len(sizes)), key=sizes.__getitem__)[len(sizes) // 2]
+        return min(range(len(sizes)), key=lambda i: (abs(8 * sizes[i] / weights - target), sizes[i]))
+
+    def _measure_gains(self, layers: list[LayerCosts], progress: Progress) -> None:
+        """Each layer's loss per unit of output error: the whole fp32 model on a few calibration windows, with that
+        layer alone given its probe's error (estimate "loss"). The model is materialised once, then released."""
+        model = self.skeleton.model
+        for name, tensor in self.source.read(self.outside_names).items():
+            set_tensor(model, name, tensor.to(torch.float32))
+        for index in range(len(self.skeleton.blocks)):
+            self._load_block(index)
+        assert self.windows is not None
+        windows = self.windows[:GAIN_WINDOWS]
+
+        def loss() -> float:
+            with torch.inference_mode():
+                return float(sum(model(input_ids=w[None], labels=w[None]).loss for w in windows)) / len(windows)
+
+        try:
+            base = loss()
+            for layer in layers:
+                progress.note(f"loss gain of {layer.name}")
+                error, delta = self.probes.pop(layer.name)
+                weight = _module_tensor(model, layer.name)
+                original = weight.detach().clone()
+                weight.sub_(delta.to(torch.float32))  # the layer as the probe quantizes it
+                rise = loss() - base
+                weight.copy_(original)
+                # A probe that does not raise the loss (noise at this calibration size) still ranks by output error.
+                layer.gain = max(rise, 0.0) / error if error > 0 else 0.0
+                layer.gain = layer.gain or GAIN_FLOOR
+        finally:
+            release(model)
+            return_freed_memory()
 
     def _fixed_bytes(self) -> int:
         """Bytes of everything outside the budget's linears: the tensors written as they are, and the modules outside
@@ -1300,7 +1349,7 @@ class Converter:
                          else f"--target-size {target.get('bytes')}")
             if opts.candidates:
                 parts += [f"--candidate {c.label}" for c in self.candidates]
-            if opts.budget_estimate != "output":
+            if opts.budget_estimate != "loss":
                 parts.append(f"--budget-estimate {opts.budget_estimate}")
         else:
             parts.insert(1, f"--method {self.method.name}")
