@@ -21,7 +21,7 @@ PACKAGES = {"qformat": ROOT / "qformat", "qformat_plugins": ROOT / "plugins", "q
 
 # Longest prefix wins. Equal layers may import each other unless a rule below says otherwise.
 LAYERS = {
-    "qformat.errors": 0, "qformat.version": 0,
+    "qformat.errors": 0, "qformat.version": 0, "qformat.units": 0,
     "qformat.format": 1,
     # the plugin API: the contracts plugins implement, and their discovery
     "qformat.methods": 2, "qformat.importers": 2, "qformat.exporters": 2, "qformat.kernel_api": 2, "qformat.hookspecs": 2, "qformat.plugins": 2,

@@ -27,13 +27,13 @@ block tuning stage) cannot be mixed per layer and are refused as candidates.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from .. import units
 from ..errors import ParameterError
 from ..methods import Method, MethodConfig
 from ..sidecar import SIDECAR_BITS
@@ -55,10 +55,6 @@ DEFAULT_CANDIDATES = (
     "gptq:bits=2,group_size=64,sidecar_rank=16", "gptq:bits=3,group_size=128,sidecar_rank=16",
 )
 SIDE_KEYS = ("sidecar_rank", "sidecar_bits")
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
-          "tb": 10**12, "kib": 2**10, "ki": 2**10, "mib": 2**20, "mi": 2**20, "gib": 2**30, "gi": 2**30,
-          "tib": 2**40, "ti": 2**40}
 
 
 @dataclass(frozen=True)
@@ -88,16 +84,10 @@ class Candidate:
 
 def parse_size(text: str | int) -> int:
     """``80MB``, ``1.5GiB``, ``123456`` → bytes (decimal units for kB/MB/GB, binary for KiB/MiB/GiB)."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        value = text
-    else:
-        match = _SIZE.match(str(text))
-        if not match or match.group(2).lower() not in _UNITS:
-            raise ParameterError(f"--target-size expects a size such as 80MB, 1.5GiB or a byte count, got {text!r}")
-        value = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-    if value <= 0:
-        raise ParameterError(f"--target-size must be positive, got {text!r}")
-    return value
+    try:
+        return units.parse_size(text, "--target-size")
+    except ValueError as exc:
+        raise ParameterError(str(exc)) from None
 
 
 def parse_candidate(spec: str | Candidate) -> Candidate:
@@ -206,11 +196,11 @@ def allocate(layers: Sequence[LayerCosts], budget: int, resolution: int = RESOLU
     for i, layer in enumerate(layers):
         row = np.full(capacity + 1, np.inf)
         for c, (size, error) in enumerate(zip(layer.bytes, layer.errors, strict=True)):
-            units = math.ceil(size / unit)
-            if units > capacity or not math.isfinite(error):
+            cost = math.ceil(size / unit)
+            if cost > capacity or not math.isfinite(error):
                 continue
             trial = np.full(capacity + 1, np.inf)
-            trial[units:] = best[: capacity + 1 - units] + error
+            trial[cost:] = best[: capacity + 1 - cost] + error
             better = trial < row
             row[better] = trial[better]
             choices[i, better] = c

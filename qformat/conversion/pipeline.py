@@ -821,12 +821,7 @@ class Converter:
             self._load_block(index)
             modules = dict(block.named_modules())
             if selected:
-                stats = LinearStats.for_method(self.statistics)
-                stats.attach({prefix + name: modules[name] for name in selected})
-                try:
-                    stats.collect(block, index, calls, inputs)
-                finally:
-                    stats.detach()
+                stats = self._collect(index, calls, inputs, {prefix + name: modules[name] for name in selected})
                 layers += [self._measure_layer(prefix + name, modules[name], stats) for name in selected]
             if index < len(blocks) - 1:
                 inputs = run_block(block, index, calls, inputs)
@@ -965,12 +960,7 @@ class Converter:
             else:
                 groups = [selected]
             for group in groups:
-                stats = LinearStats.for_method(self.statistics)
-                stats.attach({prefix + name: modules[name] for name in group})
-                try:
-                    stats.collect(block, index, calls, inputs)
-                finally:
-                    stats.detach()
+                stats = self._collect(index, calls, inputs, {prefix + name: modules[name] for name in group})
                 for name in group:
                     records.append(self._quantize_module(prefix + name, modules[name], stats))
                     progress.layer_done(name)
@@ -996,6 +986,17 @@ class Converter:
         return_freed_memory()
         progress.block_done()
         return outputs
+
+    def _collect(self, index: int, calls: BlockCalls, inputs: list[torch.Tensor],
+                 linears: Mapping[str, nn.Module]) -> LinearStats:
+        """The calibration statistics of ``linears`` (full module names) over block ``index``'s forwards."""
+        stats = LinearStats.for_method(self.statistics)
+        stats.attach(dict(linears))
+        try:
+            stats.collect(self.skeleton.blocks[index], index, calls, inputs)
+        finally:
+            stats.detach()
+        return stats
 
     def _transform_block(self, index: int, selected: list[str], calls: BlockCalls | None,
                          inputs: list[torch.Tensor], stored: Mapping[str, torch.Tensor]) -> TransformedBlock | None:

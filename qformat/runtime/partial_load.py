@@ -9,29 +9,20 @@ embedding), not Python and activation memory.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import units
 from ..errors import LoadError
 from ..format import ModelFolder, iter_nodes, partial
-
-UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
 def parse_size(value: int | str) -> int:
     """Bytes from ``123456``, ``"60MB"``, ``"1.5 GiB"`` (decimal kB/MB/GB, binary KiB/MiB/GiB)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value <= 0:
-            raise LoadError(f"max_memory must be positive, got {value}")
-        return value
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
-    if not match or match.group(2).lower() not in UNITS:
-        raise LoadError(f"max_memory {value!r}: expected a size such as 60MB, 1.5GiB or a number of bytes")
-    size = int(float(match.group(1)) * UNITS[match.group(2).lower()])
-    if size <= 0:
-        raise LoadError(f"max_memory {value!r} must be positive")
-    return size
+    try:
+        return units.parse_size(value, "max_memory")
+    except ValueError as exc:
+        raise LoadError(str(exc)) from None
 
 
 @dataclass
