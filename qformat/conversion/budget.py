@@ -10,7 +10,8 @@ hold them) and its estimated loss, then picks one candidate per layer minimising
 - estimate ``relative``: ``e / tr(W H Wᵀ)``, every layer's relative output error counted alike;
 - estimate ``loss`` (default): ``g · e`` with ``g`` the layer's measured gain from output error to model loss: each
   layer alone is given one probe candidate's error in the full-precision model and the rise of the calibration loss
-  divided by the probe's ``e`` (one forward of a few calibration windows per layer, the whole model in memory once).
+  divided by the probe's ``e`` (one forward of a few calibration windows per layer, the whole model in memory once:
+  the cost grows as layers x model size, so on large models use ``output`` or pass earlier ``--measurements``).
   Output errors of different layers are not worth the same: measured on all-MiniLM-L6-v2 and SmolLM2, allocating by
   ``output`` or ``relative`` alone lost to the best uniform configuration of the same size (bench/QUALITY_NOTES.md).
 
