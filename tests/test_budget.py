@@ -79,6 +79,12 @@ def test_allocate_never_exceeds_the_budget_with_coarse_units() -> None:
                 assert sum(layer.errors[c] for layer, c in zip(layers, picked, strict=True)) <= error + 1e-9
 
 
+def test_allocate_names_a_layer_without_a_finite_estimate() -> None:
+    layers = [LayerCosts("ok", 10, [5, 10], [1.0, 0.5]), LayerCosts("broken", 10, [5, 10], [math.nan, math.inf])]
+    with pytest.raises(ParameterError, match="broken: no candidate has a finite estimate"):
+        allocate(layers, 20)
+
+
 def test_parse_size_and_candidates() -> None:
     assert parse_size("80MB") == 80_000_000 and parse_size("1.5GiB") == int(1.5 * 2**30) and parse_size(1234) == 1234
     for bad in ("80 parsecs", "-3MB", "0"):

@@ -206,6 +206,9 @@ def allocate(layers: Sequence[LayerCosts], budget: int, resolution: int = RESOLU
             row[better] = trial[better]
             choices[i, better] = c
         best = row
+    for layer in layers:
+        if not any(math.isfinite(e) for e in layer.errors):
+            raise ParameterError(f"{layer.name}: no candidate has a finite estimate ({layer.errors[:3]}...)")
     if not math.isfinite(best[capacity]):  # rounding up made the smallest total exceed the budget: one unit per layer
         raise ParameterError(f"the budget of {budget} bytes is too tight to allocate in {unit}-byte units across "
                              f"{len(layers)} layers; raise the target")

@@ -22,6 +22,7 @@ import contextlib
 import errno
 import gc
 import json
+import math
 import os
 import re
 import shutil
@@ -96,6 +97,7 @@ DIGESTS_NAME = "source-digests.json"
 # Calibration windows each layer's loss gain is measured on (estimate "loss"): one whole-model forward of these per
 # layer is the estimate's cost (SmolLM2-135M, 210 layers x 8 windows of 512 tokens: over an hour on 2 loaded cores).
 GAIN_WINDOWS = 4
+BROKEN_GAIN_FACTOR = 100.0  # a layer whose probe made the loss non-finite gets this many times the largest gain
 GAIN_FLOOR = 1e-12  # the gain of a layer whose probe did not raise the loss: it then ranks by output error alone
 PLAN_NAME = ALLOCATION_NAME  # a size budget's plan: measured once, reused by a resumed run, kept in the output
 STATE_VERSION = 2  # 2: per-tensor source digests, work-folder marker
@@ -874,8 +876,12 @@ class Converter:
             with torch.inference_mode():
                 return float(sum(model(input_ids=w[None], labels=w[None]).loss for w in windows)) / len(windows)
 
+        broken = []
         try:
             base = loss()
+            if not math.isfinite(base):
+                raise ConversionError(f"the source model's calibration loss is {base}: the 'loss' estimate cannot be "
+                                      "measured; use --budget-estimate output")
             for layer in layers:
                 progress.note(f"loss gain of {layer.name}")
                 error, delta = self.probes.pop(layer.name)
@@ -884,12 +890,17 @@ class Converter:
                 weight.sub_(delta.to(torch.float32))  # the layer as the probe quantizes it
                 rise = loss() - base
                 weight.copy_(original)
+                if not math.isfinite(rise) or not math.isfinite(error):
+                    broken.append(layer)  # the probe broke the model: the most sensitive kind of layer
+                    continue
                 # A probe that does not raise the loss (noise at this calibration size) still ranks by output error.
-                layer.gain = max(rise, 0.0) / error if error > 0 else 0.0
-                layer.gain = layer.gain or GAIN_FLOOR
+                layer.gain = (max(rise, 0.0) / error if error > 0 else 0.0) or GAIN_FLOOR
         finally:
             release(model)
             return_freed_memory()
+        worst = max((layer.gain for layer in layers if layer.gain is not None), default=1.0)
+        for layer in broken:
+            layer.gain = BROKEN_GAIN_FACTOR * worst
 
     def _fixed_bytes(self) -> int:
         """Bytes of everything outside the budget's linears: the tensors written as they are, and the modules outside
