@@ -67,6 +67,22 @@ def _packed_digest(model) -> str:
     return digest.hexdigest()
 
 
+
+def _train(model, optimizer, lr: float, steps: int = 6) -> list[float]:
+    """``steps`` optimizer steps on the trainable parameters over one fixed batch; the loss of each step."""
+    opt = optimizer([p for p in model.parameters() if p.requires_grad], lr=lr)
+    ids = input_ids(24)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = _loss(model, ids)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
 def test_gradients_match_dequantized_reference(folder):
     import qformat
     from qformat.runtime.nn import QLinear
@@ -122,17 +138,8 @@ def test_sidecars_train_and_codes_stay_frozen(folder, tmp_path):
     sidecar = model.get_parameter("model.layers.0.mlp.up_proj.sidecar_a").detach().clone()
     summary = trainable_summary(model)
     assert summary["trainable_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = _train(model, torch.optim.Adam, 3e-3)
     ids = input_ids(24)
-    model.train()
-    losses = []
-    for _ in range(6):
-        opt.zero_grad()
-        loss = _loss(model, ids)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    model.eval()
     assert losses[-1] < losses[0]
     assert _packed_digest(model) == before
     assert not torch.equal(model.get_parameter("model.layers.0.mlp.up_proj.sidecar_a"), sidecar)
@@ -162,17 +169,8 @@ def test_peft_lora_trains_saves_and_reloads(folder, tmp_path, peft):
     assert trainable and all("lora_" in n for n in trainable)
     assert trainable_summary(pm)["trainable_params"] == 4 * sum(
         m.in_features + m.out_features for m in model.modules() if type(m).__name__ == "QLinear")
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    losses = _train(pm, torch.optim.AdamW, 1e-2)
     ids = input_ids(24)
-    pm.train()
-    losses = []
-    for _ in range(6):
-        opt.zero_grad()
-        loss = _loss(pm, ids)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    pm.eval()
     assert losses[-1] < losses[0]
     assert _packed_digest(model) == before
     pm.save_pretrained(tmp_path / "adapter")

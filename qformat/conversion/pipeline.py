@@ -849,8 +849,8 @@ class Converter:
             errors.append(output_error(delta, hessian))
             deltas.append(delta)
         if self.options.budget_estimate == "loss":  # the probe's error, applied to the whole model afterwards
-            self.probes[weight_name] = (errors[self._probe_index(sizes, weight.numel())],
-                                        deltas[self._probe_index(sizes, weight.numel())].to(torch.float16))
+            probe = self._probe_index(sizes, weight.numel())
+            self.probes[weight_name] = (errors[probe], deltas[probe].to(torch.float16))
         return LayerCosts(weight_name, weight.numel(), sizes, errors, output_error(weight, hessian))
 
     def _probe_index(self, sizes: list[int], weights: int) -> int:
